@@ -1,0 +1,99 @@
+"""Built-in, versioned cases: config + seeded weights + inputs (DESIGN.md §8)."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from corruptcheck.reference import ModelConfig
+from corruptcheck.weights import generate_params
+
+CASE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    description: str
+    config: ModelConfig
+    seed: int
+    seq_lens: tuple[int, ...]  # the batch: one sequence per entry, each from position 0
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return _params(self)
+
+    def sequences(self) -> list[torch.Tensor]:
+        return _sequences(self)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.seq_lens)
+
+    def spec(self) -> dict:
+        return {"name": self.name, "format": CASE_FORMAT_VERSION, "seed": self.seed,
+                "seq_lens": list(self.seq_lens), "config": self.config.to_dict()}
+
+
+@functools.lru_cache(maxsize=2)
+def _params(case: Case) -> dict:
+    return generate_params(case.config, case.seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _sequences(case: Case) -> list:
+    g = torch.Generator().manual_seed(case.seed * 7919 + 17)
+    return [torch.randint(0, case.config.vocab_size, (n,), generator=g) for n in case.seq_lens]
+
+
+TINY = Case(
+    name="tiny",
+    description="4 layers (sliding, CSA, HCA m=16, CSA), hash routing on layers 0-1, window 16, "
+                "top-4 of up to 16 compressed entries, two sequences (64 and 41 tokens)",
+    config=ModelConfig(
+        name="tiny", vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, head_dim=32, rope_dim=8,
+        q_lora_rank=32, o_groups=2, o_lora_rank=32, window=16, compress_ratios=(0, 4, 16, 4, 0),
+        n_routed_experts=16, moe_inter_dim=32, route_scale=2.5, index_n_heads=8, index_head_dim=32,
+        index_topk=4, num_hash_layers=2,
+    ),
+    seed=20260424,
+    seq_lens=(64, 41),
+)
+
+
+def _slice_config(name: str, hidden: int, q_lora: int, ratios: tuple[int, ...], route_scale: float) -> ModelConfig:
+    # Real widths where they matter for kernels (hidden, head_dim 512, rope 64, hc 4, q_lora,
+    # 8 heads x 512 per output group, o_lora 1024, indexer head 128, window 128, HCA m = 128);
+    # few heads / experts and a narrow expert width so it runs on a CPU.
+    return ModelConfig(
+        name=name, vocab_size=1024, hidden_size=hidden, num_layers=2, num_heads=16, q_lora_rank=q_lora,
+        o_groups=2, o_lora_rank=1024, compress_ratios=ratios + (0,), n_routed_experts=8, moe_inter_dim=256,
+        route_scale=route_scale, index_n_heads=16, index_topk=16, num_hash_layers=1,
+    )
+
+
+FLASH_SLICE = Case(
+    name="flash-slice",
+    description="V4-Flash widths (hidden 4096), layer 0 CSA + layer 1 HCA (m=128), 300 tokens",
+    config=_slice_config("flash-slice", 4096, 1024, (4, 128), 1.5),
+    seed=20260425,
+    seq_lens=(300,),
+)
+
+PRO_SLICE = Case(
+    name="pro-slice",
+    description="V4-Pro widths (hidden 7168), layer 0 HCA (m=128) + layer 1 CSA, 300 tokens",
+    config=_slice_config("pro-slice", 7168, 1536, (128, 4), 2.5),
+    seed=20260426,
+    seq_lens=(300,),
+)
+
+CASES = {c.name: c for c in (TINY, FLASH_SLICE, PRO_SLICE)}
+DEFAULT_CASE = "tiny"
+
+
+def get_case(name: str) -> Case:
+    try:
+        return CASES[name]
+    except KeyError:
+        raise KeyError(f"unknown case {name!r}; known cases: {', '.join(CASES)}") from None

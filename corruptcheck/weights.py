@@ -1,0 +1,132 @@
+"""Deterministic, seeded weights for a case, in DeepSeek's checkpoint naming (spec §8.1).
+
+Every tensor gets its own generator seeded from (case seed, tensor name), so adding a tensor
+never shifts the others. Values are rounded to bf16-representable numbers (stored as fp32),
+so casting weights to bf16/fp32/fp64 is exact and every engine sees the same model. Scales are
+chosen so the mechanisms a case claims to test are really exercised: some SwiGLU
+pre-activations pass the clamp, routing spreads over the experts, mHC mixing is far from the
+identity, compressor gates are peaked.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from corruptcheck.reference import ModelConfig
+
+# SwiGLU gate/up pre-activations get a std of about this, so |x| > swiglu_limit (10) happens
+# for a few tokens in every expert.
+SWIGLU_PREACT_STD = 4.0
+
+
+def _gen(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).to(torch.float32)
+
+
+class _Builder:
+    def __init__(self, seed: int):
+        self.seed, self.params = seed, {}
+
+    def normal(self, name, shape, std, mean=0.0):
+        t = torch.randn(*shape, generator=_gen(self.seed, name)) * std + mean
+        self.params[name] = _bf16(t)
+
+    def uniform(self, name, shape, lo, hi):
+        t = torch.rand(*shape, generator=_gen(self.seed, name)) * (hi - lo) + lo
+        self.params[name] = _bf16(t)
+
+    def norm_weight(self, name, dim):
+        self.normal(name, (dim,), 0.1, 1.0)
+
+    def linear(self, name, out_dim, in_dim, gain=1.0):
+        self.normal(name, (out_dim, in_dim), gain / in_dim ** 0.5)
+
+
+def _hc(b: _Builder, prefix: str, cfg: ModelConfig, rows: int, names=("fn", "base", "scale")):
+    n = cfg.hc_mult
+    fn, base, scale = (f"{prefix}{s}" for s in names)
+    b.normal(fn, (rows, n * cfg.hidden_size), 1.0 / (n * cfg.hidden_size) ** 0.5)
+    if rows == n:  # head: weights only
+        b.normal(base, (n,), 0.5)
+        b.uniform(scale, (1,), 0.5, 1.5)
+        return
+    # pre / post biases random; comb biased towards, but far from, the identity
+    g = _gen(b.seed, base)
+    bias = torch.randn(rows, generator=g) * 0.5
+    bias[2 * n:] += torch.eye(n).flatten() * 1.0
+    b.params[base] = _bf16(bias)
+    b.uniform(scale, (3,), 0.5, 1.5)
+
+
+def _compressor(b: _Builder, prefix: str, cfg: ModelConfig, dc: int, ratio: int, overlap: bool):
+    c = 2 if overlap else 1
+    b.linear(f"{prefix}.wkv.weight", c * dc, cfg.hidden_size)
+    b.linear(f"{prefix}.wgate.weight", c * dc, cfg.hidden_size, gain=2.0)  # peaked softmax over tokens
+    b.normal(f"{prefix}.ape", (ratio, c * dc), 0.5)
+    b.norm_weight(f"{prefix}.norm.weight", dc)
+
+
+def _block(b: _Builder, p: str, cfg: ModelConfig, layer: int):
+    d, h = cfg.hidden_size, cfg.num_heads
+    b.norm_weight(f"{p}.attn_norm.weight", d)
+    b.norm_weight(f"{p}.ffn_norm.weight", d)
+    rows = (2 + cfg.hc_mult) * cfg.hc_mult
+    _hc(b, f"{p}.hc_attn_", cfg, rows)
+    _hc(b, f"{p}.hc_ffn_", cfg, rows)
+    a = f"{p}.attn"
+    b.linear(f"{a}.wq_a.weight", cfg.q_lora_rank, d)
+    b.norm_weight(f"{a}.q_norm.weight", cfg.q_lora_rank)
+    b.linear(f"{a}.wq_b.weight", h * cfg.head_dim, cfg.q_lora_rank)
+    b.linear(f"{a}.wkv.weight", cfg.head_dim, d)
+    b.norm_weight(f"{a}.kv_norm.weight", cfg.head_dim)
+    b.linear(f"{a}.wo_a.weight", cfg.o_groups * cfg.o_lora_rank, h * cfg.head_dim // cfg.o_groups)
+    b.linear(f"{a}.wo_b.weight", d, cfg.o_groups * cfg.o_lora_rank)
+    b.normal(f"{a}.attn_sink", (h,), 1.0)
+    kind = cfg.layer_type(layer)
+    if kind != "sliding":
+        _compressor(b, f"{a}.compressor", cfg, cfg.head_dim, cfg.compress_ratio(layer), kind == "csa")
+    if kind == "csa":
+        ix = f"{a}.indexer"
+        b.linear(f"{ix}.wq_b.weight", cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank)
+        b.linear(f"{ix}.weights_proj.weight", cfg.index_n_heads, d)
+        _compressor(b, f"{ix}.compressor", cfg, cfg.index_head_dim, cfg.csa_ratio, True)
+    f = f"{p}.ffn"
+    b.linear(f"{f}.gate.weight", cfg.n_routed_experts, d, gain=2.0)
+    if cfg.is_hash_layer(layer):
+        g = _gen(b.seed, f"{f}.gate.tid2eid")
+        table = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[: cfg.experts_per_tok]
+                             for _ in range(cfg.vocab_size)])
+        b.params[f"{f}.gate.tid2eid"] = table.to(torch.int64)
+    else:
+        b.normal(f"{f}.gate.bias", (cfg.n_routed_experts,), 0.1)
+    inter, s = cfg.moe_inter_dim, SWIGLU_PREACT_STD
+    for e in [f"{f}.experts.{i}" for i in range(cfg.n_routed_experts)] + [f"{f}.shared_experts"]:
+        b.linear(f"{e}.w1.weight", inter, d, gain=s)
+        b.linear(f"{e}.w3.weight", inter, d, gain=s)
+        b.linear(f"{e}.w2.weight", d, inter, gain=1.0 / s ** 2)
+
+
+def generate_params(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    b = _Builder(seed)
+    d = cfg.hidden_size
+    b.normal("embed.weight", (cfg.vocab_size, d), 1.0)
+    b.linear("head.weight", cfg.vocab_size, d)
+    b.norm_weight("norm.weight", d)
+    _hc(b, "hc_head_", cfg, cfg.hc_mult)
+    for layer in range(cfg.num_layers):
+        _block(b, f"layers.{layer}", cfg, layer)
+    if cfg.num_mtp_layers:
+        m = "mtp.0"
+        b.linear(f"{m}.e_proj.weight", d, d)
+        b.linear(f"{m}.h_proj.weight", d, d)
+        for name in ("enorm", "hnorm", "norm"):
+            b.norm_weight(f"{m}.{name}.weight", d)
+        _hc(b, f"{m}.hc_head_", cfg, cfg.hc_mult)
+        _block(b, m, cfg, cfg.num_layers)
+    return b.params

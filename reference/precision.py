@@ -1,0 +1,41 @@
+"""Where the reference rounds (spec §2, §3, §25 of §10).
+
+The official demo stores activations in bf16 and does a fixed set of things in fp32 (mHC,
+router, compressor, softmaxes, LM head). The reference keeps that placement and lets both
+widths be chosen:
+
+* ``float64``: every step in float64 (the golden truth),
+* ``float32``: every step in float32,
+* ``bfloat16``: activations in bf16, the demo's fp32 places in fp32 (demo-faithful placement,
+  weights dequantised, no activation quantisation unless the QAT sims are enabled).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_NAMES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+ALIASES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "double": "float64", "float": "float32"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    act: torch.dtype  # storage dtype of activations between ops
+    acc: torch.dtype  # dtype of the demo's "fp32" computations
+
+    @classmethod
+    def of(cls, name: "str | Precision") -> "Precision":
+        if isinstance(name, Precision):
+            return name
+        key = ALIASES.get(str(name), str(name))
+        if key not in _NAMES:
+            raise ValueError(f"unknown precision {name!r}; choose one of {sorted(_NAMES)}")
+        act = _NAMES[key]
+        acc = torch.float64 if act == torch.float64 else torch.float32
+        return cls(key, act, acc)
+
+
+def dtype_by_name(name: str) -> torch.dtype:
+    return Precision.of(name).act

@@ -1,0 +1,80 @@
+"""Shared primitives: RMSNorm (weighted / unweighted), RoPE tables and rotation (spec §3)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, acc: torch.dtype) -> torch.Tensor:
+    """Weighted RMSNorm, official order (spec §3.1): w * (x * rsqrt(mean(x^2) + eps)) in `acc`,
+    cast once to the input dtype."""
+    xf = x.to(acc)
+    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (weight.to(acc) * xf).to(x.dtype)
+
+
+def rms_unit(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Unweighted RMSNorm in the tensor's own dtype (the demo normalises q per head in bf16,
+    spec §5.2)."""
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+def _yarn_correction_dim(rho: float, rope_dim: int, base: float, original_max_pos: int) -> float:
+    # corr(rho) = dim * ln(orig / (2*pi*rho)) / (2 ln base)   (spec §3.3)
+    return rope_dim * math.log(original_max_pos / (rho * 2 * math.pi)) / (2 * math.log(base))
+
+
+def rope_frequencies(
+    rope_dim: int,
+    base: float,
+    yarn_factor: float | None = None,
+    original_max_pos: int = 65536,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+) -> torch.Tensor:
+    """The `rope_dim/2` angular frequencies of one RoPE table, as fp32 (spec §3.3, App. A).
+
+    The table is a constant of the trained model and is defined in fp32 by the official
+    demo; the reference reproduces those fp32 values exactly. YaRN ("NTK by parts") is applied
+    whenever a factor is given; the ramp runs over the *pair* index with bounds in dim units
+    (DeepSeek's quirk, kept on purpose).
+    """
+    freqs = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+    if yarn_factor is not None:
+        lo = max(math.floor(_yarn_correction_dim(beta_fast, rope_dim, base, original_max_pos)), 0)
+        hi = min(math.ceil(_yarn_correction_dim(beta_slow, rope_dim, base, original_max_pos)), rope_dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = torch.clamp((torch.arange(rope_dim // 2, dtype=torch.float32) - lo) / (hi - lo), 0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / yarn_factor * (1 - smooth) + freqs * smooth
+    return freqs
+
+
+def rope_angles(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Angles p * omega formed in fp32 exactly as the demo's `torch.outer` (spec §10.27)."""
+    return torch.outer(positions.to(torch.float32), freqs.to(torch.float32))
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor, rope_dim: int, inverse: bool = False,
+               acc: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rotate the trailing `rope_dim` channels of `x` as interleaved pairs (2i, 2i+1).
+
+    `x`: [S, ..., L]; `angles`: [S, rope_dim/2]. The rotation runs in `acc` (fp32 in the demo,
+    fp64 for the golden run) and the result is written back in x's dtype (spec §3.3).
+    """
+    ang = angles.to(acc)
+    if inverse:
+        ang = -ang
+    shape = (ang.shape[0],) + (1,) * (x.dim() - 2) + (ang.shape[1],)
+    cos, sin = ang.cos().reshape(shape), ang.sin().reshape(shape)
+    head, tail = x[..., :-rope_dim], x[..., -rope_dim:].to(acc)
+    re, im = tail[..., 0::2], tail[..., 1::2]
+    rotated = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
+    return torch.cat([head, rotated.to(x.dtype)], dim=-1)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x W^T in x's dtype (weights are cast to the activation dtype)."""
+    return torch.nn.functional.linear(x, w.to(x.dtype))

@@ -1,0 +1,64 @@
+"""Quantise-dequantise simulations of the official demo (spec §3.4, §3.5). Optional: the
+reference's default ("high precision") target leaves them off; `sims=True` turns them on."""
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+_FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    # 2^ceil(log2 s): the ue8m0 scale rounding (exponent, +1 if any mantissa bit set).
+    return torch.exp2(torch.ceil(torch.log2(s)))
+
+
+def fp8_sim(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Round each `block`-wide slab of the last dim through e4m3 with a power-of-two scale."""
+    shape = x.shape
+    xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
+    amax = xb.abs().amax(-1, keepdim=True).clamp_min(1e-4)
+    scale = _pow2_ceil(amax / FP8_MAX)
+    q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return (q * scale).reshape(shape).to(x.dtype)
+
+
+def _round_e2m1(v: torch.Tensor) -> torch.Tensor:
+    # round to nearest e2m1 magnitude, ties to even code (spec §11: round-half-even assumed)
+    grid = _FP4_GRID.to(v.device, torch.float32)
+    mag = v.abs().clamp(max=FP4_MAX)
+    d = (mag[..., None] - grid).abs()
+    best = d.min(-1, keepdim=True).values
+    # among equally near grid points prefer the even code index
+    idx = torch.arange(grid.numel(), device=v.device)
+    cand = (d == best) & ((idx % 2 == 0) | ((d == best).sum(-1, keepdim=True) == 1))
+    code = torch.where(cand, idx, grid.numel()).amin(-1)
+    return grid[code] * torch.sign(v)
+
+
+def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    shape = x.shape
+    xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
+    amax = xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
+    scale = _pow2_ceil(amax / FP4_MAX)
+    q = _round_e2m1((xb / scale).clamp(-FP4_MAX, FP4_MAX))
+    return (q * scale).reshape(shape).to(x.dtype)
+
+
+def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
+    """Sylvester (natural order) Walsh-Hadamard matrix, unnormalised."""
+    if n & (n - 1):
+        raise ValueError("Hadamard size must be a power of two")
+    h = torch.ones(1, 1, dtype=dtype)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """x H / sqrt(L) along the last dim (spec §3.4), computed in fp32 or wider."""
+    n = x.shape[-1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = hadamard_matrix(n, acc) / n**0.5
+    return (x.to(acc) @ h).to(x.dtype)
