@@ -1,0 +1,3 @@
+from corruptcheck.cli import main
+
+main()

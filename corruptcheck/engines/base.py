@@ -1,0 +1,28 @@
+"""The engine interface: a name, an availability check, and `run(case, precision)` returning
+canonical points ({name: tensor}, tokens flattened over the batch; DESIGN.md §4, §9)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from corruptcheck.cases import Case
+
+
+@dataclass
+class Capture:
+    points: dict[str, torch.Tensor]
+    engine: str
+    precision: str
+    meta: dict = field(default_factory=dict)
+
+
+class Engine:
+    name: str = ""
+    extra: str | None = None  # pip extra that provides it
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def run(self, case: Case, precision: str, **options) -> Capture:  # pragma: no cover - interface
+        raise NotImplementedError

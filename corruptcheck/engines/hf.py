@@ -1,0 +1,253 @@
+"""The `hf` engine: transformers' `DeepseekV4ForCausalLM`, run on the case's weights with
+forward hooks mapped to the canonical capture points (DESIGN.md §4).
+
+transformers is imported lazily so the rest of corruptcheck works without it.
+"""
+from __future__ import annotations
+
+import torch
+
+from corruptcheck.cases import Case
+from corruptcheck.errors import EngineUnavailable
+from corruptcheck.reference import ModelConfig, Precision
+
+HF_LAYER_TYPE = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
+                 "hca": "heavily_compressed_attention"}
+
+
+def require_transformers():
+    try:
+        import transformers
+        from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise EngineUnavailable(
+            f"the hf engine needs transformers>=5.24 with DeepseekV4ForCausalLM ({exc}); "
+            "install it with: pip install 'corruptcheck[hf]'") from None
+    return transformers
+
+
+def hf_config(cfg: ModelConfig, attn_impl: str = "eager"):
+    """The transformers config equivalent to `cfg` (explicit layer schedule, spec §1.3)."""
+    require_transformers()
+    from transformers import DeepseekV4Config
+
+    types = [cfg.layer_type(i) for i in range(cfg.num_layers)]
+    hca = {cfg.compress_ratio(i) for i in range(cfg.num_layers) if types[i] == "hca"}
+    if len(hca) > 1:
+        raise ValueError("transformers supports a single HCA ratio per model")
+    hc = cfg.hc_mult
+    conf = DeepseekV4Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_inter_dim,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=1,
+        head_dim=cfg.head_dim, q_lora_rank=cfg.q_lora_rank, num_experts_per_tok=cfg.experts_per_tok,
+        n_routed_experts=cfg.n_routed_experts, n_shared_experts=1, scoring_func="sqrtsoftplus",
+        norm_topk_prob=True, routed_scaling_factor=cfg.route_scale,
+        max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+        layer_types=[HF_LAYER_TYPE[t] for t in types],
+        mlp_layer_types=["hash_moe" if cfg.is_hash_layer(i) else "moe" for i in range(cfg.num_layers)],
+        compress_rates={"compressed_sparse_attention": cfg.csa_ratio,
+                        "heavily_compressed_attention": hca.pop() if hca else 128},
+        compress_rope_theta=cfg.compress_rope_theta, hc_mult=hc, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters,
+        hc_eps=cfg.hc_eps, swiglu_limit=cfg.swiglu_limit, sliding_window=cfg.window, o_groups=cfg.o_groups,
+        o_lora_rank=cfg.o_lora_rank, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
+        index_topk=cfg.index_topk, rms_norm_eps=cfg.rms_eps, partial_rotary_factor=cfg.rope_dim / cfg.head_dim,
+        rope_parameters={"rope_type": "yarn", "factor": cfg.yarn_factor,
+                         "original_max_position_embeddings": cfg.yarn_original_max_pos,
+                         "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow},
+        tie_word_embeddings=False, num_nextn_predict_layers=cfg.num_mtp_layers,
+    )
+    conf._attn_implementation = attn_impl
+    conf._experts_implementation = "eager"
+    return conf
+
+
+# DeepSeek checkpoint name -> transformers module name (spec §8.1, HF conversion_mapping)
+_LAYER_RENAMES = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("hc_attn_fn", "attn_hc.fn"), ("hc_attn_base", "attn_hc.base"), ("hc_attn_scale", "attn_hc.scale"),
+    ("hc_ffn_fn", "ffn_hc.fn"), ("hc_ffn_base", "ffn_hc.base"), ("hc_ffn_scale", "ffn_hc.scale"),
+    ("attn.wq_a.weight", "self_attn.q_a_proj.weight"), ("attn.q_norm.weight", "self_attn.q_a_norm.weight"),
+    ("attn.wq_b.weight", "self_attn.q_b_proj.weight"), ("attn.wkv.weight", "self_attn.kv_proj.weight"),
+    ("attn.kv_norm.weight", "self_attn.kv_norm.weight"), ("attn.wo_a.weight", "self_attn.o_a_proj.weight"),
+    ("attn.wo_b.weight", "self_attn.o_b_proj.weight"), ("attn.attn_sink", "self_attn.sinks"),
+    ("attn.compressor.wkv.weight", "self_attn.compressor.kv_proj.weight"),
+    ("attn.compressor.wgate.weight", "self_attn.compressor.gate_proj.weight"),
+    ("attn.compressor.ape", "self_attn.compressor.position_bias"),
+    ("attn.compressor.norm.weight", "self_attn.compressor.kv_norm.weight"),
+    ("attn.indexer.wq_b.weight", "self_attn.compressor.indexer.q_b_proj.weight"),
+    ("attn.indexer.weights_proj.weight", "self_attn.compressor.indexer.scorer.weights_proj.weight"),
+    ("attn.indexer.compressor.wkv.weight", "self_attn.compressor.indexer.kv_proj.weight"),
+    ("attn.indexer.compressor.wgate.weight", "self_attn.compressor.indexer.gate_proj.weight"),
+    ("attn.indexer.compressor.ape", "self_attn.compressor.indexer.position_bias"),
+    ("attn.indexer.compressor.norm.weight", "self_attn.compressor.indexer.kv_norm.weight"),
+    ("ffn.gate.weight", "mlp.gate.weight"), ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"),
+    ("ffn.gate.tid2eid", "mlp.gate.tid2eid"),
+    ("ffn.shared_experts.w1.weight", "mlp.shared_experts.gate_proj.weight"),
+    ("ffn.shared_experts.w3.weight", "mlp.shared_experts.up_proj.weight"),
+    ("ffn.shared_experts.w2.weight", "mlp.shared_experts.down_proj.weight"),
+]
+_TOP_RENAMES = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
+                "norm.weight": "model.norm.weight", "hc_head_fn": "model.hc_head.hc_fn",
+                "hc_head_base": "model.hc_head.hc_base", "hc_head_scale": "model.hc_head.hc_scale"}
+
+
+def export_state_dict(cfg: ModelConfig, params: dict) -> dict:
+    """DeepSeek-named parameters -> a transformers state dict (MTP dropped: HF lacks it)."""
+    out = {hf: params[ds] for ds, hf in _TOP_RENAMES.items()}
+    for layer in range(cfg.num_layers):
+        pre = f"layers.{layer}."
+        for ds, hf in _LAYER_RENAMES:
+            if pre + ds in params:
+                out[f"model.layers.{layer}.{hf}"] = params[pre + ds]
+        experts = range(cfg.n_routed_experts)
+        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([params[f"{pre}ffn.experts.{e}.w1.weight"], params[f"{pre}ffn.experts.{e}.w3.weight"]])
+             for e in experts])
+        out[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(
+            [params[f"{pre}ffn.experts.{e}.w2.weight"] for e in experts])
+    return out
+
+
+def build_model(case: Case, precision: str = "float32", attn_impl: str = "eager"):
+    require_transformers()
+    from transformers import DeepseekV4ForCausalLM
+
+    prec = Precision.of(precision)
+    conf = hf_config(case.config, attn_impl)
+    with torch.device("meta"):
+        model = DeepseekV4ForCausalLM(conf)
+    model = model.to_empty(device="cpu")
+    sd = export_state_dict(case.config, case.params())
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # rotary inv_freq buffers are non-persistent: rebuild them after to_empty
+    for mod in model.modules():
+        if type(mod).__name__ == "DeepseekV4RotaryEmbedding":
+            for lt in mod.layer_types:
+                fn = mod.compute_default_rope_parameters
+                if mod.rope_type[lt] != "default":
+                    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+                    fn = ROPE_INIT_FUNCTIONS[mod.rope_type[lt]]
+                inv, scaling = fn(mod.config, None, layer_type=lt)
+                getattr(mod, f"{lt}_inv_freq").copy_(inv)
+                getattr(mod, f"{lt}_original_inv_freq").copy_(inv)
+                setattr(mod, f"{lt}_attention_scaling", scaling)
+    missing = [k for k in missing if "inv_freq" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"hf weight export mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    # keep HF's own fp32 modules (mHC, norms, sinks, biases) as HF does; cast the rest
+    keep = tuple(model._keep_in_fp32_modules_strict)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not t.is_floating_point():
+            continue
+        if "inv_freq" in name:  # RoPE frequencies stay fp32 as in transformers
+            continue
+        if prec.act == torch.bfloat16 and any(k in name.split(".") for k in keep):
+            continue
+        t.data = t.data.to(prec.act)
+    model.eval()
+    return model
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """[B, S, ...] -> [B*S, ...]"""
+    return t.detach().reshape(-1, *t.shape[2:])
+
+
+class _Hooks:
+    """Forward hooks writing canonical points of one sequence into `self.store`."""
+
+    def __init__(self, model, cfg: ModelConfig):
+        self.store: dict = {}
+        self.handles = []
+        self.cfg = cfg
+        m = model.model
+        self._out(m.embed_tokens, "embed")
+        for i, layer in enumerate(m.layers):
+            p = f"layers.{i}."
+            for hc, name in ((layer.attn_hc, "attn_hc"), (layer.ffn_hc, "ffn_hc")):
+                self._hc(hc, p + name)
+            self._out(layer.input_layernorm, p + "attn_norm")
+            self._out(layer.post_attention_layernorm, p + "ffn_norm")
+            att = layer.self_attn
+            self._out(att.q_a_norm, p + "attn.qr")
+            self._out(att, p + "attn.out", index=0)
+            self._pre(att.o_a_proj, p + "attn.core", reshape=(cfg.num_heads, cfg.head_dim))
+            if att.compressor is not None:
+                self._compressed(att.compressor, p + "attn.compressed_kv")
+                if hasattr(att.compressor, "indexer"):
+                    self._topk(att.compressor.indexer, p + "attn.indexer_topk")
+            self._router(layer.mlp.gate, p + "moe")
+            self._out(layer.mlp, p + "moe.out")
+            self._out(layer, p + "out")
+        self._out(m.hc_head, "head.collapsed")
+        self._out(m.norm, "head.norm")
+        self._out(model.lm_head, "logits")
+
+    def _add(self, name, t):
+        self.store[name] = t
+
+    def _out(self, mod, name, index=None):
+        def hook(_m, _args, out):
+            self._add(name, _flat(out[index] if index is not None else out))
+        self.handles.append(mod.register_forward_hook(hook))
+
+    def _pre(self, mod, name, reshape):
+        def hook(_m, args):
+            self._add(name, args[0].detach().reshape(-1, *reshape))
+        self.handles.append(mod.register_forward_pre_hook(hook))
+
+    def _hc(self, mod, prefix):
+        def hook(_m, args, out):
+            post, comb, collapsed = out
+            self._add(prefix + ".in", _flat(args[0]))
+            self._add(prefix + ".post", _flat(post))
+            self._add(prefix + ".comb", _flat(comb))
+            self._add(prefix + ".collapsed", _flat(collapsed))
+        self.handles.append(mod.register_forward_hook(hook))
+
+    def _compressed(self, mod, name):
+        def hook(_m, _args, out):
+            self._add(name, out[0].detach()[:, 0].reshape(-1, out[0].shape[-1]))  # [B,1,n,d] -> [n,d]
+        self.handles.append(mod.register_forward_hook(hook))
+
+    def _topk(self, mod, name):
+        k_max = self.cfg.index_topk
+
+        def hook(_m, _args, out):
+            idx = _flat(out).long()
+            pad = torch.full((idx.shape[0], k_max - idx.shape[1]), -1, dtype=torch.long)
+            self._add(name, torch.cat([idx, pad], 1))
+        self.handles.append(mod.register_forward_hook(hook))
+
+    def _router(self, mod, prefix):
+        def hook(_m, _args, out):
+            logits, weights, indices = out
+            order = torch.sort(indices.long(), dim=-1)
+            self._add(prefix + ".router_logits", logits.detach())
+            self._add(prefix + ".experts", order.values)
+            self._add(prefix + ".weights", weights.detach().gather(1, order.indices))
+        self.handles.append(mod.register_forward_hook(hook))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def run_hf(case: Case, precision: str = "float32", attn_impl: str = "eager", model=None) -> dict:
+    """Run the case through transformers; returns canonical points flattened over tokens.
+
+    Sequences run one at a time: transformers lets padding tokens into the compressor
+    (huggingface/transformers#45938), so padded batching would not be the same computation."""
+    model = model or build_model(case, precision, attn_impl)
+    hooks = _Hooks(model, case.config)
+    per_seq = []
+    try:
+        with torch.no_grad():
+            for ids in case.sequences():
+                hooks.store = {}
+                model(input_ids=ids[None], use_cache=False)
+                per_seq.append(hooks.store)
+    finally:
+        hooks.remove()
+    return {n: torch.cat([s[n] for s in per_seq if n in s], 0) for n in per_seq[0]}

@@ -1,0 +1,64 @@
+"""Canonical capture points (DESIGN.md §4) for a model config, in topological order.
+
+`required` points are the DESIGN table: an engine that lacks one reports it `missing`.
+Finer points (q, kv, compressed entries, mHC coefficients, router logits, MTP) are optional:
+compared when the engine exposes them, `skipped` (with the reason) when it does not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from corruptcheck.reference import ModelConfig
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    name: str
+    kind: str  # "float" | "index"
+    layer: int | None  # layer index; None for embed/head; num_layers for the MTP block
+    required: bool
+    mechanism: str | None = None  # coverage key that must be exercised for a pass to count
+
+
+def _block_points(prefix: str, layer: int, kind: str, hash_layer: bool, required: bool) -> list[PointSpec]:
+    def p(name, k="float", req=required, mech=None):
+        return PointSpec(f"{prefix}.{name}", k, layer, req, mech)
+
+    pts = [p("attn_hc.in"), p("attn_hc.post", req=False), p("attn_hc.comb", req=False),
+           p("attn_hc.collapsed"), p("attn_norm"), p("attn.qr", req=False), p("attn.q", req=False),
+           p("attn.kv", req=False)]
+    if kind != "sliding":
+        pts.append(p("attn.compressed_kv", req=False, mech="compressed_entries"))
+    if kind == "csa":
+        pts.append(p("attn.indexer_topk", "index", mech="indexer_pruning"))
+    pts += [p("attn.core", req=False), p("attn.out"),
+            p("ffn_hc.in"), p("ffn_hc.post", req=False), p("ffn_hc.comb", req=False),
+            p("ffn_hc.collapsed"), p("ffn_norm"), p("moe.router_logits", req=False),
+            p("moe.experts", "index", mech="hash_routing" if hash_layer else None),
+            p("moe.weights"), p("moe.out"), p("out")]
+    return pts
+
+
+def capture_points(cfg: ModelConfig) -> list[PointSpec]:
+    pts = [PointSpec("embed", "float", None, True)]
+    for i in range(cfg.num_layers):
+        pts += _block_points(f"layers.{i}", i, cfg.layer_type(i), cfg.is_hash_layer(i), True)
+    pts += [PointSpec("head.collapsed", "float", None, True), PointSpec("head.norm", "float", None, True),
+            PointSpec("logits", "float", None, True)]
+    if cfg.num_mtp_layers:
+        mtp = cfg.num_layers
+        pts.append(PointSpec("mtp.0.in", "float", mtp, False))
+        pts += _block_points("mtp.0", mtp, "sliding", False, False)
+        pts += [PointSpec(f"mtp.0.{n}", "float", mtp, False) for n in ("head.collapsed", "head.norm", "logits")]
+    return pts
+
+
+# reference-only data the differ uses to judge discrete choices (never compared as points)
+TIE_SCORES = {"attn.indexer_topk": "attn.indexer_scores", "moe.experts": "moe.selection_scores"}
+
+
+def tie_scores_name(point: str) -> str | None:
+    for suffix, scores in TIE_SCORES.items():
+        if point.endswith(suffix):
+            return point[: -len(suffix)] + scores
+    return None
