@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+from corruptcheck.cases import get_case
+from corruptcheck.compare import reference_run
+
+# two pytest-xdist workers on two cores: one BLAS thread each
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return get_case("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(tiny):
+    """(points, coverage) of the float64 reference on `tiny`."""
+    return reference_run(tiny)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf32(tiny):
+    pytest.importorskip("transformers")
+    from corruptcheck.engines.hf import run_hf
+
+    return run_hf(tiny, "float32")

@@ -1,0 +1,101 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from corruptcheck import cli
+
+pytest.importorskip("transformers")
+
+
+def _cc(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "corruptcheck", *args], capture_output=True, text=True, **kw)
+
+
+def test_compare_hf_tiny_json(tmp_path):
+    out = tmp_path / "r.json"
+    r = _cc("compare", "--engine", "hf", "--case", "tiny", "--dtype", "float32", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["verdict"] == "pass" and doc["engine"] == "hf" and doc["case"] == "tiny"
+    assert doc["precision"] == "float32" and doc["first_divergence"] is None
+    assert set(doc["summary"]) >= {"compared", "failed", "missing"}
+    assert doc["summary"]["compared"] >= 80 and doc["summary"]["failed"] == 0
+    p = next(p for p in doc["points"] if p["name"] == "layers.3.out")
+    assert set(p) >= {"name", "verdict", "metrics", "tolerance"}
+    assert set(p["metrics"]) >= {"rel_l2", "max_abs", "norm_ratio"}
+    assert doc["coverage"]["indexer_pruning_fraction"] > 0
+    assert "PASS" in r.stdout
+
+
+def test_cases_lists_builtins():
+    r = _cc("cases")
+    assert r.returncode == 0
+    for name in ("tiny", "flash-slice", "pro-slice"):
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["compare", "--engine", "nope"], "unknown engine"),
+    (["compare", "--engine", "hf", "--case", "nope"], "unknown case"),
+    (["compare", "--engine", "hf", "--dtype", "fp7"], "Invalid value"),
+])
+def test_bad_input_exits_2_with_one_line(args, needle):
+    r = _cc(*args)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fail_exits_1_and_keeps_good_report(tmp_path, monkeypatch, tiny_ref):
+    """An engine with one corrupted point fails with exit 1 naming it."""
+    from corruptcheck import compare as compare_mod
+    from corruptcheck.engines.base import Capture, Engine
+
+    points, _ = tiny_ref
+
+    class Corrupt(Engine):
+        name = "corrupt"
+
+        def run(self, case, precision, **_):
+            pts = {k: v.float() if v.is_floating_point() else v for k, v in points.items() if not k.startswith("mtp.")}
+            pts["layers.2.attn.out"] = pts["layers.2.attn.out"] * 1.01
+            return Capture(pts, self.name, precision)
+
+    monkeypatch.setattr(compare_mod, "get_engine", lambda name: Corrupt())
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(cli.main, ["compare", "--engine", "corrupt", "--case", "tiny", "--json", str(out)])
+    assert res.exit_code == 1, res.output
+    doc = json.loads(out.read_text())
+    assert doc["verdict"] == "fail" and doc["first_divergence"]["name"] == "layers.2.attn.out"
+
+    # a run that errors never overwrites the good report
+    before = out.read_bytes()
+    monkeypatch.setattr(compare_mod, "get_engine", lambda name: (_ for _ in ()).throw(
+        __import__("corruptcheck.errors", fromlist=["BadInput"]).BadInput("broken engine output")))
+    res = CliRunner().invoke(cli.main, ["compare", "--engine", "corrupt", "--json", str(out)])
+    assert res.exit_code == 2 and "broken engine output" in res.output
+    assert out.read_bytes() == before
+
+
+def test_unwritable_report_path_exits_2(tmp_path):
+    target = tmp_path / "ro"
+    target.mkdir()
+    os.chmod(target, 0o500)
+    try:
+        if os.access(target, os.W_OK):
+            pytest.skip("running as a user that ignores directory permissions")
+        r = _cc("compare", "--engine", "reference", "--case", "tiny", "--json", str(target / "r.json"))
+        assert r.returncode == 2 and "cannot write" in r.stderr
+    finally:
+        os.chmod(target, 0o700)
+
+
+def test_reference_engine_float32_passes_quietly():
+    """The reference's own float32 run agrees with its float64 run (no false alarm)."""
+    r = _cc("compare", "--engine", "reference", "--case", "tiny", "--dtype", "float32", "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("pass")
