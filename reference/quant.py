@@ -14,14 +14,25 @@ def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(s)))
 
 
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[..., L] -> [..., ceil(L/block), block] in fp32; a ragged last block is zero-padded
+    (zeros change no block maximum). Real widths (448 = 7 x 64, 128 = 4 x 32) are exact."""
+    pad = -x.shape[-1] % block
+    xf = torch.nn.functional.pad(x.float(), (0, pad))
+    return xf.reshape(*x.shape[:-1], -1, block)
+
+
+def _unblock(xb: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return xb.flatten(-2)[..., : like.shape[-1]].to(like.dtype)
+
+
 def fp8_sim(x: torch.Tensor, block: int) -> torch.Tensor:
     """Round each `block`-wide slab of the last dim through e4m3 with a power-of-two scale."""
-    shape = x.shape
-    xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
+    xb = _blocks(x, block)
     amax = xb.abs().amax(-1, keepdim=True).clamp_min(1e-4)
     scale = _pow2_ceil(amax / FP8_MAX)
     q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-    return (q * scale).reshape(shape).to(x.dtype)
+    return _unblock(q * scale, x)
 
 
 def _round_e2m1(v: torch.Tensor) -> torch.Tensor:
@@ -38,12 +49,11 @@ def _round_e2m1(v: torch.Tensor) -> torch.Tensor:
 
 
 def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
-    shape = x.shape
-    xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
+    xb = _blocks(x, block)
     amax = xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
     scale = _pow2_ceil(amax / FP4_MAX)
     q = _round_e2m1((xb / scale).clamp(-FP4_MAX, FP4_MAX))
-    return (q * scale).reshape(shape).to(x.dtype)
+    return _unblock(q * scale, x)
 
 
 def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
