@@ -8,6 +8,7 @@ from corruptcheck.cases import Case
 from corruptcheck.coverage import coverage
 from corruptcheck.differ import Comparison, compare_points
 from corruptcheck.engines import Capture, get_engine
+from corruptcheck.golden import ReferenceData, reference_for
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION, Precision, run
 
@@ -29,15 +30,17 @@ class CompareResult:
 
 
 def reference_run(case: Case):
+    """Compute the float64 reference now: (points, coverage)."""
     res = run(case.config, case.params(), case.sequences(), "float64")
     return res.points, coverage(case.config, res.stats, case.seq_lens)
 
 
-def compare(case: Case, engine_name: str, precision: str, **engine_options) -> CompareResult:
+def compare(case: Case, engine_name: str, precision: str, use_golden: bool = True, **engine_options) -> CompareResult:
     precision = Precision.of(precision).name
     engine = get_engine(engine_name)
     t0 = time.perf_counter()
-    ref_points, cov = reference_run(case)
+    ref = reference_for(case) if use_golden else ReferenceData(*reference_run(case), "computed (--no-golden)")
+    ref_points, cov = ref.points, ref.coverage
     t1 = time.perf_counter()
     cap: Capture = engine.run(case, precision, **engine_options)
     t2 = time.perf_counter()
@@ -45,7 +48,8 @@ def compare(case: Case, engine_name: str, precision: str, **engine_options) -> C
     t3 = time.perf_counter()
     return CompareResult(
         case=case, engine=engine_name, precision=precision, comparison=comp, coverage=cov,
-        reference={"version": REFERENCE_VERSION, "precision": "float64", "source": "computed"},
+        reference={"version": REFERENCE_VERSION, "precision": "float64", "source": ref.source,
+                   "golden_digest": ref.digest},
         engine_meta=cap.meta,
         timings={"reference_s": t1 - t0, "engine_s": t2 - t1, "diff_s": t3 - t2},
     )

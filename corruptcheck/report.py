@@ -95,6 +95,7 @@ def print_table(doc: dict, console: Console | None = None) -> None:
         f"the {cov['window']}-token window; {cov['compressed_entries']} compressed entries; indexer pruned "
         f"{cov['indexer_pruning_fraction']:.0%} of available entries; {cov['clamp_hits']} SwiGLU clamp hits; "
         f"attention {'/'.join(cov['attention_types'])}; routing {'/'.join(cov['routing_types'])}")
+    console.print(f"reference: float64, {doc['reference']['source']}", style="dim")
     worst = s["worst"]
     line = (f"[{_STYLE[doc['verdict']]}]{doc['verdict'].upper()}[/]: {s['compared']} compared, {s['failed']} failed, "
             f"{s['missing']} missing, {s['skipped']} skipped, {s['not_exercised']} not exercised")

@@ -26,12 +26,12 @@ def route(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec):
     return idx, w
 
 
-def swiglu_hidden(y, w1, w3, limit: float, acc) -> tuple[torch.Tensor, int]:
-    """silu(min(g, limit)) * clamp(u, -limit, limit) in acc; also the number of clamped
-    pre-activations (coverage)."""
+def swiglu_hidden(y, w1, w3, limit: float, acc) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(min(g, limit)) * clamp(u, -limit, limit) in acc (spec §6.3: gate clamped from above
+    only, up on both sides); also, per row, how many pre-activations were clamped (coverage)."""
     g = linear(y, w1).to(acc)
     u = linear(y, w3).to(acc)
-    hits = int((g > limit).sum()) + int((u.abs() > limit).sum())
+    hits = (g > limit).sum(-1) + (u.abs() > limit).sum(-1)
     return F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit), hits
 
 
@@ -43,15 +43,21 @@ def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec, sta
     rec("weights", w.gather(1, order.indices))
     out = torch.zeros(y.shape[0], y.shape[1], dtype=prec.acc)
     clamp_hits = 0
+    # Each used expert runs on *every* token (fixed GEMM shapes), and a token adds only its own
+    # experts, in expert-id order. A token's result is then independent of which other tokens
+    # chose which experts (batch-invariant), so causality checks can demand bit equality.
     for e in torch.unique(idx).tolist():
-        tok, slot = torch.where(idx == e)
+        chosen = idx == e
+        tok = torch.where(chosen)[0]
         ep = f"experts.{e}"
-        h, hits = swiglu_hidden(y[tok], p[f"{ep}.w1.weight"], p[f"{ep}.w3.weight"], cfg.swiglu_limit, prec.acc)
-        clamp_hits += hits
-        h = w[tok, slot, None] * h  # routing weight applied before w2
-        out.index_add_(0, tok, linear(h.to(prec.act), p[f"{ep}.w2.weight"]).to(prec.acc))
+        h, hits = swiglu_hidden(y, p[f"{ep}.w1.weight"], p[f"{ep}.w3.weight"], cfg.swiglu_limit, prec.acc)
+        clamp_hits += int(hits[tok].sum())
+        weight = (w * chosen).sum(-1, keepdim=True)  # this expert's routing weight per token, 0 if unused
+        h = weight * h  # routing weight applied before w2
+        contrib = linear(h.to(prec.act), p[f"{ep}.w2.weight"]).to(prec.acc)
+        out[tok] += contrib[tok]
     h, hits = swiglu_hidden(y, p["shared_experts.w1.weight"], p["shared_experts.w3.weight"], cfg.swiglu_limit, prec.acc)
-    clamp_hits += hits
+    clamp_hits += int(hits.sum())
     out += linear(h.to(prec.act), p["shared_experts.w2.weight"]).to(prec.acc)
     stats["clamp_hits"] = stats.get("clamp_hits", 0) + clamp_hits
     stats.setdefault("experts_used", set()).update(torch.unique(idx).tolist())
