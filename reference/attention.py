@@ -36,13 +36,16 @@ def indexer_scores(x, qr, p: dict, cfg: ModelConfig, freqs, angles, prec: Precis
                     freqs=freqs, rope_dim=cfg.rope_dim, prec=prec, sims="fp4" if sims else None)
     rec("indexer_keys", keys)
     q = linear(qr, p["wq_b.weight"]).view(s, cfg.index_n_heads, cfg.index_head_dim)  # no per-head norm
-    q = apply_rope(q, angles, cfg.rope_dim, acc=prec.acc)
+    trig = prec.act if prec.alt_placement else None
+    q = apply_rope(q, angles, cfg.rope_dim, acc=prec.acc, trig=trig)
     if sims:
         q = fp4_sim(rotate(q), 32)
     w = linear(x, p["weights_proj.weight"]) * (cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5)
-    # sum_h w[t,h] * relu(q[t,h] . k[i]); computed in the activation dtype like the demo
-    score = torch.einsum("shd,nd->shn", q, keys.to(q.dtype)).relu()
-    score = (score * w[..., None]).sum(1)
+    # sum_h w[t,h] * relu(q[t,h] . k[i]); in the activation dtype like the demo (the
+    # alternative placement scores in acc, as transformers does)
+    sdt = prec.acc if prec.alt_placement else prec.act
+    score = torch.einsum("shd,nd->shn", q.to(sdt), keys.to(sdt)).relu()
+    score = (score * w.to(sdt)[..., None]).sum(1)
     n = keys.shape[0]
     return score.masked_fill(~available(s, n, cfg.csa_ratio), float("-inf"))
 
@@ -65,7 +68,10 @@ def sink_attention(q, keys, allow, sink, scale: float, prec: Precision) -> torch
     """o[t,h] = sum_j p_j k_j with p = exp(z_j) / (sum_j exp(z_j) + exp(sink_h)) over the allowed
     keys; the sink is a logit with zero value, not scaled (spec §5.8). K = V."""
     acc = prec.acc
-    z = torch.einsum("shd,jd->hsj", q.to(acc), keys.to(acc)) * scale
+    if prec.alt_placement:  # scores q.k in the activation dtype, softmax in acc
+        z = (torch.einsum("shd,jd->hsj", q, keys.to(q.dtype)) * scale).to(acc)
+    else:
+        z = torch.einsum("shd,jd->hsj", q.to(acc), keys.to(acc)) * scale
     z = z.masked_fill(~allow[None], float("-inf"))
     sink_logit = sink.to(acc)[:, None, None].expand(-1, z.shape[1], 1)
     logits = torch.cat([z, sink_logit], -1)
@@ -84,13 +90,18 @@ def attention(x, p: dict, layer: int, cfg: ModelConfig, tables: dict, prec: Prec
     angles = rope_angles(torch.arange(s), freqs)
     rd, eps = cfg.rope_dim, cfg.rms_eps
 
+    trig = prec.act if prec.alt_placement else None
     qr = rms_norm(linear(x, p["wq_a.weight"]), p["q_norm.weight"], eps, prec.acc)
     rec("qr", qr)
-    q = rms_unit(linear(qr, p["wq_b.weight"]).view(s, cfg.num_heads, cfg.head_dim), eps)
-    q = apply_rope(q, angles, rd, acc=prec.acc)
+    q = linear(qr, p["wq_b.weight"]).view(s, cfg.num_heads, cfg.head_dim)
+    if prec.alt_placement:  # mean of squares in acc, multiply in the activation dtype
+        q = q * torch.rsqrt(q.to(prec.acc).square().mean(-1, keepdim=True) + eps).to(q.dtype)
+    else:
+        q = rms_unit(q, eps)
+    q = apply_rope(q, angles, rd, acc=prec.acc, trig=trig)
     rec("q", q)
     kv = rms_norm(linear(x, p["wkv.weight"]), p["kv_norm.weight"], eps, prec.acc)
-    kv = apply_rope(kv, angles, rd, acc=prec.acc)
+    kv = apply_rope(kv, angles, rd, acc=prec.acc, trig=trig)
     if sims:
         kv = torch.cat([fp8_sim(kv[..., :-rd], 64), kv[..., -rd:]], -1)
     rec("kv", kv)
@@ -115,7 +126,7 @@ def attention(x, p: dict, layer: int, cfg: ModelConfig, tables: dict, prec: Prec
         allow = torch.cat([allow, visible], 1)
 
     o = sink_attention(q, keys, allow, p["attn_sink"], cfg.head_dim ** -0.5, prec)
-    o = apply_rope(o, angles, rd, inverse=True, acc=prec.acc)  # de-rotate at the query position
+    o = apply_rope(o, angles, rd, inverse=True, acc=prec.acc, trig=trig)  # de-rotate at the query position
     rec("core", o)
     # grouped low-rank output projection: group g = heads g*H/G ... contiguous (spec §5.9)
     g = cfg.o_groups

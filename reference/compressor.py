@@ -9,15 +9,16 @@ from __future__ import annotations
 import torch
 
 from .precision import Precision
-from .primitives import apply_rope, rms_norm, rope_angles
+from .primitives import apply_rope, linear, rms_norm, rope_angles
 from .quant import fp4_sim, fp8_sim, rotate
 
 
 def project(x, wkv, wgate, ape, positions, prec: Precision):
-    """A = x Wkv^T, Z = x Wgate^T + ape[pos mod m], both in acc (the demo does this in fp32)."""
-    xa = x.to(prec.acc)
-    a = xa @ wkv.to(prec.acc).T
-    z = xa @ wgate.to(prec.acc).T + ape.to(prec.acc)[positions % ape.shape[0]]
+    """A = x Wkv^T, Z = x Wgate^T + ape[pos mod m]; the demo does both in fp32 (acc). The
+    alternative placement projects in the activation dtype (Z becomes acc with the fp32 ape)."""
+    xa = x.to(prec.mix())
+    a = linear(xa, wkv)
+    z = linear(xa, wgate).to(prec.acc) + ape.to(prec.acc)[positions % ape.shape[0]]
     return a, z
 
 
@@ -38,7 +39,8 @@ def pool(a, z, overlap: bool, prev_a=None, prev_z=None):
         z_prev = torch.cat([prev_z[None], z[:-1, :, :dc]], 0)
         a = torch.cat([a_prev, a[:, :, dc:]], 1)  # [n, 2m, dc]
         z = torch.cat([z_prev, z[:, :, dc:]], 1)
-    return (a * torch.softmax(z, dim=1)).sum(1)
+    # softmax in acc; the weighted sum runs in A's dtype (acc in the demo)
+    return (a * torch.softmax(z, dim=1).to(a.dtype)).sum(1)
 
 
 def finish(pooled, first_block: int, ratio: int, norm_w, freqs, rope_dim: int, prec: Precision,
@@ -48,7 +50,7 @@ def finish(pooled, first_block: int, ratio: int, norm_w, freqs, rope_dim: int, p
     FP4 in blocks of 32 over all dims)."""
     e = rms_norm(pooled.to(prec.act), norm_w, eps, prec.acc)
     pos = (torch.arange(pooled.shape[0]) + first_block) * ratio
-    e = apply_rope(e, rope_angles(pos, freqs), rope_dim, acc=prec.acc)
+    e = apply_rope(e, rope_angles(pos, freqs), rope_dim, acc=prec.acc, trig=prec.act if prec.alt_placement else None)
     if sims == "fp8":
         e = torch.cat([fp8_sim(e[..., :-rope_dim], 64), e[..., -rope_dim:]], -1)
     elif sims == "fp4":

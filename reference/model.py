@@ -15,7 +15,7 @@ from .config import ModelConfig
 from .mhc import collapse, hc_coefficients, hc_head_weights, hc_post
 from .moe import moe
 from .precision import Precision
-from .primitives import linear, rms_norm, rope_frequencies
+from .primitives import linear, reduction_split, rms_norm, rope_frequencies
 
 # points whose leading dim is compressed entries, not tokens
 ENTRY_POINTS = ("compressed_kv", "indexer_keys")
@@ -68,13 +68,14 @@ class Stats:
         return self.layers.setdefault(key, {})
 
 
-def block(x, ids, p, layer, cfg, tables, prec, sims, rec, stats: dict):
-    """One decoder block: mHC pre -> attention -> mHC post -> mHC pre -> MoE -> mHC post."""
-    hc = dict(n=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc)
-    s = x.shape[0]
+def _hc_args(cfg: ModelConfig, prec: Precision) -> dict:
+    return dict(n=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc)
 
+
+def attention_sublayer(x, p, layer, cfg, tables, prec, sims, rec, stats: dict):
+    """mHC pre -> attn_norm -> attention -> mHC post. x: [S, n, D] streams."""
     rec("attn_hc.in", x)
-    pre, post, comb = hc_coefficients(x, p["hc_attn_fn"], p["hc_attn_scale"], p["hc_attn_base"], **hc)
+    pre, post, comb = hc_coefficients(x, p["hc_attn_fn"], p["hc_attn_scale"], p["hc_attn_base"], **_hc_args(cfg, prec))
     rec("attn_hc.post", post)
     rec("attn_hc.comb", comb)
     u = collapse(x, pre)
@@ -86,11 +87,14 @@ def block(x, ids, p, layer, cfg, tables, prec, sims, rec, stats: dict):
     for k, v in attn_store.items():
         rec(f"attn.{k}", v)
     rec("attn.out", a)
-    _attention_stats(stats, attn_store, cfg, layer, s)
-    x = hc_post(a, x, post, comb)
+    _attention_stats(stats, attn_store, cfg, layer, x.shape[0])
+    return hc_post(a, x, post.to(prec.mix()), comb.to(prec.mix()))
 
+
+def ffn_sublayer(x, ids, p, layer, cfg, prec, rec, stats: dict):
+    """mHC pre -> ffn_norm -> MoE -> mHC post."""
     rec("ffn_hc.in", x)
-    pre, post, comb = hc_coefficients(x, p["hc_ffn_fn"], p["hc_ffn_scale"], p["hc_ffn_base"], **hc)
+    pre, post, comb = hc_coefficients(x, p["hc_ffn_fn"], p["hc_ffn_scale"], p["hc_ffn_base"], **_hc_args(cfg, prec))
     rec("ffn_hc.post", post)
     rec("ffn_hc.comb", comb)
     u = collapse(x, pre)
@@ -99,12 +103,18 @@ def block(x, ids, p, layer, cfg, tables, prec, sims, rec, stats: dict):
     rec("ffn_norm", yn)
     f = moe(yn, ids, sub(p, "ffn"), layer, cfg, prec, rec.child("moe"), stats)
     rec("moe.out", f)
-    x = hc_post(f, x, post, comb)
+    x = hc_post(f, x, post.to(prec.mix()), comb.to(prec.mix()))
     rec("out", x)
     stats["comb_offdiag_mass"] = stats.get("comb_offdiag_mass", 0.0) + float(
         (comb.sum((-1, -2)) - comb.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()) / cfg.hc_mult
-    stats["tokens"] = stats.get("tokens", 0) + s
+    stats["tokens"] = stats.get("tokens", 0) + x.shape[0]
     return x
+
+
+def block(x, ids, p, layer, cfg, tables, prec, sims, rec, stats: dict):
+    """One decoder block: mHC pre -> attention -> mHC post -> mHC pre -> MoE -> mHC post."""
+    x = attention_sublayer(x, p, layer, cfg, tables, prec, sims, rec, stats)
+    return ffn_sublayer(x, ids, p, layer, cfg, prec, rec, stats)
 
 
 def _attention_stats(stats: dict, st: dict, cfg: ModelConfig, layer: int, s: int) -> None:
@@ -128,7 +138,10 @@ def head(x, p, prefix, cfg, prec, rec):
     rec("head.collapsed", h)
     hn = rms_norm(h, p[f"{prefix}norm.weight"], cfg.rms_eps, prec.acc)
     rec("head.norm", hn)
-    logits = hn.to(prec.acc) @ p["head.weight"].to(prec.acc).T  # LM head in fp32 (demo) / fp64
+    if prec.alt_placement:
+        logits = linear(hn, p["head.weight"])
+    else:
+        logits = hn.to(prec.acc) @ p["head.weight"].to(prec.acc).T  # LM head in fp32 (demo) / fp64
     rec("logits", logits)
     return logits
 
@@ -185,7 +198,7 @@ def run(cfg: ModelConfig, params: dict, sequences, precision="float64", *, sims=
     p = cast_params(params, prec)
     stats = Stats()
     per_seq: list[dict] = []
-    with torch.no_grad():
+    with torch.no_grad(), reduction_split(prec.split_k):
         for ids in sequences:
             store: dict = {}
             forward_sequence(cfg, p, torch.as_tensor(ids, dtype=torch.long), prec, sims=sims, mtp=mtp,
@@ -194,3 +207,43 @@ def run(cfg: ModelConfig, params: dict, sequences, precision="float64", *, sims=
     names = list(per_seq[0])
     points = {n: _concat([s[n] for s in per_seq if n in s]) for n in names}
     return RunResult(points, stats, prec.name)
+
+
+def _split(t: torch.Tensor, lens) -> list:
+    return list(torch.split(t, list(lens), 0))
+
+
+def run_part(cfg: ModelConfig, params: dict, part: str, layer, inputs: torch.Tensor, sequences,
+             precision="float64", *, sims=False) -> dict:
+    """Teacher forcing: run one part of the reference on given (engine-captured) inputs.
+
+    part: "attn" (input: the layer's attn_hc.in streams), "ffn" (input: ffn_hc.in) or "head"
+    (input: the last layer's streams); `layer` is a main layer index or "mtp.0". `inputs` is
+    flattened over the batch's tokens ([T, n, D]; for mtp.0, sequences contribute S-1 rows).
+    Returns the points that part records, flattened, under their canonical names."""
+    prec = Precision.of(precision)
+    p = cast_params(params, prec)
+    tables = rope_tables(cfg)
+    mtp = layer == "mtp.0"
+    prefix = "mtp.0" if mtp else f"layers.{layer}"
+    lp = sub(p, prefix) if part != "head" or mtp else p
+    layer_id = cfg.num_layers if mtp else layer
+    id_list = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+    if mtp:
+        id_list = [ids[1:] for ids in id_list]
+    per_seq = []
+    with torch.no_grad(), reduction_split(prec.split_k):
+        for ids, x in zip(id_list, _split(inputs.to(prec.act), [len(i) for i in id_list])):
+            store: dict = {}
+            stats: dict = {}
+            rec = Recorder(store, f"{prefix}." if (mtp or part != "head") else "")
+            if part == "attn":
+                attention_sublayer(x, lp, layer_id, cfg, tables, prec, sims, rec, stats)
+            elif part == "ffn":
+                ffn_sublayer(x, ids, lp, layer_id, cfg, prec, rec, stats)
+            elif part == "head":
+                head(x, {**lp, "head.weight": p["head.weight"]}, "", cfg, prec, rec)
+            else:
+                raise ValueError(f"unknown part {part!r}")
+            per_seq.append(store)
+    return {n: _concat([s[n] for s in per_seq]) for n in per_seq[0]}

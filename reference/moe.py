@@ -12,7 +12,10 @@ from .primitives import linear
 
 def route(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec):
     """Returns (expert ids [T, k], weights [T, k] in acc). Spec §6.2."""
-    logits = y.to(prec.acc) @ p["gate.weight"].to(prec.acc).T
+    if prec.alt_placement:  # router GEMM in the activation dtype
+        logits = linear(y, p["gate.weight"]).to(prec.acc)
+    else:
+        logits = y.to(prec.acc) @ p["gate.weight"].to(prec.acc).T
     scores = F.softplus(logits).sqrt()
     rec("router_logits", logits)
     if cfg.is_hash_layer(layer):
@@ -41,6 +44,11 @@ def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec, sta
     order = torch.sort(idx, dim=-1)
     rec("experts", order.values)
     rec("weights", w.gather(1, order.indices))
+    if prec.alt_placement:
+        out = _moe_alt(y, idx, w, p, cfg, prec)
+        stats["clamp_hits"] = stats.get("clamp_hits", 0) + int(_count_clamps(y, idx, p, cfg))
+        stats.setdefault("experts_used", set()).update(torch.unique(idx).tolist())
+        return out
     out = torch.zeros(y.shape[0], y.shape[1], dtype=prec.acc)
     clamp_hits = 0
     # Each used expert runs on *every* token (fixed GEMM shapes), and a token adds only its own
@@ -62,3 +70,30 @@ def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec, sta
     stats["clamp_hits"] = stats.get("clamp_hits", 0) + clamp_hits
     stats.setdefault("experts_used", set()).update(torch.unique(idx).tolist())
     return out.to(prec.act)
+
+
+def _count_clamps(y, idx, p, cfg) -> int:
+    hits = 0
+    for e in torch.unique(idx).tolist():
+        tok = torch.where((idx == e).any(-1))[0]
+        _, h = swiglu_hidden(y[tok], p[f"experts.{e}.w1.weight"], p[f"experts.{e}.w3.weight"], cfg.swiglu_limit, y.dtype)
+        hits += int(h.sum())
+    _, h = swiglu_hidden(y, p["shared_experts.w1.weight"], p["shared_experts.w3.weight"], cfg.swiglu_limit, y.dtype)
+    return hits + int(h.sum())
+
+
+def _moe_alt(y, idx, w, p, cfg, prec):
+    """Another honest placement (transformers-style): SwiGLU in the activation dtype, routing
+    weight applied after w2, routed outputs accumulated in the activation dtype."""
+    act = prec.act
+    out = torch.zeros_like(y)
+    for e in torch.unique(idx).tolist():
+        chosen = idx == e
+        tok = torch.where(chosen.any(-1))[0]
+        ep = f"experts.{e}"
+        h, _ = swiglu_hidden(y, p[f"{ep}.w1.weight"], p[f"{ep}.w3.weight"], cfg.swiglu_limit, act)
+        weight = (w * chosen).sum(-1, keepdim=True).to(act)
+        contrib = linear(h, p[f"{ep}.w2.weight"]) * weight
+        out[tok] += contrib[tok]
+    h, _ = swiglu_hidden(y, p["shared_experts.w1.weight"], p["shared_experts.w3.weight"], cfg.swiglu_limit, act)
+    return out + linear(h, p["shared_experts.w2.weight"])

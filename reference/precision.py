@@ -21,9 +21,21 @@ ALIASES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "double": "
 
 @dataclass(frozen=True)
 class Precision:
+    """`alt_placement` and `split_k` describe *other honest implementations* at the same
+    precision (used to measure the noise an honest engine makes, never for the golden):
+
+    * alt_placement: round where transformers-style ports round (router logits, compressor,
+      mHC post mix, attention scores, RoPE cos/sin and LM head in the activation dtype; q norm
+      mean in fp32; routing weight after w2 with activation-dtype accumulation; indexer scores
+      in fp32);
+    * split_k: every Linear sums its reduction in `split_k` partial products (another
+      reduction order, as split-K GEMM kernels do).
+    """
     name: str
     act: torch.dtype  # storage dtype of activations between ops
     acc: torch.dtype  # dtype of the demo's "fp32" computations
+    alt_placement: bool = False
+    split_k: int = 1
 
     @classmethod
     def of(cls, name: "str | Precision") -> "Precision":
@@ -35,6 +47,18 @@ class Precision:
         act = _NAMES[key]
         acc = torch.float64 if act == torch.float64 else torch.float32
         return cls(key, act, acc)
+
+    def variant(self, alt_placement: bool = False, split_k: int = 1) -> "Precision":
+        return Precision(self.name, self.act, self.acc, alt_placement, split_k)
+
+    @property
+    def label(self) -> str:
+        extra = (["alt-placement"] if self.alt_placement else []) + ([f"split-k{self.split_k}"] if self.split_k > 1 else [])
+        return self.name + (f" ({', '.join(extra)})" if extra else "")
+
+    def mix(self) -> torch.dtype:
+        """dtype of the places where the demo uses fp32 and alternative ports round."""
+        return self.act if self.alt_placement else self.acc
 
 
 def dtype_by_name(name: str) -> torch.dtype:

@@ -2,8 +2,23 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
+
+# number of partial products every Linear sums its reduction in (1 = one GEMM); see
+# `Precision.split_k`. Set through `reduction_split`.
+_SPLIT_K = 1
+
+
+@contextmanager
+def reduction_split(k: int):
+    global _SPLIT_K
+    old, _SPLIT_K = _SPLIT_K, max(1, int(k))
+    try:
+        yield
+    finally:
+        _SPLIT_K = old
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, acc: torch.dtype) -> torch.Tensor:
@@ -58,7 +73,7 @@ def rope_angles(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor, rope_dim: int, inverse: bool = False,
-               acc: torch.dtype = torch.float32) -> torch.Tensor:
+               acc: torch.dtype = torch.float32, trig: torch.dtype | None = None) -> torch.Tensor:
     """Rotate the trailing `rope_dim` channels of `x` as interleaved pairs (2i, 2i+1).
 
     `x`: [S, ..., L]; `angles`: [S, rope_dim/2]. The rotation runs in `acc` (fp32 in the demo,
@@ -69,6 +84,8 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor, rope_dim: int, inverse: bo
         ang = -ang
     shape = (ang.shape[0],) + (1,) * (x.dim() - 2) + (ang.shape[1],)
     cos, sin = ang.cos().reshape(shape), ang.sin().reshape(shape)
+    if trig is not None:  # an implementation that rounds its cos/sin table (e.g. to bf16)
+        cos, sin = cos.to(trig).to(acc), sin.to(trig).to(acc)
     head, tail = x[..., :-rope_dim], x[..., -rope_dim:].to(acc)
     re, im = tail[..., 0::2], tail[..., 1::2]
     rotated = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
@@ -76,5 +93,17 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor, rope_dim: int, inverse: bo
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x W^T in x's dtype (weights are cast to the activation dtype)."""
-    return torch.nn.functional.linear(x, w.to(x.dtype))
+    """x W^T in x's dtype (weights are cast to the activation dtype). Under
+    `reduction_split(k)` the reduction is summed from k partial products in fp32 (fp64 for
+    fp64 inputs) and rounded once: the same precision, another summation order."""
+    w = w.to(x.dtype)
+    k = x.shape[-1]
+    if _SPLIT_K == 1 or k < 2 * _SPLIT_K:
+        return torch.nn.functional.linear(x, w)
+    part = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = None
+    for idx in torch.arange(k).tensor_split(_SPLIT_K):
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        y = torch.nn.functional.linear(x[..., lo:hi].to(part), w[:, lo:hi].to(part))
+        out = y if out is None else out + y
+    return out.to(x.dtype)

@@ -38,6 +38,7 @@ HYP = settings(max_examples=40, deadline=None)
 HYP_SMALL = settings(max_examples=25, deadline=None)
 
 F64 = torch.float64
+PREC64 = Precision.of("float64")
 
 
 # ----------------------------------------------------------------------------- shared data
@@ -71,16 +72,61 @@ sinkhorn_logits = hnp.arrays(
 )
 
 
+def _sinkhorn_margins(r):
+    m = sinkhorn(torch.from_numpy(r) if isinstance(r, np.ndarray) else r, SK_ITERS, SK_EPS)
+    assert m.dtype == F64 and m.shape == r.shape
+    col = (m.sum(-2) - 1).abs().max().item()  # sum over j: the last step is a column normalisation
+    row = (m.sum(-1) - 1).abs().max().item()
+    return m, col, row
+
+
+# Row-sum bound for logits in [-8, 8]. 20 Sinkhorn iterations do NOT bring the rows within 1e-3
+# of 1 on this range: gradient ascent on max|row sum - 1| (3 x 8192 starts, Adam, clamped to the
+# box) converges to 0.0843 (maximisers: two rows with a +8 logit in the same column, the rest
+# near -8), and the tiny
+# case's own comb matrices reach 0.032. 0.1 is the bound that holds; 1e-3 is asserted on
+# [-1, 1], where the same search finds at most 1.2e-6 (pure eps effect).
+ROW_TOL_WIDE = 0.1
+ROW_TOL_NARROW = 1e-3
+
+
 @HYP
 @given(sinkhorn_logits)
 def test_sinkhorn_marginals_and_positivity(r):
-    m = sinkhorn(torch.from_numpy(r), SK_ITERS, SK_EPS)
-    assert m.dtype == F64 and m.shape == r.shape
-    col = m.sum(-2)  # sum over j: the last step is a column normalisation
-    row = m.sum(-1)
-    assert (col - 1).abs().max().item() <= 1e-5
-    assert (row - 1).abs().max().item() <= 1e-3
+    m, col, row = _sinkhorn_margins(r)
+    assert col <= 1e-5
+    assert row <= ROW_TOL_WIDE
     assert m.min().item() > 0
+
+
+@HYP
+@given(hnp.arrays(np.float64, st.sampled_from([(4, 4), (3, 4, 4), (2, 2, 4, 4)]),
+                  elements=st.floats(-1.0, 1.0, allow_nan=False)))
+def test_sinkhorn_rows_converge_for_moderate_logits(r):
+    m, col, row = _sinkhorn_margins(r)
+    assert col <= 1e-5 and row <= ROW_TOL_NARROW and m.min().item() > 0
+
+
+def test_sinkhorn_rows_only_approximate_for_large_logits():
+    """Counterexample (found by hypothesis) to 'rows within 1e-3' on [-8, 8]: R = 6 e_00."""
+    r = torch.zeros(4, 4, dtype=F64)
+    r[0, 0] = 6.0
+    m, col, row = _sinkhorn_margins(r)
+    assert col <= 1e-5
+    assert 1e-3 < row < ROW_TOL_WIDE, row  # 3.0e-3
+    # the spec schedule itself is what gives this: it matches the hand-written loop exactly
+    assert torch.equal(m, _spec_sinkhorn(r, SPEC_STEPS))
+
+
+def test_sinkhorn_in_tiny_model():
+    """The comb matrices the tiny model really produces: columns ~1, rows approximately."""
+    pts = tiny_batch_run().points
+    combs = [v for k, v in pts.items() if k.endswith("hc.comb")]
+    assert len(combs) == 2 * (tiny()[0].num_layers + 1)
+    for c in combs:
+        assert (c.sum(-2) - 1).abs().max().item() <= 1e-5
+        assert (c.sum(-1) - 1).abs().max().item() <= ROW_TOL_WIDE
+        assert c.min().item() > 0
 
 
 def test_sinkhorn_zero_logits_is_uniform():
@@ -265,53 +311,92 @@ def _entry_ratio(cfg, name: str) -> int:
     return cfg.compress_ratio(layer)
 
 
+def _perturbed_run(t: int):
+    cfg, params, _ = tiny()
+    ids, base = tiny_seq0_run()
+    ids2 = ids.clone()
+    ids2[t + 1] = (ids[t + 1] + 1) % cfg.vocab_size
+    return base, run(cfg, params, [ids2], "float64")
+
+
+def _prefix_views(cfg, name, a, b, t, s):
+    """(rows of a, rows of b) that must not depend on token t+1."""
+    if name.endswith(ENTRY_POINTS):  # entries whose block closes at or before t
+        m = _entry_ratio(cfg, name)
+        assert a.shape[0] == s // m, name
+        return a[: (t + 1) // m], b[: (t + 1) // m]
+    if name.startswith("mtp.0."):  # row i = main position i + token i+1
+        assert a.shape[0] == s - 1, name
+        return a[:t], b[:t]
+    assert a.shape[0] == s, name
+    return a[: t + 1], b[: t + 1]
+
+
 @pytest.mark.parametrize("t", CAUSAL_TS)
 def test_causality_under_perturbation(t):
     """Changing token t+1 leaves every captured point bit-identical at positions <= t.
 
     Entry-shaped points (compressed_kv, indexer_keys) are checked on the entries whose block
-    closes at or before t (i < (t+1)//m). `mtp.0.*` row i is main position i combined with
-    token i+1, so it may change from row t on: rows <= t-1 are checked.
+    closes at or before t (i < (t+1)//m). `mtp.0.*` row i combines main position i with token
+    i+1, so it may change from row t on: rows <= t-1 are checked.
     """
-    cfg, params, _ = tiny()
-    ids, base = tiny_seq0_run()
+    cfg, _, _ = tiny()
+    ids, _ = tiny_seq0_run()
     s = ids.shape[0]
     assert s == 64 and t + 1 < s
-    ids2 = ids.clone()
-    ids2[t + 1] = (ids[t + 1] + 1) % cfg.vocab_size
-    pert = run(cfg, params, [ids2], "float64")
+    base, pert = _perturbed_run(t)
     assert pert.points.keys() == base.points.keys()
 
     checked = {"token": 0, "entry": 0, "mtp": 0}
     for name, a in base.points.items():
         b = pert.points[name]
         assert a.shape == b.shape, name
+        pa, pb = _prefix_views(cfg, name, a, b, t, s)
+        if not torch.equal(pa, pb):
+            d = (pa.double() - pb.double()).abs().nan_to_num(0.0).max().item()
+            raise AssertionError(f"{name}: not bit-identical at positions <= {t} after changing "
+                                 f"token {t + 1} (max |diff| {d:.3g})")
+        kind = "entry" if name.endswith(ENTRY_POINTS) else "mtp" if name.startswith("mtp.0.") else "token"
+        checked[kind] += 1
         if name.endswith(ENTRY_POINTS):
-            m = _entry_ratio(cfg, name)
-            closed = (t + 1) // m
-            assert a.shape[0] == s // m, name
-            assert torch.equal(a[:closed], b[:closed]), f"{name}: entries < {closed} changed"
+            closed = (t + 1) // _entry_ratio(cfg, name)
             if closed < a.shape[0]:  # the entry holding token t+1 does change
                 assert not torch.equal(a[closed], b[closed]), name
-            checked["entry"] += 1
-        elif name.startswith("mtp.0."):
-            assert a.shape[0] == s - 1, name
-            assert torch.equal(a[:t], b[:t]), f"{name}: rows < {t} changed"
-            checked["mtp"] += 1
-        else:
-            assert a.shape[0] == s, name
-            assert torch.equal(a[: t + 1], b[: t + 1]), f"{name}: positions <= {t} changed"
-            checked["token"] += 1
     assert checked["token"] >= 80 and checked["entry"] == 5 and checked["mtp"] >= 20
 
-    # the perturbation really propagates: position t+1 changes everywhere downstream
+    # the perturbation really propagates: position t+1 changes in every layer
     assert not torch.equal(base.points["embed"][t + 1], pert.points["embed"][t + 1])
     for layer in range(cfg.num_layers):
-        assert not torch.equal(base.points[f"layers.{layer}.out"][t + 1],
-                               pert.points[f"layers.{layer}.out"][t + 1]), layer
-    assert not torch.equal(base.points["logits"][t + 1], pert.points["logits"][t + 1])
-    assert not torch.equal(base.points["mtp.0.in"][t], pert.points["mtp.0.in"][t])
-    assert not torch.equal(base.points["mtp.0.logits"][t], pert.points["mtp.0.logits"][t])
+        for pt in ("attn.kv", "moe.out", "out"):
+            name = f"layers.{layer}.{pt}"
+            assert not torch.equal(base.points[name][t + 1], pert.points[name][t + 1]), name
+    for name, row in (("logits", t + 1), ("mtp.0.in", t), ("mtp.0.logits", t)):
+        assert (base.points[name][row] - pert.points[name][row]).abs().max().item() > 1e-6, name
+
+
+def test_moe_row_independent_of_other_tokens_routing():
+    """In a hash layer, changing token j's id changes only token j's experts, so every other
+    row of moe() must stay bit-identical (no dependence on which tokens share an expert: a
+    per-expert GEMM over the gathered token subset breaks this by 1-2 ulp, MKL tiles M by 4)."""
+    from corruptcheck.reference.model import cast_params
+    from corruptcheck.reference.moe import moe
+
+    cfg, params, seqs = tiny()
+    p = sub(cast_params(params, PREC64), "layers.0.ffn")
+    assert cfg.is_hash_layer(0)
+    ids = seqs[0].clone()
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(ids.shape[0], cfg.hidden_size, generator=g, dtype=F64)
+    nop = lambda *a: None  # noqa: E731
+    with torch.no_grad():
+        base = moe(y, ids, p, 0, cfg, PREC64, nop, {})
+        for j in range(0, ids.shape[0], 3):
+            ids2 = ids.clone()
+            ids2[j] = (ids[j] + 1) % cfg.vocab_size
+            out = moe(y, ids2, p, 0, cfg, PREC64, nop, {})
+            keep = torch.arange(ids.shape[0]) != j
+            assert (out[j] - base[j]).abs().max().item() > 1e-6, j  # token j itself did change
+            assert torch.equal(out[keep], base[keep]), f"token {j}'s routing moved other rows"
 
 
 # ============================================================================ 4. visibility
@@ -405,9 +490,6 @@ def test_learned_routing_bias_selects_unbiased_weights():
 
 
 # ============================================================================ 6. compressor
-PREC64 = Precision.of("float64")
-
-
 def _compressor_setup(prefix: str, ratio: int, overlap: bool, s: int, seed: int):
     cfg, params, _ = tiny()
     p = {k: v.to(F64) for k, v in sub(params, prefix).items()}
@@ -567,10 +649,14 @@ def test_swiglu_clamp_gate_upper_only_up_both_sides():
         assert abs(h[row, 0].item() - e) <= 1e-12 * max(1.0, abs(e)), row
     # a lower gate clamp would give silu(-10)*3 = -1.4e-3, far from silu(-15)*3 = -4.6e-6
     assert abs(h[1, 0].item() - silu(-10.0) * 3.0) > 1e-3
-    assert hits == 4  # g > 10: row 0; |u| > 10: rows 2, 3, 4 (gates -15 / -30 are not hits)
+    # clamp count: g > 10 in row 0; |u| > 10 in rows 2, 3, 4 (gates -15 / -30 are not hits)
+    hits = torch.as_tensor(hits)
+    if hits.dim():  # per-row counts
+        assert hits.tolist() == [1, 0, 1, 1, 1, 0]
+    assert int(hits.sum()) == 4
     # with a huge limit nothing is clamped
     h_free, hits_free = swiglu_hidden(gu, w1, w3, 1e9, F64)
-    assert hits_free == 0
+    assert int(torch.as_tensor(hits_free).sum()) == 0
     assert abs(h_free[0, 0].item() - silu(15.0) * 3.0) <= 1e-12 * 45
 
 
