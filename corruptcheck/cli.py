@@ -46,17 +46,24 @@ def cases_cmd():
               help="precision the engine runs in (the reference always runs float64)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the JSON report here")
 @click.option("--attn-impl", default="eager", show_default=True, help="hf: transformers attention implementation")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="write JUnit XML (one test per point)")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="write a self-contained HTML report")
+@click.option("--teacher-forcing", type=click.Choice(["on-fail", "always", "never"]), default="on-fail",
+              show_default=True, help="localize by re-running sub-blocks on the engine's own inputs")
 @click.option("--no-golden", is_flag=True, help="compute the reference now instead of using the golden")
 @click.option("--quiet", is_flag=True, help="print only the summary line")
-def compare_cmd(engine_name, case_name, precision, json_path, attn_impl, no_golden, quiet):
+def compare_cmd(engine_name, case_name, precision, json_path, junit_path, html_path, attn_impl, teacher_forcing,
+                no_golden, quiet):
     """Compare an engine against the reference, point by point. Exit 0 pass, 1 fail, 2 error."""
     from corruptcheck.cases import get_case
     from corruptcheck.compare import compare
-    from corruptcheck.report import print_table, to_json, write_json
+    from corruptcheck.html_report import write_html
+    from corruptcheck.report import print_table, to_json, write_json, write_junit
 
     try:
         case = get_case(case_name)
-        res = compare(case, engine_name, precision, use_golden=not no_golden, attn_impl=attn_impl)
+        res = compare(case, engine_name, precision, use_golden=not no_golden, teacher_forcing=teacher_forcing,
+                      attn_impl=attn_impl)
     except KeyError as exc:
         _fail(exc.args[0])
     except (BadInput, EngineUnavailable, ValueError) as exc:
@@ -67,11 +74,12 @@ def compare_cmd(engine_name, case_name, precision, json_path, attn_impl, no_gold
         click.echo(f"{doc['verdict']}: {s['compared']} compared, {s['failed']} failed, {s['missing']} missing")
     else:
         print_table(doc, Console(width=max(Console().width, 120)))
-    if json_path:
-        try:
-            write_json(doc, json_path)
-        except OSError as exc:
-            _fail(f"cannot write {json_path}: {exc}")
+    for path, writer in ((json_path, write_json), (junit_path, write_junit), (html_path, write_html)):
+        if path:
+            try:
+                writer(doc, path)
+            except OSError as exc:
+                _fail(f"cannot write {path}: {exc}")
     sys.exit({"pass": 0, "fail": 1}.get(doc["verdict"], 2))
 
 

@@ -1,8 +1,9 @@
-"""Point-by-point comparison of an engine capture against the reference (DESIGN.md §6).
+"""Point-by-point comparison of an engine capture against the reference (DESIGN.md §6-7).
 
-This is the first, fixed-tolerance differ: relative L2 and the norm ratio against a fixed
-bound per declared precision, tie-aware set comparison for discrete choices. The JSON it feeds
-is the stable schema later differs extend.
+Float points: relative L2 and the norm ratio against tolerances derived from the noise model
+(`tolerance.py`), NaN/Inf parity, the worst token. Discrete points (indexer top-k, expert ids):
+per-token set comparison where a different choice is an error only beyond a near-tie. Each
+point carries `ratio` = error / tolerance (> 1 fails).
 """
 from __future__ import annotations
 
@@ -15,13 +16,7 @@ from corruptcheck.coverage import exercised
 from corruptcheck.errors import BadInput
 from corruptcheck.metrics import float_metrics, set_disagreements
 from corruptcheck.points import PointSpec, tie_scores_name
-
-# Fixed bounds on rel_l2 and |norm_ratio - 1|. transformers computes in fp32 inside several
-# modules even in a float64 model, so float32-level agreement is the bound for both.
-FIXED_TOLERANCE = {"float64": 1e-5, "float32": 1e-5, "bfloat16": 5e-2}
-# A differing discrete choice is a near-tie when the reference's margin is below this
-# (relative to the row's score scale): roughly the precision's rounding noise.
-TIE_MARGIN = {"float64": 1e-6, "float32": 1e-5, "bfloat16": 2e-2}
+from corruptcheck.tolerance import float_tolerance, tie_margin
 
 
 @dataclass
@@ -33,6 +28,8 @@ class PointResult:
     metrics: dict = field(default_factory=dict)
     tolerance: dict | None = None
     reason: str = ""
+    ratio: float | None = None  # error / tolerance; > 1 fails
+    local: dict | None = None  # teacher-forced result (localize.py)
 
 
 @dataclass
@@ -75,9 +72,11 @@ def _check_shape(name, e: torch.Tensor, r: torch.Tensor):
         raise BadInput(f"point {name}: engine dtype {e.dtype} where the case has {r.dtype}")
 
 
-def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverage: dict) -> Comparison:
-    tol = FIXED_TOLERANCE[precision]
-    tie = TIE_MARGIN[precision]
+def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverage: dict,
+                   noise: dict | None = None) -> Comparison:
+    """`noise`: the noise model for `precision` ({"free": {point: ...}, ...}); without it every
+    tolerance is the precision's floor."""
+    free = (noise or {}).get("free", {})
     known = {s.name for s in specs}
     results = []
     for spec in specs:
@@ -94,11 +93,12 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
         e, r = engine[spec.name], ref[spec.name]
         _check_shape(spec.name, e, r)
         if spec.kind == "index":
-            res = _compare_index(spec, e, r, ref, tie)
-        elif spec.name.endswith("moe.weights"):
-            res = _compare_weights(spec, e, r, engine, ref, tol)
+            scores_name = tie_scores_name(spec.name)
+            res = compare_index(spec, e, r, ref.get(scores_name), precision,
+                                free.get(scores_name, {}).get("score_noise") if scores_name else None)
         else:
-            res = _compare_float(spec, e, r, tol)
+            tol = float_tolerance(free.get(spec.name), precision, "free")
+            res = compare_float(spec, e, r, tol, engine, ref)
         if res.verdict == "pass" and spec.layer is not None and not exercised(coverage, _layer_key(spec), spec.mechanism):
             res.verdict = "not-exercised"
             res.reason = f"the case did not exercise {spec.mechanism} here"
@@ -109,44 +109,41 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
     return Comparison(results, precision)
 
 
-def _tolerance(tol: float) -> dict:
-    return {"metric": "rel_l2", "value": tol, "norm_ratio_band": tol,
-            "derivation": "fixed bound for the declared precision (first differ)"}
-
-
-def _compare_float(spec, e, r, tol) -> PointResult:
-    m = float_metrics(e, r)
+def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> PointResult:
+    rows = None
+    if spec.name.endswith("moe.weights"):  # weights compare where both chose the same experts
+        experts = spec.name[: -len("weights")] + "experts"
+        if experts in engine and experts in ref:
+            same = (engine[experts] == ref[experts]).all(-1)
+            e, r, rows = e[same], r[same], int(same.sum())
+    m = _clean(float_metrics(e, r))
+    if rows is not None:
+        m["rows_compared"] = rows
+    rel, band = tol["value"], tol["norm_ratio_band"]
+    nr = m["norm_ratio"] if m["norm_ratio"] is not None else math.inf
+    rl2 = m["rel_l2"] if m["rel_l2"] is not None else math.inf
+    ratio = max(rl2 / rel, abs(nr - 1) / band)
     verdict, reason = "pass", ""
     if m["nonfinite_new"]:
-        verdict, reason = "fail", f"{m['nonfinite_new']} NaN/Inf values the reference does not have"
-    elif not m["rel_l2"] <= tol:
-        verdict, reason = "fail", f"rel_l2 {m['rel_l2']:.3g} > {tol:.3g}"
-    elif not abs(m["norm_ratio"] - 1) <= tol:
-        verdict, reason = "fail", f"norm ratio {m['norm_ratio']:.6g} outside 1 +/- {tol:.3g}"
-    return PointResult(spec.name, verdict, spec.layer, spec.kind, _clean(m), _tolerance(tol), reason)
+        verdict, reason, ratio = "fail", f"{m['nonfinite_new']} NaN/Inf values the reference does not have", math.inf
+    elif rl2 > rel:
+        verdict, reason = "fail", f"rel_l2 {rl2:.3g} > tolerance {rel:.3g} (worst token {m['worst_token']})"
+    elif abs(nr - 1) > band:
+        verdict, reason = "fail", f"norm ratio {nr:.5g}: scale off by {nr - 1:+.3g}, band {band:.3g}"
+    return PointResult(spec.name, verdict, spec.layer, spec.kind, m, tol, reason, ratio)
 
 
-def _compare_index(spec, e, r, ref, tie) -> PointResult:
-    scores_name = tie_scores_name(spec.name)
-    scores = ref.get(scores_name) if scores_name else None
-    d = set_disagreements(e, r, scores, tie)
+def compare_index(spec, e, r, scores, precision: str, score_noise) -> PointResult:
+    margin, how = tie_margin(score_noise, precision)
+    d = set_disagreements(e, r, scores, margin)
     verdict = "fail" if d["genuine"] else "pass"
+    ratio = 1.0 + d["genuine"] if d["genuine"] else d["worst_margin_rel"] / margin
     reason = (f"{d['genuine']} token(s) choose differently beyond a near-tie (first: token {d['first_genuine_token']})"
               if d["genuine"] else (f"{d['tie_explained']} near-tie difference(s)" if d["tie_explained"] else ""))
-    tolerance = {"metric": "genuine_disagreements", "value": 0, "tie_margin_rel": tie,
-                 "derivation": "set comparison per token; a swap whose reference score margin is within "
-                               "the tie margin is a near-tie, not an error"}
-    return PointResult(spec.name, verdict, spec.layer, spec.kind, d, tolerance, reason)
-
-
-def _compare_weights(spec, e, r, engine, ref, tol) -> PointResult:
-    experts = spec.name[: -len("weights")] + "experts"
-    if experts in engine and experts in ref:
-        same = (engine[experts] == ref[experts]).all(-1)
-        e, r = e[same], r[same]
-    res = _compare_float(spec, e, r, tol)
-    res.metrics["rows_compared"] = int(e.shape[0])
-    return res
+    tolerance = {"metric": "genuine_disagreements", "value": 0, "tie_margin_rel": margin,
+                 "derivation": "set comparison per token; a swap is a near-tie when the reference's score margin "
+                               "is within the tie margin = " + how}
+    return PointResult(spec.name, verdict, spec.layer, spec.kind, d, tolerance, reason, ratio)
 
 
 def _clean(m: dict) -> dict:

@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -179,7 +179,7 @@ def _ordered(case: Case, points: dict) -> list[str]:
     return order + sorted(set(points) - set(order))
 
 
-def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool) -> dict:
+def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool, noise: dict | None = None) -> dict:
     """Write manifest, sketch (and, if `full`, tensors) for `points`; returns the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = _ordered(case, points)
@@ -222,17 +222,23 @@ def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool)
         "full_tensors": "committed" if full else "cache",
         "files": files,
         "points": entries,
-        "tolerances": {},  # per-point noise / tolerance data (the differ's noise model)
+        "tolerances": noise or {},  # noise model per declared precision (noise.py)
     }
     manifest["manifest_digest"] = _digest({k: v for k, v in manifest.items() if k != "manifest_digest"})
     _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False) + "\n")
     return manifest
 
 
-def generate(case: Case, root: Path | None = None) -> dict:
+NOISE_PRECISIONS = ("float32", "bfloat16")
+
+
+def generate(case: Case, root: Path | None = None, with_noise: bool = True) -> dict:
+    from corruptcheck.noise import measure
+
     points, cov = regenerate(case)
     root = root or golden_root()
-    manifest = build_golden(case, points, cov, root / case.name, full=case.name in COMMITTED_TENSORS)
+    noise = {p: measure(case, points, p) for p in NOISE_PRECISIONS} if with_noise else {}
+    manifest = build_golden(case, points, cov, root / case.name, full=case.name in COMMITTED_TENSORS, noise=noise)
     if case.name not in COMMITTED_TENSORS:
         _write_cache(case, manifest, points)
     return manifest
@@ -434,6 +440,7 @@ class ReferenceData:
     coverage: dict
     source: str  # "golden (committed)", "golden (cache)", "golden (regenerated)", "computed (...)"
     digest: str | None = None
+    noise: dict = field(default_factory=dict)  # precision -> noise model, from the golden
 
 
 def reference_for(case: Case, root: Path | None = None) -> ReferenceData:
@@ -450,7 +457,8 @@ def reference_for(case: Case, root: Path | None = None) -> ReferenceData:
         return ReferenceData(points, cov, f"computed (golden unusable: {exc})")
     if g.manifest["full_tensors"] == "committed":
         try:
-            return ReferenceData(load_committed_tensors(g), g.coverage, "golden (committed)", g.digest)
+            return ReferenceData(load_committed_tensors(g), g.coverage, "golden (committed)", g.digest,
+                                 g.manifest.get("tolerances", {}))
         except GoldenTampered as exc:
             points, cov = regenerate(case)
             return ReferenceData(points, cov, f"computed (golden unusable: {exc})")
@@ -458,7 +466,7 @@ def reference_for(case: Case, root: Path | None = None) -> ReferenceData:
     if cached is not None:
         try:
             check_against_sketches(g, cached, sketches)
-            return ReferenceData(cached, g.coverage, "golden (cache)", g.digest)
+            return ReferenceData(cached, g.coverage, "golden (cache)", g.digest, g.manifest.get("tolerances", {}))
         except GoldenDrift:
             pass
     points, cov = regenerate(case)
@@ -467,7 +475,8 @@ def reference_for(case: Case, root: Path | None = None) -> ReferenceData:
     except GoldenDrift as exc:
         return ReferenceData(points, cov, f"computed (regeneration does not match the golden: {exc})")
     _write_cache(case, g.manifest, points)
-    return ReferenceData(points, g.coverage, "golden (regenerated into the cache)", g.digest)
+    return ReferenceData(points, g.coverage, "golden (regenerated into the cache)", g.digest,
+                         g.manifest.get("tolerances", {}))
 
 
 def all_cases() -> list[Case]:

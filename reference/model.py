@@ -238,7 +238,7 @@ def run_part(cfg: ModelConfig, params: dict, part: str, layer, inputs: torch.Ten
             stats: dict = {}
             rec = Recorder(store, f"{prefix}." if (mtp or part != "head") else "")
             if part == "attn":
-                attention_sublayer(x, lp, layer_id, cfg, tables, prec, sims, rec, stats)
+                rec("ffn_hc.in", attention_sublayer(x, lp, layer_id, cfg, tables, prec, sims, rec, stats))
             elif part == "ffn":
                 ffn_sublayer(x, ids, lp, layer_id, cfg, prec, rec, stats)
             elif part == "head":

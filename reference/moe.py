@@ -12,20 +12,21 @@ from .primitives import linear
 
 def route(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec):
     """Returns (expert ids [T, k], weights [T, k] in acc). Spec §6.2."""
-    if prec.alt_placement:  # router GEMM in the activation dtype
-        logits = linear(y, p["gate.weight"]).to(prec.acc)
+    if prec.alt_placement:  # router in the activation dtype (logits, scores and weights)
+        logits = linear(y, p["gate.weight"])
+        scores = F.softplus(logits).sqrt()
     else:
         logits = y.to(prec.acc) @ p["gate.weight"].to(prec.acc).T
-    scores = F.softplus(logits).sqrt()
+        scores = F.softplus(logits).sqrt()
     rec("router_logits", logits)
     if cfg.is_hash_layer(layer):
         idx = p["gate.tid2eid"][ids].long()  # fixed table: which experts, independent of y
     else:
-        biased = scores + p["gate.bias"].to(prec.acc)  # bias affects the selection only
+        biased = scores.to(prec.acc) + p["gate.bias"].to(prec.acc)  # bias affects the selection only
         rec("selection_scores", biased)
         idx = biased.topk(cfg.experts_per_tok, dim=-1).indices
     w = scores.gather(1, idx)
-    w = w / w.sum(-1, keepdim=True) * cfg.route_scale
+    w = (w / w.sum(-1, keepdim=True) * cfg.route_scale).to(prec.acc)
     return idx, w
 
 

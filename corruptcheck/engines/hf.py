@@ -5,6 +5,9 @@ transformers is imported lazily so the rest of corruptcheck works without it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from corruptcheck.cases import Case
@@ -234,12 +237,39 @@ class _Hooks:
             h.remove()
 
 
-def run_hf(case: Case, precision: str = "float32", attn_impl: str = "eager", model=None) -> dict:
+@dataclass(frozen=True)
+class OutputPatch:
+    """Modify one module's output during a run (fault injection): `fn(output) -> output`,
+    applied to `output[index]` when the module returns a tuple."""
+    module: str  # dotted path under the CausalLM, e.g. "model.layers.1.self_attn"
+    fn: Callable
+    index: int | None = None
+    label: str = ""
+
+    def __str__(self):
+        return self.label or f"patch {self.module}"
+
+
+def _install(model, patch: OutputPatch):
+    mod = model.get_submodule(patch.module)
+
+    def hook(_m, _args, out):
+        if patch.index is None:
+            return patch.fn(out)
+        out = list(out)
+        out[patch.index] = patch.fn(out[patch.index])
+        return tuple(out)
+    return mod.register_forward_hook(hook)
+
+
+def run_hf(case: Case, precision: str = "float32", attn_impl: str = "eager", model=None, patches=()) -> dict:
     """Run the case through transformers; returns canonical points flattened over tokens.
 
     Sequences run one at a time: transformers lets padding tokens into the compressor
-    (huggingface/transformers#45938), so padded batching would not be the same computation."""
+    (huggingface/transformers#45938), so padded batching would not be the same computation.
+    `patches` (OutputPatch) are installed before the capture hooks, so captures see them."""
     model = model or build_model(case, precision, attn_impl)
+    installed = [_install(model, p) for p in patches or ()]
     hooks = _Hooks(model, case.config)
     per_seq = []
     try:
@@ -250,4 +280,6 @@ def run_hf(case: Case, precision: str = "float32", attn_impl: str = "eager", mod
                 per_seq.append(hooks.store)
     finally:
         hooks.remove()
+        for h in installed:
+            h.remove()
     return {n: torch.cat([s[n] for s in per_seq if n in s], 0) for n in per_seq[0]}

@@ -1,0 +1,184 @@
+"""Self-contained HTML report: verdict and culprit first, then error/tolerance per point
+across the layers (log scale), then the table. No scripts, no external resources."""
+from __future__ import annotations
+
+import html
+import math
+
+from corruptcheck.report import _atomic_write
+
+_COLOR = {"pass": "#2e7d32", "fail": "#c62828", "not-exercised": "#00838f", "missing": "#f9a825",
+          "skipped": "#9e9e9e", "error": "#c62828"}
+LO = -3.0  # log10 of the lowest error/tolerance drawn; the top follows the worst point
+
+
+def _esc(v) -> str:
+    return html.escape(str(v))
+
+
+def _fmt(v, spec=".3g"):
+    if v is None:
+        return "–"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "∞"
+    return format(v, spec)
+
+
+def _group(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return f"L{parts[1]}"
+    if parts[0] == "mtp":
+        return "MTP"
+    return "head" if parts[0] in ("head", "logits") else parts[0]
+
+
+def _plot(doc: dict) -> str:
+    pts = [p for p in doc["points"] if p["verdict"] in ("pass", "fail", "not-exercised", "missing")]
+    if not pts:
+        return "<p>No point was compared.</p>"
+    w, h, left, right, top, bottom = 1100, 360, 60, 20, 30, 70
+    pw, ph = w - left - right, h - top - bottom
+    step = pw / max(len(pts), 1)
+    finite = [p["ratio"] for p in pts if p["ratio"] and math.isfinite(p["ratio"])]
+    HI = float(min(8, max(1, math.ceil(math.log10(max(finite))) if finite else 1)))
+
+    def y_of(r):
+        lr = LO if r is None or r <= 0 else max(LO, min(HI, math.log10(r) if math.isfinite(r) else HI))
+        return top + ph * (HI - lr) / (HI - LO)
+
+    out = [f'<svg viewBox="0 0 {w} {h}" width="100%" role="img" aria-label="error over tolerance per point" '
+           f'style="background:#fff;font-family:sans-serif;font-size:11px">']
+    # layer bands
+    start, shade = 0, False
+    for i in range(1, len(pts) + 1):
+        if i == len(pts) or _group(pts[i]["name"]) != _group(pts[start]["name"]):
+            x0, x1 = left + start * step, left + i * step
+            if shade:
+                out.append(f'<rect x="{x0:.1f}" y="{top}" width="{x1 - x0:.1f}" height="{ph}" fill="#f3f4f6"/>')
+            out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{top + ph + 16}" text-anchor="middle" fill="#333">'
+                       f'{_esc(_group(pts[start]["name"]))}</text>')
+            start, shade = i, not shade
+    # grid and axis
+    for e in range(int(LO), int(HI) + 1):
+        y = y_of(10.0 ** e)
+        color, width = ("#c62828", 1.5) if e == 0 else ("#ddd", 1)
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="{color}" stroke-width="{width}"'
+                   + (' stroke-dasharray="6 3"' if e == 0 else "") + "/>")
+        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#333">1e{e}</text>')
+    out.append(f'<text x="{left + pw - 4}" y="{y_of(1.0) - 5:.1f}" text-anchor="end" fill="#c62828">tolerance</text>')
+    out.append(f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" text-anchor="middle" '
+               f'fill="#333">error / tolerance (log)</text>')
+    culprit = (doc.get("culprit") or {}).get("name")
+    first = (doc.get("first_divergence") or {}).get("name")
+    for i, p in enumerate(pts):
+        x = left + (i + 0.5) * step
+        tip = f"{p['name']}: {p['verdict']}, err/tol {_fmt(p['ratio'])}" + (f" — {p['reason']}" if p["reason"] else "")
+        if p["verdict"] == "missing":
+            y = top + ph - 4
+            out.append(f'<path d="M{x:.1f},{y - 7:.1f} l5,9 l-10,0 z" fill="{_COLOR["missing"]}"><title>{_esc(tip)}</title></path>')
+            continue
+        y = y_of(p["ratio"])
+        loc = p.get("local") or {}
+        if p["kind"] == "index":  # discrete choices: squares
+            out.append(f'<rect x="{x - 3.6:.1f}" y="{y - 3.6:.1f}" width="7.2" height="7.2" fill="{_COLOR[p["verdict"]]}">'
+                       f'<title>{_esc(tip)}</title></rect>')
+            if p["name"] == culprit:
+                out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="11" fill="none" stroke="#c62828" stroke-width="2.5"/>')
+            continue
+        if loc.get("ratio") is not None:
+            out.append(f'<circle cx="{x:.1f}" cy="{y_of(loc["ratio"]):.1f}" r="4" fill="none" stroke="#555">'
+                       f'<title>{_esc(p["name"])}: local (teacher-forced) err/tol {_fmt(loc["ratio"])}</title></circle>')
+        out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.6" fill="{_COLOR[p["verdict"]]}"><title>{_esc(tip)}</title></circle>')
+        if p["name"] == culprit:
+            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="11" fill="none" stroke="#c62828" stroke-width="2.5"/>')
+            anchor = "end" if x > left + pw * 0.6 else "start"
+            dx = -14 if anchor == "end" else 14
+            out.append(f'<text x="{x + dx:.1f}" y="{max(y - 12, top + 12):.1f}" text-anchor="{anchor}" fill="#c62828" '
+                       f'font-weight="bold" font-size="13">culprit: {_esc(p["name"])}</text>')
+        elif p["name"] == first and first != culprit:
+            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="8" fill="none" stroke="#ef6c00" stroke-width="2"/>')
+    # legend
+    lx, ly = left, h - 22
+    items = [("pass", "pass"), ("fail", "fail"), ("not-exercised", "not exercised"), ("missing", "missing")]
+    for i, (k, label) in enumerate(items):
+        out.append(f'<circle cx="{lx + i * 120 + 6}" cy="{ly}" r="4" fill="{_COLOR[k]}"/>'
+                   f'<text x="{lx + i * 120 + 14}" y="{ly + 4}" fill="#333">{label}</text>')
+    out.append(f'<circle cx="{lx + 486}" cy="{ly}" r="4" fill="none" stroke="#555"/>'
+               f'<text x="{lx + 494}" y="{ly + 4}" fill="#333">teacher-forced (local) err/tol</text>'
+               f'<rect x="{lx + 700}" y="{ly - 4}" width="8" height="8" fill="#555"/>'
+               f'<text x="{lx + 712}" y="{ly + 4}" fill="#333">discrete choice (top-k / experts)</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def render(doc: dict) -> str:
+    verdict = doc["verdict"]
+    s, cov = doc["summary"], doc["coverage"]
+    culprit = doc.get("culprit")
+    first = doc.get("first_divergence")
+    if verdict == "fail" and culprit:
+        headline = (f'Culprit: <code>{_esc(culprit["name"])}</code> — its own error is '
+                    f'{_fmt(culprit["local_ratio"])}× the local tolerance when fed the engine\'s own input.')
+        if first and first["name"] != culprit["name"]:
+            headline += f' The first point over tolerance was <code>{_esc(first["name"])}</code>.'
+    elif verdict == "fail":
+        headline = (f'First divergence: <code>{_esc(first["name"])}</code>. '
+                    + ("No sub-block exceeds its local tolerance: accumulated drift." if doc.get("teacher_forcing") == "run"
+                       else "Teacher forcing was not run."))
+    elif verdict == "pass":
+        wr = s.get("worst_ratio") or {}
+        headline = f'All {s["compared"]} compared points within tolerance; worst error/tolerance {_fmt(wr.get("ratio"))} at <code>{_esc(wr.get("name"))}</code>.'
+    else:
+        headline = "Nothing was compared."
+    rows = []
+    pts = sorted(doc["points"], key=lambda p: (p["verdict"] != "fail", -(p["ratio"] or 0) if p["verdict"] == "fail" else 0))
+    for p in pts:
+        m, t, loc = p["metrics"] or {}, p["tolerance"] or {}, p.get("local") or {}
+        if p["kind"] == "index" and m:
+            err = f'{m.get("genuine")} genuine / {m.get("tie_explained")} near-tie'
+            tol = f'tie margin {_fmt(t.get("tie_margin_rel"))}'
+        else:
+            err = _fmt(m.get("rel_l2"))
+            tol = _fmt(t.get("value"))
+        role = loc.get("role") or (f'local {_fmt(loc.get("ratio"))}' if loc.get("ratio") is not None else "")
+        rows.append(f'<tr class="{_esc(p["verdict"])}"><td><code>{_esc(p["name"])}</code></td>'
+                    f'<td><span class="badge" style="background:{_COLOR[p["verdict"]]}">{_esc(p["verdict"])}</span></td>'
+                    f'<td class="n">{_fmt(p["ratio"])}</td><td class="n">{err}</td><td class="n">{tol}</td>'
+                    f'<td class="n">{_fmt(m.get("norm_ratio"), ".5f") if "norm_ratio" in m else "–"}</td>'
+                    f'<td>{_esc(role)}</td><td>{_esc(p["reason"])}</td></tr>')
+    cov_line = (f'{cov["tokens"]} tokens in {cov["sequences"]} sequence(s); {cov["tokens_beyond_window"]} beyond the '
+                f'{cov["window"]}-token window; {cov["compressed_entries"]} compressed entries; indexer pruned '
+                f'{cov["indexer_pruning_fraction"]:.0%}; {cov["clamp_hits"]} SwiGLU clamp hits; attention '
+                f'{"/".join(cov["attention_types"])}; routing {"/".join(cov["routing_types"])}')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>corruptcheck {_esc(verdict)} · {_esc(doc["engine"])} · {_esc(doc["case"])}</title>
+<style>
+body{{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#222;max-width:1200px}}
+.verdict{{display:inline-block;padding:6px 16px;border-radius:6px;color:#fff;font-size:22px;font-weight:700;background:{_COLOR.get(verdict, "#555")}}}
+h1{{font-size:20px;margin:0 0 8px 0}} .head{{display:flex;gap:16px;align-items:center}}
+.headline{{font-size:17px;margin:14px 0;padding:10px 14px;border-left:5px solid {_COLOR.get(verdict, "#555")};background:#fafafa}}
+table{{border-collapse:collapse;width:100%;font-size:13px}} td,th{{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}}
+td.n{{text-align:right;font-variant-numeric:tabular-nums}} tr.fail td{{background:#fff1f1}}
+.badge{{color:#fff;padding:1px 7px;border-radius:10px;font-size:12px}} .meta{{color:#555;font-size:13px}}
+code{{font-size:12.5px}}
+</style></head><body>
+<div class="head"><span class="verdict">{_esc(verdict.upper())}</span>
+<h1>engine <code>{_esc(doc["engine"])}</code> · case <code>{_esc(doc["case"])}</code> · precision {_esc(doc["precision"])}</h1></div>
+<div class="headline">{headline}</div>
+<p class="meta">{s["compared"]} compared · {s["failed"]} failed · {s["missing"]} missing · {s["not_exercised"]} not exercised · {s["skipped"]} skipped ·
+reference float64 ({_esc(doc["reference"]["source"])}) · tolerances from the {_esc(doc["tolerance_precision"])} noise model ({_esc(doc["noise_model"])})</p>
+<h2 style="font-size:16px">Error / tolerance per point, in model order</h2>
+{_plot(doc)}
+<p class="meta">Filled dots: the engine against the free-running reference. Rings: the same point when the sub-block is fed the engine's own input (teacher forcing); a failing point whose ring is below the line only inherits drift.</p>
+<h2 style="font-size:16px">Points</h2>
+<table><tr><th>point</th><th>verdict</th><th>err/tol</th><th>error</th><th>tolerance</th><th>norm ratio</th><th>teacher forcing</th><th>note</th></tr>
+{"".join(rows)}</table>
+<h2 style="font-size:16px">Coverage</h2><p class="meta">{_esc(cov_line)}</p>
+</body></html>
+"""
+
+
+def write_html(doc: dict, path: str) -> None:
+    _atomic_write(path, render(doc))

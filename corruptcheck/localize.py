@@ -1,0 +1,110 @@
+"""Localization by teacher forcing (DESIGN.md §3, §6).
+
+The first point that exceeds its tolerance is often only where accumulated drift crossed the
+line. So every sub-block of the reference (attention half and FFN half of each layer, the
+head) is re-run in float64 on the engine's *own* captured input to that sub-block, and the
+engine's outputs are compared with that: the local error is the error the sub-block itself
+adds. A failing point whose local error is within the local tolerance only inherits drift; the
+first point whose local error exceeds it is the culprit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from corruptcheck.cases import Case
+from corruptcheck.differ import Comparison, compare_float, compare_index
+from corruptcheck.noise import _parts, local_points
+from corruptcheck.points import capture_points, tie_scores_name
+from corruptcheck.tolerance import float_tolerance
+
+
+def _prev_out(cfg, name: str) -> str | None:
+    """layers.i.attn_hc.in is the stream layers.{i-1}.out (same tensor)."""
+    if name.startswith("layers.") and name.endswith(".attn_hc.in"):
+        i = int(name.split(".")[1])
+        return f"layers.{i - 1}.out" if i > 0 else None
+    return None
+
+
+def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None) -> dict:
+    """{point: local result} for every point a teacher-forced sub-block produces. A local
+    result is {"rel_l2", "norm_ratio", "ratio", "tolerance", "verdict"} or
+    {"verdict": "unavailable", "reason"} when the engine lacks the sub-block's input."""
+    local_noise = (noise or {}).get("local", {})
+    specs = {s.name: s for s in capture_points(case.config)}
+    out: dict = {}
+    for part, layer, inp in _parts(case):
+        if inp not in engine:
+            out[f"__{part}:{layer}"] = {"verdict": "unavailable", "reason": f"engine did not capture {inp}"}
+            continue
+        loc = local_points(case, part, layer, engine[inp].to(torch.float64), "float64")
+        for name, ref_local in loc.items():
+            spec = specs.get(name)
+            if spec is None or name not in engine or tuple(engine[name].shape) != tuple(ref_local.shape):
+                continue
+            if spec.kind == "index":
+                scores_name = tie_scores_name(name)
+                res = compare_index(spec, engine[name], ref_local, loc.get(scores_name), precision,
+                                    local_noise.get(scores_name, {}).get("score_noise") if scores_name else None)
+            else:
+                tol = float_tolerance(local_noise.get(name), precision, "local")
+                res = compare_float(spec, engine[name], ref_local, tol, engine, loc)
+            out[name] = {"verdict": res.verdict, "ratio": res.ratio, "tolerance": res.tolerance,
+                         "rel_l2": res.metrics.get("rel_l2"), "norm_ratio": res.metrics.get("norm_ratio"),
+                         "genuine": res.metrics.get("genuine"), "reason": res.reason}
+    for name in specs:
+        prev = _prev_out(case.config, name)
+        if prev and prev in out:
+            out[name] = dict(out[prev], alias=prev)
+    return out
+
+
+def attach(comp: Comparison, local: dict) -> dict | None:
+    """Put local results on the points, mark roles, and return the culprit (or None)."""
+    culprit = None
+    for p in comp.points:
+        if p.name == "embed" and p.verdict in ("pass", "fail"):  # no input: local == global
+            local.setdefault("embed", {"verdict": p.verdict, "ratio": p.ratio, "tolerance": p.tolerance,
+                                       "rel_l2": p.metrics.get("rel_l2"), "norm_ratio": p.metrics.get("norm_ratio")})
+        lr = local.get(p.name)
+        if lr is None:
+            continue
+        p.local = dict(lr)
+        if culprit is None and lr.get("verdict") == "fail":
+            culprit = p
+    culprit_sub = _sub_block(culprit.name) if culprit else None
+    for p in comp.points:
+        if p.verdict != "fail":
+            continue
+        lr = p.local or {}
+        if lr.get("verdict") == "fail":
+            role = "culprit" if p is culprit else (
+                "culprit sub-block" if _sub_block(p.name) == culprit_sub else "local excess")
+        elif lr.get("verdict") in ("pass", "not-exercised"):
+            role = "inherited"
+        else:
+            role = "unknown (no teacher-forced result)"
+        p.local = {**lr, "role": role}
+    if culprit is None:
+        return None
+    lr = culprit.local
+    return {"name": culprit.name, "layer": culprit.layer, "local_ratio": _finite(lr.get("ratio")),
+            "local_rel_l2": lr.get("rel_l2"), "local_norm_ratio": lr.get("norm_ratio"),
+            "reason": lr.get("reason", "")}
+
+
+def _sub_block(name: str) -> str:
+    """'layers.3.attn' / 'layers.3.ffn' / 'head' for a point name."""
+    parts = name.split(".")
+    if parts[0] in ("layers", "mtp"):
+        head = ".".join(parts[:2])
+        rest = ".".join(parts[2:])
+        # ffn_hc.in is the attention half's output (its mHC post)
+        return f"{head}.attn" if rest.startswith("attn") or rest == "ffn_hc.in" else f"{head}.ffn"
+    return parts[0]
+
+
+def _finite(v):
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v

@@ -1,0 +1,110 @@
+"""The noise model: how far an *honest* implementation at a given precision lands from the
+float64 reference, at every capture point (DESIGN.md §7, anchors.md §4.2).
+
+For each declared precision the reference itself is run several honest ways (different
+rounding placements and reduction orders: `Precision.variant`) and compared with float64:
+
+* free-running: the whole model at that precision — the drift an engine accumulates;
+* local (teacher-forced): each sub-block (attention, FFN, head) fed the float64 input of that
+  sub-block — the error one sub-block adds on its own, which is what localization tests.
+
+Per point we keep the worst over the variants of: relative L2, |norm ratio - 1|, and (for the
+score tensors behind discrete choices) the 99th-percentile per-token score perturbation
+relative to the row's scale. Tolerances are derived from these numbers (`tolerance.py`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from corruptcheck.cases import Case
+from corruptcheck.metrics import float_metrics
+from corruptcheck.reference import Precision, run
+from corruptcheck.reference.model import run_part
+
+NOISE_FORMAT = 1
+
+
+def variants(precision: str) -> list[Precision]:
+    base = Precision.of(precision)
+    if base.act == torch.bfloat16:
+        return [base, base.variant(alt_placement=True), base.variant(split_k=2)]
+    return [base, base.variant(split_k=2), base.variant(split_k=3)]
+
+
+def _score_noise(new: torch.Tensor, ref: torch.Tensor) -> float:
+    """99th percentile over tokens of max |d score| / max |score| (finite entries)."""
+    fin = torch.isfinite(ref) & torch.isfinite(new)
+    d = torch.where(fin, (new.double() - ref.double()).abs(), 0.0).amax(-1)
+    scale = torch.where(fin, ref.double().abs(), 0.0).amax(-1).clamp_min(1e-300)
+    r = d / scale
+    return float(torch.quantile(r, 0.99)) if r.numel() else 0.0
+
+
+def _point_noise(name: str, new: torch.Tensor, ref: torch.Tensor, new_all: dict, ref_all: dict) -> dict | None:
+    if not ref.is_floating_point():
+        disagree = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(new, ref))
+        return {"disagree_rate": disagree / max(ref.shape[0], 1)}
+    if name.endswith(("indexer_scores", "selection_scores")):
+        return {"score_noise": _score_noise(new, ref)}
+    if new.shape != ref.shape:
+        return None
+    if name.endswith("moe.weights"):
+        experts = name[: -len("weights")] + "experts"
+        same = (new_all[experts] == ref_all[experts]).all(-1)
+        new, ref = new[same], ref[same]
+    m = float_metrics(new, ref)
+    return {"rel_l2": m["rel_l2"], "norm_dev": abs(m["norm_ratio"] - 1.0)}
+
+
+def _merge(into: dict, name: str, noise: dict | None) -> None:
+    if noise is None:
+        return
+    cur = into.setdefault(name, {})
+    for k, v in noise.items():
+        v = 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v
+        cur[k] = max(cur.get(k, 0.0), v)
+
+
+def _parts(case: Case):
+    """(part, layer, input point, output prefix) for every teacher-forcible sub-block."""
+    cfg = case.config
+    layers = list(range(cfg.num_layers)) + (["mtp.0"] if cfg.num_mtp_layers else [])
+    for layer in layers:
+        pre = "mtp.0" if layer == "mtp.0" else f"layers.{layer}"
+        yield "attn", layer, f"{pre}.attn_hc.in"
+        yield "ffn", layer, f"{pre}.ffn_hc.in"
+    yield "head", None, f"layers.{cfg.num_layers - 1}.out"
+    if cfg.num_mtp_layers:
+        yield "head", "mtp.0", "mtp.0.out"
+
+
+def local_points(case: Case, part: str, layer, inputs: torch.Tensor, precision) -> dict:
+    """Teacher-forced outputs of one sub-block on `inputs`, without the input point itself."""
+    out = run_part(case.config, case.params(), part, layer, inputs, case.sequences(), precision)
+    pre = "mtp.0" if layer == "mtp.0" else f"layers.{layer}"
+    out.pop(f"{pre}.attn_hc.in" if part == "attn" else f"{pre}.ffn_hc.in", None)
+    return out
+
+
+def measure(case: Case, ref_points: dict, precision: str) -> dict:
+    """Noise of honest `precision` implementations at every point (see module docstring)."""
+    free: dict = {}
+    local: dict = {}
+    labels = []
+    for prec in variants(precision):
+        labels.append(prec.label)
+        pts = run(case.config, case.params(), case.sequences(), prec).points
+        for name, ref in ref_points.items():
+            if name in pts:
+                _merge(free, name, _point_noise(name, pts[name], ref, pts, ref_points))
+        for part, layer, inp in _parts(case):
+            if inp not in ref_points:
+                continue
+            loc = local_points(case, part, layer, ref_points[inp], prec)
+            for name, val in loc.items():
+                if name in ref_points:
+                    _merge(local, name, _point_noise(name, val, ref_points[name], loc, ref_points))
+    return {"format": NOISE_FORMAT, "precision": Precision.of(precision).name, "variants": labels,
+            "free": free, "local": local}
