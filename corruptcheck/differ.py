@@ -62,7 +62,7 @@ class Comparison:
 
 
 def _layer_key(spec: PointSpec) -> str:
-    return spec.name.rsplit(".", 2)[0] if spec.name.startswith("mtp.") else f"layers.{spec.layer}"
+    return "mtp.0" if spec.name.startswith("mtp.") else f"layers.{spec.layer}"
 
 
 def _check_shape(name, e: torch.Tensor, r: torch.Tensor):

@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from corruptcheck.cases import Case, get_case
+from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION
@@ -477,13 +477,3 @@ def reference_for(case: Case, root: Path | None = None) -> ReferenceData:
     _write_cache(case, g.manifest, points)
     return ReferenceData(points, g.coverage, "golden (regenerated into the cache)", g.digest,
                          g.manifest.get("tolerances", {}))
-
-
-def all_cases() -> list[Case]:
-    from corruptcheck.cases import CASES
-
-    return list(CASES.values())
-
-
-def case_by_name(name: str) -> Case:
-    return get_case(name)

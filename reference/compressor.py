@@ -31,7 +31,7 @@ def pool(a, z, overlap: bool, prev_a=None, prev_z=None):
     """
     if overlap:
         dc = a.shape[-1] // 2
-        n, m = a.shape[0], a.shape[1]
+        m = a.shape[1]
         if prev_a is None:
             prev_a = a.new_zeros(m, dc)
             prev_z = z.new_full((m, dc), float("-inf"))

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from corruptcheck import cli

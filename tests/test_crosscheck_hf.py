@@ -1,10 +1,9 @@
 """The reference against an independent implementation (transformers DeepseekV4ForCausalLM),
 point by point (spec §12 check 7)."""
 import pytest
-import torch
 
 from corruptcheck.cases import get_case
-from corruptcheck.compare import compare, reference_run
+from corruptcheck.compare import compare
 from corruptcheck.differ import compare_points
 from corruptcheck.points import capture_points
 

@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from corruptcheck import golden
-from corruptcheck.cases import get_case
-from corruptcheck.compare import reference_run
 
 
 @pytest.fixture()

@@ -5,7 +5,6 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
-import torch
 
 from corruptcheck.cases import get_case
 from corruptcheck.compare import compare
