@@ -1,35 +1,54 @@
-"""Engines by name. Built-ins here; third-party engines join through the entry-point group
-`corruptcheck.engines` (an `Engine` subclass)."""
+"""Engines by name, discovered through the entry-point group `corruptcheck.engines` (the
+built-ins register there too, see pyproject.toml). An engine can also be named by import path,
+`package.module:ClassName`, e.g. for an engine defined in a project's own test suite."""
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import entry_points
 
 from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.errors import BadInput, EngineUnavailable
 
+GROUP = "corruptcheck.engines"
+# used when the package metadata is not installed (e.g. running from a source tree)
+_FALLBACK = {
+    "reference": "corruptcheck.engines.reference_engine:ReferenceEngine",
+    "hf": "corruptcheck.engines.hf_engine:HFEngine",
+}
 
-def _builtin() -> dict:
-    from corruptcheck.engines.hf_engine import HFEngine
-    from corruptcheck.engines.reference_engine import ReferenceEngine
 
-    return {e.name: e for e in (ReferenceEngine, HFEngine)}
+def engines() -> dict[str, str]:
+    """name -> "module:Class" for every registered engine."""
+    found = {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    for name, target in _FALLBACK.items():
+        found.setdefault(name, target)
+    return dict(sorted(found.items()))
 
 
-def engines() -> dict:
-    found = _builtin()
-    for ep in entry_points(group="corruptcheck.engines"):
-        if ep.name not in found:
-            found[ep.name] = ep
-    return found
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise BadInput(f"cannot load engine {target!r}: {exc}") from None
+    if not (isinstance(obj, type) and issubclass(obj, Engine)):
+        raise BadInput(f"{target!r} is not a corruptcheck Engine subclass")
+    return obj
+
+
+def engine_class(name: str):
+    registry = engines()
+    if name in registry:
+        return _load(registry[name])
+    if ":" in name:
+        return _load(name)
+    raise BadInput(f"unknown engine {name!r}; known engines: {', '.join(registry)}")
 
 
 def get_engine(name: str) -> Engine:
-    found = engines()
-    if name not in found:
-        raise BadInput(f"unknown engine {name!r}; known engines: {', '.join(sorted(found))}")
-    obj = found[name]
-    cls = obj.load() if hasattr(obj, "load") else obj
-    engine = cls()
+    engine = engine_class(name)()
     ok, why = engine.available()
     if not ok:
         hint = f"; install it with: pip install 'corruptcheck[{engine.extra}]'" if engine.extra else ""
@@ -37,4 +56,4 @@ def get_engine(name: str) -> Engine:
     return engine
 
 
-__all__ = ["Capture", "Engine", "engines", "get_engine"]
+__all__ = ["Capture", "Engine", "engines", "engine_class", "get_engine", "GROUP"]
