@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -39,11 +40,76 @@ def cases_cmd():
     Console().print(table)
 
 
-@main.command("compare")
-@click.option("--engine", "engine_name", required=True, help="engine to check (hf, reference, ...)")
+def _resolve_case(case_name, engine_name, path):
+    """The case to compare: --case, else a dump's own manifest, else the default case."""
+    from corruptcheck.cases import DEFAULT_CASE, get_case
+
+    if case_name is None and engine_name == "dump" and path:
+        from corruptcheck.dump import read_manifest
+
+        case_name = read_manifest(path)["case"] if (Path(path) / "manifest.json").exists() else None
+    return get_case(case_name or DEFAULT_CASE)
+
+
+@main.command("engines")
+def engines_cmd():
+    """List the engines and whether each can run here."""
+    from corruptcheck.engines import engine_class, engines
+
+    table = Table(title="engines (entry-point group corruptcheck.engines)", title_justify="left")
+    for col in ("engine", "available", "provided by", "note"):
+        table.add_column(col)
+    for name, target in engines().items():
+        try:
+            cls = engine_class(name)
+            ok, why = cls().available()
+            note = why if not ok else ""
+            if not ok and cls.extra:
+                note += f"; pip install 'corruptcheck[{cls.extra}]'"
+        except BadInput as exc:
+            ok, note = False, str(exc)
+        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", target, note)
+    Console(width=max(Console().width, 120)).print(table)
+
+
+@main.command("dump")
+@click.option("--engine", "engine_name", required=True, help="engine to run (hf, reference, ...)")
 @click.option("--case", "case_name", default="tiny", show_default=True, help="built-in case")
-@click.option("--dtype", "precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
-              help="precision the engine runs in (the reference always runs float64)")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="dump directory to write")
+@click.option("--dtype", "precision", type=click.Choice(PRECISIONS), default="float32", show_default=True)
+@click.option("--attn-impl", default="eager", show_default=True, help="hf: transformers attention implementation")
+@click.option("--batch", is_flag=True, help="hf: run the case's sequences as one right-padded batch")
+def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
+    """Run an engine on a case and write its capture as a dump directory (DESIGN §5)."""
+    from corruptcheck.cases import get_case
+    from corruptcheck.dump import write_dump
+    from corruptcheck.engines import get_engine
+
+    try:
+        case = get_case(case_name)
+        engine = get_engine(engine_name)
+        cap = engine.run(case, precision, attn_impl=attn_impl, batch=batch)
+        meta = {k: v for k, v in cap.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+        out = write_dump(cap.points, case, out_dir, engine={"name": engine_name, **meta}, precision=cap.precision)
+    except KeyError as exc:
+        _fail(exc.args[0])
+    except (BadInput, EngineUnavailable, ValueError) as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write {out_dir}: {exc}")
+    click.echo(f"wrote {len(cap.points)} points of case {case.name} ({cap.precision}) to {out}")
+
+
+@main.command("compare")
+@click.option("--engine", "engine_name", required=True, help="engine to check (hf, reference, dump, ...)")
+@click.option("--case", "case_name", default=None, help="built-in case [default: tiny, or the dump's own case]")
+@click.option("--dtype", "precision", type=click.Choice(PRECISIONS), default=None,
+              help="precision the engine runs in [default: float32; a dump declares its own]; the reference "
+                   "always runs float64")
+@click.option("--path", "dump_path", type=click.Path(), help="dump: the directory to read")
+@click.option("--format", "dump_format", type=click.Choice(["corruptcheck", "sglang"]), default="corruptcheck",
+              show_default=True, help="dump: corruptcheck dump directory or SGLang dumper files")
+@click.option("--batch", is_flag=True, help="hf: run the case's sequences as one right-padded batch")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the JSON report here")
 @click.option("--attn-impl", default="eager", show_default=True, help="hf: transformers attention implementation")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="write JUnit XML (one test per point)")
@@ -52,18 +118,22 @@ def cases_cmd():
               show_default=True, help="localize by re-running sub-blocks on the engine's own inputs")
 @click.option("--no-golden", is_flag=True, help="compute the reference now instead of using the golden")
 @click.option("--quiet", is_flag=True, help="print only the summary line")
-def compare_cmd(engine_name, case_name, precision, json_path, junit_path, html_path, attn_impl, teacher_forcing,
-                no_golden, quiet):
+def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch, json_path, junit_path, html_path,
+                attn_impl, teacher_forcing, no_golden, quiet):
     """Compare an engine against the reference, point by point. Exit 0 pass, 1 fail, 2 error."""
-    from corruptcheck.cases import get_case
     from corruptcheck.compare import compare
     from corruptcheck.html_report import write_html
     from corruptcheck.report import print_table, to_json, write_json, write_junit
 
+    if precision is None and engine_name != "dump":
+        precision = "float32"
+    options = {"attn_impl": attn_impl, "batch": batch}
+    if engine_name == "dump":
+        options = {"path": dump_path, "format": dump_format}
     try:
-        case = get_case(case_name)
+        case = _resolve_case(case_name, engine_name, dump_path)
         res = compare(case, engine_name, precision, use_golden=not no_golden, teacher_forcing=teacher_forcing,
-                      attn_impl=attn_impl)
+                      **options)
     except KeyError as exc:
         _fail(exc.args[0])
     except (BadInput, EngineUnavailable, ValueError) as exc:
@@ -81,6 +151,59 @@ def compare_cmd(engine_name, case_name, precision, json_path, junit_path, html_p
             except OSError as exc:
                 _fail(f"cannot write {path}: {exc}")
     sys.exit({"pass": 0, "fail": 1}.get(doc["verdict"], 2))
+
+
+@main.command("gate")
+@click.option("--engine", "engine_name", required=True, help="engine to gate (hf, vllm, ..., or module:Class)")
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="policy TOML [default: DeepSeek V4]")
+@click.option("--out", "out_dir", default="corruptcheck-gate", show_default=True, type=click.Path(file_okay=False),
+              help="directory for the per-run JSON / JUnit / HTML reports and summary.json")
+@click.option("--show-policy", is_flag=True, help="print the default policy and exit")
+def gate_cmd(engine_name, policy_path, out_dir, show_policy):
+    """Pre-deploy gate: run a policy's suite, exit 0 pass, 1 fail, 2 error."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from corruptcheck import gate
+
+    if show_policy:
+        click.echo(gate.default_policy_text())
+        return
+    try:
+        policy = gate.load_policy(policy_path)
+    except BadInput as exc:
+        _fail(str(exc))
+    console = Console(width=max(Console().width, 120))
+    out = Path(out_dir)
+    with Progress(TextColumn("[bold]gate[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=len(policy.runs))
+        done = {"n": 0}
+
+        def step(run):
+            if done["n"]:
+                progress.advance(task)
+            done["n"] += 1
+            progress.update(task, description=run.id)
+
+        try:
+            outcomes = gate.run_gate(engine_name, policy, out, progress=step)
+        except OSError as exc:
+            _fail(f"cannot write reports to {out}: {exc}")
+        progress.update(task, completed=len(policy.runs), description="done")
+    summary = gate.write_summary(engine_name, policy, outcomes, out)
+    table = Table(title=f"gate · engine={engine_name} · policy={policy.name}", title_justify="left")
+    for col in ("run", "verdict", "worst err/tol", "culprit / first divergence", "reasons"):
+        table.add_column(col, no_wrap=col != "reasons")
+    styles = {"pass": "green", "fail": "bold red", "error": "bold red"}
+    for o in summary["runs"]:
+        wr = o["worst_ratio"] or {}
+        where = (o["culprit"] or o["first_divergence"] or {}).get("name", "")
+        table.add_row(o["run"], f"[{styles[o['verdict']]}]{o['verdict']}[/]",
+                      "-" if wr.get("ratio") is None else f"{wr['ratio']:.3g}", where, "; ".join(o["reasons"]))
+    console.print(table)
+    console.print(f"[{styles[summary['verdict']]}]{summary['verdict'].upper()}[/] — reports in {out}/ "
+                  f"(summary.json, <run>.json/.xml/.html)")
+    sys.exit({"pass": 0, "fail": 1}.get(summary["verdict"], 2))
 
 
 def _golden_cases(case_name, all_cases):

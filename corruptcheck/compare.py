@@ -56,7 +56,7 @@ def noise_for(case: Case, ref: ReferenceData, precision: str) -> tuple[dict | No
 
 def compare(case: Case, engine_name: str, precision: str, use_golden: bool = True,
             teacher_forcing: str = "on-fail", engine=None, **engine_options) -> CompareResult:
-    precision = Precision.of(precision).name
+    precision = Precision.of(precision).name if precision else None  # None: the engine declares it
     engine = engine or get_engine(engine_name)
     t0 = time.perf_counter()
     ref = reference_for(case) if use_golden else ReferenceData(*reference_run(case), "computed (--no-golden)")
@@ -73,7 +73,7 @@ def compare(case: Case, engine_name: str, precision: str, use_golden: bool = Tru
         tf = "run"
     t4 = time.perf_counter()
     return CompareResult(
-        case=case, engine=engine_name, precision=precision, comparison=comp, coverage=ref.coverage,
+        case=case, engine=engine_name, precision=precision or tol_prec, comparison=comp, coverage=ref.coverage,
         reference={"version": REFERENCE_VERSION, "precision": "float64", "source": ref.source,
                    "golden_digest": ref.digest},
         engine_meta=cap.meta,

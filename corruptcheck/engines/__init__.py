@@ -14,6 +14,7 @@ GROUP = "corruptcheck.engines"
 _FALLBACK = {
     "reference": "corruptcheck.engines.reference_engine:ReferenceEngine",
     "hf": "corruptcheck.engines.hf_engine:HFEngine",
+    "dump": "corruptcheck.engines.dump_engine:DumpEngine",
 }
 
 

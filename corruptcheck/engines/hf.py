@@ -162,6 +162,7 @@ class _Hooks:
 
     def __init__(self, model, cfg: ModelConfig):
         self.store: dict = {}
+        self.entries: dict = {}  # names whose rows are compressed entries, not tokens
         self.handles = []
         self.cfg = cfg
         m = model.model
@@ -211,7 +212,8 @@ class _Hooks:
 
     def _compressed(self, mod, name):
         def hook(_m, _args, out):
-            self._add(name, out[0].detach()[:, 0].reshape(-1, out[0].shape[-1]))  # [B,1,n,d] -> [n,d]
+            self._add(name, out[0].detach()[:, 0])  # [B, 1, n, d] -> [B, n, d]; rows per sequence later
+            self.entries[name] = True
         self.handles.append(mod.register_forward_hook(hook))
 
     def _topk(self, mod, name):
@@ -262,22 +264,52 @@ def _install(model, patch: OutputPatch):
     return mod.register_forward_hook(hook)
 
 
-def run_hf(case: Case, precision: str = "float32", attn_impl: str = "eager", model=None, patches=()) -> dict:
+def _entry_ratio(cfg: ModelConfig, name: str) -> int:
+    return cfg.compress_ratio(int(name.split(".")[1]))
+
+
+def _unpad(store: dict, entries: dict, cfg: ModelConfig, lens: list[int], s_max: int) -> dict:
+    """Drop the padding of a right-padded batch: token rows (b, s < len_b) in order; compressed
+    entries i < len_b // m of each sequence."""
+    valid = torch.cat([torch.arange(s_max) < n for n in lens])
+    out = {}
+    for name, t in store.items():
+        if name in entries:  # [B, n, d]
+            m = _entry_ratio(cfg, name)
+            out[name] = torch.cat([t[b, : n // m] for b, n in enumerate(lens)], 0)
+        else:
+            out[name] = t[valid]
+    return out
+
+
+def run_hf(case: Case, precision: str = "float32", attn_impl: str = "eager", model=None, patches=(),
+           batch: bool = False) -> dict:
     """Run the case through transformers; returns canonical points flattened over tokens.
 
-    Sequences run one at a time: transformers lets padding tokens into the compressor
-    (huggingface/transformers#45938), so padded batching would not be the same computation.
+    By default sequences run one at a time. `batch=True` runs them as one right-padded batch
+    with an attention mask: right padding keeps every real token's computation (pad tokens
+    only form compressed entries that no real query may see), while left padding would not
+    (pads enter the compressor and shift positions, transformers#45938).
     `patches` (OutputPatch) are installed before the capture hooks, so captures see them."""
     model = model or build_model(case, precision, attn_impl)
     installed = [_install(model, p) for p in patches or ()]
     hooks = _Hooks(model, case.config)
+    seqs = case.sequences()
     per_seq = []
     try:
         with torch.no_grad():
-            for ids in case.sequences():
-                hooks.store = {}
-                model(input_ids=ids[None], use_cache=False)
-                per_seq.append(hooks.store)
+            if batch:
+                lens = [len(s) for s in seqs]
+                s_max = max(lens)
+                ids = torch.stack([torch.nn.functional.pad(s, (0, s_max - len(s))) for s in seqs])
+                mask = torch.stack([torch.arange(s_max) < n for n in lens]).long()
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                per_seq.append(_unpad(hooks.store, hooks.entries, case.config, lens, s_max))
+            else:
+                for ids in seqs:
+                    hooks.store = {}
+                    model(input_ids=ids[None], use_cache=False)
+                    per_seq.append(_unpad(hooks.store, hooks.entries, case.config, [len(ids)], len(ids)))
     finally:
         hooks.remove()
         for h in installed:

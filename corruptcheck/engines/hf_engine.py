@@ -16,15 +16,17 @@ class HFEngine(Engine):
             return False, f"transformers with DeepseekV4ForCausalLM is not importable ({exc})"
         return True, ""
 
-    def run(self, case: Case, precision: str, attn_impl: str = "eager", patches=None, **_options) -> Capture:
+    def run(self, case: Case, precision: str, attn_impl: str = "eager", patches=None, batch: bool = False,
+            **_options) -> Capture:
         import transformers
 
         from corruptcheck.engines.hf import run_hf
 
-        points = run_hf(case, precision, attn_impl, patches=patches)
+        points = run_hf(case, precision, attn_impl, patches=patches, batch=batch)
         # transformers casts to fp32 inside mHC, norms and RoPE even in a float64 model, so a
         # float64 run is judged as what it is: a float32-exact engine
         effective = "float32" if precision == "float64" else precision
         return Capture(points, self.name, effective,
                        {"version": transformers.__version__, "attn_impl": attn_impl,
-                        "requested_precision": precision, "patches": [str(p) for p in patches or ()]})
+                        "requested_precision": precision, "batch": "right-padded" if batch else "one sequence at a time",
+                        "patches": [str(p) for p in patches or ()]})

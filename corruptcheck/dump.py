@@ -1,0 +1,189 @@
+"""The dump format (DESIGN.md §5): how any engine hands its tensors over.
+
+A dump is a directory with `manifest.json` and one or more `*.safetensors` files whose keys
+are canonical point names:
+
+    {"format": "corruptcheck-dump", "version": 1,
+     "case": "tiny", "config": {...model config...},
+     "inputs": {"sequences": [[token ids], ...]},          # each sequence from position 0
+     "engine": {"name": "...", "version": "..."},
+     "precision": "bfloat16",                              # declared; drives the tolerances
+     "files": ["rank0.safetensors", "rank1.safetensors"],
+     "layout": {"<key>": {"tokens": "flat" | "batch",     # [T, ...] or [B, S_max, ...] right-padded
+                          "merge": "sum" | "concat", "dim": -1}}}   # how per-rank shards combine
+
+Reading validates everything against the case (case name, config, token ids, file paths,
+shapes, dtypes) and raises `BadInput` with one clear line; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from corruptcheck.cases import Case
+from corruptcheck.errors import BadInput
+from corruptcheck.reference import Precision
+
+DUMP_FORMAT = "corruptcheck-dump"
+DUMP_VERSION = 1
+MANIFEST = "manifest.json"
+MERGES = ("sum", "concat")
+
+
+def _reject_constant(name):
+    raise ValueError(f"non-finite number {name} in JSON")
+
+
+def write_dump(points: dict, case: Case, out_dir: str | Path, *, engine: dict, precision: str,
+               layout: dict | None = None, shards: list[dict] | None = None) -> Path:
+    """Write `points` (or per-rank `shards`) as a dump of `case`. Files are written under
+    temporary names and renamed, the manifest last, so a failed write never leaves a dump
+    that looks complete."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = shards if shards is not None else [points]
+    names = ["points.safetensors"] if shards is None else [f"rank{r}.safetensors" for r in range(len(parts))]
+    for name, part in zip(names, parts):
+        tmp = out / f".{name}.tmp"
+        save_file({k: v.contiguous() for k, v in part.items()}, str(tmp))
+        os.replace(tmp, out / name)
+    manifest = {
+        "format": DUMP_FORMAT, "version": DUMP_VERSION, "case": case.name, "config": case.config.to_dict(),
+        "inputs": {"sequences": [s.tolist() for s in case.sequences()]},
+        "engine": engine, "precision": Precision.of(precision).name, "files": names, "layout": layout or {},
+    }
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False))
+    os.replace(tmp, out / MANIFEST)
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    root = Path(path)
+    if not root.exists():
+        raise BadInput(f"dump {root} does not exist")
+    if not root.is_dir():
+        raise BadInput(f"dump {root} is not a directory")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BadInput(f"dump {root} has no {MANIFEST}")
+    try:
+        manifest = json.loads(mpath.read_text(), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{mpath}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != DUMP_FORMAT:
+        raise BadInput(f"{mpath}: not a corruptcheck dump manifest (format must be {DUMP_FORMAT!r})")
+    if manifest.get("version") != DUMP_VERSION:
+        raise BadInput(f"{mpath}: dump version {manifest.get('version')!r}; this tool reads {DUMP_VERSION}")
+    for key in ("case", "precision", "files"):
+        if key not in manifest:
+            raise BadInput(f"{mpath}: missing field {key!r}")
+    try:
+        Precision.of(manifest["precision"])
+    except ValueError as exc:
+        raise BadInput(f"{mpath}: {exc}") from None
+    return manifest
+
+
+def _safe_file(root: Path, name) -> Path:
+    if not isinstance(name, str) or not name:
+        raise BadInput(f"{root / MANIFEST}: file entries must be non-empty strings")
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts:
+        raise BadInput(f"{root / MANIFEST}: file {name!r} is outside the dump")
+    full = (root / p)
+    if not full.resolve().is_relative_to(root.resolve()):
+        raise BadInput(f"{root / MANIFEST}: file {name!r} resolves outside the dump")
+    if full.suffix != ".safetensors":
+        raise BadInput(f"{root / MANIFEST}: file {name!r} is not a .safetensors file (pickles are not read)")
+    if not full.is_file():
+        raise BadInput(f"dump file {full} is missing")
+    return full
+
+
+def _check_case(manifest: dict, case: Case, root: Path) -> None:
+    where = root / MANIFEST
+    if manifest["case"] != case.name:
+        raise BadInput(f"{where}: dump is of case {manifest['case']!r}, not {case.name!r}")
+    if "config" in manifest and manifest["config"] != case.config.to_dict():
+        raise BadInput(f"{where}: model config differs from case {case.name!r}")
+    seqs = (manifest.get("inputs") or {}).get("sequences")
+    if seqs is not None and seqs != [s.tolist() for s in case.sequences()]:
+        raise BadInput(f"{where}: input token ids differ from case {case.name!r}")
+
+
+def _unbatch(key: str, t: torch.Tensor, seq_lens) -> torch.Tensor:
+    """[B, S_max, ...] right-padded -> [T, ...]."""
+    if t.dim() < 2 or t.shape[0] != len(seq_lens) or t.shape[1] < max(seq_lens):
+        raise BadInput(f"point {key}: batch layout {tuple(t.shape)} does not fit {len(seq_lens)} sequences "
+                       f"of lengths {list(seq_lens)}")
+    return torch.cat([t[b, :n] for b, n in enumerate(seq_lens)], 0)
+
+
+def load_dump(path: str | Path, case: Case) -> tuple[dict, dict]:
+    """(points, manifest) of a dump, merged across ranks and flattened to [T, ...]."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    _check_case(manifest, case, root)
+    files = manifest["files"]
+    if not isinstance(files, list) or not files:
+        raise BadInput(f"{root / MANIFEST}: 'files' must list at least one .safetensors file")
+    layout = manifest.get("layout") or {}
+    if not isinstance(layout, dict):
+        raise BadInput(f"{root / MANIFEST}: 'layout' must be a table")
+    per_key: dict[str, list] = {}
+    for name in files:
+        full = _safe_file(root, name)
+        try:
+            tensors = load_file(str(full))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise BadInput(f"dump file {full} is corrupt or truncated ({exc})") from None
+        for key, t in tensors.items():
+            per_key.setdefault(key, []).append(t)
+    if not per_key:
+        raise BadInput(f"dump {root} contains no tensors")
+    points = {}
+    for key, parts in per_key.items():
+        spec = layout.get(key, {})
+        if not isinstance(spec, dict):
+            raise BadInput(f"{root / MANIFEST}: layout of {key} must be a table")
+        points[key] = _merge(key, parts, spec)
+        tokens = spec.get("tokens", "flat")
+        if tokens == "batch":
+            points[key] = _unbatch(key, points[key], case.seq_lens)
+        elif tokens != "flat":
+            raise BadInput(f"{root / MANIFEST}: layout of {key}: tokens must be 'flat' or 'batch', not {tokens!r}")
+    for key, t in points.items():
+        if t.dtype == torch.bool or t.is_complex():
+            raise BadInput(f"point {key}: unsupported dtype {t.dtype}")
+    return points, manifest
+
+
+def _merge(key: str, parts: list, spec: dict) -> torch.Tensor:
+    merge = spec.get("merge")
+    if len(parts) == 1:
+        if merge is not None and merge not in MERGES:
+            raise BadInput(f"layout of {key}: merge must be one of {MERGES}, not {merge!r}")
+        return parts[0]
+    if merge == "sum":  # tensor-parallel partial sums
+        if len({tuple(p.shape) for p in parts}) != 1:
+            raise BadInput(f"point {key}: partial sums of different shapes {[tuple(p.shape) for p in parts]}")
+        if not parts[0].is_floating_point():
+            raise BadInput(f"point {key}: integer tensors cannot be partial sums")
+        total = sum(p.to(torch.float64) for p in parts)  # exact enough: the engine's all-reduce rounds more
+        return total if parts[0].dtype == torch.float64 else total.to(torch.float32)
+    if merge == "concat":
+        dim = spec.get("dim", -1)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise BadInput(f"layout of {key}: dim must be an integer")
+        try:
+            return torch.cat(parts, dim)
+        except RuntimeError as exc:
+            raise BadInput(f"point {key}: shards do not concatenate along dim {dim} ({exc})") from None
+    raise BadInput(f"point {key} appears in {len(parts)} files but its layout has no merge rule "
+                   f"(sum for partial sums, concat with a dim for shards)")

@@ -1,0 +1,210 @@
+"""`corruptcheck gate`: a pre-deploy gate. Runs a policy's suite of compares (cases x
+precisions x batch sizes x sequence lengths), checks coverage and allowed missing points,
+writes JSON + JUnit + HTML per run and a summary, and returns 0 pass / 1 fail / 2 error."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import tomllib
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from itertools import product
+from pathlib import Path
+
+from corruptcheck.cases import Case, get_case
+from corruptcheck.errors import BadInput, EngineUnavailable
+
+RUN_KEYS = {"case", "cases", "precision", "precisions", "batch_size", "batch_sizes", "seq_lens", "seq_lens_list"}
+TOP_KEYS = {"name", "description", "defaults", "coverage", "run"}
+COVERAGE_KEYS = {"min_tokens_beyond_window": "tokens_beyond_window",
+                 "min_compressed_entries": "compressed_entries",
+                 "min_indexer_pruning_fraction": "indexer_pruning_fraction",
+                 "min_clamp_hits": "clamp_hits"}
+
+
+@dataclass(frozen=True)
+class GateRun:
+    case: Case
+    precision: str
+    batch_size: int = 1
+
+    @property
+    def id(self) -> str:
+        return f"{self.case.name}-{self.precision}-b{self.batch_size}"
+
+
+@dataclass
+class Policy:
+    name: str
+    runs: list
+    teacher_forcing: str = "on-fail"
+    allowed_missing: list = field(default_factory=list)
+    coverage: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def default_policy_text() -> str:
+    return resources.files("corruptcheck").joinpath("policies/deepseek_v4.toml").read_text()
+
+
+def _as_list(table: dict, one: str, many: str, default=None) -> list:
+    if one in table and many in table:
+        raise BadInput(f"policy run: give {one!r} or {many!r}, not both")
+    if many in table:
+        value = table[many]
+        if not isinstance(value, list) or not value:
+            raise BadInput(f"policy run: {many!r} must be a non-empty list")
+        return value
+    if one in table:
+        return [table[one]]
+    if default is None:
+        raise BadInput(f"policy run: missing {one!r}")
+    return default
+
+
+def _derived_case(case: Case, seq_lens) -> Case:
+    if not isinstance(seq_lens, list) or not seq_lens or not all(isinstance(n, int) and n > 0 for n in seq_lens):
+        raise BadInput(f"policy run: seq_lens must be a list of positive integers, got {seq_lens!r}")
+    return replace(case, name=f"{case.name}@{'+'.join(map(str, seq_lens))}", seq_lens=tuple(seq_lens),
+                   description=f"{case.description} (sequence lengths {seq_lens})")
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{source}: not valid TOML ({exc})") from None
+    unknown = set(doc) - TOP_KEYS
+    if unknown:
+        raise BadInput(f"{source}: unknown policy key(s): {', '.join(sorted(unknown))}")
+    defaults = doc.get("defaults", {})
+    coverage = doc.get("coverage", {})
+    bad_cov = set(coverage) - set(COVERAGE_KEYS)
+    if bad_cov:
+        raise BadInput(f"{source}: unknown coverage requirement(s): {', '.join(sorted(bad_cov))}")
+    runs = []
+    for table in doc.get("run", []):
+        bad = set(table) - RUN_KEYS
+        if bad:
+            raise BadInput(f"{source}: unknown run key(s): {', '.join(sorted(bad))}")
+        cases = _as_list(table, "case", "cases")
+        precisions = _as_list(table, "precision", "precisions")
+        batches = _as_list(table, "batch_size", "batch_sizes", [1])
+        lens = _as_list(table, "seq_lens", "seq_lens_list", [None])
+        for case_name, prec, batch, seq_lens in product(cases, precisions, batches, lens):
+            try:
+                case = get_case(case_name)
+            except KeyError as exc:
+                raise BadInput(f"{source}: {exc.args[0]}") from None
+            if prec not in ("float32", "bfloat16", "float64"):
+                raise BadInput(f"{source}: unknown precision {prec!r}")
+            if not isinstance(batch, int) or batch < 1:
+                raise BadInput(f"{source}: batch sizes must be positive integers, got {batch!r}")
+            runs.append(GateRun(_derived_case(case, seq_lens) if seq_lens else case, prec, batch))
+    if not runs:
+        raise BadInput(f"{source}: the policy has no [[run]]")
+    tf = defaults.get("teacher_forcing", "on-fail")
+    if tf not in ("on-fail", "always", "never"):
+        raise BadInput(f"{source}: teacher_forcing must be on-fail, always or never")
+    allowed = defaults.get("allowed_missing", [])
+    if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+        raise BadInput(f"{source}: allowed_missing must be a list of glob patterns")
+    return Policy(doc.get("name", source), runs, tf, allowed, coverage, source)
+
+
+def load_policy(path: str | None) -> Policy:
+    if path is None:
+        return parse_policy(default_policy_text(), "default policy (deepseek_v4.toml)")
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"policy file {p} does not exist")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"policy file {p}: {exc}") from None
+    return parse_policy(text, str(p))
+
+
+def coverage_problems(cov: dict, required: dict) -> list[str]:
+    problems = []
+    for key, minimum in required.items():
+        value = cov.get(COVERAGE_KEYS[key], 0)
+        if value < minimum:
+            problems.append(f"{COVERAGE_KEYS[key]} {value} < {minimum}")
+    return problems
+
+
+@dataclass
+class RunOutcome:
+    run: GateRun
+    verdict: str  # pass | fail | error
+    reasons: list
+    doc: dict | None = None
+
+    def summary(self) -> dict:
+        d = self.doc or {}
+        return {"run": self.run.id, "case": self.run.case.name, "precision": self.run.precision,
+                "batch_size": self.run.batch_size, "verdict": self.verdict, "reasons": self.reasons,
+                "first_divergence": d.get("first_divergence"), "culprit": d.get("culprit"),
+                "worst_ratio": (d.get("summary") or {}).get("worst_ratio"),
+                "missing": [p["name"] for p in d.get("points", []) if p["verdict"] == "missing"]}
+
+
+def judge(run: GateRun, doc: dict, policy: Policy) -> RunOutcome:
+    reasons = []
+    verdict = doc["verdict"]
+    if verdict == "error":
+        return RunOutcome(run, "error", ["nothing was compared"], doc)
+    if verdict == "fail":
+        c = doc.get("culprit") or doc.get("first_divergence") or {}
+        reasons.append(f"corruption at {c.get('name')}" + (" (teacher-forcing culprit)" if doc.get("culprit") else ""))
+    missing = [p["name"] for p in doc["points"] if p["verdict"] == "missing"]
+    disallowed = [m for m in missing if not any(fnmatch.fnmatchcase(m, pat) for pat in policy.allowed_missing)]
+    if disallowed:
+        verdict = "fail"
+        reasons.append(f"{len(disallowed)} required point(s) missing: {', '.join(disallowed[:4])}"
+                       + (" ..." if len(disallowed) > 4 else ""))
+    cov = coverage_problems(doc["coverage"], policy.coverage)
+    if cov:
+        verdict = "fail"
+        reasons.append("coverage not met: " + "; ".join(cov))
+    return RunOutcome(run, verdict, reasons, doc)
+
+
+def run_gate(engine_name: str, policy: Policy, out_dir: Path, progress=None, engine=None) -> list[RunOutcome]:
+    from corruptcheck.compare import compare
+    from corruptcheck.html_report import write_html
+    from corruptcheck.report import to_json, write_json, write_junit
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    for run in policy.runs:
+        if progress:
+            progress(run)
+        try:
+            res = compare(run.case, engine_name, run.precision, teacher_forcing=policy.teacher_forcing,
+                          engine=engine, batch=run.batch_size > 1)
+        except (BadInput, EngineUnavailable) as exc:
+            outcomes.append(RunOutcome(run, "error", [str(exc)]))
+            continue
+        doc = to_json(res)
+        doc["gate"] = {"policy": policy.name, "run": run.id, "batch_size": run.batch_size}
+        write_json(doc, str(out_dir / f"{run.id}.json"))
+        write_junit(doc, str(out_dir / f"{run.id}.xml"))
+        write_html(doc, str(out_dir / f"{run.id}.html"))
+        outcomes.append(judge(run, doc, policy))
+    return outcomes
+
+
+def overall(outcomes: list[RunOutcome]) -> str:
+    verdicts = {o.verdict for o in outcomes}
+    return "error" if "error" in verdicts else ("fail" if "fail" in verdicts else "pass")
+
+
+def write_summary(engine_name: str, policy: Policy, outcomes: list[RunOutcome], out_dir: Path) -> dict:
+    from corruptcheck.report import _atomic_write
+
+    summary = {"engine": engine_name, "policy": policy.name, "policy_source": policy.source,
+               "verdict": overall(outcomes), "runs": [o.summary() for o in outcomes]}
+    _atomic_write(str(out_dir / "summary.json"), json.dumps(summary, indent=1, default=str, allow_nan=False))
+    return summary
