@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from corruptcheck.errors import BadInput, EngineUnavailable
@@ -68,7 +69,7 @@ def engines_cmd():
                 note += f"; pip install 'corruptcheck[{cls.extra}]'"
         except BadInput as exc:
             ok, note = False, str(exc)
-        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", target, note)
+        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", target, escape(note))
     Console(width=max(Console().width, 120)).print(table)
 
 

@@ -98,3 +98,14 @@ def test_reference_engine_float32_passes_quietly():
     r = _cc("compare", "--engine", "reference", "--case", "tiny", "--dtype", "float32", "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("pass")
+
+
+def test_uninstalled_gpu_engine_exits_2_with_install_hint():
+    r = _cc("compare", "--engine", "vllm", "--case", "tiny")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "pip install 'corruptcheck[vllm]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cc("engines")
+    assert r.returncode == 0
+    for name in ("reference", "hf", "dump", "vllm", "sglang", "trtllm"):
+        assert name in r.stdout
+    assert "corruptcheck[trtllm]" in r.stdout
