@@ -151,6 +151,10 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
                 writer(doc, path)
             except OSError as exc:
                 _fail(f"cannot write {path}: {exc}")
+    if doc["unknown_names"]:
+        _fail(f"engine produced unknown point name(s): {', '.join(doc['unknown_names'][:5])}")
+    if doc["verdict"] == "error":
+        _fail("nothing was compared")
     sys.exit({"pass": 0, "fail": 1}.get(doc["verdict"], 2))
 
 

@@ -154,7 +154,9 @@ def judge(run: GateRun, doc: dict, policy: Policy) -> RunOutcome:
     reasons = []
     verdict = doc["verdict"]
     if verdict == "error":
-        return RunOutcome(run, "error", ["nothing was compared"], doc)
+        why = (f"unknown point name(s): {', '.join(doc['unknown_names'][:5])}" if doc.get("unknown_names")
+               else "nothing was compared")
+        return RunOutcome(run, "error", [why], doc)
     if verdict == "fail":
         c = doc.get("culprit") or doc.get("first_divergence") or {}
         reasons.append(f"corruption at {c.get('name')}" + (" (teacher-forcing culprit)" if doc.get("culprit") else ""))

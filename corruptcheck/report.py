@@ -37,6 +37,7 @@ def to_json(res) -> dict:
                     "metrics": p.metrics, "tolerance": p.tolerance, "ratio": _num(p.ratio),
                     "reason": p.reason, "local": _clean_local(p.local)} for p in comp.points],
         "first_divergence": comp.first_divergence,
+        "unknown_names": comp.unknown,
         "culprit": res.culprit,
         "teacher_forcing": res.teacher_forcing,
         "coverage": res.coverage,

@@ -39,8 +39,13 @@ def test_renamed_key_is_missing_never_pass(hf_dump, tmp_path, tiny):
     points, manifest = load_dump(hf_dump, tiny)
     points["layers.2.attn.outx"] = points.pop("layers.2.attn.out")
     d = write_dump(points, tiny, tmp_path / "R", engine=manifest["engine"], precision="bfloat16")
-    r = _cc("compare", "--engine", "dump", "--path", str(d), "--quiet")
+    out = tmp_path / "r.json"
+    r = _cc("compare", "--engine", "dump", "--path", str(d), "--quiet", "--json", str(out))
     assert r.returncode == 2 and "unknown point name(s): layers.2.attn.outx" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    doc = json.loads(out.read_text())  # the complete report still says what happened
+    assert doc["verdict"] == "error" and doc["unknown_names"] == ["layers.2.attn.outx"]
+    assert next(p for p in doc["points"] if p["name"] == "layers.2.attn.out")["verdict"] == "missing"
     del points["layers.2.attn.outx"]
     d = write_dump(points, tiny, tmp_path / "M", engine=manifest["engine"], precision="bfloat16")
     res = compare(tiny, "dump", None, path=d)
