@@ -64,8 +64,17 @@ class GoldenDrift(Exception):
 
 
 def golden_root() -> Path:
+    """$CORRUPTCHECK_GOLDEN_DIR, else the source tree's golden/, else the copy installed with
+    the package (golden/ is shipped as `corruptcheck.goldens` package data)."""
     env = os.environ.get("CORRUPTCHECK_GOLDEN_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "golden"
+    if env:
+        return Path(env)
+    source = Path(__file__).resolve().parents[1] / "golden"
+    if source.is_dir():
+        return source
+    from importlib import resources
+
+    return Path(str(resources.files("corruptcheck.goldens")))
 
 
 def cache_root() -> Path:

@@ -1,0 +1,337 @@
+"""Python API for engine test suites: check an engine (a registered name, an import path, or an
+`Engine` object) or a dump directory against a case, and get a `CheckResult` with the verdict,
+the points, the culprit and `assert_ok()`, which raises with a readable message.
+
+    from corruptcheck.api import check
+    check("hf", "tiny", "float32").assert_ok()
+
+The pytest plugin (`pytest_plugin.py`) builds its test items and failure messages from here.
+"""
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from pathlib import Path
+
+from corruptcheck.cases import Case, get_case
+from corruptcheck.compare import TEACHER_FORCING, CompareResult, compare
+from corruptcheck.differ import PointResult
+from corruptcheck.engines import Engine, get_engine
+from corruptcheck.errors import BadInput, EngineUnavailable
+from corruptcheck.reference import Precision
+from corruptcheck.tolerance import NORM_SHARE
+
+# point verdicts that are neither a pass nor a failure (never counted as passes)
+NOT_JUDGED = ("missing", "not-exercised", "skipped")
+_LIST_AT_MOST = 10
+
+
+class CheckFailed(AssertionError):
+    """`assert_ok()` found a problem (base class of the errors below)."""
+
+
+class CorruptionDetected(CheckFailed):
+    """At least one point is outside its tolerance."""
+
+
+class NothingCompared(CheckFailed):
+    """Verdict `error`: the engine captured none of the case's points."""
+
+
+class MissingPoints(CheckFailed):
+    """`assert_ok(allow_missing=False)`: the engine lacks required points."""
+
+
+def check(engine, case: str | Case = "tiny", precision: str | None = "float32", *,
+          teacher_forcing: str = "on-fail", use_golden: bool = True, **engine_options) -> "CheckResult":
+    """Run `case` through `engine` and compare every point with the float64 reference.
+
+    `engine`: a registered name (`hf`, `reference`, `dump`, ...), an import path
+    `package.module:Class`, an `Engine` subclass or an `Engine` instance (e.g. one wrapping an
+    in-process model). `precision`: what the engine runs in; tolerances follow the precision
+    its capture declares. `engine_options` go to `Engine.run`. Raises `BadInput` or
+    `EngineUnavailable` when nothing can be compared."""
+    if precision is not None:
+        try:
+            Precision.of(precision)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+    if teacher_forcing not in TEACHER_FORCING:
+        raise BadInput(f"teacher_forcing must be one of {', '.join(TEACHER_FORCING)}, not {teacher_forcing!r}")
+    name, eng = _resolve_engine(engine)
+    res = compare(_resolve_case(case), name, precision, use_golden=use_golden, teacher_forcing=teacher_forcing,
+                  engine=eng, **engine_options)
+    return CheckResult(res)
+
+
+def check_dump(path: str | Path, case: str | Case, precision: str | None = None, **options) -> "CheckResult":
+    """Check a dump directory (DESIGN.md §5) written by an engine for `case`. The tolerances
+    follow the precision the dump declares; `options` go to the dump engine (e.g.
+    `format="sglang"`)."""
+    return check("dump", case, precision, path=str(path), **options)
+
+
+def _resolve_case(case: str | Case) -> Case:
+    if isinstance(case, Case):
+        return case
+    try:
+        return get_case(case)
+    except KeyError as exc:
+        raise BadInput(exc.args[0]) from None
+
+
+def _resolve_engine(engine) -> tuple[str, Engine]:
+    if isinstance(engine, str):
+        return engine, get_engine(engine)
+    if isinstance(engine, type) and issubclass(engine, Engine):
+        engine = engine()
+    if not isinstance(engine, Engine):
+        raise BadInput(f"engine must be a name, an Engine subclass or an Engine instance, "
+                       f"not {type(engine).__name__}")
+    name = engine.name or type(engine).__name__
+    ok, why = engine.available()
+    if not ok:
+        raise EngineUnavailable(f"engine {name!r} is not available: {why}")
+    return name, engine
+
+
+class CheckResult:
+    """The outcome of one check: engine × case × precision."""
+
+    def __init__(self, result: CompareResult):
+        self.result = result  # the full CompareResult (reference source, timings, coverage, ...)
+
+    def __repr__(self):
+        return (f"<CheckResult {self.verdict}: engine {self.engine!r}, case {self.case!r}, {self.precision}; "
+                f"{len(self.failed)} failed, {len(self.missing)} missing>")
+
+    # -- what was found
+    @property
+    def engine(self) -> str:
+        return self.result.engine
+
+    @property
+    def case(self) -> str:
+        return self.result.case.name
+
+    @property
+    def precision(self) -> str:
+        return self.result.precision
+
+    @property
+    def verdict(self) -> str:
+        """`pass`, `fail` (a point is outside its tolerance) or `error` (nothing compared)."""
+        return self.result.verdict
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def points(self) -> list[PointResult]:
+        """Every point of the case in model order (name, verdict, metrics, tolerance, ratio, local)."""
+        return self.result.comparison.points
+
+    @property
+    def failed(self) -> list[PointResult]:
+        return self.result.comparison.failed
+
+    @property
+    def missing(self) -> list[PointResult]:
+        return self.result.comparison.missing
+
+    @property
+    def first_divergence(self) -> dict | None:
+        """{"name", "layer"} of the first failing point in model order, or None."""
+        return self.result.comparison.first_divergence
+
+    @property
+    def culprit(self) -> dict | None:
+        """The point teacher forcing blames ({"name", "layer", "local_ratio", ...}), or None."""
+        return self.result.culprit
+
+    def point(self, name: str) -> PointResult:
+        for p in self.points:
+            if p.name == name:
+                return p
+        raise KeyError(f"case {self.case!r} has no point {name!r}")
+
+    # -- reports
+    @cached_property
+    def _doc(self) -> dict:
+        from corruptcheck.report import to_json
+
+        return to_json(self.result)
+
+    def to_json(self) -> dict:
+        """The JSON report document (the schema of `corruptcheck compare --json`)."""
+        return self._doc
+
+    def write_reports(self, directory: str | Path) -> dict[str, Path]:
+        """Write DIRECTORY/<case>.json and DIRECTORY/<case>.html; returns their paths."""
+        from corruptcheck.html_report import write_html
+        from corruptcheck.report import write_json
+
+        out = Path(directory)
+        paths = {"json": out / f"{self.case}.json", "html": out / f"{self.case}.html"}
+        write_json(self._doc, str(paths["json"]))
+        write_html(self._doc, str(paths["html"]))
+        return paths
+
+    def write_junit(self, path: str | Path) -> None:
+        """JUnit XML with one test case per point (outside pytest; the plugin uses pytest's own)."""
+        from corruptcheck.report import write_junit
+
+        write_junit(self._doc, str(path))
+
+    # -- messages
+    def summary(self) -> str:
+        """One line: verdict and counts, the first divergence and the culprit."""
+        comp = self.result.comparison
+        skipped = sum(p.verdict in ("skipped", "not-exercised") for p in self.points)
+        head = f"corruptcheck: engine {self.engine!r} on case {self.case!r} at {self.precision}: "
+        if self.verdict == "error":
+            return (head + f"nothing compared: the engine captured none of the case's points "
+                           f"({len(self.missing)} required points missing)")
+        counts = f"{comp.compared} compared, {len(self.failed)} failed, {len(self.missing)} missing, {skipped} skipped"
+        if self.passed:
+            return head + f"PASS ({counts})"
+        culprit = self.culprit["name"] if self.culprit else _no_culprit(self.result.teacher_forcing)
+        return head + f"FAIL ({counts}); first divergence {self.first_divergence['name']}; culprit {culprit}"
+
+    def explain(self, name: str) -> str:
+        """The failure message of one point: metric, value, tolerance and its derivation, the
+        worst token, and what teacher forcing says about it."""
+        p = self.point(name)
+        lines = [f"{p.name}: {p.verdict.upper()} (engine {self.engine!r}, case {self.case!r}, "
+                 f"{self.result.tolerance_precision} tolerances)"]
+        if p.verdict in NOT_JUDGED:
+            return "\n".join(lines + [f"  not judged: {p.verdict}: {p.reason}"])
+        seq_lens = self.result.case.seq_lens
+        lines += _index_lines(p, seq_lens) if p.kind == "index" else _float_lines(p, seq_lens)
+        lines.append(_teacher_forcing_line(p, self.culprit, self.result.teacher_forcing))
+        return "\n".join(lines)
+
+    def message(self) -> str:
+        """The summary, then the first divergent point and the culprit explained, then the
+        list of failing points (what `assert_ok()` raises with)."""
+        lines = [self.summary()]
+        if self.verdict == "fail":
+            first = self.first_divergence["name"]
+            lines.append(self.explain(first))
+            if self.culprit and self.culprit["name"] != first:
+                lines.append(self.explain(self.culprit["name"]))
+            lines.append(f"failing points ({len(self.failed)}): {_names(self.failed)}")
+        if self.missing:
+            lines.append(f"missing points ({len(self.missing)}): {_names(self.missing)}")
+        return "\n".join(lines)
+
+    def assert_ok(self, allow_missing: bool = True) -> "CheckResult":
+        """Raise `CorruptionDetected` when a point fails, `NothingCompared` when nothing was
+        compared, and (with `allow_missing=False`) `MissingPoints` when required points are
+        missing. Returns self otherwise."""
+        if self.verdict == "fail":
+            raise CorruptionDetected(self.message())
+        if self.verdict == "error":
+            raise NothingCompared(self.message())
+        if self.missing and not allow_missing:
+            raise MissingPoints(self.message())
+        return self
+
+
+# -- message pieces
+
+def _g(v, spec=".3g") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf"
+    return format(v, spec)
+
+
+def _names(points: list) -> str:
+    names = [p.name for p in points]
+    more = len(names) - _LIST_AT_MOST
+    return ", ".join(names[:_LIST_AT_MOST]) + (f", ... (+{more} more)" if more > 0 else "")
+
+
+def _token(t, seq_lens) -> str:
+    """Flat token index -> 'token 73 (sequence 1, position 9)'."""
+    if t is None:
+        return "n/a"
+    pos = int(t)
+    for seq, n in enumerate(seq_lens):
+        if pos < n:
+            return f"token {t} (sequence {seq}, position {pos})"
+        pos -= n
+    return f"token {t}"
+
+
+def _float_lines(p: PointResult, seq_lens) -> list[str]:
+    m, t = p.metrics or {}, p.tolerance or {}
+    rel, band = t.get("value"), t.get("norm_ratio_band")
+    rl2, nr = m.get("rel_l2"), m.get("norm_ratio")
+    if m.get("nonfinite_new"):
+        metric = f"NaN/Inf: {m['nonfinite_new']} non-finite values the reference does not have (tolerance 0)"
+    elif rl2 is None or (rel is not None and rl2 > rel):
+        metric = f"rel_l2 = {_g(rl2)} > tolerance {_g(rel)}"
+    elif nr is None or (band is not None and abs(nr - 1) > band):
+        metric = f"norm ratio = {_g(nr, '.6g')}: scale off by {_g(nr - 1 if nr is not None else None, '+.3g')}, " \
+                 f"outside the band 1 ± {_g(band)}"
+    else:
+        metric = f"rel_l2 = {_g(rl2)} within tolerance {_g(rel)}"
+    if metric.startswith("norm ratio") and t.get("noise_rel_l2") is not None:
+        tolerance = (f"norm band {_g(band)} = max({_g(t.get('safety'))} x max(worst honest |norm ratio - 1| "
+                     f"({_g(t.get('noise_norm_dev'))}), {NORM_SHARE:g} x worst honest rel_l2 ({_g(t['noise_rel_l2'])})), "
+                     f"floor {_g(t.get('floor'))})")
+    else:
+        tolerance = f"{_g(rel)} = {t.get('derivation', 'n/a')}"
+    return [
+        f"  metric: {metric} (error/tolerance {_g(p.ratio)})",
+        f"  also: rel_l2 {_g(rl2)}, norm ratio {_g(nr, '.6g')} (band ±{_g(band)}), max abs {_g(m.get('max_abs'))}, "
+        f"cosine {_g(m.get('cosine'), '.9f')}",
+        f"  tolerance: {tolerance}",
+        f"  worst token: {_token(m.get('worst_token'), seq_lens)}, relative error {_g(m.get('worst_token_rel'))}",
+    ]
+
+
+def _index_lines(p: PointResult, seq_lens) -> list[str]:
+    m, t = p.metrics or {}, p.tolerance or {}
+    return [
+        f"  metric: {m.get('genuine')} token(s) choose differently beyond a near-tie > tolerance 0 "
+        f"(of {m.get('tokens')} tokens; {m.get('tie_explained')} difference(s) explained as near-ties)",
+        f"  tolerance: tie margin {_g(t.get('tie_margin_rel'))} = {t.get('derivation', 'n/a')}",
+        f"  worst token: first genuine disagreement at {_token(m.get('first_genuine_token'), seq_lens)}",
+    ]
+
+
+def _no_culprit(teacher_forcing: str) -> str:
+    if teacher_forcing != "run":
+        return "unknown (teacher forcing not run)"
+    return "none (no sub-block exceeds its local tolerance on its own input: accumulated drift)"
+
+
+def _teacher_forcing_line(p: PointResult, culprit: dict | None, teacher_forcing: str) -> str:
+    loc = p.local or {}
+    role, ratio = loc.get("role"), _g(loc.get("ratio"))
+    blamed = culprit["name"] if culprit else _no_culprit(teacher_forcing)
+    if role == "culprit":
+        local = f"; local check: {loc['reason']}" if loc.get("reason") else ""
+        return (f"  teacher forcing: CULPRIT: fed the engine's own input, this sub-block alone is {ratio}x its "
+                f"local tolerance{local}")
+    if role == "culprit sub-block":
+        return (f"  teacher forcing: in the culprit's sub-block (culprit {blamed}); on its own input it is "
+                f"{ratio}x its local tolerance")
+    if role == "local excess":
+        return (f"  teacher forcing: local excess: on its own input it is {ratio}x its local tolerance, "
+                f"downstream of the culprit {blamed}")
+    if role == "inherited":
+        return (f"  teacher forcing: inherited: on its own input this sub-block is within its local tolerance "
+                f"({ratio}x); the error is drift from upstream (culprit {blamed})")
+    if role:
+        return f"  teacher forcing: {role}; culprit {blamed}"
+    return f"  teacher forcing: no result for this point; culprit {blamed}"
+
+
+__all__ = ["check", "check_dump", "CheckResult", "CheckFailed", "CorruptionDetected", "NothingCompared",
+           "MissingPoints", "NOT_JUDGED", "BadInput", "EngineUnavailable"]

@@ -1,0 +1,288 @@
+"""pytest plugin (entry point `pytest11`): corruptcheck as ordinary test items in an engine's CI.
+
+    pytest --corruptcheck-engine hf --corruptcheck-case tiny -v
+
+adds, per case, `corruptcheck[CASE::verdict]` (the case's overall verdict: fails on `fail`
+with the culprit, and on `error` / an engine that cannot run) and one item per capture point,
+`corruptcheck[CASE::POINT]`, that passes or fails on that point's verdict; `missing`,
+`not-exercised` and `skipped` points are pytest skips with the reason, never passes. Every
+item carries the `corruptcheck` marker. The compare runs once per case per process (each
+pytest-xdist worker runs it lazily for the cases it gets; `--dist loadscope` keeps a case on
+one worker). The `corruptcheck` fixture exposes the Python API (`corruptcheck.api`).
+
+Without `--corruptcheck-engine` the plugin only registers its options, marker and fixture:
+nothing heavy is imported here (torch and the tool load lazily) and no item is added.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+MARKER = "corruptcheck"
+VERDICT_ITEM = "verdict"  # corruptcheck[CASE::verdict]; no capture point has this name
+_NOT_JUDGED = ("missing", "not-exercised", "skipped")  # = api.NOT_JUDGED (api imports torch)
+_RUNNER = pytest.StashKey["_Runner | None"]()  # None: the plugin is inert in this session
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("corruptcheck", "corruptcheck: silent-corruption check of an inference engine")
+    group.addoption("--corruptcheck-engine", metavar="NAME",
+                    help="engine to check: a registered name (hf, reference, dump, ...) or package.module:Class; "
+                         "adds one test item per case and capture point")
+    group.addoption("--corruptcheck-case", action="append", metavar="CASE",
+                    help="built-in case to run (repeatable; default: tiny)")
+    group.addoption("--corruptcheck-precision", metavar="DTYPE",
+                    help="precision the engine runs in: float64, float32 (default), bfloat16")
+    group.addoption("--corruptcheck-report", metavar="DIR",
+                    help="write DIR/CASE.json and DIR/CASE.html for every case that ran")
+    group.addoption("--corruptcheck-engine-option", action="append", metavar="KEY=VALUE",
+                    help="option passed to the engine's run() (repeatable); VALUE is JSON or a string, "
+                         "'{case}' in it becomes the case name, e.g. path=dumps/{case}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{MARKER}: a corruptcheck point check (added by --corruptcheck-engine)")
+    config.stash[_RUNNER] = _Runner.from_config(config)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """Append the corruptcheck collector to the session's top-level nodes, so its items are
+    collected, counted and selected (-k, -m) like any others."""
+    rep = yield
+    runner = collector.config.stash.get(_RUNNER, None)
+    if runner is not None and isinstance(collector, pytest.Session) and rep.passed:
+        rep.result.append(CorruptcheckCollector.from_parent(collector, name=MARKER, nodeid=MARKER))
+    return rep
+
+
+def pytest_report_header(config):
+    runner = config.stash.get(_RUNNER, None)
+    if runner is not None:
+        report = f", reports in {runner.report_dir}" if runner.report_dir else ""
+        return (f"corruptcheck: engine {runner.engine}, case(s) {', '.join(runner.cases)}, "
+                f"precision {runner.precision}{report}")
+    return None
+
+
+@pytest.fixture(scope="session")
+def corruptcheck(request) -> "CorruptcheckFixture":
+    """The corruptcheck API with this session's settings as defaults."""
+    return CorruptcheckFixture(request.config)
+
+
+class CaseNotCompared(Exception):
+    """The engine could not be run or compared on a case (the cause is chained)."""
+
+
+class _Runner:
+    """The session's settings and the per-process cache of results, one compare per case."""
+
+    def __init__(self, engine: str, cases: list[str], precision: str, report_dir: Path | None,
+                 engine_options: dict):
+        self.engine, self.cases, self.precision = engine, cases, precision
+        self.report_dir, self.engine_options = report_dir, engine_options
+        self._results: dict = {}  # case -> CheckResult | the exception the engine raised
+
+    @classmethod
+    def from_config(cls, config) -> "_Runner | None":
+        engine = config.getoption("corruptcheck_engine")
+        given = [flag for flag, dest in (("--corruptcheck-case", "corruptcheck_case"),
+                                         ("--corruptcheck-precision", "corruptcheck_precision"),
+                                         ("--corruptcheck-report", "corruptcheck_report"),
+                                         ("--corruptcheck-engine-option", "corruptcheck_engine_option"))
+                 if config.getoption(dest)]
+        if not engine:
+            if given:  # a check that silently does not run is what this tool exists to prevent
+                raise pytest.UsageError(f"{', '.join(given)} only take effect with --corruptcheck-engine")
+            return None
+        cases = list(dict.fromkeys(config.getoption("corruptcheck_case") or ["tiny"]))
+        precision = config.getoption("corruptcheck_precision") or "float32"
+        report = config.getoption("corruptcheck_report")
+        report_dir = Path(config.invocation_params.dir, report).resolve() if report else None
+        options = _parse_options(config.getoption("corruptcheck_engine_option") or [])
+        _validate(engine, cases, precision)
+        return cls(engine, cases, precision, report_dir, options)
+
+    def options_for(self, case: str) -> dict:
+        return {k: v.replace("{case}", case) if isinstance(v, str) else v for k, v in self.engine_options.items()}
+
+    def result(self, case: str):
+        """The CheckResult of `case`, computed on first use; raises CaseNotCompared when the
+        engine could not be run on it (remembered, so it is not re-run for every item)."""
+        if case not in self._results:
+            from corruptcheck import api
+
+            try:
+                res = api.check(self.engine, case, self.precision, **self.options_for(case))
+            except Exception as exc:  # noqa: BLE001 - any engine failure is reported by the items
+                self._results[case] = exc
+            else:
+                self._results[case] = res
+                if self.report_dir:
+                    res.write_reports(self.report_dir)
+        out = self._results[case]
+        if isinstance(out, Exception):
+            raise CaseNotCompared(f"corruptcheck could not compare engine {self.engine!r} on case {case!r}: "
+                                  f"{type(out).__name__}: {out}") from out
+        return out
+
+    def items(self, parent):
+        from corruptcheck.cases import get_case
+        from corruptcheck.points import capture_points
+
+        xdist = parent.config.pluginmanager.hasplugin("xdist")
+        for case in self.cases:
+            marks = [pytest.mark.corruptcheck] + ([pytest.mark.xdist_group(f"corruptcheck-{case}")] if xdist else [])
+            names = [VERDICT_ITEM] + [spec.name for spec in capture_points(get_case(case).config)]
+            for point in names:
+                cls = VerdictItem if point == VERDICT_ITEM else PointItem
+                name = f"{MARKER}[{case}::{point}]"
+                item = cls.from_parent(parent, name=name, case=case, point=point)
+                for mark in marks:
+                    item.add_marker(mark)
+                yield item
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise pytest.UsageError(f"--corruptcheck-engine-option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def _validate(engine: str, cases: list[str], precision: str) -> None:
+    """Unknown names end the session at once (exit 4) instead of failing every item."""
+    from corruptcheck.cases import get_case
+    from corruptcheck.engines import engine_class
+    from corruptcheck.errors import BadInput
+    from corruptcheck.reference import Precision
+
+    try:
+        for case in cases:
+            get_case(case)
+        engine_class(engine)
+        Precision.of(precision)
+    except KeyError as exc:
+        raise pytest.UsageError(f"--corruptcheck-case: {exc.args[0]}") from None
+    except (BadInput, ValueError) as exc:
+        raise pytest.UsageError(f"corruptcheck: {exc}") from None
+
+
+class CorruptcheckCollector(pytest.Collector):
+    """Parent of the generated items (one per session)."""
+
+    def collect(self):
+        return list(self.config.stash[_RUNNER].items(self))
+
+
+class _CaseItem(pytest.Item):
+    def __init__(self, *, case: str, point: str, **kwargs):
+        super().__init__(**kwargs)
+        self.case, self.point = case, point
+
+    def _result(self):
+        return self.config.stash[_RUNNER].result(self.case)
+
+    def reportinfo(self):
+        # a location whose path part equals the node id's ("corruptcheck"), as for a test file
+        return self.path / MARKER, None, self.name
+
+    def repr_failure(self, excinfo, style=None):
+        from corruptcheck.api import CheckFailed
+
+        if isinstance(excinfo.value, CheckFailed):
+            return str(excinfo.value)
+        if isinstance(excinfo.value, CaseNotCompared):
+            from corruptcheck.errors import BadInput, EngineUnavailable
+
+            cause = excinfo.value.__cause__
+            if self.point != VERDICT_ITEM or cause is None or isinstance(cause, (BadInput, EngineUnavailable)):
+                return str(excinfo.value)  # one line
+            # an unexpected engine error: the verdict item shows where the engine raised it
+            trace = super().repr_failure(pytest.ExceptionInfo.from_exception(cause), style=style or "short")
+            return f"{excinfo.value}\n{trace}"
+        return super().repr_failure(excinfo, style=style)
+
+
+class VerdictItem(_CaseItem):
+    """The case's overall verdict: pass, fail (with the first divergence and the culprit) or
+    error (nothing compared, or the engine could not run)."""
+
+    def runtest(self):
+        res = self._result()
+        self.user_properties.append(("corruptcheck_verdict", res.verdict))
+        res.assert_ok()
+
+
+class PointItem(_CaseItem):
+    """One capture point's verdict."""
+
+    def runtest(self):
+        res = self._result()
+        try:
+            p = res.point(self.point)
+        except KeyError:
+            pytest.skip("not in this case's reference (the case has no such point)")
+        self.user_properties.append(("corruptcheck_verdict", p.verdict))
+        if p.ratio is not None:
+            self.user_properties.append(("error_over_tolerance", f"{p.ratio:.4g}"))
+        if p.verdict in _NOT_JUDGED:
+            pytest.skip(f"{p.verdict}: {p.reason}")
+        if p.verdict == "fail":
+            from corruptcheck.api import CorruptionDetected
+
+            raise CorruptionDetected(f"{res.explain(p.name)}\n{res.summary()}")
+
+
+class CorruptcheckFixture:
+    """What the `corruptcheck` fixture gives a test: `check()`, `check_dump()` and `result()`
+    with the command line's engine, case and precision as defaults."""
+
+    def __init__(self, config):
+        self._runner: _Runner | None = config.stash.get(_RUNNER, None)
+
+    @property
+    def engine(self) -> str | None:
+        return self._runner.engine if self._runner else None
+
+    @property
+    def cases(self) -> list[str]:
+        return self._runner.cases if self._runner else ["tiny"]
+
+    @property
+    def precision(self) -> str:
+        return self._runner.precision if self._runner else "float32"
+
+    def check(self, engine=None, case=None, precision=None, **engine_options):
+        """`corruptcheck.api.check`; without `engine`, the --corruptcheck-engine one (and its
+        --corruptcheck-engine-option values), else the test is skipped."""
+        from corruptcheck import api
+
+        case = case or self.cases[0]
+        if engine is None:
+            if self._runner is None:
+                pytest.skip("no engine given: pass one to check() or run pytest with --corruptcheck-engine")
+            engine, engine_options = self._runner.engine, {**self._runner.options_for(case), **engine_options}
+        return api.check(engine, case, precision or self.precision, **engine_options)
+
+    def check_dump(self, path, case=None, precision=None, **options):
+        """`corruptcheck.api.check_dump` (the case defaults to the first --corruptcheck-case)."""
+        from corruptcheck import api
+
+        return api.check_dump(path, case or self.cases[0], precision, **options)
+
+    def result(self, case=None):
+        """The session's result for `case` (the same one the generated items judge), or a skip
+        when pytest runs without --corruptcheck-engine."""
+        if self._runner is None:
+            pytest.skip("corruptcheck is not enabled (run pytest with --corruptcheck-engine)")
+        return self._runner.result(case or self.cases[0])

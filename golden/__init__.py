@@ -1,0 +1,1 @@
+"""Golden data of the built-in cases, shipped as package data (`corruptcheck.goldens`)."""
