@@ -297,5 +297,7 @@ def golden_show(case_name):
                       f"{layer['clamp_hits']} clamp hits, {layer['experts_used']}/{layer['experts_total']} experts")
 
 
+from corruptcheck.selftest_cli import selftest, sweep  # noqa: E402
+main.add_command(selftest); main.add_command(sweep)  # noqa: E702
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -14,10 +14,10 @@ within TIE_SAFETY x the 99th-percentile score perturbation an honest implementat
 """
 from __future__ import annotations
 
-SAFETY = 4.0
+SAFETY = 3.0
 NORM_SHARE = 0.2
-TIE_SAFETY = 4.0
-FLOOR = {"float64": 1e-12, "float32": 1e-7, "bfloat16": 1e-3}
+TIE_SAFETY = 3.0
+FLOOR = {"float64": 1e-12, "float32": 1e-9, "bfloat16": 1e-6}
 TIE_FLOOR = {"float64": 1e-12, "float32": 1e-6, "bfloat16": 1e-3}
 
 

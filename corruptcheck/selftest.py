@@ -1,0 +1,496 @@
+"""The detector's self-test (issue 6): every fault x case x precision and every benign variant.
+
+A fault run is `compare(case, engine, precision, engine=FaultyEngine(...))`; the row says
+whether the fault fired (else *not exercised*, excluded from recall), whether the compare
+failed (detected), the first failing point, the teacher-forced culprit, the expected point
+(the fault's strike point that the engine exposes first) and whether the two agree. A benign
+variant is an honest engine (another precision, reduction order, attention algorithm,
+batching); any failure of one is a false positive.
+
+Totals: float32 recall and localization accuracy over exercised (fault, case) pairs;
+bfloat16 detections, and for each bf16 miss its effect/noise ratio = the fault's own error at
+its point (rel_l2 of the float32 faulty run, where honest float32 noise is negligible) over
+the honest bf16 noise there (the bf16 tolerance's `noise_rel_l2`); false positives.
+"""
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from html import escape as html_escape
+
+import torch
+
+from corruptcheck.cases import CASES, Case, get_case
+from corruptcheck.compare import compare
+from corruptcheck.engines import Capture, Engine, get_engine
+from corruptcheck.errors import BadInput
+from corruptcheck.faults import FAULTS, Fault, FaultyEngine, patched
+from corruptcheck.reference import model as r_model
+
+SELFTEST_SCHEMA = 1
+PRECISIONS = ("float32", "bfloat16")
+BF16_FLOOR_RATIO = 3.0  # faults above 3x the bf16 noise must be caught in bf16 (issue 6)
+LOCALIZATION_TARGET = 0.95
+
+
+# ---------------------------------------------------------------------------------------------
+# benign variants: honest engines that must never be flagged
+
+@dataclass(frozen=True)
+class Benign:
+    name: str
+    description: str
+    precision: str
+    engines: tuple[str, ...]
+    install: Callable | None = None  # engine name -> context manager active during the run
+    options: dict = field(default_factory=dict)  # extra engine options
+    batch_partner: bool = False  # run each sequence in a batch next to a partner sequence
+
+
+def _split_k_linear(parts: int):
+    """nn.Linear.forward summing its reduction in `parts` partial products, last one first, in
+    fp32 (fp64 for fp64 inputs), rounded once: another honest reduction order."""
+    def forward(self, x):
+        k = x.shape[-1]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = self.weight.to(x.dtype)
+        out = None
+        for idx in reversed(torch.arange(k).tensor_split(parts)):
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            y = torch.nn.functional.linear(x[..., lo:hi].to(acc), w[:, lo:hi].to(acc))
+            out = y if out is None else out + y
+        out = out.to(x.dtype)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+    return forward
+
+
+@contextmanager
+def _split_k(engine: str):
+    with patched() as p:
+        if engine == "hf":
+            p.set(torch.nn.Linear, "forward", _split_k_linear(4))
+        else:  # the reference sums every Linear in `split_k` partial products (noise model: 2, 3)
+            p.wrap(r_model, "reduction_split", lambda orig: lambda _k: orig(4))
+        yield
+
+
+ONLINE_SOFTMAX = "corruptcheck_online_softmax"
+
+
+def online_softmax_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, block=64,
+                             **kwargs):
+    """Flash-style attention for transformers' DeepSeek V4: keys in blocks of `block`, a
+    running max and sum (online softmax) with the per-head sink as the starting logit, in fp32.
+    The same function as eager attention, another order of operations."""
+    b, h, s, _ = query.shape
+    q = query.float()
+    m = module.sinks.float().reshape(1, h, 1, 1).expand(b, h, s, 1)
+    denom = torch.ones_like(m)  # exp(sink - m) with m = sink
+    acc = torch.zeros(b, h, s, value.shape[-1], dtype=torch.float32)
+    for j in range(0, key.shape[2], block):
+        k = key[:, :, j:j + block].float()
+        logits = torch.matmul(q, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            logits = logits + attention_mask[..., j:j + block].float()
+        m_new = torch.maximum(m, logits.amax(-1, keepdim=True))
+        decay = torch.exp(m - m_new)
+        p = torch.exp(logits - m_new)
+        denom = denom * decay + p.sum(-1, keepdim=True)
+        acc = acc * decay + torch.matmul(p, value[:, :, j:j + block].float())
+        m = m_new
+    out = (acc / denom).to(value.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def _online_softmax(engine: str):
+    """Register the attention function, and eager's additive mask for it (transformers builds
+    no mask at all for an implementation its mask registry does not know)."""
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    masks = AttentionMaskInterface._global_mapping
+    ALL_ATTENTION_FUNCTIONS[ONLINE_SOFTMAX] = online_softmax_attention
+    masks[ONLINE_SOFTMAX] = eager_mask
+    try:
+        yield
+    finally:
+        del ALL_ATTENTION_FUNCTIONS[ONLINE_SOFTMAX]
+        masks.pop(ONLINE_SOFTMAX, None)
+
+
+BENIGN: dict[str, Benign] = {b.name: b for b in (
+    Benign("bf16", "the engine itself at bfloat16", "bfloat16", ("hf", "reference")),
+    Benign("fp32-split-k4", "float32, every Linear summed in 4 partial products, last first", "float32",
+           ("hf", "reference"), install=_split_k),
+    Benign("fp32-online-softmax", "float32, flash-style attention (online softmax over 64-key blocks)",
+           "float32", ("hf",), install=_online_softmax, options={"attn_impl": ONLINE_SOFTMAX}),
+    Benign("fp32-batch2", "float32, each sequence batched with a partner sequence (right-padded batch)",
+           "float32", ("hf",), batch_partner=True, options={"batch": True}),
+    Benign("float64", "transformers in float64 (judged as float32: it computes mHC/norms/RoPE in fp32)",
+           "float64", ("hf",)),
+)}
+
+
+@contextmanager
+def _variant_patches(variant: Benign, engine: str):
+    if variant.install is None:
+        yield
+    else:
+        with variant.install(engine):
+            yield
+
+
+def partnered(case: Case) -> Case:
+    """The case with every sequence followed, in the same batch, by a partner of the same
+    length: seeded sequences come in order, so the first ones are exactly the case's own."""
+    return Case(f"{case.name}+partners", case.description, case.config, case.seed, case.seq_lens + case.seq_lens)
+
+
+def _own_rows(points: dict, case: Case) -> dict:
+    """Rows of the case's own sequences out of a partnered capture."""
+    cfg = case.config
+    tokens = case.num_tokens
+    out = {}
+    for name, t in points.items():
+        if name.endswith(("compressed_kv", "indexer_keys")):
+            parts = name.split(".")
+            layer = cfg.num_layers if parts[0] == "mtp" else int(parts[1])
+            out[name] = t[: sum(n // cfg.compress_ratio(layer) for n in case.seq_lens)]
+        else:
+            rows = tokens - len(case.seq_lens) if name.startswith("mtp.") else tokens
+            out[name] = t[:rows]
+    return out
+
+
+class VariantEngine(Engine):
+    """`inner` run as the benign variant (patches installed around the run only)."""
+
+    def __init__(self, inner: Engine, variant: Benign):
+        self.inner, self.variant = inner, variant
+        self.name = f"{inner.name}~{variant.name}"
+        self.extra = inner.extra
+
+    def available(self) -> tuple[bool, str]:
+        return self.inner.available()
+
+    def run(self, case: Case, precision: str, **options) -> Capture:
+        options = {**options, **self.variant.options}
+        run_case = partnered(case) if self.variant.batch_partner else case
+        with _variant_patches(self.variant, self.inner.name):
+            cap = self.inner.run(run_case, precision, **options)
+        if self.variant.batch_partner:
+            cap.points = _own_rows(cap.points, case)
+        cap.meta = {**cap.meta, "benign_variant": self.variant.name}
+        return cap
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+
+@dataclass
+class FaultRow:
+    fault: str
+    klass: str
+    case: str
+    precision: str
+    status: str  # detected | missed | not exercised | error
+    fired: int = 0
+    where: str | None = None
+    layers: list = field(default_factory=list)  # where the fault fired
+    verdict: str | None = None
+    first: str | None = None
+    culprit: str | None = None
+    expected: str | None = None
+    localized: bool | None = None
+    culprit_local_ratio: float | None = None
+    effect_point: str | None = None
+    effect: float | None = None  # rel_l2 at effect_point in this run
+    noise: float | None = None  # honest noise rel_l2 at effect_point at this precision
+    seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def exercised(self) -> bool:
+        return self.status in ("detected", "missed")
+
+
+@dataclass
+class BenignRow:
+    variant: str
+    case: str
+    precision: str
+    status: str  # pass | flagged | error
+    verdict: str | None = None
+    worst: str | None = None
+    worst_ratio: float | None = None
+    first: str | None = None
+    seconds: float = 0.0
+    note: str = ""
+
+
+def _exposed(points: dict, name: str) -> bool:
+    p = points.get(name)
+    return p is not None and p.verdict not in ("skipped", "missing")
+
+
+def expected_point(fault: Fault, where: str | None, points: dict) -> str | None:
+    """The fault's first strike point that the engine exposes, under the layer where it fired."""
+    if where is None:
+        return None
+    return next((n for n in fault.expected_candidates(where) if _exposed(points, n)), None)
+
+
+def _effect_point(expected: str, order: list, points: dict) -> str | None:
+    """The expected point if it is a float point; for a discrete one (indexer top-k) the next
+    float point of the same sub-block (where the other selection first shows as an error)."""
+    if points[expected].kind == "float":
+        return expected
+    prefix = expected.rsplit(".", 2)[0] + ".attn."
+    after = order[order.index(expected) + 1:]
+    return next((n for n in after if n.startswith(prefix) and _exposed(points, n) and points[n].kind == "float"),
+                None)
+
+
+def _finite(v):
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
+def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow:
+    row = FaultRow(fault.name, fault.klass, case.name, precision, "not exercised")
+    if fault.triggered(case.config, case.seq_lens, engine) is False:
+        row.note = f"trigger never fires here: {fault.trigger}"
+        return row
+    faulty = FaultyEngine(get_engine(engine), fault)
+    t0 = time.perf_counter()
+    try:
+        res = compare(case, engine, precision, engine=faulty)
+    except Exception as exc:  # a crash under a fault is a finding, not a selftest crash
+        row.status, row.note = "error", f"{type(exc).__name__}: {exc}"
+        row.seconds = time.perf_counter() - t0
+        traceback.print_exc()
+        return row
+    row.seconds = time.perf_counter() - t0
+    st = faulty.state
+    row.fired, row.where, row.layers = st.fired, st.where, list(st.layers)
+    comp = res.comparison
+    row.verdict = res.verdict
+    row.first = comp.first_divergence["name"] if comp.first_divergence else None
+    row.culprit = res.culprit["name"] if res.culprit else None
+    row.culprit_local_ratio = _finite(res.culprit.get("local_ratio")) if res.culprit else None
+    if st.fired == 0:
+        row.note = f"did not fire on this case ({fault.trigger})"
+        if res.verdict == "fail":
+            row.note += "; compare failed anyway: first " + str(row.first)
+        return row
+    points = {p.name: p for p in comp.points}
+    row.expected = expected_point(fault, st.where, points)
+    row.status = "detected" if res.verdict == "fail" else "missed"
+    accepted = fault.accepted(row.expected, st.where, st.layers) if row.expected else []
+    row.localized = row.status == "detected" and row.culprit is not None and row.culprit in accepted
+    if row.localized and row.culprit != row.expected:
+        row.note = f"culprit {row.culprit}: an equivalent strike point ({fault.name} fired at {', '.join(st.layers)})"
+    if row.expected:
+        ep = _effect_point(row.expected, [p.name for p in comp.points], points)
+        if ep:
+            row.effect_point = ep
+            row.effect = _finite(points[ep].metrics.get("rel_l2"))
+            row.noise = (points[ep].tolerance or {}).get("noise_rel_l2")
+    else:
+        row.note = "the engine exposes none of the fault's strike points"
+    if row.status == "missed":
+        worst = max((p for p in comp.points if p.ratio is not None), key=lambda p: p.ratio, default=None)
+        if worst is not None:
+            row.note = f"worst err/tol {worst.ratio:.3g} at {worst.name}"
+    return row
+
+
+def run_benign(case: Case, engine: str, variant: Benign) -> BenignRow:
+    row = BenignRow(variant.name, case.name, variant.precision, "pass")
+    t0 = time.perf_counter()
+    try:
+        res = compare(case, engine, variant.precision, engine=VariantEngine(get_engine(engine), variant))
+    except Exception as exc:
+        row.status, row.note = "error", f"{type(exc).__name__}: {exc}"
+        row.seconds = time.perf_counter() - t0
+        traceback.print_exc()
+        return row
+    row.seconds = time.perf_counter() - t0
+    comp = res.comparison
+    row.verdict = res.verdict
+    row.status = "flagged" if res.verdict != "pass" else "pass"
+    worst = max((p for p in comp.points if p.ratio is not None and math.isfinite(p.ratio)),
+                key=lambda p: p.ratio, default=None)
+    if worst is not None:
+        row.worst, row.worst_ratio = worst.name, worst.ratio
+    if comp.first_divergence:
+        row.first = comp.first_divergence["name"]
+        row.note = "; ".join(f"{p.name}: {p.reason}" for p in comp.failed[:3])
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole matrix
+
+@dataclass
+class SelftestResult:
+    engine: str
+    cases: list
+    precisions: list
+    faults: list = field(default_factory=list)  # FaultRow
+    benign: list = field(default_factory=list)  # BenignRow
+
+    def bf16_effects(self) -> list[dict]:
+        """Per exercised bf16 row: effect/noise = float32 fault error / honest bf16 noise."""
+        fp32 = {(r.fault, r.case): r for r in self.faults if r.precision == "float32" and r.exercised}
+        out = []
+        for r in self.faults:
+            if r.precision != "bfloat16" or not r.exercised:
+                continue
+            ref = fp32.get((r.fault, r.case))
+            effect = ref.effect if ref is not None and ref.effect_point == r.effect_point else None
+            source = "float32 run"
+            if effect is None:
+                effect, source = r.effect, "bfloat16 run (no float32 run)"
+            ratio = effect / r.noise if effect is not None and r.noise else None
+            out.append({"fault": r.fault, "case": r.case, "status": r.status, "point": r.effect_point,
+                        "effect_rel_l2": effect, "bf16_noise_rel_l2": r.noise, "effect_over_noise": ratio,
+                        "effect_source": source})
+        return out
+
+    def totals(self) -> dict:
+        def block(prec):
+            rows = [r for r in self.faults if r.precision == prec]
+            ex = [r for r in rows if r.exercised]
+            det = [r for r in ex if r.status == "detected"]
+            loc = [r for r in ex if r.localized]
+            return {"runs": len(rows), "exercised": len(ex), "not_exercised": sum(r.status == "not exercised" for r in rows),
+                    "errors": sum(r.status == "error" for r in rows), "detected": len(det),
+                    "recall": len(det) / len(ex) if ex else None, "localized": len(loc),
+                    "localization_accuracy": len(loc) / len(ex) if ex else None,
+                    "missed": [f"{r.fault}@{r.case}" for r in ex if r.status == "missed"],
+                    "mislocalized": [f"{r.fault}@{r.case}: culprit {r.culprit}, expected {r.expected}"
+                                     for r in det if not r.localized]}
+        out = {p: block(p) for p in self.precisions}
+        effects = self.bf16_effects()
+        if "bfloat16" in out:
+            out["bfloat16"]["below_floor_misses"] = [e for e in effects if e["status"] == "missed"
+                                                     and (e["effect_over_noise"] or 0) <= BF16_FLOOR_RATIO]
+            out["bfloat16"]["above_floor_misses"] = [e for e in effects if e["status"] == "missed"
+                                                     and (e["effect_over_noise"] or 0) > BF16_FLOOR_RATIO]
+        out["benign"] = {"runs": len(self.benign), "false_positives": sum(r.status == "flagged" for r in self.benign),
+                         "errors": sum(r.status == "error" for r in self.benign),
+                         "flagged": [f"{r.variant}@{r.case}: {r.note}" for r in self.benign if r.status == "flagged"]}
+        return out
+
+    @property
+    def ok(self) -> bool:
+        """Exit 0 only if no exercised fault was missed at float32, no benign variant was
+        flagged and nothing crashed."""
+        missed32 = any(r.precision == "float32" and r.status == "missed" for r in self.faults)
+        errors = any(r.status == "error" for r in self.faults) or any(r.status == "error" for r in self.benign)
+        flagged = any(r.status == "flagged" for r in self.benign)
+        return not (missed32 or errors or flagged)
+
+    def to_json(self) -> dict:
+        return {"schema": SELFTEST_SCHEMA, "engine": self.engine, "cases": self.cases, "precisions": self.precisions,
+                "ok": self.ok, "totals": self.totals(), "bf16_effects": self.bf16_effects(),
+                "faults": [asdict(r) for r in self.faults], "benign": [asdict(r) for r in self.benign],
+                "fault_catalog": [{"name": f.name, "class": f.klass, "catalog": f.catalog, "summary": f.summary,
+                                   "points": list(f.points), "also": list(f.also), "trigger": f.trigger}
+                                  for f in FAULTS.values()]}
+
+
+def resolve(names, registry: dict, what: str) -> list:
+    """The named entries in registry order (None = all)."""
+    if names is None:
+        return list(registry.values())
+    for n in names:
+        if n not in registry:
+            raise BadInput(f"unknown {what} {n!r}; known: {', '.join(registry)}")
+    return [v for k, v in registry.items() if k in names]
+
+
+def run_selftest(engine: str = "hf", cases=None, precisions=PRECISIONS, faults=None, benign=None,
+                 progress: Callable | None = None) -> SelftestResult:
+    """cases / faults / benign: names (None = all; benign=() for none). `progress(row)` is
+    called after every run."""
+    case_objs = [get_case(c) for c in (cases or list(CASES))]
+    fault_objs = resolve(faults, FAULTS, "fault")
+    variants = [v for v in resolve(benign, BENIGN, "benign variant") if engine in v.engines]
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise BadInput(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    get_engine(engine)  # unknown / unavailable engine: fail before the matrix starts
+    res = SelftestResult(engine, [c.name for c in case_objs], list(precisions))
+    for case in case_objs:
+        for fault in fault_objs:
+            for prec in precisions:
+                row = run_fault(case, engine, fault, prec)
+                res.faults.append(row)
+                if progress:
+                    progress(row)
+        for variant in variants:
+            row = run_benign(case, engine, variant)
+            res.benign.append(row)
+            if progress:
+                progress(row)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML page
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}th{background:#f2f2f2}"
+        ".detected,.pass,.yes{color:#11772d}.missed,.flagged,.error,.no{color:#b00020;font-weight:bold}"
+        ".not-exercised{color:#0b6b8a}code{font-size:12px}")
+
+
+def _cell(v, cls: str = "") -> str:
+    text = "-" if v is None or v == "" else (f"{v:.3g}" if isinstance(v, float) else str(v))
+    return f'<td class="{cls}">{html_escape(text)}</td>'
+
+
+def render_html(res: SelftestResult) -> str:
+    t = res.totals()
+    effects = {(e["fault"], e["case"]): e["effect_over_noise"] for e in res.bf16_effects()}
+    rows = []
+    for r in res.faults:
+        ratio = effects.get((r.fault, r.case)) if r.precision == "bfloat16" else (
+            r.effect / r.noise if r.effect is not None and r.noise else None)
+        loc = None if r.localized is None else ("yes" if r.localized else "no")
+        rows.append("<tr>" + "".join([
+            _cell(r.fault), _cell(r.klass), _cell(r.case), _cell(r.precision),
+            _cell(r.status, r.status.replace(" ", "-")), _cell(r.first), _cell(r.culprit), _cell(r.expected),
+            _cell(loc, loc or ""), _cell(ratio), _cell(r.note)]) + "</tr>")
+    benign = ["<tr>" + "".join([_cell(r.variant), _cell(r.case), _cell(r.precision), _cell(r.status, r.status),
+                                _cell(r.worst_ratio), _cell(r.worst), _cell(r.note)]) + "</tr>" for r in res.benign]
+    summary = []
+    for prec in res.precisions:
+        b = t[prec]
+        summary.append(f"<li>{prec}: {b['detected']}/{b['exercised']} detected, {b['localized']}/{b['exercised']} "
+                       f"localized exactly, {b['not_exercised']} not exercised</li>")
+    summary.append(f"<li>benign: {t['benign']['false_positives']} false positives in {t['benign']['runs']} runs</li>")
+    head = ("<tr><th>fault</th><th>class</th><th>case</th><th>dtype</th><th>status</th><th>first failing point</th>"
+            "<th>culprit</th><th>expected</th><th>loc</th><th>effect/noise</th><th>note</th></tr>")
+    bhead = "<tr><th>variant</th><th>case</th><th>dtype</th><th>status</th><th>worst err/tol</th><th>at</th><th>note</th></tr>"
+    verdict = '<span class="pass">PASS</span>' if res.ok else '<span class="flagged">FAIL</span>'
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>corruptcheck selftest</title>"
+            f"<style>{_CSS}</style></head><body><h1>corruptcheck selftest · engine {html_escape(res.engine)} · "
+            f"{verdict}</h1><ul>{''.join(summary)}</ul><h2>faults</h2><table>{head}{''.join(rows)}</table>"
+            f"<h2>benign variants</h2><table>{bhead}{''.join(benign)}</table></body></html>")
+
+
+def write_html(res: SelftestResult, path: str) -> None:
+    from corruptcheck.report import _atomic_write
+
+    _atomic_write(path, render_html(res))
+
+
+__all__ = ["BENIGN", "Benign", "BenignRow", "FaultRow", "SelftestResult", "VariantEngine", "run_selftest",
+           "run_fault", "run_benign", "partnered", "online_softmax_attention", "render_html", "write_html"]

@@ -1,0 +1,183 @@
+"""Commands `corruptcheck selftest` and `corruptcheck sweep` (issue 6); registered on the main
+group in cli.py."""
+from __future__ import annotations
+
+import math
+import sys
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from corruptcheck.errors import BadInput, EngineUnavailable
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"corruptcheck: error: {msg}", err=True)
+    sys.exit(2)
+
+
+def _names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [s for s in text.replace(" ", "").split(",") if s]
+
+
+def _console() -> Console:
+    return Console(width=max(Console().width, 160))
+
+
+def _num(v, spec=".3g") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+_STATUS = {"detected": "green", "missed": "bold red", "not exercised": "cyan", "error": "bold red",
+           "pass": "green", "flagged": "bold red"}
+
+
+def _progress_line(row) -> str:
+    from corruptcheck.selftest import FaultRow
+
+    if isinstance(row, FaultRow):
+        what = f"{row.fault} @ {row.case} {row.precision}"
+        if row.status == "not exercised":
+            return f"  {what}: not exercised"
+        loc = "" if row.localized is None else (" localized" if row.localized else f" culprit {row.culprit}")
+        return f"  {what}: {row.status}{loc if row.status == 'detected' else ''} ({row.seconds:.1f} s)"
+    return f"  benign {row.variant} @ {row.case} {row.precision}: {row.status} ({row.seconds:.1f} s)"
+
+
+def print_matrix(res, console: Console) -> None:
+    effects = {(e["fault"], e["case"]): e for e in res.bf16_effects()}
+    table = Table(title=f"corruptcheck selftest · engine={res.engine} · faults", title_justify="left")
+    for col in ("fault", "class", "case", "dtype", "status", "first failing point", "culprit", "expected",
+                "loc", "effect/noise", "s"):
+        table.add_column(col, overflow="fold", no_wrap=col not in ("first failing point", "culprit", "expected"))
+    for r in res.faults:
+        style = _STATUS.get(r.status, "")
+        loc = "-" if r.localized is None else ("[green]yes[/]" if r.localized else "[bold red]no[/]")
+        ratio = "-"
+        if r.precision == "bfloat16" and (r.fault, r.case) in effects:
+            ratio = _num(effects[(r.fault, r.case)]["effect_over_noise"])
+        elif r.effect is not None and r.noise:
+            ratio = _num(r.effect / r.noise)
+        table.add_row(r.fault, r.klass, r.case, r.precision, f"[{style}]{r.status}[/]", escape(r.first or "-"),
+                      escape(r.culprit or "-"), escape(r.expected or "-"), loc, ratio, f"{r.seconds:.1f}")
+    console.print(table)
+    if res.benign:
+        bt = Table(title="benign variants (must pass)", title_justify="left")
+        for col in ("variant", "case", "dtype", "status", "worst err/tol", "at", "note"):
+            bt.add_column(col, no_wrap=col != "note")
+        for r in res.benign:
+            bt.add_row(r.variant, r.case, r.precision, f"[{_STATUS.get(r.status, '')}]{r.status}[/]",
+                       _num(r.worst_ratio), escape(r.worst or "-"), escape(r.note))
+        console.print(bt)
+    print_totals(res, console)
+
+
+def print_totals(res, console: Console) -> None:
+    t = res.totals()
+    for prec in res.precisions:
+        b = t[prec]
+        console.print(f"{prec}: {b['detected']}/{b['exercised']} exercised (fault, case) pairs detected "
+                      f"(recall {_pct(b['recall'])}), localized exactly {b['localized']}/{b['exercised']} "
+                      f"({_pct(b['localization_accuracy'])}); {b['not_exercised']} not exercised"
+                      + (f"; {b['errors']} errors" if b['errors'] else ""))
+        for m in b["missed"]:
+            console.print(f"  missed: {m}")
+        for m in b["mislocalized"]:
+            console.print(f"  mislocalized: {escape(m)}")
+    if "bfloat16" in t:
+        for e in t["bfloat16"]["below_floor_misses"]:
+            console.print(f"  bf16 miss below the 3x noise floor: {e['fault']}@{e['case']} at {e['point']}: "
+                          f"effect/noise {_num(e['effect_over_noise'])}")
+        for e in t["bfloat16"]["above_floor_misses"]:
+            console.print(f"  [bold red]bf16 miss above the 3x noise floor[/]: {e['fault']}@{e['case']} at "
+                          f"{e['point']}: effect/noise {_num(e['effect_over_noise'])}")
+    bn = t["benign"]
+    console.print(f"benign: {bn['false_positives']} false positives in {bn['runs']} runs"
+                  + (f"; {bn['errors']} errors" if bn['errors'] else ""))
+    for f in bn["flagged"]:
+        console.print(f"  flagged: {escape(f)}")
+    console.print("selftest: " + ("[green]PASS[/]" if res.ok else "[bold red]FAIL[/]"))
+
+
+@click.command("selftest")
+@click.option("--engine", "engine_name", default="hf", show_default=True, help="engine to test (hf, reference)")
+@click.option("--cases", "cases", default=None, help="comma-separated built-in cases [default: all]")
+@click.option("--faults", "faults", default=None, help="comma-separated faults [default: all]")
+@click.option("--dtypes", "dtypes", default="float32,bfloat16", show_default=True, help="precisions for the faults")
+@click.option("--benign", "benign", default=None, help="comma-separated benign variants [default: all for the engine]")
+@click.option("--no-benign", is_flag=True, help="skip the benign variants")
+@click.option("--list", "list_only", is_flag=True, help="print the faults, one per line, and exit")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the matrix as JSON")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="write the matrix as an HTML page")
+@click.option("--quiet", is_flag=True, help="no progress lines")
+def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, json_path, html_path, quiet):
+    """Re-enact real silent-corruption bugs and check that they are caught and located, and
+    that honest variants are not flagged. Exit 0 pass, 1 a fault missed at float32 or a benign
+    variant flagged, 2 error."""
+    from corruptcheck.faults import FAULTS
+
+    if list_only:
+        for f in FAULTS.values():
+            click.echo(f.describe())
+        return
+    from corruptcheck.report import write_json
+    from corruptcheck.selftest import run_selftest, write_html
+
+    console = _console()
+    progress = None if quiet else (lambda row: click.echo(_progress_line(row), err=True))
+    try:
+        res = run_selftest(engine_name, cases=_names(cases), precisions=tuple(_names(dtypes) or ()),
+                           faults=_names(faults), benign=() if no_benign else _names(benign), progress=progress)
+    except KeyError as exc:
+        _fail(exc.args[0])
+    except (BadInput, EngineUnavailable, ValueError) as exc:
+        _fail(str(exc))
+    print_matrix(res, console)
+    for path, writer in ((json_path, lambda p: write_json(res.to_json(), p)), (html_path, lambda p: write_html(res, p))):
+        if path:
+            try:
+                writer(path)
+            except OSError as exc:
+                _fail(f"cannot write {path}: {exc}")
+    sys.exit(0 if res.ok else 1)
+
+
+@click.command("sweep")
+@click.option("--engine", "engine_name", required=True, help="engine to check (hf, reference, ...)")
+@click.option("--hidden", "hidden", default="4096,5120,6144,7168", show_default=True,
+              help="comma-separated hidden sizes")
+@click.option("--fault", "fault_name", default=None, help="run the engine with this fault active (see selftest --list)")
+@click.option("--dtype", "precision", type=click.Choice(["float64", "float32", "bfloat16"]), default="float32",
+              show_default=True, help="precision the engine runs in (noise is measured for it on the fly)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the sweep as JSON")
+def sweep(engine_name, hidden, fault_name, precision, json_path):
+    """The pro-slice architecture at several hidden sizes, compared at each (one line per
+    size): how a kernel guard that holds for some widths only shows up. Exit 0 every size
+    passes, 1 some size fails, 2 error."""
+    from corruptcheck.faults import get_fault
+    from corruptcheck.report import write_json
+    from corruptcheck.sweep import parse_hidden, run_sweep, to_json
+
+    try:
+        sizes = parse_hidden(hidden)
+        fault = get_fault(fault_name) if fault_name else None
+        rows = run_sweep(engine_name, sizes, fault, precision, progress=lambda r: click.echo(r.line(fault)))
+    except KeyError as exc:
+        _fail(exc.args[0])
+    except (BadInput, EngineUnavailable, ValueError) as exc:
+        _fail(str(exc))
+    doc = to_json(rows, engine_name, fault, precision)
+    if json_path:
+        try:
+            write_json(doc, json_path)
+        except OSError as exc:
+            _fail(f"cannot write {json_path}: {exc}")
+    sys.exit({"pass": 0, "fail": 1}.get(doc["verdict"], 2))
