@@ -4,6 +4,8 @@ import json
 import re
 
 import pytest
+
+from corruptcheck.tolerance import SAFETY
 import torch
 
 from corruptcheck.api import (CheckResult, CorruptionDetected, MissingPoints, NothingCompared, check,
@@ -95,7 +97,7 @@ def test_fault_raises_with_point_metric_tolerance_token_and_culprit(scaled_attn_
     assert "first divergence layers.1.attn.out; culprit layers.1.attn.out" in lines[0]
     assert lines[1].startswith("layers.1.attn.out: FAIL")
     assert f"metric: rel_l2 = {p.metrics['rel_l2']:.3g} > tolerance {p.tolerance['value']:.3g}" in msg
-    assert "max(4 x worst free rel_l2 of honest float32 runs" in msg  # how the tolerance was derived
+    assert f"max({SAFETY:g} x worst free rel_l2 of honest float32 runs" in msg  # how the tolerance was derived
     token = p.metrics["worst_token"]
     assert re.search(rf"worst token: token {token} \(sequence [01], position \d+\)", msg)
     assert "teacher forcing: CULPRIT" in msg
