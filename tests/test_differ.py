@@ -53,32 +53,35 @@ def test_set_disagreement_tie_logic():
 
 
 def test_compare_points_verdicts(tiny, tiny_ref):
+    from corruptcheck.golden import reference_for
+
     points, cov = tiny_ref
+    noise = reference_for(tiny).noise["float32"]  # fp32 rounding of the values is honest noise
     specs = capture_points(tiny.config)
     engine = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in points.items()
               if not k.startswith("mtp.")}
-    comp = compare_points(specs, points, engine, "float32", cov)
+    comp = compare_points(specs, points, engine, "float32", cov, noise)
     assert comp.verdict == "pass" and not comp.missing
 
     # one required point renamed -> missing, never pass; the rest still compared
     bad = dict(engine)
     bad["layers.2.attn.outx"] = bad.pop("layers.2.attn.out")
-    comp = compare_points(specs, points, bad, "float32", cov)
+    comp = compare_points(specs, points, bad, "float32", cov, noise)
     assert comp.unknown == ["layers.2.attn.outx"] and comp.verdict == "error"
     assert next(p for p in comp.points if p.name == "layers.2.attn.out").verdict == "missing"
     del bad["layers.2.attn.outx"]
-    comp = compare_points(specs, points, bad, "float32", cov)
+    comp = compare_points(specs, points, bad, "float32", cov, noise)
     assert [p.name for p in comp.missing] == ["layers.2.attn.out"]
     assert comp.verdict == "pass"  # missing is reported, not failed ...
     assert next(p for p in comp.points if p.name == "layers.2.attn.out").verdict == "missing"
 
     # nothing compared -> error, never pass
-    assert compare_points(specs, points, {}, "float32", cov).verdict == "error"
+    assert compare_points(specs, points, {}, "float32", cov, noise).verdict == "error"
 
     # a 1% scale error at one point fails there and is the first divergence
     scaled = dict(engine)
     scaled["layers.1.attn.out"] = engine["layers.1.attn.out"] * 1.01
-    comp = compare_points(specs, points, scaled, "float32", cov)
+    comp = compare_points(specs, points, scaled, "float32", cov, noise)
     assert comp.verdict == "fail"
     assert comp.first_divergence == {"name": "layers.1.attn.out", "layer": 1}
 
@@ -86,7 +89,7 @@ def test_compare_points_verdicts(tiny, tiny_ref):
     wrong = dict(engine)
     wrong["layers.0.attn_norm"] = engine["layers.0.attn_norm"][:-1]
     with pytest.raises(BadInput, match="shape"):
-        compare_points(specs, points, wrong, "float32", cov)
+        compare_points(specs, points, wrong, "float32", cov, noise)
 
 
 def test_not_exercised_is_not_pass(tiny, tiny_ref):
