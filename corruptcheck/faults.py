@@ -13,7 +13,7 @@ module-level helpers, looked up where they are called); for the `reference` engi
 functions of `corruptcheck.reference.*` in the module that calls them.
 
 Every patch counts when it actually changed something (`FaultState.hit`) and records the
-first layer where it did: a (fault, case) pair whose fault never fired is *not exercised*.
+layers where it did: a (fault, case) pair whose fault never fired is *not exercised*.
 `Fault.triggered(cfg, seq_lens, engine)` states the same condition statically (None when it
 depends on activations), so a runner can skip runs that cannot fire.
 """
@@ -127,10 +127,10 @@ def _track_reference_layers(p: Patcher, state: FaultState) -> None:
     p.wrap(r_model, "block", make)
 
 
-def _wrap_reference_attention(p: Patcher, state: FaultState, kinds: tuple, inner) -> None:
-    """Wrap the reference's per-layer attention; for layers of a kind in `kinds` run it inside
-    `inner(p2, layer, cfg, tables)` (a context that may patch more, scoped to the call), which
-    returns the tables to use."""
+def _wrap_reference_attention(p: Patcher, kinds: tuple, inner) -> None:
+    """Wrap the reference's per-layer attention; for layers of a kind in `kinds` first call
+    `inner(p2, x, layer, cfg, tables)`, which may patch more through `p2` (undone when the
+    layer's attention returns) and returns the RoPE tables to use."""
     def make(orig):
         def attention(x, params, layer, cfg, tables, *rest):
             if cfg.layer_type(layer) not in kinds:
@@ -546,7 +546,7 @@ class YarnOnSliding(Fault):
         def inner(p2, x, layer, c, tables):
             state.hit()
             return {**tables, "main": inv}
-        _wrap_reference_attention(p, state, ("sliding",), inner)
+        _wrap_reference_attention(p, ("sliding",), inner)
 
 
 class SinkhornShort(Fault):
@@ -669,7 +669,7 @@ class CsaPrevWindowLost(Fault):
             p2.wrap(r_attn, "indexer_scores", make_indexer)
             p2.wrap(r_attn, "compress", make_compress)
             return tables
-        _wrap_reference_attention(p, state, ("csa",), inner)
+        _wrap_reference_attention(p, ("csa",), inner)
 
 
 def _neox_rope_hf(x, cos, sin, unsqueeze_dim: int = 1):
@@ -834,7 +834,7 @@ class YarnMscaleSoftmax(Fault):
             p2.wrap(r_attn, "sink_attention",
                     lambda orig: lambda q, keys, allow, sink, scale, prec: orig(q, keys, allow, sink, scale * m2, prec))
             return tables
-        _wrap_reference_attention(p, state, ("csa", "hca"), inner)
+        _wrap_reference_attention(p, ("csa", "hca"), inner)
 
 
 class HcaCausalOffByOne(Fault):
@@ -884,7 +884,7 @@ class HcaCausalOffByOne(Fault):
                 state.hit()
             p2.set(r_attn, "available", available)
             return tables
-        _wrap_reference_attention(p, state, ("hca",), inner)
+        _wrap_reference_attention(p, ("hca",), inner)
 
 
 class MhcCombTransposed(Fault):

@@ -368,9 +368,12 @@ class SelftestResult:
             ex = [r for r in rows if r.exercised]
             det = [r for r in ex if r.status == "detected"]
             loc = [r for r in ex if r.localized]
-            return {"runs": len(rows), "exercised": len(ex), "not_exercised": sum(r.status == "not exercised" for r in rows),
+            exact = [r for r in loc if r.culprit == r.expected]
+            return {"runs": len(rows), "exercised": len(ex),
+                    "not_exercised": sum(r.status == "not exercised" for r in rows),
                     "errors": sum(r.status == "error" for r in rows), "detected": len(det),
                     "recall": len(det) / len(ex) if ex else None, "localized": len(loc),
+                    "localized_at_expected": len(exact),
                     "localization_accuracy": len(loc) / len(ex) if ex else None,
                     "missed": [f"{r.fault}@{r.case}" for r in ex if r.status == "missed"],
                     "mislocalized": [f"{r.fault}@{r.case}: culprit {r.culprit}, expected {r.expected}"
@@ -474,11 +477,13 @@ def render_html(res: SelftestResult) -> str:
     for prec in res.precisions:
         b = t[prec]
         summary.append(f"<li>{prec}: {b['detected']}/{b['exercised']} detected, {b['localized']}/{b['exercised']} "
-                       f"localized exactly, {b['not_exercised']} not exercised</li>")
+                       f"localized ({b['localized_at_expected']} at the expected point), "
+                       f"{b['not_exercised']} not exercised</li>")
     summary.append(f"<li>benign: {t['benign']['false_positives']} false positives in {t['benign']['runs']} runs</li>")
     head = ("<tr><th>fault</th><th>class</th><th>case</th><th>dtype</th><th>status</th><th>first failing point</th>"
             "<th>culprit</th><th>expected</th><th>loc</th><th>effect/noise</th><th>note</th></tr>")
-    bhead = "<tr><th>variant</th><th>case</th><th>dtype</th><th>status</th><th>worst err/tol</th><th>at</th><th>note</th></tr>"
+    bhead = ("<tr><th>variant</th><th>case</th><th>dtype</th><th>status</th><th>worst err/tol</th><th>at</th>"
+             "<th>note</th></tr>")
     verdict = '<span class="pass">PASS</span>' if res.ok else '<span class="flagged">FAIL</span>'
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>corruptcheck selftest</title>"
             f"<style>{_CSS}</style></head><body><h1>corruptcheck selftest · engine {html_escape(res.engine)} · "

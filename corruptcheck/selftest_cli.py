@@ -85,8 +85,10 @@ def print_totals(res, console: Console) -> None:
     for prec in res.precisions:
         b = t[prec]
         console.print(f"{prec}: {b['detected']}/{b['exercised']} exercised (fault, case) pairs detected "
-                      f"(recall {_pct(b['recall'])}), localized exactly {b['localized']}/{b['exercised']} "
-                      f"({_pct(b['localization_accuracy'])}); {b['not_exercised']} not exercised"
+                      f"(recall {_pct(b['recall'])}), localized {b['localized']}/{b['exercised']} "
+                      f"({_pct(b['localization_accuracy'])}; {b['localized_at_expected']} at the expected point, "
+                      f"{b['localized'] - b['localized_at_expected']} at a documented equivalent); "
+                      f"{b['not_exercised']} not exercised"
                       + (f"; {b['errors']} errors" if b['errors'] else ""))
         for m in b["missed"]:
             console.print(f"  missed: {m}")
@@ -141,7 +143,8 @@ def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, j
     except (BadInput, EngineUnavailable, ValueError) as exc:
         _fail(str(exc))
     print_matrix(res, console)
-    for path, writer in ((json_path, lambda p: write_json(res.to_json(), p)), (html_path, lambda p: write_html(res, p))):
+    writers = ((json_path, lambda p: write_json(res.to_json(), p)), (html_path, lambda p: write_html(res, p)))
+    for path, writer in writers:
         if path:
             try:
                 writer(path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 SAFETY = 3.0
 NORM_SHARE = 0.2
-TIE_SAFETY = 3.0
+TIE_SAFETY = 4.0
 FLOOR = {"float64": 1e-12, "float32": 1e-9, "bfloat16": 1e-6}
 TIE_FLOOR = {"float64": 1e-12, "float32": 1e-6, "bfloat16": 1e-3}
 

@@ -22,10 +22,6 @@ from corruptcheck.selftest import (BENIGN, FaultRow, SelftestResult, VariantEngi
 pytest.importorskip("transformers")
 
 WIDTH_FAULTS = ("mhc-pre-hidden-guard", "router-split-k-tail")  # fire only above hidden 4096
-# bf16 misses on tiny, with why (see docs/faults.md): YaRN's ramp barely moves tiny's 4-pair
-# table (effect/noise ~0.1); one Sinkhorn iteration less moves the mHC comb by ~1e-6, 10x the
-# measured bf16 noise there but 1000x under the bf16 rel_l2 floor (1e-3) of the tolerance
-TINY_BF16_MISSES = {"yarn-on-sliding", "sinkhorn-19-iters"}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +41,7 @@ def test_every_fault_on_tiny_float32(tiny_matrix):
         assert r.culprit == r.first, name  # on tiny the first failing point is the culprit itself
     t = tiny_matrix.totals()["float32"]
     assert t["exercised"] == len(FAULTS) - 2 and t["recall"] == 1.0 and t["localization_accuracy"] == 1.0
+    assert t["localized_at_expected"] == t["exercised"]  # no documented equivalent needed at fp32
 
 
 def test_width_faults_on_pro_slice_float32():
@@ -58,16 +55,21 @@ def test_width_faults_on_pro_slice_float32():
 
 
 def test_tiny_bfloat16(tiny_matrix):
+    """Every fault whose own error exceeds 3x the honest bf16 noise at its point is caught
+    and located in bf16."""
     rows = {r.fault: r for r in tiny_matrix.faults if r.precision == "bfloat16" and r.exercised}
-    missed = {n for n, r in rows.items() if r.status == "missed"}
-    assert missed == TINY_BF16_MISSES
-    effects = {e["fault"]: e for e in tiny_matrix.bf16_effects()}
-    assert effects["yarn-on-sliding"]["effect_over_noise"] < 1
-    assert effects["sinkhorn-19-iters"]["effect_over_noise"] > 3  # the differ's floor, reported
-    for name, r in rows.items():
-        if name not in missed:
-            # localized too; the transposed mHC mix may show on layer 0's FFN post instead
-            assert r.localized, (name, r.culprit, r.expected)
+    effects = {e["fault"]: e["effect_over_noise"] for e in tiny_matrix.bf16_effects()}
+    assert set(effects) == set(rows)
+    above = {n for n, ratio in effects.items() if ratio is not None and ratio > 3}
+    assert len(above) >= len(rows) - 2
+    for name in above:
+        assert rows[name].status == "detected" and rows[name].localized, (name, rows[name].culprit)
+    # one Sinkhorn iteration less moves the fp32-computed mHC comb by ~1e-6: 10x the measured
+    # bf16 noise there, caught since the bf16 floor no longer hides it (tolerance.FLOOR)
+    assert effects["sinkhorn-19-iters"] > 3 and "sinkhorn-19-iters" in above
+    # YaRN's ramp moves one pair of tiny's 4-pair RoPE table: a tenth of the bf16 noise at the
+    # point (whether the drift it adds flips an expert downstream is luck, so not asserted)
+    assert effects["yarn-on-sliding"] < 1
 
 
 def test_benign_variants_on_tiny(tiny_matrix):
@@ -76,7 +78,7 @@ def test_benign_variants_on_tiny(tiny_matrix):
         assert r.status == "pass", (r.variant, r.note)
         assert r.worst_ratio < 1
     assert tiny_matrix.totals()["benign"]["false_positives"] == 0
-    assert tiny_matrix.ok  # bf16 misses are reported, not failed
+    assert tiny_matrix.ok
 
 
 def test_benign_variants_really_change_the_numbers():
@@ -86,7 +88,8 @@ def test_benign_variants_really_change_the_numbers():
     for v in BENIGN.values():
         cap = VariantEngine(get_engine("hf"), v).run(case, v.precision)
         assert cap.points.keys() == base.keys()
-        changed = [n for n, t in base.items() if t.is_floating_point() and not (cap.points[n].double() == t.double()).all()]
+        changed = [n for n, t in base.items()
+                   if t.is_floating_point() and not (cap.points[n].double() == t.double()).all()]
         assert len(changed) > 10, v.name
 
 
@@ -193,6 +196,7 @@ def test_float32_matrix_and_benign_at_v4_widths():
     t = res.totals()["float32"]
     assert t["exercised"] == 2 * (len(others) - 1)
     assert t["recall"] == 1.0 and t["localization_accuracy"] == 1.0, t
+    assert t["localized_at_expected"] == t["exercised"]
     for r in res.faults:
         if r.exercised:
             assert r.culprit == r.expected, (r.fault, r.case, r.culprit, r.expected)
