@@ -16,6 +16,7 @@ nothing heavy is imported here (torch and the tool load lazily) and no item is a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -209,8 +210,37 @@ class _CaseItem(pytest.Item):
                 return str(excinfo.value)  # one line
             # an unexpected engine error: the verdict item shows where the engine raised it
             trace = super().repr_failure(pytest.ExceptionInfo.from_exception(cause), style=style or "short")
-            return f"{excinfo.value}\n{trace}"
+            return _EngineErrorRepr(str(excinfo.value), trace)
         return super().repr_failure(excinfo, style=style)
+
+
+@dataclass
+class _Crash:
+    """What pytest's one-line summaries (`-rf`, JUnit's message) read from a failure."""
+    path: str
+    lineno: int
+    message: str
+
+    def __str__(self):
+        return f"{self.path}:{self.lineno}: {self.message}"
+
+
+class _EngineErrorRepr:
+    """The verdict item's failure when the engine raised: the headline, then where it raised.
+    A plain multi-line string would be printed whole in the `-rf` summary on CI (pytest does
+    that when $CI is set); this keeps the summary at the headline."""
+
+    def __init__(self, headline: str, trace):
+        self.headline, self.trace = headline, trace
+        crash = getattr(trace, "reprcrash", None)
+        self.reprcrash = _Crash(getattr(crash, "path", MARKER), getattr(crash, "lineno", 0), headline)
+
+    def toterminal(self, tw):
+        tw.line(self.headline)
+        self.trace.toterminal(tw)
+
+    def __str__(self):  # pytest-xdist ships a failure that is not an exception repr as str()
+        return f"{self.headline}\n{self.trace}"
 
 
 class VerdictItem(_CaseItem):

@@ -200,14 +200,27 @@ def test_inert_without_engine_option(pytester):
                      "its runtime is not installed here", False),
     ("Crashes", "RuntimeError: illegal memory access", True),
 ])
-def test_engine_that_cannot_run_fails_every_item(pytester, engines_file, engine, error, traceback):
+@pytest.mark.parametrize("on_ci", [False, True])
+def test_engine_that_cannot_run_fails_every_item(pytester, monkeypatch, engines_file, engine, error, traceback,
+                                                 on_ci):
+    # on CI ($CI set) pytest prints each failure's whole message in the -rf summary, not a trimmed line
+    if on_ci:
+        monkeypatch.setenv("CI", "1")
+    else:
+        monkeypatch.delenv("CI", raising=False)
+        monkeypatch.delenv("BUILD_NUMBER", raising=False)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-rf",
                                           "--corruptcheck-engine", f"ccengines:{engine}")
     result.assert_outcomes(failed=len(ITEMS))
     headline = f"corruptcheck could not compare engine 'ccengines:{engine}' on case 'tiny': {error}"
     assert sum(line.startswith(headline) for line in result.outlines) == len(ITEMS)  # one line per item
-    # an unexpected error: the verdict item (only) shows where the engine raised it
+    # an unexpected error: the verdict item (only) shows where the engine raised it, in its
+    # failure section; the -rf summary keeps to the headline
     assert result.stdout.str().count("ccengines.py:") == (1 if traceback else 0)
+    summary = [line for line in result.outlines if line.startswith("FAILED corruptcheck::")]
+    assert len(summary) == len(ITEMS)
+    if on_ci:
+        assert f"FAILED corruptcheck::corruptcheck[tiny::verdict] - {headline}" in summary
 
 
 def test_nothing_compared_fails_the_verdict_item_and_marker_selects(pytester, engines_file):
