@@ -8,9 +8,12 @@ variant is an honest engine (another precision, reduction order, attention algor
 batching); any failure of one is a false positive.
 
 Totals: float32 recall and localization accuracy over exercised (fault, case) pairs;
-bfloat16 detections, and for each bf16 miss its effect/noise ratio = the fault's own error at
-its point (rel_l2 of the float32 faulty run, where honest float32 noise is negligible) over
-the honest bf16 noise there (the bf16 tolerance's `noise_rel_l2`); false positives.
+bfloat16 detections, and for each bf16 row its effect/noise ratio = the fault's own error
+(rel_l2 of the float32 faulty run, where honest float32 noise is negligible) over the honest
+bf16 noise (the bf16 tolerance's `noise_rel_l2`), at the strike point where that ratio is
+largest: the expected point or a documented equivalent, in the first layer where the fault
+fired (mhc-comb-transposed barely moves its first strike point and strikes in full at the
+next one); false positives.
 """
 from __future__ import annotations
 
@@ -208,9 +211,10 @@ class FaultRow:
     expected: str | None = None
     localized: bool | None = None
     culprit_local_ratio: float | None = None
-    effect_point: str | None = None
+    effect_point: str | None = None  # the strike point where the fault shows most (effect / noise)
     effect: float | None = None  # rel_l2 at effect_point in this run
     noise: float | None = None  # honest noise rel_l2 at effect_point at this precision
+    strikes: dict = field(default_factory=dict)  # every exposed strike point -> [rel_l2, noise rel_l2]
     seconds: float = 0.0
     note: str = ""
 
@@ -299,11 +303,17 @@ def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow
                     f"first failing point {row.first}; no culprit: every failing point is within its local "
                     f"(teacher-forced) tolerance")
     if row.expected:
-        ep = _effect_point(row.expected, [p.name for p in comp.points], points)
-        if ep:
-            row.effect_point = ep
-            row.effect = _finite(points[ep].metrics.get("rel_l2"))
-            row.noise = (points[ep].tolerance or {}).get("noise_rel_l2")
+        # the fault's own error: at each strike point of the first layer where it fired (the
+        # expected point and its documented equivalents), its rel_l2 against the honest noise
+        order = [p.name for p in comp.points]
+        for cand in fault.accepted(row.expected, st.where, [st.where]):
+            ep = _effect_point(cand, order, points) if _exposed(points, cand) else None
+            if ep and ep not in row.strikes:
+                row.strikes[ep] = [_finite(points[ep].metrics.get("rel_l2")),
+                                   (points[ep].tolerance or {}).get("noise_rel_l2")]
+        best = _strongest(row.strikes)
+        if best:
+            row.effect_point, (row.effect, row.noise) = best, row.strikes[best]
     else:
         row.note = "the engine exposes none of the fault's strike points"
     if row.status == "missed":
@@ -311,6 +321,17 @@ def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow
         if worst is not None:
             row.note = f"worst err/tol {worst.ratio:.3g} at {worst.name}"
     return row
+
+
+def _strongest(strikes: dict, effects: dict | None = None) -> str | None:
+    """The strike point with the largest effect / noise; `effects` (point -> rel_l2) replaces
+    the rows' own errors, e.g. a float32 run's against bf16 noise."""
+    def ratio(name):
+        effect = (effects if effects is not None else {k: v[0] for k, v in strikes.items()}).get(name)
+        noise = strikes[name][1]
+        return effect / noise if effect is not None and noise else -1.0
+    usable = [n for n in strikes if ratio(n) >= 0]
+    return max(usable, key=ratio) if usable else next(iter(strikes), None)
 
 
 def run_benign(case: Case, engine: str, variant: Benign) -> BenignRow:
@@ -356,13 +377,15 @@ class SelftestResult:
             if r.precision != "bfloat16" or not r.exercised:
                 continue
             ref = fp32.get((r.fault, r.case))
-            effect = ref.effect if ref is not None and ref.effect_point == r.effect_point else None
-            source = "float32 run"
-            if effect is None:
-                effect, source = r.effect, "bfloat16 run (no float32 run)"
-            ratio = effect / r.noise if effect is not None and r.noise else None
-            out.append({"fault": r.fault, "case": r.case, "status": r.status, "point": r.effect_point,
-                        "effect_rel_l2": effect, "bf16_noise_rel_l2": r.noise, "effect_over_noise": ratio,
+            fp32_effects = {k: v[0] for k, v in ref.strikes.items() if k in r.strikes} if ref else {}
+            if fp32_effects:
+                point, source = _strongest({k: r.strikes[k] for k in fp32_effects}, fp32_effects), "float32 run"
+                effect, noise = fp32_effects[point], r.strikes[point][1]
+            else:
+                point, effect, noise, source = r.effect_point, r.effect, r.noise, "bfloat16 run (no float32 run)"
+            ratio = effect / noise if effect is not None and noise else None
+            out.append({"fault": r.fault, "case": r.case, "status": r.status, "point": point,
+                        "effect_rel_l2": effect, "bf16_noise_rel_l2": noise, "effect_over_noise": ratio,
                         "effect_source": source})
         return out
 

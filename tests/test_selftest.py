@@ -61,7 +61,9 @@ def test_tiny_bfloat16(tiny_matrix):
     effects = {e["fault"]: e["effect_over_noise"] for e in tiny_matrix.bf16_effects()}
     assert set(effects) == set(rows)
     above = {n for n, ratio in effects.items() if ratio is not None and ratio > 3}
-    assert len(above) >= len(rows) - 2
+    # measured on tiny: yarn-on-sliding 0.12; indexer-rope-neox 2.5 (its strike is a discrete
+    # top-k choice; the next float point, attn.core, carries the noise of the whole block)
+    assert set(rows) - above <= {"yarn-on-sliding", "indexer-rope-neox"}
     for name in above:
         assert rows[name].status == "detected" and rows[name].localized, (name, rows[name].culprit)
     # one Sinkhorn iteration less moves the fp32-computed mHC comb by ~1e-6: 10x the measured
@@ -70,6 +72,10 @@ def test_tiny_bfloat16(tiny_matrix):
     # YaRN's ramp moves one pair of tiny's 4-pair RoPE table: a tenth of the bf16 noise at the
     # point (whether the drift it adds flips an expert downstream is luck, so not asserted)
     assert effects["yarn-on-sliding"] < 1
+    # the transposed mHC mix barely moves its first strike (four identical streams) and strikes
+    # in full one point later: its effect is measured where it is largest
+    comb = next(e for e in tiny_matrix.bf16_effects() if e["fault"] == "mhc-comb-transposed")
+    assert comb["point"] == "layers.0.out" and comb["effect_over_noise"] > 3
 
 
 def test_benign_variants_on_tiny(tiny_matrix):
