@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from corruptcheck.engines.base import Capture, Engine
+from corruptcheck.errors import EngineUnavailable
 from corruptcheck.reference import ModelConfig
 
 
@@ -675,6 +677,27 @@ def engine_available(package: str) -> tuple[bool, str]:
     if not torch.cuda.is_available():
         problems.append(f"no CUDA device (torch {torch.__version__})")
     return (not problems), "; ".join(problems)
+
+
+class GPUEngine(Engine):
+    """An engine that needs its Python package and a CUDA device. `launch(case, **options)`
+    (GPU only) returns (points, meta); V4 runs bf16 activations in every such engine, whatever
+    precision was asked, so the capture declares bfloat16 and keeps the request in its meta."""
+    package: str
+
+    def available(self) -> tuple[bool, str]:
+        return engine_available(self.package)
+
+    def launch(self, case, **options) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+    def run(self, case, precision: str, **options) -> Capture:
+        ok, why = self.available()
+        if not ok:
+            raise EngineUnavailable(why)
+        points, meta = self.launch(case, **options)
+        meta["requested_precision"] = precision
+        return Capture(points, self.name, "bfloat16", meta)
 
 
 def checkpoint_config(cfg: ModelConfig, weight_format: str = "bf16") -> dict:

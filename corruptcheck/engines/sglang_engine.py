@@ -20,16 +20,14 @@ from __future__ import annotations
 import tempfile
 
 from corruptcheck.cases import Case
-from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.engines.capture_map import (
     Recorder,
     Tap,
     TokenSource,
     capture_points_from,
-    engine_available,
+    GPUEngine,
     write_checkpoint,
 )
-from corruptcheck.errors import EngineUnavailable
 from corruptcheck.reference import ModelConfig
 
 L = "model.layers.{i}"
@@ -91,21 +89,14 @@ def capture_taps(cfg: ModelConfig, topk_weights_scaled: bool = False) -> list[Ta
     return taps
 
 
-class SGLangEngine(Engine):
+class SGLangEngine(GPUEngine):
     name = "sglang"
     extra = "sglang"
+    package = "sglang"
 
-    def available(self) -> tuple[bool, str]:
-        return engine_available("sglang")
-
-    def run(self, case: Case, precision: str, weight_format: str = "bf16", topk_weights_scaled: bool = False,
-            mem_fraction_static: float = 0.5, **_options) -> Capture:
-        ok, why = self.available()
-        if not ok:
-            raise EngineUnavailable(why)
-        points, meta = launch(case, weight_format, topk_weights_scaled, mem_fraction_static)
-        meta["requested_precision"] = precision
-        return Capture(points, self.name, "bfloat16", meta)
+    def launch(self, case: Case, weight_format: str = "bf16", topk_weights_scaled: bool = False,
+               mem_fraction_static: float = 0.5, **_options) -> tuple[dict, dict]:
+        return launch(case, weight_format, topk_weights_scaled, mem_fraction_static)
 
 
 def launch(case: Case, weight_format: str, topk_weights_scaled: bool, mem_fraction_static: float):

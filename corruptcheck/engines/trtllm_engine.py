@@ -32,16 +32,14 @@ import tempfile
 import torch
 
 from corruptcheck.cases import Case
-from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.engines.capture_map import (
     Recorder,
     Tap,
     TokenSource,
     capture_points_from,
-    engine_available,
+    GPUEngine,
     write_checkpoint,
 )
-from corruptcheck.errors import EngineUnavailable
 from corruptcheck.reference import ModelConfig
 
 L = "model.layers.{i}"
@@ -120,21 +118,14 @@ def capture_taps(cfg: ModelConfig, tp_size: int = 1, pre_moe_fusion: bool = True
     return taps
 
 
-class TRTLLMEngine(Engine):
+class TRTLLMEngine(GPUEngine):
     name = "trtllm"
     extra = "trtllm"
+    package = "tensorrt_llm"
 
-    def available(self) -> tuple[bool, str]:
-        return engine_available("tensorrt_llm")
-
-    def run(self, case: Case, precision: str, weight_format: str = "bf16", fused_hc: bool = True,
-            free_gpu_memory_fraction: float = 0.5, **_options) -> Capture:
-        ok, why = self.available()
-        if not ok:
-            raise EngineUnavailable(why)
-        points, meta = launch(case, weight_format, fused_hc, free_gpu_memory_fraction)
-        meta["requested_precision"] = precision
-        return Capture(points, self.name, "bfloat16", meta)
+    def launch(self, case: Case, weight_format: str = "bf16", fused_hc: bool = True,
+               free_gpu_memory_fraction: float = 0.5, **_options) -> tuple[dict, dict]:
+        return launch(case, weight_format, fused_hc, free_gpu_memory_fraction)
 
 
 def launch(case: Case, weight_format: str, fused_hc: bool, free_gpu_memory_fraction: float):

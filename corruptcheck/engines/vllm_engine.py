@@ -26,16 +26,14 @@ import tempfile
 import torch
 
 from corruptcheck.cases import Case
-from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.engines.capture_map import (
     Recorder,
     Tap,
     TokenSource,
     capture_points_from,
-    engine_available,
+    GPUEngine,
     write_checkpoint,
 )
-from corruptcheck.errors import EngineUnavailable
 from corruptcheck.reference import ModelConfig
 
 L = "model.layers.{i}"
@@ -107,22 +105,15 @@ def capture_taps(cfg: ModelConfig) -> list[Tap]:
     return taps
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(GPUEngine):
     name = "vllm"
     extra = "vllm"
+    package = "vllm"
 
-    def available(self) -> tuple[bool, str]:
-        return engine_available("vllm")
-
-    def run(self, case: Case, precision: str, weight_format: str = "fp8", gpu_memory_utilization: float = 0.5,
-            **_options) -> Capture:
-        ok, why = self.available()
-        if not ok:
-            raise EngineUnavailable(why)
-        points, meta = launch(case, weight_format, gpu_memory_utilization)
-        meta["requested_precision"] = precision
+    def launch(self, case: Case, weight_format: str = "fp8", gpu_memory_utilization: float = 0.5,
+               **_options) -> tuple[dict, dict]:
         # V4 on vLLM is bf16 activations with FP8 weights / KV cache whatever was asked
-        return Capture(points, self.name, "bfloat16", meta)
+        return launch(case, weight_format, gpu_memory_utilization)
 
 
 def launch(case: Case, weight_format: str, gpu_memory_utilization: float) -> tuple[dict, dict]:
