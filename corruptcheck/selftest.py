@@ -264,21 +264,35 @@ def _finite(v):
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
 
+def _timed_compare(row, case: Case, engine: str, precision: str, runner: Engine):
+    """compare() with a faulty or variant engine, timed into the row; a crash is recorded on the
+    row (status `error`) as a finding, not raised, and gives None."""
+    t0 = time.perf_counter()
+    try:
+        return compare(case, engine, precision, engine=runner)
+    except Exception as exc:
+        row.status, row.note = "error", f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        return None
+    finally:
+        row.seconds = time.perf_counter() - t0
+
+
+def _worst(points):
+    """The point with the largest finite error/tolerance, or None."""
+    return max((p for p in points if p.ratio is not None and math.isfinite(p.ratio)),
+               key=lambda p: p.ratio, default=None)
+
+
 def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow:
     row = FaultRow(fault.name, fault.klass, case.name, precision, "not exercised")
     if fault.triggered(case.config, case.seq_lens, engine) is False:
         row.note = f"trigger never fires here: {fault.trigger}"
         return row
     faulty = FaultyEngine(get_engine(engine), fault)
-    t0 = time.perf_counter()
-    try:
-        res = compare(case, engine, precision, engine=faulty)
-    except Exception as exc:  # a crash under a fault is a finding, not a selftest crash
-        row.status, row.note = "error", f"{type(exc).__name__}: {exc}"
-        row.seconds = time.perf_counter() - t0
-        traceback.print_exc()
+    res = _timed_compare(row, case, engine, precision, faulty)
+    if res is None:
         return row
-    row.seconds = time.perf_counter() - t0
     st = faulty.state
     row.fired, row.where, row.layers = st.fired, st.where, list(st.layers)
     comp = res.comparison
@@ -317,7 +331,7 @@ def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow
     else:
         row.note = "the engine exposes none of the fault's strike points"
     if row.status == "missed":
-        worst = max((p for p in comp.points if p.ratio is not None), key=lambda p: p.ratio, default=None)
+        worst = _worst(comp.points)
         if worst is not None:
             row.note = f"worst err/tol {worst.ratio:.3g} at {worst.name}"
     return row
@@ -336,20 +350,13 @@ def _strongest(strikes: dict, effects: dict | None = None) -> str | None:
 
 def run_benign(case: Case, engine: str, variant: Benign) -> BenignRow:
     row = BenignRow(variant.name, case.name, variant.precision, "pass")
-    t0 = time.perf_counter()
-    try:
-        res = compare(case, engine, variant.precision, engine=VariantEngine(get_engine(engine), variant))
-    except Exception as exc:
-        row.status, row.note = "error", f"{type(exc).__name__}: {exc}"
-        row.seconds = time.perf_counter() - t0
-        traceback.print_exc()
+    res = _timed_compare(row, case, engine, variant.precision, VariantEngine(get_engine(engine), variant))
+    if res is None:
         return row
-    row.seconds = time.perf_counter() - t0
     comp = res.comparison
     row.verdict = res.verdict
     row.status = "flagged" if res.verdict != "pass" else "pass"
-    worst = max((p for p in comp.points if p.ratio is not None and math.isfinite(p.ratio)),
-                key=lambda p: p.ratio, default=None)
+    worst = _worst(comp.points)
     if worst is not None:
         row.worst, row.worst_ratio = worst.name, worst.ratio
     if comp.first_divergence:
