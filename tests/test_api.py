@@ -6,7 +6,6 @@ import re
 import pytest
 
 from corruptcheck.tolerance import SAFETY
-import torch
 
 from corruptcheck.api import (CheckResult, CorruptionDetected, MissingPoints, NothingCompared, check,
                               check_dump)
@@ -15,16 +14,9 @@ from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.engines.reference_engine import ReferenceEngine
 from corruptcheck.errors import BadInput, EngineUnavailable
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DROPPED = "layers.0.moe.weights"  # a required point
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """`tiny` gains nothing from more threads, and one thread stays fast on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class DropsOnePoint(ReferenceEngine):

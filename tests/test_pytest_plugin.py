@@ -7,14 +7,14 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from corruptcheck.tolerance import SAFETY
-import torch
-
 from corruptcheck.api import NOT_JUDGED, check
 from corruptcheck.cases import get_case
 from corruptcheck.points import capture_points
+from corruptcheck.tolerance import SAFETY
 
 pytest_plugins = ["pytester"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DROPPED = "layers.0.moe.weights"  # a required point upstream of the injected fault
 ENGINES = f'''
@@ -57,15 +57,6 @@ class CapturesNothing(Engine):
 '''
 POINTS = [s.name for s in capture_points(get_case("tiny").config)]
 ITEMS = ["corruptcheck[tiny::verdict]"] + [f"corruptcheck[tiny::{p}]" for p in POINTS]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """`tiny` gains nothing from more threads, and one thread stays fast on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _junit(path) -> dict:
