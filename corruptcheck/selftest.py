@@ -337,15 +337,12 @@ def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow
     return row
 
 
-def _strongest(strikes: dict, effects: dict | None = None) -> str | None:
-    """The strike point with the largest effect / noise; `effects` (point -> rel_l2) replaces
-    the rows' own errors, e.g. a float32 run's against bf16 noise."""
+def _strongest(strikes: dict) -> str | None:
+    """The point of `strikes` (point -> [rel_l2, noise rel_l2]) with the largest effect / noise."""
     def ratio(name):
-        effect = (effects if effects is not None else {k: v[0] for k, v in strikes.items()}).get(name)
-        noise = strikes[name][1]
+        effect, noise = strikes[name]
         return effect / noise if effect is not None and noise else -1.0
-    usable = [n for n in strikes if ratio(n) >= 0]
-    return max(usable, key=ratio) if usable else next(iter(strikes), None)
+    return max(strikes, key=ratio, default=None)
 
 
 def run_benign(case: Case, engine: str, variant: Benign) -> BenignRow:
@@ -384,10 +381,11 @@ class SelftestResult:
             if r.precision != "bfloat16" or not r.exercised:
                 continue
             ref = fp32.get((r.fault, r.case))
-            fp32_effects = {k: v[0] for k, v in ref.strikes.items() if k in r.strikes} if ref else {}
-            if fp32_effects:
-                point, source = _strongest({k: r.strikes[k] for k in fp32_effects}, fp32_effects), "float32 run"
-                effect, noise = fp32_effects[point], r.strikes[point][1]
+            # the float32 run's error against the bf16 noise, at each strike point both runs saw
+            mixed = {k: [v[0], r.strikes[k][1]] for k, v in ref.strikes.items() if k in r.strikes} if ref else {}
+            if mixed:
+                point, source = _strongest(mixed), "float32 run"
+                effect, noise = mixed[point]
             else:
                 point, effect, noise, source = r.effect_point, r.effect, r.noise, "bfloat16 run (no float32 run)"
             ratio = effect / noise if effect is not None and noise else None
