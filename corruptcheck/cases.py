@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from corruptcheck.reference import ModelConfig
-from corruptcheck.weights import generate_params
+from corruptcheck.weights import fp8_exact, generate_params
 
 CASE_FORMAT_VERSION = 1
 
@@ -19,6 +19,9 @@ class Case:
     config: ModelConfig
     seed: int
     seq_lens: tuple[int, ...]  # the batch: one sequence per entry, each from position 0
+    # "fp8": every FP8 linear is generated FP8-exact (e4m3 x ue8m0 128x128 block scales), so an
+    # engine loading the case's FP8 checkpoint runs the reference's very numbers
+    weight_format: str = "bf16"
 
     def params(self) -> dict[str, torch.Tensor]:
         return _params(self)
@@ -31,13 +34,17 @@ class Case:
         return sum(self.seq_lens)
 
     def spec(self) -> dict:
-        return {"name": self.name, "format": CASE_FORMAT_VERSION, "seed": self.seed,
+        spec = {"name": self.name, "format": CASE_FORMAT_VERSION, "seed": self.seed,
                 "seq_lens": list(self.seq_lens), "config": self.config.to_dict()}
+        if self.weight_format != "bf16":  # older goldens' specs stay unchanged
+            spec["weight_format"] = self.weight_format
+        return spec
 
 
 @functools.lru_cache(maxsize=2)
 def _params(case: Case) -> dict:
-    return generate_params(case.config, case.seed)
+    params = generate_params(case.config, case.seed)
+    return fp8_exact(params) if case.weight_format == "fp8" else params
 
 
 @functools.lru_cache(maxsize=8)
@@ -88,7 +95,43 @@ PRO_SLICE = Case(
     seq_lens=(300,),
 )
 
-CASES = {c.name: c for c in (TINY, FLASH_SLICE, PRO_SLICE)}
+
+def _engine_config(name: str, hidden: int, q_lora: int, ratios: tuple[int, ...], route_scale: float) -> ModelConfig:
+    # What vLLM's CPU DeepSeek V4 kernels accept (docs/engines.md): head_dim 512, 64 routed
+    # experts top-6, index_topk 512 (its top-k kernel is fixed at 512), a sliding-only layer
+    # first (its metadata builder expects one). Narrow experts (256) keep it CPU-sized.
+    return ModelConfig(
+        name=name, vocab_size=1024, hidden_size=hidden, num_layers=3, num_heads=16, q_lora_rank=q_lora,
+        o_groups=2, o_lora_rank=1024, compress_ratios=ratios + (0,), n_routed_experts=64, moe_inter_dim=256,
+        route_scale=route_scale, index_n_heads=16, index_topk=512, num_hash_layers=1,
+        num_mtp_layers=0,  # vLLM's CPU model loads no MTP block
+    )
+
+
+# > 2048 tokens: a CSA layer has > 512 compressed entries, so the indexer really prunes
+ENGINE_SEQ_LENS = (2112,)
+
+FLASH_ENGINE = Case(
+    name="flash-engine",
+    description="V4-Flash widths (hidden 4096) for real engines: sliding + CSA + HCA (m=128), "
+                "hash-routed layer 0, 64 experts top-6, index_topk 512, FP8-exact weights, 2112 tokens",
+    config=_engine_config("flash-engine", 4096, 1024, (0, 4, 128), 1.5),
+    seed=20260501,
+    seq_lens=ENGINE_SEQ_LENS,
+    weight_format="fp8",
+)
+
+PRO_ENGINE = Case(
+    name="pro-engine",
+    description="V4-Pro widths (hidden 7168) for real engines: sliding + HCA (m=128) + CSA, "
+                "hash-routed layer 0, 64 experts top-6, index_topk 512, FP8-exact weights, 2112 tokens",
+    config=_engine_config("pro-engine", 7168, 1536, (0, 128, 4), 2.5),
+    seed=20260502,
+    seq_lens=ENGINE_SEQ_LENS,
+    weight_format="fp8",
+)
+
+CASES = {c.name: c for c in (TINY, FLASH_SLICE, PRO_SLICE, FLASH_ENGINE, PRO_ENGINE)}
 DEFAULT_CASE = "tiny"
 
 

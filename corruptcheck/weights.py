@@ -14,6 +14,7 @@ import hashlib
 import torch
 
 from corruptcheck.reference import ModelConfig
+from corruptcheck.reference.quant import fp8_block_quantize, fp8_dequantize
 
 # SwiGLU gate/up pre-activations get a std of about this, so |x| > swiglu_limit (10) happens
 # for a few tokens in every expert.
@@ -110,6 +111,30 @@ def _block(b: _Builder, p: str, cfg: ModelConfig, layer: int):
         b.linear(f"{e}.w1.weight", inter, d, gain=s)
         b.linear(f"{e}.w3.weight", inter, d, gain=s)
         b.linear(f"{e}.w2.weight", d, inter, gain=1.0 / s ** 2)
+
+
+# kept in bf16, as the engines read them: embedding / LM head, router gates, the compressors
+# (vLLM multiplies `compressor.fused_wkv_wgate.weight` with a plain bf16 mm) and the indexer's
+# weights_proj; MTP is not loaded by the main models ([verify] against a V4 release's index)
+_BF16_ONLY = ("embed.weight", "head.weight")
+_BF16_PARTS = (".gate.weight", ".compressor.", ".weights_proj.")
+
+
+def is_fp8_linear(name: str, t: torch.Tensor) -> bool:
+    return (t.dim() == 2 and name.endswith(".weight") and name not in _BF16_ONLY
+            and not any(p in name for p in _BF16_PARTS) and not name.startswith("mtp."))
+
+
+
+def fp8_exact(params: dict) -> dict:
+    """Every FP8 linear (`is_fp8_linear`) replaced by its own e4m3 x ue8m0-block-scale value, so an
+    FP8 checkpoint of these weights holds exactly the numbers the reference uses (no quantisation
+    error hides in a comparison). e4m3 values times powers of two are bf16-representable."""
+    out = dict(params)
+    for name, t in params.items():
+        if t.is_floating_point() and is_fp8_linear(name, t):
+            out[name] = fp8_dequantize(*fp8_block_quantize(t))
+    return out
 
 
 def generate_params(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:

@@ -30,6 +30,20 @@ def route(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec):
     return idx, w
 
 
+ROW_TILE = 16
+
+
+def _per_tile(tok: torch.Tensor, fn) -> tuple:
+    """fn(rows) on fixed-size tiles of the token indices `tok` (the last tile padded with
+    token 0, whose results are dropped); fn returns a tuple of per-row tensors, concatenated.
+    Every GEMM then has ROW_TILE rows whatever the number of tokens: a row's result does not
+    depend on how many other rows an expert received."""
+    n = tok.numel()
+    padded = torch.cat([tok, tok.new_zeros(-n % ROW_TILE)])
+    parts = [fn(rows) for rows in padded.split(ROW_TILE)]
+    return tuple(torch.cat(col)[:n] for col in zip(*parts))
+
+
 def swiglu_hidden(y, w1, w3, limit: float, acc) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(min(g, limit)) * clamp(u, -limit, limit) in acc (spec §6.3: gate clamped from above
     only, up on both sides); also, per row, how many pre-activations were clamped (coverage)."""
@@ -52,19 +66,24 @@ def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec, sta
         return out
     out = torch.zeros(y.shape[0], y.shape[1], dtype=prec.acc)
     clamp_hits = 0
-    # Each used expert runs on *every* token (fixed GEMM shapes), and a token adds only its own
-    # experts, in expert-id order. A token's result is then independent of which other tokens
-    # chose which experts (batch-invariant), so causality checks can demand bit equality.
+    # Each used expert runs only on its own tokens, in fixed-shape row tiles (`_per_tile`), and
+    # a token adds its experts in expert-id order: a token's result is independent of which
+    # other tokens chose which experts (batch-invariant), so causality checks can demand bit
+    # equality, and the cost follows the routed work.
     for e in torch.unique(idx).tolist():
         chosen = idx == e
-        tok = torch.where(chosen)[0]
+        tok = torch.where(chosen.any(-1))[0]
         ep = f"experts.{e}"
-        h, hits = swiglu_hidden(y, p[f"{ep}.w1.weight"], p[f"{ep}.w3.weight"], cfg.swiglu_limit, prec.acc)
-        clamp_hits += int(hits[tok].sum())
-        weight = (w * chosen).sum(-1, keepdim=True)  # this expert's routing weight per token, 0 if unused
-        h = weight * h  # routing weight applied before w2
-        contrib = linear(h.to(prec.act), p[f"{ep}.w2.weight"]).to(prec.acc)
-        out[tok] += contrib[tok]
+        weight = (w * chosen).sum(-1, keepdim=True)  # this expert's routing weight per token
+
+        def expert(rows, ep=ep, weight=weight):
+            h, hits = swiglu_hidden(y[rows], p[f"{ep}.w1.weight"], p[f"{ep}.w3.weight"], cfg.swiglu_limit, prec.acc)
+            h = weight[rows] * h  # routing weight applied before w2
+            return linear(h.to(prec.act), p[f"{ep}.w2.weight"]).to(prec.acc), hits
+
+        contrib, hits = _per_tile(tok, expert)
+        clamp_hits += int(hits.sum())
+        out[tok] += contrib
     h, hits = swiglu_hidden(y, p["shared_experts.w1.weight"], p["shared_experts.w3.weight"], cfg.swiglu_limit, prec.acc)
     clamp_hits += int(hits.sum())
     out += linear(h.to(prec.act), p["shared_experts.w2.weight"]).to(prec.acc)
@@ -92,9 +111,12 @@ def _moe_alt(y, idx, w, p, cfg, prec):
         chosen = idx == e
         tok = torch.where(chosen.any(-1))[0]
         ep = f"experts.{e}"
-        h, _ = swiglu_hidden(y, p[f"{ep}.w1.weight"], p[f"{ep}.w3.weight"], cfg.swiglu_limit, act)
         weight = (w * chosen).sum(-1, keepdim=True).to(act)
-        contrib = linear(h, p[f"{ep}.w2.weight"]) * weight
-        out[tok] += contrib[tok]
+
+        def expert(rows, ep=ep, weight=weight):
+            h, _ = swiglu_hidden(y[rows], p[f"{ep}.w1.weight"], p[f"{ep}.w3.weight"], cfg.swiglu_limit, act)
+            return (linear(h, p[f"{ep}.w2.weight"]) * weight[rows],)
+
+        out[tok] += _per_tile(tok, expert)[0]
     h, _ = swiglu_hidden(y, p["shared_experts.w1.weight"], p["shared_experts.w3.weight"], cfg.swiglu_limit, act)
     return out + linear(h, p["shared_experts.w2.weight"])

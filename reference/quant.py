@@ -6,6 +6,7 @@ import torch
 
 FP8_MAX = 448.0
 FP4_MAX = 6.0
+FP8_BLOCK = 128  # DeepSeek's weight block: one ue8m0 scale per 128 x 128 tile
 _FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
@@ -72,3 +73,23 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = hadamard_matrix(n, acc) / n**0.5
     return (x.to(acc) @ h).to(x.dtype)
+
+
+def fp8_block_quantize(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's FP8 format: e4m3 values, one power-of-two (ue8m0) scale per block x block
+    tile, so that w ~= q * scale. Returns (q [float8_e4m3fn], scale [rows/b, cols/b] fp32)."""
+    rows, cols = w.shape
+    rb, cb = -(-rows // block), -(-cols // block)
+    padded = torch.zeros(rb * block, cb * block, dtype=torch.float32)
+    padded[:rows, :cols] = w.float()
+    tiles = padded.view(rb, block, cb, block)
+    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
+    q = (tiles / scale[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q.view(rb * block, cb * block)[:rows, :cols].contiguous(), scale
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    rows, cols = q.shape
+    s = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return q.float() * s

