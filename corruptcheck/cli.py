@@ -11,7 +11,7 @@ from rich.table import Table
 
 from corruptcheck.errors import BadInput, EngineUnavailable
 
-PRECISIONS = ["float64", "float32", "bfloat16"]
+PRECISIONS = ["float64", "float32", "bfloat16", "fp8-serving"]
 
 
 def _fail(msg: str) -> None:
@@ -39,6 +39,20 @@ def cases_cmd():
         table.add_row(c.name, str(cfg.hidden_size), f"{cfg.num_layers} ({kinds}) + MTP",
                       "+".join(map(str, c.seq_lens)), c.description)
     Console().print(table)
+
+
+def parse_engine_options(items) -> dict:
+    """KEY=VALUE strings -> options; a key given twice becomes a list (fix=A fix=B)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadInput(f"engine option {item!r} is not KEY=VALUE")
+        if key in out:
+            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
+        else:
+            out[key] = value
+    return out
 
 
 def _resolve_case(case_name, engine_name, path):
@@ -118,9 +132,12 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
 @click.option("--teacher-forcing", type=click.Choice(["on-fail", "always", "never"]), default="on-fail",
               show_default=True, help="localize by re-running sub-blocks on the engine's own inputs")
 @click.option("--no-golden", is_flag=True, help="compute the reference now instead of using the golden")
+@click.option("--engine-option", "engine_option", multiple=True, metavar="KEY=VALUE",
+              help="an engine setting, repeatable (vllm: fix=routed-swiglu-clamp, max_num_batched_tokens=N, "
+                   "kv_cache_dtype=auto, kv_cache_gib=G)")
 @click.option("--quiet", is_flag=True, help="print only the summary line")
 def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch, json_path, junit_path, html_path,
-                attn_impl, teacher_forcing, no_golden, quiet):
+                attn_impl, teacher_forcing, no_golden, engine_option, quiet):
     """Compare an engine against the reference, point by point. Exit 0 pass, 1 fail, 2 error."""
     from corruptcheck.compare import compare
     from corruptcheck.html_report import write_html
@@ -128,10 +145,11 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
 
     if precision is None and engine_name != "dump":
         precision = "float32"
-    options = {"attn_impl": attn_impl, "batch": batch}
+    options = {"attn_impl": attn_impl, "batch": batch} if engine_name == "hf" else {}
     if engine_name == "dump":
         options = {"path": dump_path, "format": dump_format}
     try:
+        options.update(parse_engine_options(engine_option))
         case = _resolve_case(case_name, engine_name, dump_path)
         res = compare(case, engine_name, precision, use_golden=not no_golden, teacher_forcing=teacher_forcing,
                       **options)

@@ -73,7 +73,7 @@ def compare(case: Case, engine_name: str, precision: str, use_golden: bool = Tru
         tf = "run"
     t4 = time.perf_counter()
     return CompareResult(
-        case=case, engine=engine_name, precision=precision or tol_prec, comparison=comp, coverage=ref.coverage,
+        case=case, engine=engine_name, precision=tol_prec, comparison=comp, coverage=ref.coverage,
         reference={"version": REFERENCE_VERSION, "precision": "float64", "source": ref.source,
                    "golden_digest": ref.digest},
         engine_meta=cap.meta,

@@ -239,6 +239,12 @@ def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool,
 
 
 NOISE_PRECISIONS = ("float32", "bfloat16")
+# engine cases (FP8-exact weights) are judged at the precision FP8 serving engines run
+ENGINE_NOISE_PRECISIONS = ("fp8-serving",)
+
+
+def noise_precisions(case: Case) -> tuple:
+    return ENGINE_NOISE_PRECISIONS if case.weight_format == "fp8" else NOISE_PRECISIONS
 
 
 def generate(case: Case, root: Path | None = None, with_noise: bool = True) -> dict:
@@ -246,7 +252,7 @@ def generate(case: Case, root: Path | None = None, with_noise: bool = True) -> d
 
     points, cov = regenerate(case)
     root = root or golden_root()
-    noise = {p: measure(case, points, p) for p in NOISE_PRECISIONS} if with_noise else {}
+    noise = {p: measure(case, points, p) for p in noise_precisions(case)} if with_noise else {}
     manifest = build_golden(case, points, cov, root / case.name, full=case.name in COMMITTED_TENSORS, noise=noise)
     if case.name not in COMMITTED_TENSORS:
         _write_cache(case, manifest, points)

@@ -33,13 +33,16 @@ def indexer_scores(x, qr, p: dict, cfg: ModelConfig, freqs, angles, prec: Precis
     """Lightning indexer (spec §5.7): scores [S, n] with unavailable entries at -inf."""
     s = x.shape[0]
     keys = compress(x, sub(p, "compressor"), ratio=cfg.csa_ratio, overlap=True, norm_eps=cfg.rms_eps,
-                    freqs=freqs, rope_dim=cfg.rope_dim, prec=prec, sims="fp4" if sims else None)
+                    freqs=freqs, rope_dim=cfg.rope_dim, prec=prec,
+                    sims="fp4" if sims else ("fp8-index" if prec.fp8_cache else None))
     rec("indexer_keys", keys)
     q = linear(qr, p["wq_b.weight"]).view(s, cfg.index_n_heads, cfg.index_head_dim)  # no per-head norm
     trig = prec.act if prec.alt_placement else None
     q = apply_rope(q, angles, cfg.rope_dim, acc=prec.acc, trig=trig)
     if sims:
         q = fp4_sim(rotate(q), 32)
+    elif prec.fp8_cache:  # FP8 serving engines: e4m3 queries, one scale per head vector
+        q = fp8_sim(q, cfg.index_head_dim)
     w = linear(x, p["weights_proj.weight"]) * (cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5)
     # sum_h w[t,h] * relu(q[t,h] . k[i]); in the activation dtype like the demo (the
     # alternative placement scores in acc, as transformers does)
@@ -102,7 +105,8 @@ def attention(x, p: dict, layer: int, cfg: ModelConfig, tables: dict, prec: Prec
     rec("q", q)
     kv = rms_norm(linear(x, p["wkv.weight"]), p["kv_norm.weight"], eps, prec.acc)
     kv = apply_rope(kv, angles, rd, acc=prec.acc, trig=trig)
-    if sims:
+    kv_fp8 = sims or prec.fp8_cache  # the KV cache holds the non-RoPE dims in FP8
+    if kv_fp8:
         kv = torch.cat([fp8_sim(kv[..., :-rd], 64), kv[..., -rd:]], -1)
     rec("kv", kv)
 
@@ -110,7 +114,7 @@ def attention(x, p: dict, layer: int, cfg: ModelConfig, tables: dict, prec: Prec
     if kind != "sliding":
         ratio = cfg.compress_ratio(layer)
         comp = compress(x, sub(p, "compressor"), ratio=ratio, overlap=(kind == "csa"), norm_eps=eps,
-                        freqs=freqs, rope_dim=rd, prec=prec, sims="fp8" if sims else None)
+                        freqs=freqs, rope_dim=rd, prec=prec, sims="fp8" if kv_fp8 else None)
         rec("compressed_kv", comp)
         n = comp.shape[0]
         visible = available(s, n, ratio)

@@ -47,7 +47,8 @@ def finish(pooled, first_block: int, ratio: int, norm_w, freqs, rope_dim: int, p
            eps: float, sims: str | None = None):
     """Cast to the activation dtype, weighted RMSNorm, RoPE at the block start i*m, then the
     demo's QAT sim: 'fp8' (main compressor, nope dims, block 64) or 'fp4' (indexer: Hadamard,
-    FP4 in blocks of 32 over all dims)."""
+    FP4 in blocks of 32 over all dims); or an FP8 serving engine's indexer cache, 'fp8-index'
+    (all dims in e4m3, one scale per key)."""
     e = rms_norm(pooled.to(prec.act), norm_w, eps, prec.acc)
     pos = (torch.arange(pooled.shape[0]) + first_block) * ratio
     e = apply_rope(e, rope_angles(pos, freqs), rope_dim, acc=prec.acc, trig=prec.act if prec.alt_placement else None)
@@ -55,6 +56,8 @@ def finish(pooled, first_block: int, ratio: int, norm_w, freqs, rope_dim: int, p
         e = torch.cat([fp8_sim(e[..., :-rope_dim], 64), e[..., -rope_dim:]], -1)
     elif sims == "fp4":
         e = fp4_sim(rotate(e), 32)
+    elif sims == "fp8-index":
+        e = fp8_sim(e, e.shape[-1])
     return e
 
 

@@ -7,7 +7,12 @@ widths be chosen:
 * ``float64``: every step in float64 (the golden truth),
 * ``float32``: every step in float32,
 * ``bfloat16``: activations in bf16, the demo's fp32 places in fp32 (demo-faithful placement,
-  weights dequantised, no activation quantisation unless the QAT sims are enabled).
+  weights dequantised, no activation quantisation unless the QAT sims are enabled),
+* ``fp8-serving``: ``bfloat16`` plus what an FP8 serving engine stores in FP8: the KV cache's
+  non-RoPE part (e4m3, one power-of-two scale per 64 values; RoPE dims stay bf16), the
+  compressed entries the same way, and the lightning indexer's queries and keys (e4m3, one
+  scale per 128-dim vector). Weights are FP8 in such an engine too, but the cases that declare
+  it are FP8-exact, so that part adds nothing.
 """
 from __future__ import annotations
 
@@ -15,8 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-_NAMES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+_NAMES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "fp8-serving": torch.bfloat16}
 ALIASES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "double": "float64", "float": "float32"}
+SERVING = {"fp8-serving"}  # precisions that quantise the KV cache and the indexer to FP8
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,11 @@ class Precision:
     acc: torch.dtype  # dtype of the demo's "fp32" computations
     alt_placement: bool = False
     split_k: int = 1
+
+    @property
+    def fp8_cache(self) -> bool:
+        """KV cache, compressed entries and indexer in FP8 (the ``fp8-serving`` profile)."""
+        return self.name in SERVING
 
     @classmethod
     def of(cls, name: "str | Precision") -> "Precision":

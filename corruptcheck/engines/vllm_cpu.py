@@ -20,8 +20,9 @@ Fixes (`--engine-option fix=NAME`, for testing only; vLLM runs as shipped withou
 
 * `routed-swiglu-clamp`: vLLM's CPU FP8 MoE (`CPUExpertsFp8.apply`) calls
   `fused_experts_cpu(..., alpha=None, limit=None)`, so the routed experts' SwiGLU is never
-  clamped to `swiglu_limit`, while the shared expert (`SiluAndMulWithClamp`) and the MXFP4
-  experts (`gemm1_clamp_limit`) are. The fix passes the model's `swiglu_limit` as `limit`.
+  clamped to `swiglu_limit`, while the shared expert (`SiluAndMulWithClamp`) is. The fix
+  computes the routed experts unfused from vLLM's own loaded FP8 weights and scales, with the
+  clamp (`_fix_routed_swiglu_clamp`); the fused MoE kernel itself is then not under test.
 """
 from __future__ import annotations
 
@@ -106,25 +107,52 @@ def _patch_tile_scheduler():
 
 
 def _fix_routed_swiglu_clamp(swiglu_limit: float):
+    """The CPU kernel cannot clamp: `fused_experts_cpu` reads `limit` only together with `alpha`,
+    i.e. for gpt-oss' swiglu-oai activation (measured: limit=10 with alpha=None changes
+    nothing). So the fix keeps vLLM's loaded FP8 expert weights and scales (stashed when vLLM
+    packs them at load time) and computes the routed experts unfused, with DeepSeek's clamp:
+    bf16 inputs, FP8 weights dequantised with their block scales, fp32 accumulation, gate
+    clamped from above and up on both sides at `swiglu_limit`, routing weight before w2."""
     from vllm.model_executor.layers.fused_moe.experts import cpu_moe
 
-    cls = cpu_moe.CPUExpertsFp8
-    original_call = cpu_moe.fused_experts_cpu
+    stash: dict = {}
+    original_prepare = cpu_moe.prepare_fp8_moe_layer_for_cpu
+
+    def prepare(w13, w2):
+        packed13, packed2 = original_prepare(w13, w2)
+        stash[packed13.data_ptr()] = (w13.clone(), w2.clone())
+        return packed13, packed2
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *args, **kwargs):
-        def clamped(*a, **k):  # positional: out, x, w1, w2, weights, ids, method, 4 scales/zeros, block, 2 biases, alpha, limit, is_vnni
-            a = list(a)
-            a[15] = swiglu_limit
-            return original_call(*a, **k)
+        raw = stash.get(w1.data_ptr())
+        if raw is None:
+            raise RuntimeError("routed-swiglu-clamp: these experts were loaded before the fix was applied")
+        out = clamped_experts(hidden_states, raw[0], self.w1_scale, raw[1], self.w2_scale,
+                              topk_weights, topk_ids, swiglu_limit)
+        output.copy_(out.to(output.dtype))
 
-        cpu_moe.fused_experts_cpu = clamped
-        try:
-            return original_apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *args, **kwargs)
-        finally:
-            cpu_moe.fused_experts_cpu = original_call
+    undo_prepare = _patch_attr(cpu_moe, "prepare_fp8_moe_layer_for_cpu", prepare)
+    undo_apply = _patch_attr(cpu_moe.CPUExpertsFp8, "apply", apply)
+    return lambda: (undo_apply(), undo_prepare())
 
-    original_apply = cls.__dict__["apply"]
-    return _patch_attr(cls, "apply", apply)
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    block_n, block_k = q.shape[0] // scale.shape[0], q.shape[1] // scale.shape[1]
+    s = scale.float().repeat_interleave(block_n, 0).repeat_interleave(block_k, 1)
+    return (q.float() * s).to(torch.bfloat16)
+
+
+def clamped_experts(x, w13, s13, w2, s2, topk_weights, topk_ids, limit: float) -> torch.Tensor:
+    """Routed experts with DeepSeek V4's clamped SwiGLU; [T, D] fp32."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+    inter = w13.shape[1] // 2
+    for e in torch.unique(topk_ids).tolist():
+        tok, slot = torch.where(topk_ids == e)
+        h = (x[tok].to(torch.bfloat16) @ _dequantize(w13[e], s13[e]).T).float()
+        gate, up = h[:, :inter].clamp(max=limit), h[:, inter:].clamp(-limit, limit)
+        act = (torch.nn.functional.silu(gate) * up * topk_weights[tok, slot, None].float()).to(torch.bfloat16)
+        out.index_add_(0, tok, (act @ _dequantize(w2[e], s2[e]).T).float())
+    return out
 
 
 _FIX = {"routed-swiglu-clamp": _fix_routed_swiglu_clamp}

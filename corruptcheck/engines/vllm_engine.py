@@ -210,7 +210,7 @@ def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
         llm = LLM(model=tmp, skip_tokenizer_init=True, tensor_parallel_size=1, enforce_eager=True,
                   dtype="bfloat16", kv_cache_dtype=kv_dtype, enable_prefix_caching=False, seed=0,
                   max_model_len=model_len, max_num_seqs=max(len(seqs), 1),
-                  max_num_batched_tokens=batched, enable_chunked_prefill=chunk is not None,
+                  max_num_batched_tokens=batched,
                   kv_cache_memory_bytes=int(kv_gib * (1 << 30)))
         ready = time.perf_counter()
         recorder = Recorder(cpu_taps(cfg), TOKENS, cfg.num_layers)
