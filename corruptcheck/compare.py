@@ -66,7 +66,8 @@ def compare(case: Case, engine_name: str, precision: str, use_golden: bool = Tru
     tol_prec = Precision.of(cap.precision).name
     noise, noise_source = noise_for(case, ref, tol_prec)
     t3 = time.perf_counter()
-    comp = compare_points(capture_points(case.config), ref.points, cap.points, tol_prec, ref.coverage, noise)
+    comp = compare_points(capture_points(case.config), ref.points, cap.points, tol_prec, ref.coverage, noise,
+                          cap.meta.get("capture", {}).get("skipped"))
     culprit, tf = None, "not run"
     if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == "fail"):
         culprit = attach(comp, teacher_force(case, cap.points, tol_prec, noise))

@@ -7,6 +7,8 @@ point carries `ratio` = error / tolerance (> 1 fails).
 """
 from __future__ import annotations
 
+from fnmatch import fnmatch
+
 import math
 from dataclasses import dataclass, field
 
@@ -74,9 +76,10 @@ def _check_shape(name, e: torch.Tensor, r: torch.Tensor):
 
 
 def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverage: dict,
-                   noise: dict | None = None) -> Comparison:
+                   noise: dict | None = None, declared_skips: dict | None = None) -> Comparison:
     """`noise`: the noise model for `precision` ({"free": {point: ...}, ...}); without it every
-    tolerance is the precision's floor."""
+    tolerance is the precision's floor. `declared_skips`: {fnmatch pattern: reason} from the
+    engine, for points its tree computes but does not expose (reported skipped, not missing)."""
     free = (noise or {}).get("free", {})
     known = {s.name for s in specs}
     results = []
@@ -84,7 +87,10 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
         if spec.name not in ref:
             continue  # the case has no such point (e.g. MTP disabled)
         if spec.name not in engine:
-            if spec.required:
+            declared = next((why for pat, why in (declared_skips or {}).items() if fnmatch(spec.name, pat)), None)
+            if declared:
+                results.append(PointResult(spec.name, "skipped", spec.layer, spec.kind, reason=declared))
+            elif spec.required:
                 results.append(PointResult(spec.name, "missing", spec.layer, spec.kind,
                                            reason="engine did not capture this point"))
             else:

@@ -38,7 +38,7 @@ from corruptcheck.reference import moe as r_moe
 from corruptcheck.reference.primitives import rope_frequencies
 
 HF_MODULE = "transformers.models.deepseek_v4.modeling_deepseek_v4"
-ENGINES = ("hf", "reference")
+ENGINES = ("hf", "reference", "vllm")  # vllm: corruptcheck.vllm_faults
 
 
 def hf_module():
@@ -160,6 +160,7 @@ class Fault:
     # further points localization accepts because the fault genuinely strikes there too
     # (documented per fault; empty for most)
     also: tuple[str, ...] = ()
+    engines: tuple[str, ...] = ("hf", "reference")  # engines it is implemented for
 
     def triggered(self, cfg: ModelConfig, seq_lens, engine: str) -> bool | None:
         """Can the fault fire on this case and engine? None: depends on activations."""
@@ -171,16 +172,24 @@ class Fault:
     def reference(self, p: Patcher, state: FaultState, cfg: ModelConfig) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def vllm(self, p: Patcher, state: FaultState, cfg: ModelConfig) -> None:  # pragma: no cover
+        raise NotImplementedError
+
     @contextmanager
     def active(self, engine: str, cfg: ModelConfig, state: FaultState):
-        """Install the fault for `engine` ("hf" or "reference"); everything is restored on exit."""
-        if engine not in ENGINES:
+        """Install the fault for `engine` (one of `self.engines`); everything is restored on exit."""
+        if engine not in self.engines:
             raise BadInput(f"fault {self.name!r} has no implementation for engine {engine!r}; "
-                           f"faults apply to: {', '.join(ENGINES)}")
+                           f"it applies to: {', '.join(self.engines)}")
         with patched() as p:
             if engine == "hf":
                 _track_hf_layers(p, state)
                 self.hf(p, state, cfg)
+            elif engine == "vllm":
+                from corruptcheck.vllm_faults import _track_vllm_layers
+
+                _track_vllm_layers(p, state)
+                self.vllm(p, state, cfg)
             else:
                 _track_reference_layers(p, state)
                 self.reference(p, state, cfg)
@@ -938,11 +947,24 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
 )}
 
 
+def faults_for(engine: str) -> dict[str, Fault]:
+    """The registry of faults implemented for `engine`: FAULTS for hf / reference, the vLLM
+    faults (`corruptcheck.vllm_faults.VLLM_FAULTS`, patches of vLLM's own code) for vllm."""
+    if engine == "vllm":
+        from corruptcheck.vllm_faults import VLLM_FAULTS
+
+        return VLLM_FAULTS
+    return FAULTS
+
+
 def get_fault(name: str) -> Fault:
+    from corruptcheck.vllm_faults import VLLM_FAULTS
+
+    known = {**FAULTS, **VLLM_FAULTS}
     try:
-        return FAULTS[name]
+        return known[name]
     except KeyError:
-        raise BadInput(f"unknown fault {name!r}; known faults: {', '.join(FAULTS)}") from None
+        raise BadInput(f"unknown fault {name!r}; known faults: {', '.join(known)}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,13 +110,13 @@ def print_totals(res, console: Console) -> None:
 
 
 @click.command("selftest")
-@click.option("--engine", "engine_name", default="hf", show_default=True, help="engine to test (hf, reference)")
+@click.option("--engine", "engine_name", default="hf", show_default=True, help="engine to test (hf, reference, vllm)")
 @click.option("--cases", "cases", default=None, help="comma-separated built-in cases [default: all]")
 @click.option("--faults", "faults", default=None, help="comma-separated faults [default: all]")
 @click.option("--dtypes", "dtypes", default="float32,bfloat16", show_default=True, help="precisions for the faults")
 @click.option("--benign", "benign", default=None, help="comma-separated benign variants [default: all for the engine]")
 @click.option("--no-benign", is_flag=True, help="skip the benign variants")
-@click.option("--list", "list_only", is_flag=True, help="print the faults, one per line, and exit")
+@click.option("--list", "list_only", is_flag=True, help="print the engine's faults, one per line, and exit")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the matrix as JSON")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="write the matrix as an HTML page")
 @click.option("--quiet", is_flag=True, help="no progress lines")
@@ -124,10 +124,10 @@ def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, j
     """Re-enact real silent-corruption bugs and check that they are caught and located, and
     that honest variants are not flagged. Exit 0 pass, 1 a fault missed at float32 or a benign
     variant flagged, 2 error."""
-    from corruptcheck.faults import FAULTS
+    from corruptcheck.faults import faults_for
 
     if list_only:
-        for f in FAULTS.values():
+        for f in faults_for(engine_name).values():
             click.echo(f.describe())
         return
     from corruptcheck.report import write_json

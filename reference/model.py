@@ -47,10 +47,12 @@ def rope_tables(cfg: ModelConfig) -> dict:
 
 def cast_params(params: dict, prec: Precision) -> dict:
     """Matrices to the activation dtype, fp32-held tensors (mHC, sinks, ape, biases, norms) to
-    acc; integer tables untouched. Exact for the generated cases (bf16-representable)."""
+    acc; integer tables untouched. Exact for the generated cases (bf16-representable). Routed
+    experts stay as given: the MoE casts one expert at a time (`moe.expert_weights`), so a
+    float64 run does not hold a float64 copy of every expert."""
     out = {}
     for name, t in params.items():
-        if not t.is_floating_point():
+        if not t.is_floating_point() or ".experts." in name:
             out[name] = t
         elif t.dim() == 2 and name.endswith(".weight"):
             out[name] = t.to(prec.act)

@@ -33,6 +33,11 @@ def route(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec):
 ROW_TILE = 16
 
 
+def expert_weights(p: dict, prefix: str, dtype) -> tuple:
+    """(w1, w3, w2) of one routed expert in `dtype` (cast here, one expert at a time)."""
+    return tuple(p[f"{prefix}.{w}.weight"].to(dtype) for w in ("w1", "w3", "w2"))
+
+
 def _per_tile(tok: torch.Tensor, fn) -> tuple:
     """fn(rows) on fixed-size tiles of the token indices `tok` (the last tile padded with
     token 0, whose results are dropped); fn returns a tuple of per-row tensors, concatenated.
@@ -76,10 +81,12 @@ def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec, sta
         ep = f"experts.{e}"
         weight = (w * chosen).sum(-1, keepdim=True)  # this expert's routing weight per token
 
-        def expert(rows, ep=ep, weight=weight):
-            h, hits = swiglu_hidden(y[rows], p[f"{ep}.w1.weight"], p[f"{ep}.w3.weight"], cfg.swiglu_limit, prec.acc)
+        w1, w3, w2 = expert_weights(p, ep, prec.act)
+
+        def expert(rows, w1=w1, w3=w3, w2=w2, weight=weight):
+            h, hits = swiglu_hidden(y[rows], w1, w3, cfg.swiglu_limit, prec.acc)
             h = weight[rows] * h  # routing weight applied before w2
-            return linear(h.to(prec.act), p[f"{ep}.w2.weight"]).to(prec.acc), hits
+            return linear(h.to(prec.act), w2).to(prec.acc), hits
 
         contrib, hits = _per_tile(tok, expert)
         clamp_hits += int(hits.sum())
@@ -113,9 +120,11 @@ def _moe_alt(y, idx, w, p, cfg, prec):
         ep = f"experts.{e}"
         weight = (w * chosen).sum(-1, keepdim=True).to(act)
 
-        def expert(rows, ep=ep, weight=weight):
-            h, _ = swiglu_hidden(y[rows], p[f"{ep}.w1.weight"], p[f"{ep}.w3.weight"], cfg.swiglu_limit, act)
-            return (linear(h, p[f"{ep}.w2.weight"]) * weight[rows],)
+        w1, w3, w2 = expert_weights(p, ep, act)
+
+        def expert(rows, w1=w1, w3=w3, w2=w2, weight=weight):
+            h, _ = swiglu_hidden(y[rows], w1, w3, cfg.swiglu_limit, act)
+            return (linear(h, w2) * weight[rows],)
 
         out[tok] += _per_tile(tok, expert)[0]
     h, _ = swiglu_hidden(y, p["shared_experts.w1.weight"], p["shared_experts.w3.weight"], cfg.swiglu_limit, act)

@@ -101,9 +101,9 @@ def test_reference_engine_float32_passes_quietly():
 
 
 def test_uninstalled_gpu_engine_exits_2_with_install_hint():
-    r = _cc("compare", "--engine", "vllm", "--case", "tiny")
+    r = _cc("compare", "--engine", "sglang", "--case", "tiny")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "pip install 'corruptcheck[vllm]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "pip install 'corruptcheck[sglang]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _cc("engines")
     assert r.returncode == 0
     for name in ("reference", "hf", "dump", "vllm", "sglang", "trtllm"):

