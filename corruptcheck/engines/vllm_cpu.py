@@ -79,6 +79,7 @@ def runtime(swiglu_limit: float, fixes=()):
     if unknown:
         raise ValueError(f"unknown fix {', '.join(unknown)}; known: {', '.join(FIXES)}")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and worker in this process
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the report says what matters; set it to see more
     applied = [_prepare_triton()]
     undo = []
     if not torch.cpu._is_amx_tile_supported():
