@@ -16,7 +16,7 @@ def float_metrics(engine: torch.Tensor, ref: torch.Tensor) -> dict:
     max_abs = 0.0
     worst_tok, worst_rel = -1, -1.0
     nonfinite_engine = nonfinite_ref = 0
-    per_tok = max(1, ref[0].numel() if ref.dim() else 1)
+    per_tok = max(1, math.prod(ref.shape[1:]) if ref.dim() else 1)  # also for 0 rows
     step = max(1, CHUNK_ELEMENTS // per_tok)
     for start in range(0, t, step):
         e = engine[start:start + step].to(torch.float64).reshape(-1, per_tok) if ref.dim() else engine.double().reshape(1, 1)

@@ -565,5 +565,6 @@ def write_html(res: SelftestResult, path: str) -> None:
     _atomic_write(path, render_html(res))
 
 
-__all__ = ["BENIGN", "VLLM_BENIGN", "ENGINE_OPTIONS", "benign_for", "Benign", "BenignRow", "FaultRow", "SelftestResult", "VariantEngine", "run_selftest",
-           "run_fault", "run_benign", "partnered", "online_softmax_attention", "render_html", "write_html"]
+__all__ = ["BENIGN", "VLLM_BENIGN", "ENGINE_OPTIONS", "benign_for", "Benign", "BenignRow", "FaultRow",
+           "SelftestResult", "VariantEngine", "run_selftest", "run_fault", "run_benign", "partnered",
+           "online_softmax_attention", "render_html", "write_html"]

@@ -40,6 +40,13 @@ def test_metrics_chunked_equals_direct(monkeypatch):
     assert direct["rel_l2"] == pytest.approx(exact, rel=1e-12)
 
 
+def test_metrics_on_zero_rows():
+    """moe.weights is compared on the rows where both chose the same experts; when an upstream
+    fault changes every token's choice that is no row at all (found by a vLLM fault run)."""
+    m = float_metrics(torch.zeros(0, 6), torch.zeros(0, 6))
+    assert m["rel_l2"] == 0.0 and m["norm_ratio"] == 1.0 and m["worst_token"] == -1
+
+
 def test_set_disagreement_tie_logic():
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.999999, 1.0],
                            [5.0, 4.0, 3.0, 1.0, 0.5]], dtype=torch.float64)

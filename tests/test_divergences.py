@@ -97,3 +97,20 @@ def test_d7_rope_tables_match_exactly(tiny):
         ours = rope_tables(cfg)
         assert torch.equal(rot.main_inv_freq, ours["main"])
         assert torch.equal(rot.compress_inv_freq, ours["compress"])
+
+
+def test_d8_transformers_519_norm_returns_fp32():
+    """transformers < 5.24: an fp32-kept DeepseekV4RMSNorm hands fp32 to the next bf16 Linear."""
+    from packaging.version import Version
+
+    from corruptcheck.engines.hf import norm_returns_input_dtype
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RMSNorm
+
+    norm = DeepseekV4RMSNorm(8)  # fp32 weight, as `_keep_in_fp32_modules_strict` keeps it
+    out = norm(torch.randn(2, 8).to(torch.bfloat16))
+    old = Version(transformers.__version__) < Version("5.24")
+    assert (out.dtype == torch.float32) == old
+    assert norm_returns_input_dtype() == (not old)
+    if old:
+        with pytest.raises(RuntimeError, match="same dtype"):
+            torch.nn.Linear(8, 4).to(torch.bfloat16)(out)

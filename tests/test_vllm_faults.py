@@ -16,6 +16,7 @@ from corruptcheck.vllm_faults import (
     CPU_ROUTER,
     CPU_SPARSE,
     CUSTOM_OPS,
+    IndexerKeyScaleMisread,
     LAYERNORM,
     VLLM_FAULTS,
     layer_index,
@@ -82,7 +83,7 @@ def test_triggers_on_the_engine_cases():
     pro = {n for n, f in VLLM_FAULTS.items() if f.triggered(PRO.config, PRO.seq_lens, "vllm")}
     assert set(VLLM_FAULTS) - fl == {"vllm-norm-hidden-guard"}
     assert "vllm-norm-hidden-guard" in pro
-    assert not VLLM_FAULTS["vllm-indexer-key-scale-misread"].triggered(FLASH.config, (600,), "vllm")
+    assert not IndexerKeyScaleMisread().triggered(FLASH.config, (600,), "vllm")
 
 
 def test_layer_index():
@@ -167,7 +168,7 @@ def test_indexer_key_scale_misread_shifts_and_restores():
         return "logits"
 
     q = torch.zeros(2, 4, head)
-    fault = VLLM_FAULTS["vllm-indexer-key-scale-misread"]
+    fault = IndexerKeyScaleMisread()
     state = FaultState()
     old = O.fp8_paged_mqa_logits_cpu
     O.fp8_paged_mqa_logits_cpu = kernel
@@ -208,3 +209,48 @@ def test_compressor_drops_the_previous_block():
     slots = seen["slots"]
     assert (slots[:, :4] == -1).all()
     assert slots[1:, 4:].tolist() == [[4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_selftest_wiring_for_vllm(monkeypatch):
+    """`selftest --engine vllm` runs the vLLM faults and honest variants at the engine's own
+    profile, every run with the routed-SwiGLU-clamp fix (compare stubbed: no engine here)."""
+    import corruptcheck.selftest as st
+
+    calls = []
+
+    def fake_compare(case, engine_name, precision, engine=None, **options):
+        calls.append((type(engine).__name__, getattr(engine, "name", ""), precision, options))
+        raise RuntimeError("stub")
+
+    monkeypatch.setattr(st, "compare", fake_compare)
+    res = st.run_selftest("vllm", cases=["flash-engine"])
+    assert res.precisions == ["fp8-serving"]
+    assert [r.fault for r in res.faults] == list(VLLM_FAULTS)
+    guard = next(r for r in res.faults if r.fault == "vllm-norm-hidden-guard")
+    assert guard.status == "not exercised" and "4096" in guard.note
+    assert {r.variant for r in res.benign} == set(st.VLLM_BENIGN) and len(st.VLLM_BENIGN) >= 4
+    assert len(calls) == len(VLLM_FAULTS) - 1 + len(st.VLLM_BENIGN)
+    assert all(opts == {"fix": "routed-swiglu-clamp"} and prec == "fp8-serving" for _, _, prec, opts in calls)
+    assert {c[0] for c in calls} == {"FaultyEngine", "VariantEngine"}
+    assert not res.ok  # every run errored
+    doc = res.to_json()
+    assert [f["name"] for f in doc["fault_catalog"]] == list(VLLM_FAULTS)
+    opts = {v.name: v.options for v in st.VLLM_BENIGN.values()}
+    assert opts["chunked-1024"] == {"max_num_batched_tokens": 1024} and st.VLLM_BENIGN["batch2"].batch_partner
+
+
+def test_selftest_rejects_hf_faults_on_vllm():
+    from corruptcheck.selftest import run_selftest
+
+    with pytest.raises(BadInput, match="unknown fault"):
+        run_selftest("vllm", cases=["flash-engine"], faults=["mhc-norm-sqrt2"])
+
+
+def test_indexer_scale_as_ue8m0_bytes():
+    from corruptcheck.vllm_faults import IndexerKeyScaleAsUe8m0
+
+    good = torch.tensor([[2.0 ** -10, 2.0 ** -9, 1.0, 0.5]])
+    scales = good.clone()
+    IndexerKeyScaleAsUe8m0.misread(scales, good)
+    want = torch.exp2(good.view(torch.uint8)[:, :4].float() - 127)
+    assert torch.equal(scales, want) and not torch.equal(scales, good)

@@ -20,7 +20,7 @@ class HFEngine(Engine):
             **_options) -> Capture:
         import transformers
 
-        from corruptcheck.engines.hf import run_hf
+        from corruptcheck.engines.hf import norm_returns_input_dtype, run_hf
 
         points = run_hf(case, precision, attn_impl, patches=patches, batch=batch)
         # transformers casts to fp32 inside mHC, norms and RoPE even in a float64 model, so a
@@ -29,4 +29,6 @@ class HFEngine(Engine):
         return Capture(points, self.name, effective,
                        {"version": transformers.__version__, "attn_impl": attn_impl,
                         "requested_precision": precision, "batch": "right-padded" if batch else "one sequence at a time",
-                        "patches": [str(p) for p in patches or ()]})
+                        "patches": [str(p) for p in patches or ()],
+                        "workarounds": [] if precision != "bfloat16" or norm_returns_input_dtype()
+                        else ["bf16 norm weights (transformers < 5.24 returns fp32 from its fp32-kept norms)"]})
