@@ -166,6 +166,12 @@ ENGINE_OPTIONS = {"vllm": {"fix": "routed-swiglu-clamp"}}
 ENGINE_PRECISIONS = {"vllm": ("fp8-serving",)}
 
 
+def default_cases(engine: str) -> list[str]:
+    """The engine cases (FP8-exact, real-engine kernel limits) for vllm, the others elsewhere."""
+    engine_case = engine == "vllm"
+    return [name for name, c in CASES.items() if (c.weight_format == "fp8") == engine_case]
+
+
 def benign_for(engine: str) -> dict[str, Benign]:
     return VLLM_BENIGN if engine == "vllm" else BENIGN
 
@@ -488,7 +494,7 @@ def run_selftest(engine: str = "hf", cases=None, precisions=PRECISIONS, faults=N
                  progress: Callable | None = None) -> SelftestResult:
     """cases / faults / benign: names (None = all; benign=() for none). `progress(row)` is
     called after every run."""
-    case_objs = [get_case(c) for c in (cases or list(CASES))]
+    case_objs = [get_case(c) for c in (cases or default_cases(engine))]
     fault_objs = resolve(faults, faults_for(engine), "fault")
     variants = [v for v in resolve(benign, benign_for(engine), "benign variant") if engine in v.engines]
     if engine in ENGINE_PRECISIONS:  # the engine declares its precision; requested ones do not apply
