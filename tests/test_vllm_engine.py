@@ -99,3 +99,17 @@ def test_unknown_fix_and_option_are_refused():
 
     with pytest.raises(ValueError, match="unknown vllm engine option"):
         _options(bogus=1)
+
+
+@needs_vllm
+def test_selftest_catches_a_fault_in_the_real_engine():
+    """The reduced form of `selftest --engine vllm` (all faults: docs/faults.md): one fault
+    applied to vLLM's own routing for one run, on vLLM with its MoE defect corrected."""
+    from corruptcheck.selftest import run_selftest
+
+    res = run_selftest("vllm", cases=[CASE], faults=["vllm-hash-routing-off-by-one"], benign=())
+    (row,) = res.faults
+    assert row.precision == "fp8-serving"
+    assert row.status == "detected", row
+    assert row.first == "layers.0.moe.experts" and row.culprit == "layers.0.moe.experts" and row.localized, row
+    assert res.ok
