@@ -59,6 +59,16 @@ def installed_version() -> str | None:
         return None
 
 
+def has_amx_fp8() -> bool:
+    """Whether vLLM will pick its W8A8 CPU kernels (native AMX-FP8), which quantise activations."""
+    try:
+        from vllm import _custom_ops as ops
+
+        return bool(ops.cpu_has_amx_fp8())
+    except Exception:  # noqa: BLE001 - an older build without the probe has no W8A8 kernels
+        return False
+
+
 def _prepare_triton() -> str:
     os.environ["TRITON_INTERPRET"] = "1"
     import triton.backends

