@@ -125,7 +125,6 @@ def is_fp8_linear(name: str, t: torch.Tensor) -> bool:
             and not any(p in name for p in _BF16_PARTS) and not name.startswith("mtp."))
 
 
-
 def fp8_exact(params: dict) -> dict:
     """Every FP8 linear (`is_fp8_linear`) replaced by its own e4m3 x ue8m0-block-scale value, so an
     FP8 checkpoint of these weights holds exactly the numbers the reference uses (no quantisation

@@ -39,8 +39,8 @@ import torch
 from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.errors import EngineUnavailable
 from corruptcheck.reference import ModelConfig
+from corruptcheck.reference.quant import fp8_block_quantize, fp8_dequantize
 from corruptcheck.weights import is_fp8_linear
-from corruptcheck.reference.quant import FP8_BLOCK, fp8_block_quantize, fp8_dequantize
 
 
 class CaptureError(RuntimeError):

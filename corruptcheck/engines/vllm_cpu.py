@@ -32,6 +32,8 @@ import os
 
 import torch
 
+from corruptcheck.reference.quant import fp8_dequantize
+
 FIXES = ("routed-swiglu-clamp",)
 
 
@@ -164,9 +166,8 @@ def _fix_routed_swiglu_clamp(swiglu_limit: float):
 
 
 def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    block_n, block_k = q.shape[0] // scale.shape[0], q.shape[1] // scale.shape[1]
-    s = scale.float().repeat_interleave(block_n, 0).repeat_interleave(block_k, 1)
-    return (q.float() * s).to(torch.bfloat16)
+    """One expert's FP8 weight x its 128x128 block scales, as the bf16 the kernel multiplies."""
+    return fp8_dequantize(q, scale.float()).to(torch.bfloat16)
 
 
 def clamped_experts(x, w13, s13, w2, s2, topk_weights, topk_ids, limit: float) -> torch.Tensor:

