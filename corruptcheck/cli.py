@@ -1,7 +1,11 @@
 """Command line: `corruptcheck cases`, `corruptcheck compare`."""
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import click
@@ -19,7 +23,51 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def crash_report_path() -> Path:
+    """Where the full traceback of an internal error goes (CORRUPTCHECK_CRASH_DIR, else the
+    system temporary directory)."""
+    root = Path(os.environ.get("CORRUPTCHECK_CRASH_DIR") or tempfile.gettempdir())
+    return root / f"corruptcheck-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+
+
+def _internal_error(exc: BaseException, command: str) -> None:
+    """One line naming the defect and where it happened, the traceback in a file, exit 2: a bug
+    in the tool must never read as a pass or a fail."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    first = (str(exc).splitlines() or [""])[0][:200]
+    path = crash_report_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{command}\n\n" + "".join(traceback.format_exception(exc)))
+        pointer = f"full traceback in {path}"
+    except OSError as write_exc:
+        pointer = f"the traceback could not be written to {path} ({write_exc})"
+    click.echo(f"corruptcheck: internal error (a bug in corruptcheck, not a verdict): {type(exc).__name__}"
+               f"{': ' + first if first else ''}{where}; {pointer}", err=True)
+    sys.exit(2)
+
+
+class _Main(click.Group):
+    """The command group; turns what escapes a command into exit 2 with one line."""
+
+    def invoke(self, ctx):
+        import warnings
+
+        with warnings.catch_warnings():  # click 8.2+ deprecates protected_args; it still holds the subcommand
+            warnings.simplefilter("ignore", DeprecationWarning)
+            command = " ".join(["corruptcheck", *getattr(ctx, "protected_args", []), *ctx.args])
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except (BadInput, EngineUnavailable) as exc:
+            _fail(str(exc))
+        except Exception as exc:  # noqa: BLE001 - the one place every defect is caught
+            _internal_error(exc, command)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="corruptcheck")
 def main():
     """Silent-corruption detector for DeepSeek V4 inference engines."""

@@ -17,7 +17,7 @@ import torch
 from corruptcheck.coverage import exercised
 from corruptcheck.errors import BadInput
 from corruptcheck.metrics import float_metrics, set_disagreements
-from corruptcheck.points import PointSpec, tie_scores_name
+from corruptcheck.points import PointSpec, agreeing_rows, tie_scores_name
 from corruptcheck.tolerance import float_tolerance, tie_margin
 
 
@@ -117,22 +117,33 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
 
 
 def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> PointResult:
-    rows = None
-    if spec.name.endswith("moe.weights"):  # weights compare where both chose the same experts
-        experts = spec.name[: -len("weights")] + "experts"
-        if experts in engine and experts in ref:
-            same = (engine[experts] == ref[experts]).all(-1)
-            e, r, rows = e[same], r[same], int(same.sum())
+    """Every outcome is a verdict: a point that cannot be compared numerically (no rows, no
+    value finite on both sides) fails with the reason, it never passes."""
+    rows = agreeing_rows(spec.name, engine, ref)
+    total_rows = r.shape[0] if r.dim() else 1
+    if rows is not None:
+        e, r = e[rows], r[rows]
     m = _clean(float_metrics(e, r))
     if rows is not None:
-        m["rows_compared"] = rows
+        m["rows_compared"] = int(rows.sum())
     rel, band = tol["value"], tol["norm_ratio_band"]
     nr = m["norm_ratio"] if m["norm_ratio"] is not None else math.inf
     rl2 = m["rel_l2"] if m["rel_l2"] is not None else math.inf
     ratio = max(rl2 / rel, abs(nr - 1) / band)
     verdict, reason = "pass", ""
-    if m["nonfinite_new"]:
-        verdict, reason, ratio = "fail", f"{m['nonfinite_new']} NaN/Inf values the reference does not have", math.inf
+    parity = m["nonfinite_new"] + m["nonfinite_lost"] + m["nonfinite_kind"]
+    if parity:
+        verdict, ratio = "fail", math.inf
+        reason = (f"NaN/Inf parity: {m['nonfinite_new']} non-finite value(s) where the reference is finite, "
+                  f"{m['nonfinite_lost']} finite where it is not, {m['nonfinite_kind']} of another kind "
+                  f"(first token {m['first_nonfinite_token']})")
+    elif rows is not None and m["rows_compared"] == 0:
+        verdict, ratio = "fail", math.inf
+        reason = f"no token chose the reference's experts (0 of {total_rows} rows agree), nothing to compare"
+    elif m["compared_values"] == 0:
+        verdict, ratio = "fail", math.inf
+        reason = ("no values to compare (empty tensor)" if not e.numel()
+                  else "no value is finite in both the engine and the reference")
     elif rl2 > rel:
         verdict, reason = "fail", f"rel_l2 {rl2:.3g} > tolerance {rel:.3g} (worst token {m['worst_token']})"
     elif abs(nr - 1) > band:
@@ -143,10 +154,13 @@ def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> PointResult
 def compare_index(spec, e, r, scores, precision: str, score_noise) -> PointResult:
     margin, how = tie_margin(score_noise, precision)
     d = set_disagreements(e, r, scores, margin)
-    verdict = "fail" if d["genuine"] else "pass"
-    ratio = 1.0 + d["genuine"] if d["genuine"] else d["worst_margin_rel"] / margin
-    reason = (f"{d['genuine']} token(s) choose differently beyond a near-tie (first: token {d['first_genuine_token']})"
+    verdict = "fail" if d["genuine"] or not d["tokens"] else "pass"
+    ratio = 1.0 + d["genuine"] if d["genuine"] else (d["worst_margin_rel"] / margin if d["tokens"] else math.inf)
+    oor = f", {d['out_of_range']} naming no valid choice" if d["out_of_range"] else ""
+    reason = (f"{d['genuine']} token(s) choose differently beyond a near-tie{oor} (first: token {d['first_genuine_token']})"
               if d["genuine"] else (f"{d['tie_explained']} near-tie difference(s)" if d["tie_explained"] else ""))
+    if not d["tokens"]:
+        reason = "no tokens to compare (empty tensor)"
     tolerance = {"metric": "genuine_disagreements", "value": 0, "tie_margin_rel": margin,
                  "derivation": "set comparison per token; a swap is a near-tie when the reference's score margin "
                                "is within the tie margin = " + how}

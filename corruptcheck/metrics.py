@@ -1,5 +1,18 @@
 """Error metrics between an engine tensor and the reference, computed in float64 one chunk of
-tokens at a time (no float64 copy of a whole large tensor is made)."""
+tokens at a time (no float64 copy of a whole large tensor is made).
+
+Sums of squares are kept relative to a running power-of-two scale S (the largest finite
+magnitude seen so far, rounded up to a power of two), as LAPACK's `dnrm2` does: a chunk is
+divided by its own scale s, summed, and the running sums are rescaled by (S/s)^2 when s grows.
+Dividing by a power of two is exact, so for ordinary data the numbers are bit-identical to the
+unscaled sums, and values near the float64 range (1e200, 1e-200) neither overflow to inf nor
+underflow to 0 — an exact copy of a huge tensor still has norm ratio 1.
+
+NaN/Inf parity compares the class of every element (finite, NaN, +Inf, -Inf): an engine value
+that is non-finite where the reference is finite (`nonfinite_new`), finite where the reference
+is not (`nonfinite_lost`), or a different non-finite class (`nonfinite_kind`) is a mismatch.
+Only elements finite on both sides enter the sums (`compared_values` counts them).
+"""
 from __future__ import annotations
 
 import math
@@ -9,74 +22,133 @@ import torch
 CHUNK_ELEMENTS = 1 << 22
 
 
+def _pow2_scale(amax: float) -> float:
+    """Smallest power of two >= amax (1.0 for 0)."""
+    if amax <= 0.0:
+        return 1.0
+    return math.ldexp(1.0, math.frexp(amax)[1])
+
+
+def _class(x: torch.Tensor) -> torch.Tensor:
+    """0 finite, 1 NaN, 2 +Inf, 3 -Inf."""
+    return torch.isnan(x).to(torch.int8) + 2 * torch.isposinf(x).to(torch.int8) + 3 * torch.isneginf(x).to(torch.int8)
+
+
 def float_metrics(engine: torch.Tensor, ref: torch.Tensor) -> dict:
     """rel_l2, max_abs, norm_ratio, cosine, worst token (by relative error), NaN/Inf parity."""
-    t = ref.shape[0] if ref.dim() else 1
+    if engine.shape != ref.shape:
+        raise ValueError(f"float_metrics: shapes {tuple(engine.shape)} and {tuple(ref.shape)} differ")
+    if ref.dim() == 0:
+        engine, ref = engine.reshape(1), ref.reshape(1)
+    t = ref.shape[0]
+    per_tok = math.prod(ref.shape[1:])
+    scale = 0.0  # running S (0 before the first chunk); the four sums below are in units of S^2
     e2 = r2 = d2 = dot = 0.0
     max_abs = 0.0
     worst_tok, worst_rel = -1, -1.0
-    nonfinite_engine = nonfinite_ref = 0
-    per_tok = max(1, math.prod(ref.shape[1:]) if ref.dim() else 1)  # also for 0 rows
-    step = max(1, CHUNK_ELEMENTS // per_tok)
-    for start in range(0, t, step):
-        e = engine[start:start + step].to(torch.float64).reshape(-1, per_tok) if ref.dim() else engine.double().reshape(1, 1)
-        r = ref[start:start + step].to(torch.float64).reshape(-1, per_tok) if ref.dim() else ref.double().reshape(1, 1)
+    new = lost = kind = nonfinite_ref = compared = 0
+    first_nonfinite = None
+    step = max(1, CHUNK_ELEMENTS // max(per_tok, 1))
+    for start in range(0, t if per_tok else 0, step):
+        e = engine[start:start + step].to(torch.float64).reshape(-1, per_tok)
+        r = ref[start:start + step].to(torch.float64).reshape(-1, per_tok)
         fe, fr = torch.isfinite(e), torch.isfinite(r)
-        nonfinite_engine += int((~fe & fr).sum())
-        nonfinite_ref += int((~fr).sum())
         ok = fe & fr
+        n_new, n_lost = int((~fe & fr).sum()), int((fe & ~fr).sum())
+        n_kind = int(((~fe & ~fr) & (_class(e) != _class(r))).sum())
+        if (n_new or n_lost or n_kind) and first_nonfinite is None:
+            bad_rows = ((fe != fr) | ((~fe & ~fr) & (_class(e) != _class(r)))).any(1)
+            first_nonfinite = start + int(bad_rows.nonzero()[0, 0])
+        new, lost, kind = new + n_new, lost + n_lost, kind + n_kind
+        nonfinite_ref += int((~fr).sum())
+        compared += int(ok.sum())
         e, r = torch.where(ok, e, 0.0), torch.where(ok, r, 0.0)
+        s = _pow2_scale(max(float(e.abs().max()), float(r.abs().max())))
+        e, r = e / s, r / s
         d = e - r
-        dn, rn = d.square().sum(1), r.square().sum(1)
-        e2 += float(e.square().sum()); r2 += float(rn.sum()); d2 += float(dn.sum()); dot += float((e * r).sum())
-        if d.numel():
-            max_abs = max(max_abs, float(d.abs().max()))
-        rel_tok = (dn / rn.clamp_min(1e-300)).sqrt()
-        if rel_tok.numel():
-            i = int(rel_tok.argmax())
-            if float(rel_tok[i]) > worst_rel:
-                worst_rel, worst_tok = float(rel_tok[i]), start + i
-    rn, en = math.sqrt(r2), math.sqrt(e2)
+        # the same reduction for e and r, so an exact copy has norm ratio exactly 1
+        dn, rn, en = d.square().sum(1), r.square().sum(1), e.square().sum(1)
+        sums = (float(en.sum()), float(rn.sum()), float(dn.sum()), float((e * r).sum()))
+        if s > scale:  # bring the running sums to the new scale
+            f = (scale / s) ** 2  # 0 before the first chunk
+            e2, r2, d2, dot = e2 * f, r2 * f, d2 * f, dot * f
+            scale = s
+        f = (s / scale) ** 2
+        e2, r2, d2, dot = e2 + sums[0] * f, r2 + sums[1] * f, d2 + sums[2] * f, dot + sums[3] * f
+        max_abs = max(max_abs, float(d.abs().max()) * s)  # inf when the true value exceeds float64
+        rel_tok = torch.where(rn > 0, (dn / rn).sqrt(), torch.where(dn > 0, math.inf, 0.0))
+        i = int(rel_tok.argmax())
+        if float(rel_tok[i]) > worst_rel:
+            worst_rel, worst_tok = float(rel_tok[i]), start + i
     return {
-        "rel_l2": math.sqrt(d2) / rn if rn > 0 else (0.0 if d2 == 0 else math.inf),
+        "rel_l2": math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf),
         "max_abs": max_abs,
-        "norm_ratio": en / rn if rn > 0 else (1.0 if en == 0 else math.inf),
-        "cosine": dot / (en * rn) if en > 0 and rn > 0 else (1.0 if en == rn else 0.0),
+        "norm_ratio": math.sqrt(e2 / r2) if r2 > 0 else (1.0 if e2 == 0 else math.inf),
+        "cosine": max(-1.0, min(1.0, dot / math.sqrt(e2) / math.sqrt(r2))) if e2 > 0 and r2 > 0 else (1.0 if e2 == r2 else 0.0),
         "worst_token": worst_tok,
         "worst_token_rel": worst_rel,
-        "nonfinite_new": nonfinite_engine,
+        "compared_values": compared,
+        "nonfinite_new": new,
+        "nonfinite_lost": lost,
+        "nonfinite_kind": kind,
         "nonfinite_ref": nonfinite_ref,
+        "first_nonfinite_token": first_nonfinite,
     }
+
+
+def _unique_members(ids: torch.Tensor, other_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of `ids` ([T, K], -1 = none): (first occurrence of a valid id, id also in the
+    matching row of `other_sorted`)."""
+    srt, order = ids.sort(-1)
+    first = srt >= 0
+    first[:, 1:] &= srt[:, 1:] != srt[:, :-1]
+    pos = torch.searchsorted(other_sorted, srt).clamp_max(max(other_sorted.shape[1] - 1, 0))
+    found = other_sorted.gather(1, pos) == srt if other_sorted.shape[1] else torch.zeros_like(first)
+    inv = order.argsort(-1)  # back to the row's own order
+    return first.gather(1, inv), found.gather(1, inv)
 
 
 def set_disagreements(engine: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor | None,
                       tie_rel: float) -> dict:
-    """Per-token set comparison of discrete choices ([T, K], -1 = none).
+    """Per-token set comparison of discrete choices ([T, K] integer ids, -1 = none), vectorised.
 
     A token whose sets differ is "tie-explained" when, by the reference's own scores, every
-    swapped-in choice scores within `tie_rel` (relative to the row's score scale) of the
-    swapped-out one; otherwise it is a genuine disagreement."""
-    genuine, ties, worst_margin = [], [], 0.0
-    for t in range(ref.shape[0]):
-        a = {int(v) for v in ref[t] if v >= 0}
-        b = {int(v) for v in engine[t] if v >= 0}
-        if a == b:
-            continue
-        only_ref, only_eng = sorted(a - b), sorted(b - a)
-        if scores is None or len(only_ref) != len(only_eng) or any(
-                i >= scores.shape[1] for i in only_ref + only_eng):
-            genuine.append(t)
-            continue
-        row = scores[t].to(torch.float64)
-        finite = row[torch.isfinite(row)]
-        scale = float(finite.abs().max()) if finite.numel() else 1.0
-        lost = row[only_ref]
-        gained = row[only_eng]
-        if not bool(torch.isfinite(gained).all()):  # engine picked an entry the reference masks
-            genuine.append(t)
-            continue
-        margin = float((lost.min() - gained.max()).clamp_min(0)) / max(scale, 1e-300)
-        worst_margin = max(worst_margin, margin)
-        (ties if margin <= tie_rel else genuine).append(t)
-    return {"tokens": int(ref.shape[0]), "genuine": len(genuine), "tie_explained": len(ties),
-            "first_genuine_token": genuine[0] if genuine else None, "worst_margin_rel": worst_margin}
+    swapped-in choice scores within `tie_rel` (relative to the row's largest finite |score|) of
+    the swapped-out one; otherwise it is a genuine disagreement. Engine ids below -1, or beyond
+    the score row, name no choice at all: such a token is genuine and counted `out_of_range`."""
+    t = ref.shape[0]
+    if t == 0:
+        return {"tokens": 0, "genuine": 0, "tie_explained": 0, "out_of_range": 0,
+                "first_genuine_token": None, "worst_margin_rel": 0.0}
+    eng, rf = engine.reshape(t, -1).long(), ref.reshape(t, -1).long()
+    width = scores.shape[-1] if scores is not None else None
+    bad = (eng < -1) | ((eng >= width) if width is not None else torch.zeros_like(eng, dtype=torch.bool))
+    out_of_range = bad.any(1)
+    eng = torch.where(bad, -1, eng)  # named no choice: compared as "none" but already genuine
+    ref_first, ref_in_eng = _unique_members(rf, eng.sort(-1).values)
+    eng_first, eng_in_ref = _unique_members(eng, rf.sort(-1).values)
+    only_ref, only_eng = ref_first & ~ref_in_eng, eng_first & ~eng_in_ref
+    n_ref, n_eng = only_ref.sum(1), only_eng.sum(1)
+    differ = (n_ref > 0) | (n_eng > 0) | out_of_range
+    genuine = differ & (out_of_range | (n_ref != n_eng))
+    margin = torch.zeros(t, dtype=torch.float64)
+    if scores is None:
+        genuine = differ
+    else:
+        rows = scores.reshape(t, -1).to(torch.float64)
+        fin = torch.isfinite(rows)
+        scale = torch.where(fin, rows.abs(), 0.0).amax(1)
+        scale = torch.where(scale > 0, scale, 1.0)
+        lost = torch.where(only_ref, rows.gather(1, rf.clamp_min(0)), math.inf).amin(1)
+        gained_vals = rows.gather(1, eng.clamp_min(0))
+        gained = torch.where(only_eng, gained_vals, -math.inf).amax(1)
+        masked_pick = (only_eng & ~torch.isfinite(gained_vals)).any(1)  # an entry the reference masks
+        margin = torch.where(differ & ~genuine & ~masked_pick, (lost - gained).clamp_min(0) / scale, 0.0)
+        margin = torch.nan_to_num(margin, nan=math.inf)
+        genuine = genuine | (differ & masked_pick) | (differ & (margin > tie_rel))
+    ties = differ & ~genuine
+    g_idx = genuine.nonzero()
+    worst = float(torch.where(ties, margin, 0.0).max()) if bool(ties.any()) else 0.0
+    return {"tokens": t, "genuine": int(genuine.sum()), "tie_explained": int(ties.sum()),
+            "out_of_range": int(out_of_range.sum()),
+            "first_genuine_token": int(g_idx[0, 0]) if g_idx.numel() else None, "worst_margin_rel": worst}

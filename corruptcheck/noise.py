@@ -20,6 +20,7 @@ import torch
 
 from corruptcheck.cases import Case
 from corruptcheck.metrics import float_metrics
+from corruptcheck.points import agreeing_rows
 from corruptcheck.reference import Precision, run
 from corruptcheck.reference.model import run_part
 
@@ -50,10 +51,9 @@ def _point_noise(name: str, new: torch.Tensor, ref: torch.Tensor, new_all: dict,
         return {"score_noise": _score_noise(new, ref)}
     if new.shape != ref.shape:
         return None
-    if name.endswith("moe.weights"):
-        experts = name[: -len("weights")] + "experts"
-        same = (new_all[experts] == ref_all[experts]).all(-1)
-        new, ref = new[same], ref[same]
+    rows = agreeing_rows(name, new_all, ref_all)
+    if rows is not None:
+        new, ref = new[rows], ref[rows]
     m = float_metrics(new, ref)
     return {"rel_l2": m["rel_l2"], "norm_dev": abs(m["norm_ratio"] - 1.0)}
 

@@ -62,3 +62,17 @@ def tie_scores_name(point: str) -> str | None:
         if point.endswith(suffix):
             return point[: -len(suffix)] + scores
     return None
+
+
+def agreeing_rows(point: str, engine: dict, ref: dict):
+    """moe.weights are comparable only where the engine chose the reference's experts: the bool
+    row mask for such a point (None for every other point, or when either side lacks the ids or
+    their shapes differ — the ids point itself then reports the problem)."""
+    if not point.endswith("moe.weights"):
+        return None
+    experts = point[: -len("weights")] + "experts"
+    a, b = engine.get(experts), ref.get(experts)
+    if a is None or b is None or a.shape != b.shape or a.dim() == 0:
+        return None
+    same = a == b
+    return same.flatten(1).all(-1) if same.dim() > 1 else same
