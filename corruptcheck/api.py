@@ -196,6 +196,8 @@ class CheckResult:
         counts = f"{comp.compared} compared, {len(self.failed)} failed, {len(self.missing)} missing, {skipped} skipped"
         if self.passed:
             return head + f"PASS ({counts})"
+        if self.verdict == "incomplete":
+            return head + f"INCOMPLETE ({counts}): no compared point fails, but required points are missing"
         culprit = self.culprit["name"] if self.culprit else _no_culprit(self.result.teacher_forcing)
         return head + f"FAIL ({counts}); first divergence {self.first_divergence['name']}; culprit {culprit}"
 
@@ -226,10 +228,11 @@ class CheckResult:
             lines.append(f"missing points ({len(self.missing)}): {_names(self.missing)}")
         return "\n".join(lines)
 
-    def assert_ok(self, allow_missing: bool = True) -> "CheckResult":
+    def assert_ok(self, allow_missing: bool = False) -> "CheckResult":
         """Raise `CorruptionDetected` when a point fails, `NothingCompared` when nothing was
-        compared, and (with `allow_missing=False`) `MissingPoints` when required points are
-        missing. Returns self otherwise."""
+        compared, and `MissingPoints` when required points are missing (a missing point is never
+        a pass; `allow_missing=True` accepts them, e.g. while an adapter is being written — an
+        engine that cannot expose a point declares it skipped instead). Returns self otherwise."""
         if self.verdict == "fail":
             raise CorruptionDetected(self.message())
         if self.verdict == "error":

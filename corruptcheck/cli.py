@@ -14,8 +14,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from corruptcheck.errors import BadInput, EngineUnavailable
+from corruptcheck.tolerance import FLOOR
 
-PRECISIONS = ["float64", "float32", "bfloat16", "fp8-serving"]
+PRECISIONS = list(FLOOR)  # every precision with tolerances
+# incomplete (nothing failed, required points missing) is a verdict on the engine, never a pass
+EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 1}
 
 
 def _fail(msg: str) -> None:
@@ -186,7 +189,8 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
 @click.option("--quiet", is_flag=True, help="print only the summary line")
 def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch, json_path, junit_path, html_path,
                 attn_impl, teacher_forcing, no_golden, engine_option, quiet):
-    """Compare an engine against the reference, point by point. Exit 0 pass, 1 fail, 2 error."""
+    """Compare an engine against the reference, point by point. Exit 0 pass, 1 fail or
+    incomplete (required points missing), 2 error."""
     from corruptcheck.compare import compare
     from corruptcheck.html_report import write_html
     from corruptcheck.report import print_table, to_json, write_json, write_junit
@@ -197,7 +201,10 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
     if engine_name == "dump":
         options = {"path": dump_path, "format": dump_format}
     try:
-        options.update(parse_engine_options(engine_option))
+        from corruptcheck.engines import engine_class
+
+        if engine_option:
+            options.update(engine_class(engine_name).parse_options(parse_engine_options(engine_option)))
         case = _resolve_case(case_name, engine_name, dump_path)
         res = compare(case, engine_name, precision, use_golden=not no_golden, teacher_forcing=teacher_forcing,
                       **options)
@@ -221,7 +228,7 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
         _fail(f"engine produced unknown point name(s): {', '.join(doc['unknown_names'][:5])}")
     if doc["verdict"] == "error":
         _fail("nothing was compared")
-    sys.exit({"pass": 0, "fail": 1}.get(doc["verdict"], 2))
+    sys.exit(EXIT_CODES.get(doc["verdict"], 2))
 
 
 @main.command("gate")

@@ -54,9 +54,13 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
+        """error: bad input or nothing compared; fail: a point fails; incomplete: nothing fails
+        but required points are missing (never a pass); else pass."""
         if self.compared == 0 or self.unknown:
             return "error"
-        return "fail" if self.failed else "pass"
+        if self.failed:
+            return "fail"
+        return "incomplete" if self.missing else "pass"
 
     @property
     def first_divergence(self) -> dict | None:

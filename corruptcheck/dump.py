@@ -27,16 +27,17 @@ from safetensors.torch import load_file, save_file
 
 from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
+from corruptcheck.jsonio import loads_finite
 from corruptcheck.reference import Precision
 
 DUMP_FORMAT = "corruptcheck-dump"
 DUMP_VERSION = 1
 MANIFEST = "manifest.json"
 MERGES = ("sum", "concat")
-
-
-def _reject_constant(name):
-    raise ValueError(f"non-finite number {name} in JSON")
+FIELD_TYPES = {"case": (str, "a string"), "precision": (str, "a string"), "files": (list, "a list of file names"),
+               "inputs": (dict, "a table"), "layout": (dict, "a table"), "engine": (dict, "a table"),
+               "config": (dict, "a table")}
+OPTIONAL = ("inputs", "layout", "engine")  # may be null
 
 
 def write_dump(points: dict, case: Case, out_dir: str | Path, *, engine: dict, precision: str,
@@ -73,7 +74,7 @@ def read_manifest(path: str | Path) -> dict:
     if not mpath.is_file():
         raise BadInput(f"dump {root} has no {MANIFEST}")
     try:
-        manifest = json.loads(mpath.read_text(), parse_constant=_reject_constant)
+        manifest = loads_finite(mpath.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadInput(f"{mpath}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != DUMP_FORMAT:
@@ -83,6 +84,9 @@ def read_manifest(path: str | Path) -> dict:
     for key in ("case", "precision", "files"):
         if key not in manifest:
             raise BadInput(f"{mpath}: missing field {key!r}")
+    for key, kind in FIELD_TYPES.items():
+        if key in manifest and not isinstance(manifest[key], kind[0]) and not (manifest[key] is None and key in OPTIONAL):
+            raise BadInput(f"{mpath}: field {key!r} must be {kind[1]}, not {type(manifest[key]).__name__}")
     try:
         Precision.of(manifest["precision"])
     except ValueError as exc:
@@ -183,7 +187,7 @@ def _merge(key: str, parts: list, spec: dict) -> torch.Tensor:
             raise BadInput(f"layout of {key}: dim must be an integer")
         try:
             return torch.cat(parts, dim)
-        except RuntimeError as exc:
+        except (RuntimeError, IndexError) as exc:
             raise BadInput(f"point {key}: shards do not concatenate along dim {dim} ({exc})") from None
     raise BadInput(f"point {key} appears in {len(parts)} files but its layout has no merge rule "
                    f"(sum for partial sums, concat with a dim for shards)")

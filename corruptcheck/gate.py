@@ -13,7 +13,10 @@ from pathlib import Path
 
 from corruptcheck.cases import Case, get_case
 from corruptcheck.errors import BadInput, EngineUnavailable
+from corruptcheck.tolerance import FLOOR
 
+DEFAULT_KEYS = {"teacher_forcing", "allowed_missing"}
+PRECISIONS = tuple(FLOOR)  # every precision an engine may declare has tolerances
 RUN_KEYS = {"case", "cases", "precision", "precisions", "batch_size", "batch_sizes", "seq_lens", "seq_lens_list"}
 TOP_KEYS = {"name", "description", "defaults", "coverage", "run"}
 COVERAGE_KEYS = {"min_tokens_beyond_window": "tokens_beyond_window",
@@ -47,6 +50,13 @@ def default_policy_text() -> str:
     return resources.files("corruptcheck").joinpath("policies/deepseek_v4.toml").read_text()
 
 
+def _table(doc: dict, key: str, source: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise BadInput(f"{source}: {key} must be a table")
+    return value
+
+
 def _as_list(table: dict, one: str, many: str, default=None) -> list:
     if one in table and many in table:
         raise BadInput(f"policy run: give {one!r} or {many!r}, not both")
@@ -77,13 +87,25 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     unknown = set(doc) - TOP_KEYS
     if unknown:
         raise BadInput(f"{source}: unknown policy key(s): {', '.join(sorted(unknown))}")
-    defaults = doc.get("defaults", {})
-    coverage = doc.get("coverage", {})
+    for key in ("name", "description"):
+        if key in doc and not isinstance(doc[key], str):
+            raise BadInput(f"{source}: {key} must be a string")
+    defaults = _table(doc, "defaults", source)
+    bad_defaults = set(defaults) - DEFAULT_KEYS
+    if bad_defaults:
+        raise BadInput(f"{source}: unknown default(s): {', '.join(sorted(bad_defaults))}")
+    coverage = _table(doc, "coverage", source)
     bad_cov = set(coverage) - set(COVERAGE_KEYS)
     if bad_cov:
         raise BadInput(f"{source}: unknown coverage requirement(s): {', '.join(sorted(bad_cov))}")
+    for key, minimum in coverage.items():
+        if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or not minimum >= 0:
+            raise BadInput(f"{source}: coverage {key} must be a non-negative number, got {minimum!r}")
+    run_tables = doc.get("run", [])
+    if not isinstance(run_tables, list) or not all(isinstance(t, dict) for t in run_tables):
+        raise BadInput(f"{source}: run must be an array of tables ([[run]])")
     runs = []
-    for table in doc.get("run", []):
+    for table in run_tables:
         bad = set(table) - RUN_KEYS
         if bad:
             raise BadInput(f"{source}: unknown run key(s): {', '.join(sorted(bad))}")
@@ -92,13 +114,15 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         batches = _as_list(table, "batch_size", "batch_sizes", [1])
         lens = _as_list(table, "seq_lens", "seq_lens_list", [None])
         for case_name, prec, batch, seq_lens in product(cases, precisions, batches, lens):
+            if not isinstance(case_name, str):
+                raise BadInput(f"{source}: case names must be strings, got {case_name!r}")
             try:
                 case = get_case(case_name)
             except KeyError as exc:
                 raise BadInput(f"{source}: {exc.args[0]}") from None
-            if prec not in ("float32", "bfloat16", "float64"):
-                raise BadInput(f"{source}: unknown precision {prec!r}")
-            if not isinstance(batch, int) or batch < 1:
+            if not isinstance(prec, str) or prec not in PRECISIONS:
+                raise BadInput(f"{source}: unknown precision {prec!r} (one of {', '.join(PRECISIONS)})")
+            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
                 raise BadInput(f"{source}: batch sizes must be positive integers, got {batch!r}")
             runs.append(GateRun(_derived_case(case, seq_lens) if seq_lens else case, prec, batch))
     if not runs:
@@ -152,7 +176,8 @@ class RunOutcome:
 
 def judge(run: GateRun, doc: dict, policy: Policy) -> RunOutcome:
     reasons = []
-    verdict = doc["verdict"]
+    # incomplete = nothing failed but points are missing: the policy's allowed_missing judges those
+    verdict = "pass" if doc["verdict"] == "incomplete" else doc["verdict"]
     if verdict == "error":
         why = (f"unknown point name(s): {', '.join(doc['unknown_names'][:5])}" if doc.get("unknown_names")
                else "nothing was compared")

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
+from corruptcheck.jsonio import loads_finite
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION
 
@@ -303,10 +304,10 @@ def load_manifest(case: Case, root: Path | None = None) -> Golden:
     if not path.exists():
         raise FileNotFoundError(f"no golden for case {case.name!r} ({path})")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = loads_finite(path.read_text())
         recorded = manifest["manifest_digest"]
         entries = manifest["points"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError: ValueError
         raise GoldenTampered(f"{path}: corrupt manifest ({exc})") from None
     if not isinstance(entries, dict):
         raise GoldenTampered(f"{path}: corrupt manifest (points is not a table)")
@@ -320,10 +321,67 @@ def load_manifest(case: Case, root: Path | None = None) -> Golden:
                              f"(manifest digest mismatch; sections: {', '.join(changed)})")
     if manifest.get("format") != GOLDEN_FORMAT:
         raise GoldenTampered(f"{path}: golden format {manifest.get('format')} (this tool reads {GOLDEN_FORMAT})")
+    problem = _structure_problem(manifest)
+    if problem:
+        raise GoldenTampered(f"{path}: corrupt manifest ({problem})")
     if manifest["case"].get("config") != case.config.to_dict() or manifest["case"].get("seed") != case.seed \
             or manifest["case"].get("seq_lens") != list(case.seq_lens):
         raise GoldenTampered(f"{path}: golden was made for a different case definition; regenerate it")
     return Golden(case, path.parent, manifest)
+
+
+_NUMBER = (int, float)
+_COVERAGE = {"sequences": int, "tokens": int, "tokens_beyond_window": int, "window": int, "compressed_entries": int,
+             "indexer_pruning_fraction": _NUMBER, "clamp_hits": int, "attention_types": list, "routing_types": list,
+             "layers": list}
+_COVERAGE_LAYER = {"layer": str, "attention": str, "routing": str, "tokens": int, "compressed_entries": int,
+                   "indexer_pruning_queries": int, "indexer_pruning_fraction": _NUMBER, "clamp_hits": int,
+                   "experts_used": int, "experts_total": int}
+_ENTRY = {"shape": list, "dtype": str, "kind": str, "stats": dict, "sketch_sha256": str}
+
+
+def _typed(table, schema: dict) -> str | None:
+    """The first key of `schema` that `table` lacks or holds with another type."""
+    if not isinstance(table, dict):
+        return "not a table"
+    for key, kind in schema.items():
+        value = table.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"{key!r} missing or not {getattr(kind, '__name__', 'a number')}"
+    return None
+
+
+def _structure_problem(m: dict) -> str | None:
+    """What a well-digested manifest may still get wrong (e.g. written by another version)."""
+    for key, kind in (("case", dict), ("files", dict), ("tolerances", dict)):
+        if not isinstance(m.get(key), kind):
+            return f"{key} is not a table"
+    if m.get("full_tensors") not in ("committed", "cache"):
+        return "full_tensors must be 'committed' or 'cache'"
+    why = _typed(m.get("coverage"), _COVERAGE)
+    if why:
+        return f"coverage: {why}"
+    for layer in m["coverage"]["layers"]:
+        why = _typed(layer, _COVERAGE_LAYER)
+        if why:
+            return f"coverage layer: {why}"
+    for name, info in m["files"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+            return f"file {name}: no sha256"
+    committed = m["full_tensors"] == "committed"
+    for name, entry in m["points"].items():
+        why = _typed(entry, {**_ENTRY, **({"tensor_key": str, "tensor_sha256": str} if committed else {})})
+        if why:
+            return f"point {name}: {why}"
+    for precision, model in m["tolerances"].items():
+        if not isinstance(model, dict) or not all(isinstance(model.get(s, {}), dict) for s in ("free", "local")):
+            return f"noise model {precision} is not a table of free / local points"
+        for scope in ("free", "local"):
+            for point, noise in model.get(scope, {}).items():
+                if not isinstance(noise, dict) or not all(
+                        isinstance(v, _NUMBER) and not isinstance(v, bool) for v in noise.values()):
+                    return f"noise model {precision} {scope} {point}: values must be numbers"
+    return None
 
 
 def _load_checked(g: Golden, filename: str, hash_key: str, key_of=lambda name, e: name) -> dict:

@@ -8,7 +8,7 @@ import math
 from corruptcheck.report import _atomic_write
 
 _COLOR = {"pass": "#2e7d32", "fail": "#c62828", "not-exercised": "#00838f", "missing": "#f9a825",
-          "skipped": "#9e9e9e", "error": "#c62828"}
+          "skipped": "#9e9e9e", "error": "#c62828", "incomplete": "#f9a825"}
 LO = -3.0  # log10 of the lowest error/tolerance drawn; the top follows the worst point
 
 
@@ -126,6 +126,9 @@ def render(doc: dict) -> str:
         headline = (f'First divergence: <code>{_esc(first["name"])}</code>. '
                     + ("No sub-block exceeds its local tolerance: accumulated drift." if doc.get("teacher_forcing") == "run"
                        else "Teacher forcing was not run."))
+    elif verdict == "incomplete":
+        headline = (f'Incomplete: no compared point fails, but {s["missing"]} required point(s) are missing '
+                    f'— not a pass.')
     elif verdict == "pass":
         wr = s.get("worst_ratio") or {}
         headline = f'All {s["compared"]} compared points within tolerance; worst error/tolerance {_fmt(wr.get("ratio"))} at <code>{_esc(wr.get("name"))}</code>.'

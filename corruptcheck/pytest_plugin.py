@@ -104,7 +104,7 @@ class _Runner:
         report = config.getoption("corruptcheck_report")
         report_dir = Path(config.invocation_params.dir, report).resolve() if report else None
         options = _parse_options(config.getoption("corruptcheck_engine_option") or [])
-        _validate(engine, cases, precision)
+        _validate(engine, cases, precision, options)
         return cls(engine, cases, precision, report_dir, options)
 
     def options_for(self, case: str) -> dict:
@@ -160,7 +160,7 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def _validate(engine: str, cases: list[str], precision: str) -> None:
+def _validate(engine: str, cases: list[str], precision: str, options: dict) -> None:
     """Unknown names end the session at once (exit 4) instead of failing every item."""
     from corruptcheck.cases import get_case
     from corruptcheck.engines import engine_class
@@ -170,7 +170,9 @@ def _validate(engine: str, cases: list[str], precision: str) -> None:
     try:
         for case in cases:
             get_case(case)
-        engine_class(engine)
+        cls = engine_class(engine)
+        if options:
+            cls.parse_options(options)
         Precision.of(precision)
     except KeyError as exc:
         raise pytest.UsageError(f"--corruptcheck-case: {exc.args[0]}") from None

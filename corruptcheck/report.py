@@ -13,7 +13,7 @@ from rich.table import Table
 
 REPORT_SCHEMA = 2  # 1 = first differ; 2 adds ratio, local, culprit, tolerance_precision (additive)
 _STYLE = {"pass": "green", "fail": "bold red", "missing": "yellow", "not-exercised": "cyan",
-          "skipped": "dim", "error": "bold red"}
+          "skipped": "dim", "error": "bold red", "incomplete": "bold yellow"}
 
 
 def _num(v):

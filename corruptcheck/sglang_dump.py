@@ -54,6 +54,9 @@ def parse_filename(name: str) -> dict:
     for key in ("step", "rank", "name"):
         if key not in tags:
             raise ValueError(f"missing tag {key!r}")
+    for key in ("step", "rank"):
+        if not tags[key].isdigit() or len(tags[key]) > 9:
+            raise ValueError(f"tag {key}={tags[key]!r} is not a non-negative integer")
     return tags
 
 
@@ -75,7 +78,7 @@ def _load(path: Path) -> tuple[torch.Tensor, dict]:
     except pickle.UnpicklingError as exc:
         raise BadInput(f"{path}: refused to unpickle (only tensors and plain values are read): "
                        f"{str(exc).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch's restricted unpickler raises anything on damaged bytes
         raise BadInput(f"{path}: corrupt or truncated ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("value"), torch.Tensor):
         raise BadInput(f"{path}: not an SGLang dumper file (expected {{'value': tensor, 'meta': ...}})")
@@ -89,15 +92,22 @@ def _merge(name: str, shards: list[tuple[int, torch.Tensor, dict]]) -> torch.Ten
     if len(tensors) == 1:
         return tensors[0]
     dims = shards[0][2].get("dims")
+    shapes = [tuple(t.shape) for t in tensors]
     if isinstance(dims, str):
         for axis, token in enumerate(dims.split()):
             m = _DIMS.match(token)
             mods = set((m.group(2) or "").split(",")) if m else set()
             if "partial" in mods:
+                if len(set(shapes)) != 1 or not tensors[0].is_floating_point():
+                    raise BadInput(f"point {name}: partial sums need float shards of one shape, got {shapes}")
                 return sum(t.to(torch.float64) for t in tensors).to(torch.float32)
             if mods & {"tp", "ep", "sp", "cp"}:
-                return torch.cat(tensors, axis)
-    if all(torch.equal(tensors[0], t) for t in tensors[1:]):
+                try:
+                    return torch.cat(tensors, axis)
+                except (RuntimeError, IndexError) as exc:
+                    raise BadInput(f"point {name}: shards {shapes} do not concatenate on axis {axis} of "
+                                   f"dims {dims!r} ({str(exc).splitlines()[0]})") from None
+    if len(set(shapes)) == 1 and all(torch.equal(tensors[0], t) for t in tensors[1:]):
         return tensors[0]  # replicated
     raise BadInput(f"point {name}: {len(tensors)} ranks differ and the dump has no dims annotation "
                    f"(e.g. 't h(tp,partial)') saying how to merge them")
@@ -160,6 +170,9 @@ def load_sglang_dump(path, case: Case, precision: str | None = None, step: int |
 
 def _check_core(core: dict, case: Case, root: Path) -> None:
     expected = torch.cat(case.sequences())
+    for name, t in core.items():
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise BadInput(f"SGLang dump {root}: {name} must be integer, not {t.dtype}")
     if "input_ids" in core and not torch.equal(core["input_ids"].flatten().long(), expected):
         raise BadInput(f"SGLang dump {root}: input_ids differ from case {case.name!r}")
     if "seq_lens" in core and core["seq_lens"].flatten().tolist() != list(case.seq_lens):

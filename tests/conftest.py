@@ -38,3 +38,13 @@ def tiny_hf32(tiny):
     from corruptcheck.engines.hf import run_hf
 
     return run_hf(tiny, "float32")
+
+
+def fuzz_settings(examples: int, **kw):
+    """Hypothesis settings for the property and fuzz tests: a fixed seed and `examples` inputs in
+    CI (reproducible), or CORRUPTCHECK_FUZZ_EXAMPLES=N random ones for a longer exploration."""
+    from hypothesis import HealthCheck, settings
+
+    n = int(os.environ.get("CORRUPTCHECK_FUZZ_EXAMPLES", "0"))
+    return settings(derandomize=not n, max_examples=n or examples, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture], **kw)

@@ -6,7 +6,8 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from conftest import fuzz_settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from corruptcheck.differ import PointResult, Comparison, compare_float, compare_index, compare_points
@@ -17,7 +18,7 @@ from corruptcheck.tolerance import FLOOR, TIE_FLOOR, float_tolerance
 
 PRECISIONS = sorted(FLOOR)
 FLOAT_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = fuzz_settings(300)
 SPEC = PointSpec("layers.0.attn.out", "float", 0, True)
 
 
@@ -230,7 +231,7 @@ def _sets_oracle(eng, ref, scores, tie_rel):
     return len(genuine), ties, (genuine[0] if genuine else None)
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(st.data())
 def test_set_disagreements_match_the_rule(data):
     t, k, n = data.draw(st.integers(0, 10)), data.draw(st.integers(1, 5)), data.draw(st.integers(1, 12))
@@ -254,7 +255,7 @@ def test_set_disagreements_match_the_rule(data):
     assert res.verdict == ("fail" if at_floor["genuine"] or t == 0 else "pass")  # no tokens: nothing compared
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz_settings(200)
 @given(st.data())
 def test_attach_on_any_verdict_pattern(data):
     """Teacher-forcing attach: the culprit is the first point in capture order whose local result

@@ -97,7 +97,9 @@ def test_unknown_fix_and_option_are_refused():
             pass
     from corruptcheck.engines.vllm_engine import _options
 
-    with pytest.raises(ValueError, match="unknown vllm engine option"):
+    from corruptcheck.errors import BadInput
+
+    with pytest.raises(BadInput, match="engine 'vllm' has no option 'bogus'"):
         _options(bogus=1)
 
 

@@ -20,6 +20,13 @@ class Capture:
 class Engine:
     name: str = ""
     extra: str | None = None  # pip extra that provides it
+    options: tuple = ()  # engines.options.Option: the settings it takes as KEY=VALUE text
+
+    @classmethod
+    def parse_options(cls, raw: dict) -> dict:
+        from corruptcheck.engines.options import parse_options
+
+        return parse_options(cls.name or cls.__name__, cls.options, raw)
 
     def available(self) -> tuple[bool, str]:
         return True, ""

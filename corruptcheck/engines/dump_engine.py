@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from corruptcheck.cases import Case
 from corruptcheck.engines.base import Capture, Engine
+from corruptcheck.engines.options import Option, one_of, text
 from corruptcheck.errors import BadInput
 
 
 class DumpEngine(Engine):
     name = "dump"
+    options = (
+        Option("path", text, "the dump directory (also --path)"),
+        Option("format", one_of("corruptcheck", "sglang"), "dump directory or SGLang dumper files (also --format)"),
+    )
 
     def run(self, case: Case, precision: str | None = None, path=None, format: str = "corruptcheck",
             **_options) -> Capture:

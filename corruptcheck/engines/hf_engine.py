@@ -3,11 +3,16 @@ from __future__ import annotations
 
 from corruptcheck.cases import Case
 from corruptcheck.engines.base import Capture, Engine
+from corruptcheck.engines.options import Option, boolean, text
 
 
 class HFEngine(Engine):
     name = "hf"
     extra = "hf"
+    options = (
+        Option("attn_impl", text, "transformers attention implementation (also --attn-impl)"),
+        Option("batch", boolean, "run the sequences as one right-padded batch (also --batch)"),
+    )
 
     def available(self) -> tuple[bool, str]:
         try:

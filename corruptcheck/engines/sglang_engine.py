@@ -20,6 +20,7 @@ from __future__ import annotations
 import tempfile
 
 from corruptcheck.cases import Case
+from corruptcheck.engines.options import Option, boolean, fraction, one_of
 from corruptcheck.engines.capture_map import (
     Recorder,
     Tap,
@@ -92,6 +93,11 @@ def capture_taps(cfg: ModelConfig, topk_weights_scaled: bool = False) -> list[Ta
 class SGLangEngine(GPUEngine):
     name = "sglang"
     extra = "sglang"
+    options = (
+        Option("weight_format", one_of("bf16", "fp8"), "checkpoint weights written for the engine"),
+        Option("topk_weights_scaled", boolean, "whether SGLang's top-k weights already carry the routed scale"),
+        Option("mem_fraction_static", fraction, "GPU memory share for weights and KV cache"),
+    )
     package = "sglang"
 
     def launch(self, case: Case, weight_format: str = "bf16", topk_weights_scaled: bool = False,

@@ -32,6 +32,7 @@ import tempfile
 import torch
 
 from corruptcheck.cases import Case
+from corruptcheck.engines.options import Option, boolean, fraction, one_of
 from corruptcheck.engines.capture_map import (
     Recorder,
     Tap,
@@ -121,6 +122,11 @@ def capture_taps(cfg: ModelConfig, tp_size: int = 1, pre_moe_fusion: bool = True
 class TRTLLMEngine(GPUEngine):
     name = "trtllm"
     extra = "trtllm"
+    options = (
+        Option("weight_format", one_of("bf16", "fp8"), "checkpoint weights written for the engine"),
+        Option("fused_hc", boolean, "TensorRT-LLM's fused mHC kernel (TRTLLM_MHC_ENABLE_FUSED_HC)"),
+        Option("free_gpu_memory_fraction", fraction, "KV cache share of free GPU memory"),
+    )
     package = "tensorrt_llm"
 
     def launch(self, case: Case, weight_format: str = "bf16", fused_hc: bool = True,

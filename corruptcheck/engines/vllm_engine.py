@@ -35,6 +35,7 @@ import torch
 from corruptcheck.cases import Case
 from corruptcheck.engines import vllm_cpu
 from corruptcheck.engines.base import Capture, Engine
+from corruptcheck.engines.options import Option, fraction, one_of, positive_float, positive_int
 from corruptcheck.engines.capture_map import (
     Recorder,
     Tap,
@@ -168,6 +169,14 @@ class VLLMEngine(Engine):
     (`vllm-cpu`) runs `vllm/models/deepseek_v4/cpu/`, a CUDA build the fused CUDA tree."""
     name = "vllm"
     extra = "vllm-cpu"
+    options = (  # CPU build; the CUDA launch also takes weight_format, gpu_memory_utilization
+        Option("weight_format", one_of("fp8", "bf16"), "checkpoint weights (CUDA launch; the CPU build serves fp8)"),
+        Option("gpu_memory_utilization", fraction, "GPU memory share (CUDA launch)"),
+        Option("fix", one_of(*vllm_cpu.FIXES), "a CPU-build fix to apply (testing only), repeatable", repeatable=True),
+        Option("max_num_batched_tokens", positive_int, "the scheduler's token budget; below the prompt: chunked prefill"),
+        Option("kv_cache_dtype", one_of("fp8", "auto"), "vLLM's KV cache dtype (V4 serves fp8)"),
+        Option("kv_cache_gib", positive_float, "KV cache size in GiB (CPU)"),
+    )
 
     def available(self) -> tuple[bool, str]:
         if vllm_cpu.installed_version():
@@ -190,12 +199,12 @@ class VLLMEngine(Engine):
         return Capture(points, self.name, SERVING_PRECISION, meta)
 
 
-def _options(fix=(), max_num_batched_tokens=None, kv_cache_dtype="fp8", kv_cache_gib=1, **unknown):
-    if unknown:
-        raise ValueError(f"unknown vllm engine option(s): {', '.join(sorted(unknown))} (known: fix, "
-                         "max_num_batched_tokens, kv_cache_dtype, kv_cache_gib)")
-    fixes = [fix] if isinstance(fix, str) else list(fix)
-    return fixes, (int(max_num_batched_tokens) if max_num_batched_tokens else None), kv_cache_dtype, float(kv_cache_gib)
+def _options(**options):
+    """(fixes, chunk, kv_cache_dtype, kv_cache_gib) from the declared options (checked again
+    when the API passes them directly)."""
+    opts = VLLMEngine.parse_options(options)
+    return (opts.get("fix", []), opts.get("max_num_batched_tokens"), opts.get("kv_cache_dtype", "fp8"),
+            opts.get("kv_cache_gib", 1.0))
 
 
 def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
