@@ -282,7 +282,7 @@ def test_golden_corruptions(data, tiny, golden_copy, tmp_path_factory):
                 edited = json.loads(text)
             except ValueError:
                 edited = None
-            if isinstance(edited, dict):
+            if isinstance(edited, dict) and "Infinity" not in text and "NaN" not in text:  # digests are strict JSON
                 points = edited.get("points")
                 if isinstance(points, dict):
                     for entry in points.values():

@@ -94,3 +94,18 @@ def test_interrupt_is_not_an_internal_error(monkeypatch):
     monkeypatch.setattr(cases_mod, "CASES", type("Stop", (), {"values": interrupt})())
     res = CliRunner().invoke(cli.main, ["cases"])
     assert res.exit_code != 0 and "internal error" not in res.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--engine", "hf", "--engine-option", "bogus=1"], "engine 'hf' has no option 'bogus' (its options: attn_impl, batch)"),
+    (["--engine", "vllm", "--engine-option", "max_num_batched_tokens=lots"],
+     "engine option max_num_batched_tokens='lots': expected a positive integer (the scheduler's token budget"),
+    (["--engine", "vllm", "--engine-option", "kv_cache_gib=-1"], "expected a positive finite number"),
+    (["--engine", "vllm", "--engine-option", "fix=everything"], "expected one of routed-swiglu-clamp"),
+    (["--engine", "vllm", "--engine-option", "kv_cache_dtype=fp8", "--engine-option", "kv_cache_dtype=auto"],
+     "given 2 times"),
+])
+def test_bad_engine_options_stop_before_the_engine_starts(args, needle):
+    res = CliRunner().invoke(cli.main, ["compare", "--case", "flash-engine", *args])
+    assert res.exit_code == 2 and needle in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output

@@ -22,7 +22,10 @@ class Option:
 def positive_int(v) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise ValueError("expected a positive integer")
-    n = int(v) if isinstance(v, int) else int(v.strip(), 10)
+    try:
+        n = int(v) if isinstance(v, int) else int(v.strip(), 10)
+    except ValueError:
+        raise ValueError("expected a positive integer") from None
     if n < 1:
         raise ValueError("expected a positive integer")
     return n
@@ -31,7 +34,10 @@ def positive_int(v) -> int:
 def positive_float(v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         raise ValueError("expected a positive number")
-    x = float(v)
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError("expected a positive number") from None
     if not math.isfinite(x) or x <= 0:
         raise ValueError("expected a positive finite number")
     return x
