@@ -1,0 +1,163 @@
+"""The reference's incremental path: one sequence fed in chunks (chunked prefill, then decode
+steps of one token), carrying the state a serving engine carries — the KV rows, the KV
+compressor's open block and last closed half-block, the indexer compressor's, the compressed
+entries and indexer keys so far, and, for the MTP block, the previous chunk's last main-model
+stream.
+
+`forward_chunks` must reproduce the full forward (`model.forward_sequence`) at every point, for
+any chunking: causality makes the full forward over the whole sequence the truth for every
+step, and this path is the proof that the decode-time state is the state the definition
+implies (spec §12 check 3, extended from the compressor to the whole model). Entry points
+(`compressed_kv`, `indexer_keys`) are recorded as the entries that close in each chunk; indexer
+scores of a chunk cover the entries so far (the concatenation pads them, as across sequences).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import (attend_and_project, available_at, chosen_entries, indexer_keys_sims, project_kv, project_q,
+                        score_entries, select_topk, sub, window_mask_at)
+from .compressor import IncrementalCompressor
+from .config import ModelConfig
+from .model import Recorder, _concat, attention_sublayer, cast_params, ffn_sublayer, head, rope_tables
+from .precision import Precision
+from .primitives import linear, reduction_split, rms_norm, rope_angles
+
+
+@dataclass
+class AttentionState:
+    """What one attention layer keeps between steps of one sequence."""
+    kv: torch.Tensor | None = None  # [P, hd] every position so far (the window is a mask)
+    compressor: IncrementalCompressor | None = None
+    entries: torch.Tensor | None = None  # [n, dc] compressed entries so far
+    indexer: IncrementalCompressor | None = None
+    indexer_keys: torch.Tensor | None = None  # [n, d_index]
+
+
+@dataclass
+class SequenceState:
+    pos: int = 0  # tokens consumed
+    layers: dict = field(default_factory=dict)  # layer id -> AttentionState
+    last_stream: torch.Tensor | None = None  # [n, D] main-model output at position pos-1 (MTP input)
+    last_id: int | None = None
+
+
+def _cat(prev, new):
+    return new if prev is None else torch.cat([prev, new], 0)
+
+
+def attention_step(x, p: dict, layer: int, cfg: ModelConfig, tables: dict, prec: Precision, sims: bool, rec, *,
+                   state: AttentionState, start: int):
+    """`attention.attention` for the tokens at positions start..start+S-1 of a sequence whose
+    earlier positions are summarised in `state` (updated in place)."""
+    s = x.shape[0]
+    kind = cfg.layer_type(layer)
+    freqs = tables["main" if kind == "sliding" else "compress"]
+    q_pos = torch.arange(start, start + s)
+    angles = rope_angles(q_pos, freqs)
+    qr, q = project_q(x, p, cfg, angles, prec, rec)
+    state.kv = _cat(state.kv, project_kv(x, p, cfg, angles, prec, sims, rec))
+    keys, allow = state.kv, window_mask_at(q_pos, torch.arange(state.kv.shape[0]), cfg.window)
+    if kind != "sliding":
+        ratio = cfg.compress_ratio(layer)
+        if state.compressor is None:
+            state.compressor = IncrementalCompressor(
+                sub(p, "compressor"), ratio=ratio, overlap=(kind == "csa"), norm_eps=cfg.rms_eps, freqs=freqs,
+                rope_dim=cfg.rope_dim, prec=prec, sims="fp8" if (sims or prec.fp8_cache) else None)
+        new = state.compressor.feed(x)
+        rec("compressed_kv", new)
+        state.entries = _cat(state.entries, new)
+        n = state.entries.shape[0]
+        visible = available_at(q_pos, n, ratio)
+        if kind == "csa":
+            ip = sub(p, "indexer")
+            if state.indexer is None:
+                state.indexer = IncrementalCompressor(
+                    sub(ip, "compressor"), ratio=cfg.csa_ratio, overlap=True, norm_eps=cfg.rms_eps, freqs=freqs,
+                    rope_dim=cfg.rope_dim, prec=prec, sims=indexer_keys_sims(prec, sims))
+            new_keys = state.indexer.feed(x)
+            rec("indexer_keys", new_keys)
+            state.indexer_keys = _cat(state.indexer_keys, new_keys)
+            scores = score_entries(x, qr, ip, cfg, angles, state.indexer_keys, q_pos, prec, sims)
+            rec("indexer_scores", scores)
+            topk = select_topk(scores, cfg.index_topk, ratio, q_pos)
+            rec("indexer_topk", topk)
+            visible = chosen_entries(topk, n)
+        keys = torch.cat([state.kv, state.entries], 0)
+        allow = torch.cat([allow, visible], 1)
+    return attend_and_project(q, keys, allow, angles, p, cfg, prec, rec)
+
+
+def _attend(state: SequenceState, layer, start: int):
+    lstate = state.layers.setdefault(layer, AttentionState())
+
+    def attend(x, p, layer_id, cfg, tables, prec, sims, rec):
+        return attention_step(x, p, layer_id, cfg, tables, prec, sims, rec, state=lstate, start=start)
+    return attend
+
+
+def feed(cfg: ModelConfig, p: dict, state: SequenceState, ids: torch.Tensor, prec: Precision, *, sims=False,
+         mtp=True, rec: Recorder | None = None) -> torch.Tensor:
+    """Run the next `ids` of one sequence through the model (p: cast parameters). Returns the
+    logits [S, vocab] of these positions; records every point of them."""
+    rec = rec or Recorder(None)
+    tables = rope_tables(cfg)
+    start, s = state.pos, ids.shape[0]
+    e = p["embed.weight"][ids].to(prec.act)
+    rec("embed", e)
+    x = e[:, None, :].expand(s, cfg.hc_mult, cfg.hidden_size).contiguous()
+    for layer in range(cfg.num_layers):
+        lp = sub(p, f"layers.{layer}")
+        lrec = rec.child(f"layers.{layer}")
+        x = attention_sublayer(x, lp, layer, cfg, tables, prec, sims, lrec, {}, attend=_attend(state, layer, start))
+        x = ffn_sublayer(x, ids, lp, layer, cfg, prec, lrec, {})
+    logits = head(x, p, "", cfg, prec, rec)
+    if mtp and cfg.num_mtp_layers:
+        _mtp_feed(cfg, p, state, ids, x, tables, prec, sims, rec.child("mtp.0"))
+    state.pos += s
+    state.last_stream, state.last_id = x[-1:], int(ids[-1])
+    return logits
+
+
+def _mtp_feed(cfg, p, state: SequenceState, ids, x_main, tables, prec, sims, rec):
+    """MTP row i pairs the main stream at i with token i+1, so a chunk at positions [a, b)
+    completes rows [a-1, b-1): the first from the previous chunk's last stream."""
+    if state.last_stream is not None:
+        x_main, ids_prev = torch.cat([state.last_stream, x_main]), ids
+    else:
+        x_main, ids_prev = x_main, ids[1:]
+    x_main = x_main[: ids_prev.shape[0]]
+    if ids_prev.shape[0] == 0:
+        return
+    m = sub(p, "mtp.0")
+    e = rms_norm(p["embed.weight"][ids_prev].to(prec.act), m["enorm.weight"], cfg.rms_eps, prec.acc)
+    xh = rms_norm(x_main, m["hnorm.weight"], cfg.rms_eps, prec.acc)
+    x = linear(e, m["e_proj.weight"])[:, None, :] + linear(xh, m["h_proj.weight"])
+    rec("in", x)
+    start = max(state.pos - 1, 0)
+    layer = cfg.num_layers
+    x = attention_sublayer(x, m, layer, cfg, tables, prec, sims, rec, {}, attend=_attend(state, "mtp.0", start))
+    x = ffn_sublayer(x, ids_prev, m, layer, cfg, prec, rec, {})
+    head(x, {**m, "head.weight": p["head.weight"]}, "", cfg, prec, rec)
+
+
+def forward_chunks(cfg: ModelConfig, params: dict, ids, chunks, precision="float64", *, sims=False,
+                   mtp=True) -> dict:
+    """Every point of one sequence fed as `chunks` (sizes summing to its length), concatenated
+    in position order — the layout of `model.run` for that sequence."""
+    prec = Precision.of(precision)
+    p = cast_params(params, prec)
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if sum(chunks) != ids.shape[0] or any(c < 1 for c in chunks):
+        raise ValueError(f"chunks {list(chunks)} do not partition a sequence of {ids.shape[0]} tokens")
+    state, stores, at = SequenceState(), [], 0
+    with torch.no_grad(), reduction_split(prec.split_k):
+        for c in chunks:
+            store: dict = {}
+            feed(cfg, p, state, ids[at:at + c], prec, sims=sims, mtp=mtp, rec=Recorder(store))
+            stores.append(store)
+            at += c
+    names = dict.fromkeys(n for st in stores for n in st)
+    return {n: _concat([st[n] for st in stores if n in st]) for n in names}
