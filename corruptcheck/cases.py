@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from corruptcheck.reference import ModelConfig
+from corruptcheck.schedule import Schedule
 from corruptcheck.weights import fp8_exact, generate_params
 
 CASE_FORMAT_VERSION = 1
@@ -22,9 +23,12 @@ class Case:
     # "fp8": every FP8 linear is generated FP8-exact (e4m3 x ue8m0 128x128 block scales), so an
     # engine loading the case's FP8 checkpoint runs the reference's very numbers
     weight_format: str = "bf16"
+    schedule: Schedule | None = None  # how a server would feed it (decode, chunks, batch); None = prefill only
+    tokens: tuple | None = None  # explicit token ids per sequence (a decoded case); None = seeded
 
     def params(self) -> dict[str, torch.Tensor]:
-        return _params(self)
+        # keyed by what the weights depend on: a served or decoded variant shares its case's weights
+        return _params(self.config, self.seed, self.weight_format)
 
     def sequences(self) -> list[torch.Tensor]:
         return _sequences(self)
@@ -38,17 +42,21 @@ class Case:
                 "seq_lens": list(self.seq_lens), "config": self.config.to_dict()}
         if self.weight_format != "bf16":  # older goldens' specs stay unchanged
             spec["weight_format"] = self.weight_format
+        if self.schedule is not None:
+            spec["schedule"] = self.schedule.to_dict()
         return spec
 
 
 @functools.lru_cache(maxsize=2)
-def _params(case: Case) -> dict:
-    params = generate_params(case.config, case.seed)
-    return fp8_exact(params) if case.weight_format == "fp8" else params
+def _params(config: ModelConfig, seed: int, weight_format: str) -> dict:
+    params = generate_params(config, seed)
+    return fp8_exact(params) if weight_format == "fp8" else params
 
 
 @functools.lru_cache(maxsize=8)
 def _sequences(case: Case) -> list:
+    if case.tokens is not None:
+        return [torch.tensor(t, dtype=torch.long) for t in case.tokens]
     g = torch.Generator().manual_seed(case.seed * 7919 + 17)
     return [torch.randint(0, case.config.vocab_size, (n,), generator=g) for n in case.seq_lens]
 
@@ -65,6 +73,9 @@ TINY = Case(
     ),
     seed=20260424,
     seq_lens=(64, 41),
+    # 3 prompts crossing the window (16) and HCA blocks (16), chunks of 10 split both block sizes
+    # (4 and 16); 16 decode steps cross 4 CSA blocks and an HCA block boundary
+    schedule=Schedule(prompt_lens=(40, 29, 22), decode_steps=16, chunk=10),
 )
 
 

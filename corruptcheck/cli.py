@@ -186,9 +186,12 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
 @click.option("--engine-option", "engine_option", multiple=True, metavar="KEY=VALUE",
               help="an engine setting, repeatable (vllm: fix=routed-swiglu-clamp, max_num_batched_tokens=N, "
                    "kv_cache_dtype=auto, kv_cache_gib=G)")
+@click.option("--schedule", "schedule_choice", type=click.Choice(["case", "prefill-only"]), default="case",
+              show_default=True, help="serve the case's schedule (chunked prefill + greedy decode, judged by phase) "
+                                      "when the engine can; prefill-only: one forward per sequence")
 @click.option("--quiet", is_flag=True, help="print only the summary line")
 def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch, json_path, junit_path, html_path,
-                attn_impl, teacher_forcing, no_golden, engine_option, quiet):
+                attn_impl, teacher_forcing, no_golden, engine_option, schedule_choice, quiet):
     """Compare an engine against the reference, point by point. Exit 0 pass, 1 fail or
     incomplete (required points missing), 2 error."""
     from corruptcheck.compare import compare
@@ -207,7 +210,7 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
             options.update(engine_class(engine_name).parse_options(parse_engine_options(engine_option)))
         case = _resolve_case(case_name, engine_name, dump_path)
         res = compare(case, engine_name, precision, use_golden=not no_golden, teacher_forcing=teacher_forcing,
-                      **options)
+                      schedule="prefill-only" if batch else schedule_choice, **options)
     except KeyError as exc:
         _fail(exc.args[0])
     except (BadInput, EngineUnavailable, ValueError) as exc:

@@ -9,11 +9,14 @@ from corruptcheck.cases import Case
 from corruptcheck.coverage import coverage
 from corruptcheck.differ import Comparison, compare_points
 from corruptcheck.engines import Capture, get_engine
+from corruptcheck.errors import BadInput, EngineUnavailable
 from corruptcheck.golden import ReferenceData, reference_for
 from corruptcheck.localize import attach, teacher_force
 from corruptcheck.noise import measure
+from corruptcheck.phases import judge_phases, pairs_by_phase
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION, Precision, run
+from corruptcheck.schedule import check_prompts, decoded_case, prompt_case
 
 TEACHER_FORCING = ("on-fail", "always", "never")
 
@@ -33,6 +36,7 @@ class CompareResult:
     culprit: dict | None = None
     teacher_forcing: str = "not run"
     extra: dict = field(default_factory=dict)
+    served: dict | None = None  # a scheduled run: schedule, phases, greedy choices (schedule.py, phases.py)
 
     @property
     def verdict(self) -> str:
@@ -55,9 +59,26 @@ def noise_for(case: Case, ref: ReferenceData, precision: str) -> tuple[dict | No
 
 
 def compare(case: Case, engine_name: str, precision: str, use_golden: bool = True,
-            teacher_forcing: str = "on-fail", engine=None, **engine_options) -> CompareResult:
+            teacher_forcing: str = "on-fail", engine=None, schedule=None, **engine_options) -> CompareResult:
+    """`schedule`: a schedule.Schedule to serve the case with (chunked prefill + greedy decode,
+    judged by phase), "case" (the case's own schedule when it has one and the engine can serve
+    it; otherwise prefill-only, and the report says what was not checked), or None /
+    "prefill-only" (one forward per sequence)."""
     precision = Precision.of(precision).name if precision else None  # None: the engine declares it
     engine = engine or get_engine(engine_name)
+    note = ""
+    if isinstance(schedule, str):
+        schedule, note = resolve_schedule(case, engine, schedule)
+    if schedule is not None:
+        return _compare_served(case, engine_name, engine, precision, schedule, teacher_forcing, engine_options)
+    res = _compare_prefill(case, engine_name, engine, precision, use_golden, teacher_forcing, engine_options)
+    if note:
+        res.engine_meta["schedule_note"] = note
+    return res
+
+
+def _compare_prefill(case: Case, engine_name: str, engine, precision, use_golden: bool, teacher_forcing: str,
+                     engine_options: dict) -> CompareResult:
     # the engine first, then the reference: a real engine's memory is freed before the float64
     # reference of a wide case is loaded, so the peak is the larger of the two, not their sum
     t0 = time.perf_counter()
@@ -83,3 +104,107 @@ def compare(case: Case, engine_name: str, precision: str, use_golden: bool = Tru
         timings={"engine_s": t1 - t0, "reference_s": t2 - t1, "noise_s": t3 - t2, "diff_s": t4 - t3},
         tolerance_precision=tol_prec, noise_source=noise_source, culprit=culprit, teacher_forcing=tf,
     )
+
+
+SCHEDULES = ("case", "prefill-only")
+
+
+def resolve_schedule(case: Case, engine, choice: str):
+    """(schedule or None, note): "case" serves the case's schedule when it has one and the engine
+    can run it; otherwise the compare is prefill-only and the note says what was not checked."""
+    if choice not in SCHEDULES:
+        raise BadInput(f"unknown schedule {choice!r} (one of {', '.join(SCHEDULES)})")
+    if choice == "prefill-only" or case.schedule is None:
+        return None, "" if choice == "prefill-only" else f"case {case.name} has no serving schedule"
+    if not getattr(engine, "serves", False):
+        return None, (f"engine {getattr(engine, 'name', '') or type(engine).__name__!r} has no scheduled capture yet: "
+                      "decode steps, chunked prefill and batching were not checked")
+    return case.schedule, ""
+
+
+def _compare_served(case: Case, engine_name: str, engine, precision, schedule, teacher_forcing: str,
+                    engine_options: dict) -> CompareResult:
+    """The engine serves the schedule's prompts and decodes greedily; the reference runs on the
+    tokens it fed (the decoded case, float64, computed now: no golden covers the engine's own
+    tokens); every point is judged on the whole run and per phase."""
+    if not getattr(engine, "serves", False):
+        raise EngineUnavailable(f"engine {engine_name!r} has no scheduled capture (chunked prefill / decode) yet; "
+                                "compare it with --schedule prefill-only")
+    t0 = time.perf_counter()
+    cap: Capture = engine.run(prompt_case(case, schedule), precision, schedule=schedule, **engine_options)
+    t1 = time.perf_counter()
+    served = cap.meta.get("served") or {}
+    if "sequences" not in served or "rows" not in served:
+        raise BadInput(f"engine {engine_name!r} returned no served sequences / row labels for the schedule")
+    check_prompts(served["sequences"], prompt_case(case, schedule).sequences())
+    dcase = decoded_case(case, served["sequences"])
+    ref = ReferenceData(*reference_run(dcase), "computed (float64 on the engine's own decoded tokens)")
+    rows = [tuple(r) for r in served["rows"]]
+    if len(rows) != dcase.num_tokens:
+        raise BadInput(f"engine {engine_name!r} labelled {len(rows)} rows for {dcase.num_tokens} tokens")
+    t2 = time.perf_counter()
+    tol_prec = Precision.of(cap.precision).name
+    noise, noise_source = _served_noise(case, dcase, ref, tol_prec)
+    t3 = time.perf_counter()
+    specs = capture_points(case.config)
+    skips = cap.meta.get("capture", {}).get("skipped")
+    comp = compare_points(specs, ref.points, cap.points, tol_prec, ref.coverage, noise, skips)
+    phases = judge_phases(specs, ref.points, cap.points, rows, case.config, list(dcase.seq_lens), tol_prec,
+                          ref.coverage, noise, skips)
+    t4 = time.perf_counter()
+    culprit, tf = None, "not run"
+    if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == "fail"):
+        culprit = attach(comp, teacher_force(dcase, cap.points, tol_prec, noise))
+        tf = "run"
+    t5 = time.perf_counter()
+    served_doc = {"schedule": schedule.to_dict(), "batching": served.get("batching"),
+                  "phases": phases, "pairs_by_phase": pairs_by_phase(phases),
+                  "greedy": greedy_choices(ref.points.get("logits"), served["sequences"], schedule, tol_prec)}
+    meta = {k: v for k, v in cap.meta.items() if k != "served"}
+    return CompareResult(
+        case=dcase, engine=engine_name, precision=tol_prec, comparison=comp, coverage=ref.coverage,
+        reference={"version": REFERENCE_VERSION, "precision": "float64", "source": ref.source, "golden_digest": None},
+        engine_meta=meta,
+        timings={"engine_s": t1 - t0, "reference_s": t2 - t1, "noise_s": t3 - t2, "diff_s": t4 - t3,
+                 "localize_s": t5 - t4},
+        tolerance_precision=tol_prec, noise_source=noise_source, culprit=culprit, teacher_forcing=tf,
+        served=served_doc,
+    )
+
+
+def _served_noise(case: Case, dcase: Case, ref: ReferenceData, precision: str) -> tuple[dict | None, str]:
+    """Measured now on the decoded tokens: judging phases needs the honest per-token worst cases
+    on these very tokens (phases.subset_noise), which a golden of other tokens does not hold."""
+    if precision == "float64":
+        return None, "float64: floor tolerance (exact engine)"
+    return measure(dcase, ref.points, precision), "measured now on the decoded tokens (with per-token worst cases)"
+
+
+def greedy_choices(logits, sequences, schedule, precision: str) -> dict:
+    """Each decode step fed the engine's own greedy token; where it is not the reference's argmax
+    at the previous position, say by how much (relative to the row's largest |logit|): a
+    near-tie (within the tie margin) or a real disagreement. Never re-aligned."""
+    from corruptcheck.tolerance import tie_margin
+
+    margin, _ = tie_margin(None, precision)
+    out = {"steps": 0, "agree": 0, "near_ties": 0, "disagreements": []}
+    if logits is None:
+        return out
+    at = 0
+    for i, (seq, prompt) in enumerate(zip(sequences, schedule.prompt_lens)):
+        for pos in range(prompt, len(seq)):
+            row = logits[at + pos - 1].double()
+            chosen, best = int(seq[pos]), int(row.argmax())
+            out["steps"] += 1
+            if chosen == best:
+                out["agree"] += 1
+                continue
+            scale = float(row.abs().max()) or 1.0
+            rel = float(row[best] - row[chosen]) / scale
+            if rel <= margin:
+                out["near_ties"] += 1
+            else:
+                out["disagreements"].append({"sequence": i, "step": pos - prompt + 1, "position": pos,
+                                             "engine_token": chosen, "reference_token": best, "margin_rel": rel})
+        at += len(seq)
+    return out

@@ -46,6 +46,7 @@ def float_metrics(engine: torch.Tensor, ref: torch.Tensor) -> dict:
     e2 = r2 = d2 = dot = 0.0
     max_abs = 0.0
     worst_tok, worst_rel = -1, -1.0
+    worst_norm_dev = 0.0  # max over tokens of | ||e_t|| / ||r_t|| - 1 | (bounds it for any subset of tokens)
     new = lost = kind = nonfinite_ref = compared = 0
     first_nonfinite = None
     step = max(1, CHUNK_ELEMENTS // max(per_tok, 1))
@@ -77,6 +78,8 @@ def float_metrics(engine: torch.Tensor, ref: torch.Tensor) -> dict:
         e2, r2, d2, dot = e2 + sums[0] * f, r2 + sums[1] * f, d2 + sums[2] * f, dot + sums[3] * f
         max_abs = max(max_abs, float(d.abs().max()) * s)  # inf when the true value exceeds float64
         rel_tok = torch.where(rn > 0, (dn / rn).sqrt(), torch.where(dn > 0, math.inf, 0.0))
+        dev_tok = torch.where(rn > 0, ((en / rn).sqrt() - 1).abs(), torch.where(en > 0, math.inf, 0.0))
+        worst_norm_dev = max(worst_norm_dev, float(dev_tok.max()))
         i = int(rel_tok.argmax())
         if float(rel_tok[i]) > worst_rel:
             worst_rel, worst_tok = float(rel_tok[i]), start + i
@@ -87,7 +90,9 @@ def float_metrics(engine: torch.Tensor, ref: torch.Tensor) -> dict:
         "cosine": max(-1.0, min(1.0, dot / math.sqrt(e2) / math.sqrt(r2))) if e2 > 0 and r2 > 0 else (1.0 if e2 == r2 else 0.0),
         "worst_token": worst_tok,
         "worst_token_rel": worst_rel,
+        "worst_token_norm_dev": worst_norm_dev,
         "compared_values": compared,
+        "rows": t,
         "nonfinite_new": new,
         "nonfinite_lost": lost,
         "nonfinite_kind": kind,

@@ -55,7 +55,9 @@ def _point_noise(name: str, new: torch.Tensor, ref: torch.Tensor, new_all: dict,
     if rows is not None:
         new, ref = new[rows], ref[rows]
     m = float_metrics(new, ref)
-    return {"rel_l2": m["rel_l2"], "norm_dev": abs(m["norm_ratio"] - 1.0)}
+    return {"rel_l2": m["rel_l2"], "norm_dev": abs(m["norm_ratio"] - 1.0),
+            # per-token worst cases: they bound the error of any subset of tokens (phases.py)
+            "token_rel": max(m["worst_token_rel"], 0.0), "token_norm_dev": m["worst_token_norm_dev"]}
 
 
 def _merge(into: dict, name: str, noise: dict | None) -> None:

@@ -9,6 +9,7 @@ import tempfile
 from xml.sax.saxutils import quoteattr
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 REPORT_SCHEMA = 2  # 1 = first differ; 2 adds ratio, local, culprit, tolerance_precision (additive)
@@ -49,13 +50,27 @@ def to_json(res) -> dict:
             "not_exercised": sum(p.verdict == "not-exercised" for p in comp.points),
             "worst": {"name": worst.name, "rel_l2": worst.metrics.get("rel_l2")} if worst else None,
             "worst_ratio": {"name": worst_ratio.name, "ratio": _num(worst_ratio.ratio)} if worst_ratio else None,
+            "pairs_by_phase": res.served["pairs_by_phase"] if res.served else {
+                "prefill": sum(_rows(p) for p in comp.points if p.verdict in ("pass", "fail", "not-exercised")),
+                "decode": 0},
         },
         "noise_model": res.noise_source,
         "reference": res.reference,
         "engine_info": res.engine_meta,
         "case_spec": res.case.spec(),
         "timings": res.timings,
+        # a served run (schedule.py): the schedule, verdicts by phase, the engine's greedy choices
+        "schedule": res.served["schedule"] if res.served else "prefill-only",
+        "phases": res.served["phases"] if res.served else [],
+        "greedy": res.served["greedy"] if res.served else None,
+        "batching": res.served.get("batching") if res.served else None,
     }
+
+
+def _rows(p) -> int:
+    """Token (or entry) rows a judged point compared."""
+    m = p.metrics or {}
+    return int(m.get("tokens", 0) if p.kind == "index" else m.get("rows_compared", m.get("rows", 0)))
 
 
 def _clean_local(local):
@@ -133,6 +148,28 @@ def print_table(doc: dict, console: Console | None = None) -> None:
         f"attention {'/'.join(cov['attention_types'])}; routing {'/'.join(cov['routing_types'])}")
     console.print(f"reference: float64, {doc['reference']['source']}; tolerances: {doc['tolerance_precision']} "
                   f"noise model ({doc['noise_model']})", style="dim")
+    if doc.get("phases"):
+        from corruptcheck.phases import summarize
+
+        sched = doc["schedule"]
+        console.print(f"schedule: prompts {'+'.join(map(str, sched['prompt_lens']))}, prefill chunk "
+                      f"{sched['chunk'] or 'whole prompt'}, {sched['decode_steps']} greedy decode steps; "
+                      f"{doc.get('batching') or ''}")
+        for line in summarize(doc["phases"]):
+            console.print(("[bold red]" if ": FAIL" in line else "[green]") + escape(line) + "[/]")
+        g = doc.get("greedy") or {}
+        if g.get("disagreements"):
+            d = g["disagreements"][0]
+            console.print(f"[bold red]greedy:[/] {len(g['disagreements'])} of {g['steps']} decode steps fed a token that is "
+                          f"not the reference's argmax beyond a near-tie (first: sequence {d['sequence']} step "
+                          f"{d['step']}, engine {d['engine_token']} vs reference {d['reference_token']})")
+        elif g:
+            console.print(f"greedy: {g['agree']} of {g['steps']} decode tokens are the reference's argmax, "
+                          f"{g['near_ties']} near-ties", style="dim")
+    elif doc.get("schedule") == "prefill-only":
+        note = (doc.get("engine_info") or {}).get("schedule_note")
+        if note:
+            console.print(f"schedule: prefill only — {note}", style="yellow")
     s = doc["summary"]
     line = (f"[{_STYLE[doc['verdict']]}]{doc['verdict'].upper()}[/]: {s['compared']} compared, {s['failed']} failed, "
             f"{s['missing']} missing, {s['skipped']} skipped, {s['not_exercised']} not exercised")

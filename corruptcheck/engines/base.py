@@ -21,6 +21,9 @@ class Engine:
     name: str = ""
     extra: str | None = None  # pip extra that provides it
     options: tuple = ()  # engines.options.Option: the settings it takes as KEY=VALUE text
+    # runs a schedule.Schedule (chunked prefill, greedy decode) when `run(..., schedule=S)` and
+    # returns meta["served"] = {"sequences": token ids fed, "rows": (phase, index) per token row}
+    serves: bool = False
 
     @classmethod
     def parse_options(cls, raw: dict) -> dict:

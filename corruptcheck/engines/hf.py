@@ -330,3 +330,56 @@ def run_hf(case: Case, precision: str = "float32", attn_impl: str = "eager", mod
         for h in installed:
             h.remove()
     return {n: torch.cat([s[n] for s in per_seq if n in s], 0) for n in per_seq[0]}
+
+
+def run_hf_served(case: Case, schedule, precision: str = "float32", attn_impl: str = "eager", model=None,
+                  patches=()) -> tuple[dict, dict]:
+    """Serve the schedule's prompts through transformers' own cache (`DynamicCache`): each
+    prompt prefilled in chunks, then greedy decode steps of one token, one sequence at a time
+    (transformers has no continuous batching). Returns (points over every fed token, in
+    sequence and position order; {"sequences": the token ids fed, "rows": (phase, index) per
+    row}). Compressed entries are recorded as they close (the cache returns all so far)."""
+    from transformers import DynamicCache
+
+    from corruptcheck.schedule import prompt_case, row_labels
+
+    model = model or build_model(case, precision, attn_impl)
+    installed = [_install(model, p) for p in patches or ()]
+    hooks = _Hooks(model, case.config)
+    per_seq, sequences = [], []
+    try:
+        with torch.no_grad():
+            for prompt in prompt_case(case, schedule).sequences():
+                cache = DynamicCache(config=model.config)
+                seen: dict = {}
+                steps: list = []
+                ids = prompt.tolist()
+
+                def step(chunk: torch.Tensor):
+                    hooks.store = {}
+                    out = model(input_ids=chunk[None], past_key_values=cache, use_cache=True)
+                    rows = {}
+                    for name, t in hooks.store.items():
+                        if name in hooks.entries:  # [1, n so far, d]: the entries this step closed
+                            rows[name] = t[0, seen.get(name, 0):]
+                            seen[name] = t.shape[1]
+                        else:
+                            rows[name] = t
+                    steps.append(rows)
+                    return out.logits[0, -1]
+
+                at = 0
+                for c in schedule.prefill_chunks(len(ids)):
+                    last = step(prompt[at:at + c])
+                    at += c
+                for _ in range(schedule.decode_steps):
+                    ids.append(int(last.argmax()))
+                    last = step(torch.tensor([ids[-1]]))
+                sequences.append(ids)
+                per_seq.append({n: torch.cat([s[n] for s in steps if n in s], 0) for n in steps[0]})
+    finally:
+        hooks.remove()
+        for h in installed:
+            h.remove()
+    points = {n: torch.cat([s[n] for s in per_seq if n in s], 0) for n in per_seq[0]}
+    return points, {"sequences": sequences, "rows": row_labels(schedule, [len(s) for s in sequences])}

@@ -21,13 +21,20 @@ class HFEngine(Engine):
             return False, f"transformers with DeepseekV4ForCausalLM is not importable ({exc})"
         return True, ""
 
+    serves = True  # runs a Schedule: chunked prefill + greedy decode through its own cache
+
     def run(self, case: Case, precision: str, attn_impl: str = "eager", patches=None, batch: bool = False,
-            **_options) -> Capture:
+            schedule=None, **_options) -> Capture:
         import transformers
 
-        from corruptcheck.engines.hf import norm_returns_input_dtype, run_hf
+        from corruptcheck.engines.hf import norm_returns_input_dtype, run_hf, run_hf_served
 
-        points = run_hf(case, precision, attn_impl, patches=patches, batch=batch)
+        served = None
+        if schedule is not None:
+            points, served = run_hf_served(case, schedule, precision, attn_impl, patches=patches)
+            served["batching"] = "one sequence at a time (transformers has no continuous batching)"
+        else:
+            points = run_hf(case, precision, attn_impl, patches=patches, batch=batch)
         # transformers casts to fp32 inside mHC, norms and RoPE even in a float64 model, so a
         # float64 run is judged as what it is: a float32-exact engine
         effective = "float32" if precision == "float64" else precision
@@ -36,4 +43,5 @@ class HFEngine(Engine):
                         "requested_precision": precision, "batch": "right-padded" if batch else "one sequence at a time",
                         "patches": [str(p) for p in patches or ()],
                         "workarounds": [] if precision != "bfloat16" or norm_returns_input_dtype()
-                        else ["bf16 norm weights (transformers < 5.24 returns fp32 from its fp32-kept norms)"]})
+                        else ["bf16 norm weights (transformers < 5.24 returns fp32 from its fp32-kept norms)"],
+                        **({"served": served} if served else {})})

@@ -1,0 +1,78 @@
+"""Serving schedules: how a case's sequences reach an engine the way a server feeds them —
+prompts prefilled in chunks, then greedy decode steps — and the labels that say which phase
+produced each token row.
+
+A schedule's prompts are the case's seeded tokens at `prompt_lens`; the engine decodes
+`decode_steps` tokens per sequence with its own greedy choices, and the reference is then run on
+exactly those tokens (the *decoded case*): causality makes the full float64 forward over prompt
++ generated tokens the truth for every step (`reference/decode.py` proves the incremental state
+equal to it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from corruptcheck.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Schedule:
+    prompt_lens: tuple[int, ...]  # one sequence per entry (a batch of >= 3 exercises batching)
+    decode_steps: int = 16  # greedy steps per sequence after its prompt
+    chunk: int | None = None  # prefill tokens per step per sequence; None = the whole prompt at once
+
+    def __post_init__(self):
+        if not self.prompt_lens or any(not isinstance(n, int) or n < 1 for n in self.prompt_lens):
+            raise BadInput(f"schedule: prompt lengths must be positive integers, got {self.prompt_lens!r}")
+        if not isinstance(self.decode_steps, int) or self.decode_steps < 0:
+            raise BadInput(f"schedule: decode_steps must be a non-negative integer, got {self.decode_steps!r}")
+        if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
+            raise BadInput(f"schedule: chunk must be a positive integer, got {self.chunk!r}")
+
+    def prefill_chunks(self, prompt_len: int) -> list[int]:
+        c = self.chunk or prompt_len
+        return [min(c, prompt_len - at) for at in range(0, prompt_len, c)]
+
+    def to_dict(self) -> dict:
+        return {"prompt_lens": list(self.prompt_lens), "decode_steps": self.decode_steps, "chunk": self.chunk}
+
+    def describe(self) -> str:
+        chunk = f"chunks of {self.chunk}" if self.chunk else "one prefill step"
+        return (f"{len(self.prompt_lens)} sequences (prompts {'+'.join(map(str, self.prompt_lens))}, {chunk}), "
+                f"{self.decode_steps} greedy decode steps each")
+
+
+def prompt_case(case, schedule: Schedule):
+    """The case whose sequences are the schedule's prompts (seeded as the case's own)."""
+    return replace(case, name=f"{case.name}@serve", seq_lens=tuple(schedule.prompt_lens),
+                   description=f"{case.description}; served: {schedule.describe()}", schedule=None, tokens=None)
+
+
+def decoded_case(case, sequences: list) -> object:
+    """The case over the tokens the engine actually ran (prompts + its own greedy tokens)."""
+    tokens = tuple(tuple(int(t) for t in s) for s in sequences)
+    return replace(case, name=f"{case.name}@decoded", seq_lens=tuple(len(s) for s in tokens), tokens=tokens,
+                   schedule=None)
+
+
+def row_labels(schedule: Schedule, lens: list[int]) -> list[tuple[str, int]]:
+    """(phase, index) of every token row of sequences fed by `schedule` in order: ("prefill",
+    chunk j) for prompt tokens, ("decode", step k) with k = 1.. for generated ones."""
+    labels = []
+    for prompt, total in zip(schedule.prompt_lens, lens):
+        for j, c in enumerate(schedule.prefill_chunks(prompt)):
+            labels += [("prefill", j)] * c
+        labels += [("decode", k) for k in range(1, total - prompt + 1)]
+    return labels
+
+
+def check_prompts(sequences: list, prompts: list) -> None:
+    """The engine's sequences must start with the schedule's prompts."""
+    if len(sequences) != len(prompts):
+        raise BadInput(f"engine returned {len(sequences)} sequences for {len(prompts)} prompts")
+    for i, (s, p) in enumerate(zip(sequences, prompts)):
+        s = torch.as_tensor(s)
+        if s.shape[0] < p.shape[0] or not torch.equal(s[: p.shape[0]], p):
+            raise BadInput(f"engine sequence {i} does not start with the schedule's prompt")
