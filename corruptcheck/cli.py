@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from corruptcheck.errors import BadInput, EngineUnavailable
+from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
 from corruptcheck.tolerance import FLOOR
 
 PRECISIONS = list(FLOOR)  # every precision with tolerances
@@ -64,7 +64,7 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
             raise
-        except (BadInput, EngineUnavailable) as exc:
+        except (BadInput, EngineUnavailable, EngineFailed) as exc:
             _fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - the one place every defect is caught
             _internal_error(exc, command)
@@ -159,7 +159,7 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
         out = write_dump(cap.points, case, out_dir, engine={"name": engine_name, **meta}, precision=cap.precision)
     except KeyError as exc:
         _fail(exc.args[0])
-    except (BadInput, EngineUnavailable, ValueError) as exc:
+    except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot write {out_dir}: {exc}")
@@ -213,7 +213,7 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
                       schedule="prefill-only" if batch else schedule_choice, **options)
     except KeyError as exc:
         _fail(exc.args[0])
-    except (BadInput, EngineUnavailable, ValueError) as exc:
+    except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
         _fail(str(exc))
     doc = to_json(res)
     if quiet:

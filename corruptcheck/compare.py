@@ -2,14 +2,17 @@
 every point diffed with precision-aware tolerances, then localized by teacher forcing."""
 from __future__ import annotations
 
+import math
 import time
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from corruptcheck.cases import Case
 from corruptcheck.coverage import coverage
 from corruptcheck.differ import Comparison, compare_points
 from corruptcheck.engines import Capture, get_engine
-from corruptcheck.errors import BadInput, EngineUnavailable
+from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
 from corruptcheck.golden import ReferenceData, reference_for
 from corruptcheck.localize import attach, teacher_force
 from corruptcheck.noise import measure
@@ -82,7 +85,7 @@ def _compare_prefill(case: Case, engine_name: str, engine, precision, use_golden
     # the engine first, then the reference: a real engine's memory is freed before the float64
     # reference of a wide case is loaded, so the peak is the larger of the two, not their sum
     t0 = time.perf_counter()
-    cap: Capture = engine.run(case, precision, **engine_options)
+    cap: Capture = run_engine(engine, engine_name, case, precision, **engine_options)
     t1 = time.perf_counter()
     ref = reference_for(case) if use_golden else ReferenceData(*reference_run(case), "computed (--no-golden)")
     t2 = time.perf_counter()
@@ -109,6 +112,21 @@ def _compare_prefill(case: Case, engine_name: str, engine, precision, use_golden
 SCHEDULES = ("case", "prefill-only")
 
 
+def run_engine(engine, engine_name: str, case: Case, precision, **options) -> Capture:
+    """engine.run; an exception the engine itself raises becomes EngineFailed (one line naming
+    the engine, the exception and where it was raised; the original is chained)."""
+    try:
+        return engine.run(case, precision, **options)
+    except (BadInput, EngineUnavailable, EngineFailed):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the engine raises is a result about the engine
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise EngineFailed(f"engine {engine_name!r} raised {type(exc).__name__}{': ' + first if first else ''}"
+                           f"{where} (the engine crashed: not a verdict on its numbers)") from exc
+
+
 def resolve_schedule(case: Case, engine, choice: str):
     """(schedule or None, note): "case" serves the case's schedule when it has one and the engine
     can run it; otherwise the compare is prefill-only and the note says what was not checked."""
@@ -131,7 +149,8 @@ def _compare_served(case: Case, engine_name: str, engine, precision, schedule, t
         raise EngineUnavailable(f"engine {engine_name!r} has no scheduled capture (chunked prefill / decode) yet; "
                                 "compare it with --schedule prefill-only")
     t0 = time.perf_counter()
-    cap: Capture = engine.run(prompt_case(case, schedule), precision, schedule=schedule, **engine_options)
+    cap: Capture = run_engine(engine, engine_name, prompt_case(case, schedule), precision, schedule=schedule,
+                              **engine_options)
     t1 = time.perf_counter()
     served = cap.meta.get("served") or {}
     if "sequences" not in served or "rows" not in served:
@@ -159,7 +178,8 @@ def _compare_served(case: Case, engine_name: str, engine, precision, schedule, t
     t5 = time.perf_counter()
     served_doc = {"schedule": schedule.to_dict(), "batching": served.get("batching"),
                   "phases": phases, "pairs_by_phase": pairs_by_phase(phases),
-                  "greedy": greedy_choices(ref.points.get("logits"), served["sequences"], schedule, tol_prec)}
+                  "greedy": greedy_choices(ref.points.get("logits"), served["sequences"], schedule,
+                                 ((noise or {}).get("free", {}).get("logits") or {}).get("token_rel"))}
     meta = {k: v for k, v in cap.meta.items() if k != "served"}
     return CompareResult(
         case=dcase, engine=engine_name, precision=tol_prec, comparison=comp, coverage=ref.coverage,
@@ -180,14 +200,17 @@ def _served_noise(case: Case, dcase: Case, ref: ReferenceData, precision: str) -
     return measure(dcase, ref.points, precision), "measured now on the decoded tokens (with per-token worst cases)"
 
 
-def greedy_choices(logits, sequences, schedule, precision: str) -> dict:
+def greedy_choices(logits, sequences, schedule, token_rel: float | None) -> dict:
     """Each decode step fed the engine's own greedy token; where it is not the reference's argmax
-    at the previous position, say by how much (relative to the row's largest |logit|): a
-    near-tie (within the tie margin) or a real disagreement. Never re-aligned."""
-    from corruptcheck.tolerance import tie_margin
+    at the previous position, say by how much. A swap of two logits needs them to move apart by
+    the reference's margin, and an honest engine moves a pair by at most sqrt(2) x its per-token
+    logits error (<= token_rel x ||row||, measured); so within SAFETY x that it is a near-tie,
+    beyond it a real disagreement (float64: any swap beyond 1e-12 of the row). Never re-aligned."""
+    from corruptcheck.tolerance import SAFETY
 
-    margin, _ = tie_margin(None, precision)
-    out = {"steps": 0, "agree": 0, "near_ties": 0, "disagreements": []}
+    out = {"steps": 0, "agree": 0, "near_ties": 0, "disagreements": [],
+           "tie_bound": "exact (float64)" if token_rel is None else
+           f"sqrt(2) x {SAFETY:g} x honest per-token logits error ({token_rel:.3g}) x ||row||"}
     if logits is None:
         return out
     at = 0
@@ -199,12 +222,13 @@ def greedy_choices(logits, sequences, schedule, precision: str) -> dict:
             if chosen == best:
                 out["agree"] += 1
                 continue
-            scale = float(row.abs().max()) or 1.0
-            rel = float(row[best] - row[chosen]) / scale
-            if rel <= margin:
+            norm = float(row.norm()) or 1.0
+            rel = float(row[best] - row[chosen]) / norm
+            if rel <= (math.sqrt(2) * SAFETY * token_rel if token_rel is not None else 1e-12):
                 out["near_ties"] += 1
             else:
                 out["disagreements"].append({"sequence": i, "step": pos - prompt + 1, "position": pos,
-                                             "engine_token": chosen, "reference_token": best, "margin_rel": rel})
+                                             "engine_token": chosen, "reference_token": best,
+                                             "margin_rel_to_row_norm": rel})
         at += len(seq)
     return out

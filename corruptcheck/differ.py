@@ -20,6 +20,8 @@ from corruptcheck.metrics import float_metrics, set_disagreements
 from corruptcheck.points import PointSpec, agreeing_rows, tie_scores_name
 from corruptcheck.tolerance import float_tolerance, tie_margin
 
+ENTRY_SUFFIXES = (".compressed_kv", ".indexer_keys")  # rows are compressed entries, not tokens
+
 
 @dataclass
 class PointResult:
@@ -72,6 +74,12 @@ def _layer_key(spec: PointSpec) -> str:
     return "mtp.0" if spec.name.startswith("mtp.") else f"layers.{spec.layer}"
 
 
+def _entry_count_differs(name: str, e: torch.Tensor, r: torch.Tensor) -> bool:
+    """Rows of compressed-entry points count closed blocks; only their width is a format."""
+    return (name.endswith(ENTRY_SUFFIXES) and e.dim() == r.dim() == 2 and e.shape[1] == r.shape[1]
+            and e.shape[0] != r.shape[0] and e.is_floating_point() == r.is_floating_point())
+
+
 def _check_shape(name, e: torch.Tensor, r: torch.Tensor):
     if tuple(e.shape) != tuple(r.shape):
         raise BadInput(f"point {name}: engine shape {tuple(e.shape)} does not match the case's {tuple(r.shape)}")
@@ -102,6 +110,11 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
                                            reason="finer point the engine does not expose"))
             continue
         e, r = engine[spec.name], ref[spec.name]
+        if _entry_count_differs(spec.name, e, r):  # a compressor that closed other blocks: wrong, not malformed
+            results.append(PointResult(spec.name, "fail", spec.layer, spec.kind, {"entries": int(e.shape[0])},
+                                       reason=f"engine has {e.shape[0]} compressed entries, the reference "
+                                              f"{r.shape[0]}", ratio=math.inf))
+            continue
         _check_shape(spec.name, e, r)
         if spec.kind == "index":
             scores_name = tie_scores_name(spec.name)
@@ -110,6 +123,7 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
         else:
             tol = float_tolerance(free.get(spec.name), precision, "free")
             res = compare_float(spec, e, r, tol, engine, ref)
+            res = _weights_without_rows(res, results)
         if res.verdict == "pass" and spec.layer is not None and not exercised(coverage, _layer_key(spec), spec.mechanism):
             res.verdict = "not-exercised"
             res.reason = f"the case did not exercise {spec.mechanism} here"
@@ -118,6 +132,22 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
     # reported (so a renamed key shows up as its point `missing`), but the verdict is `error`.
     unknown = sorted(set(engine) - known - set(ref))
     return Comparison(results, precision, unknown)
+
+
+def _weights_without_rows(res: PointResult, earlier: list) -> PointResult:
+    """moe.weights with no token on the reference's experts fails — unless every differing
+    expert choice was a near-tie (the ids point passed): then there is honestly nothing to
+    compare the weights on, which is reported, not passed (e.g. a decode step of three tokens
+    whose routing sits on ties)."""
+    if res.metrics.get("rows_compared") != 0 or not res.name.endswith("moe.weights"):
+        return res
+    experts = next((p for p in earlier if p.name == res.name[: -len("weights")] + "experts"), None)
+    if experts is None or experts.verdict not in ("pass", "not-exercised") or not experts.metrics.get("tokens"):
+        return res
+    res.verdict, res.ratio = "not-exercised", None
+    res.reason = (f"no token chose the reference's experts, and every differing choice is a near-tie "
+                  f"({experts.metrics.get('tie_explained')} of {experts.metrics.get('tokens')}): nothing to compare")
+    return res
 
 
 def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> PointResult:

@@ -7,3 +7,8 @@ class BadInput(Exception):
 
 class EngineUnavailable(Exception):
     """The engine cannot run here (not installed, wrong platform)."""
+
+
+class EngineFailed(Exception):
+    """The engine itself raised while running the case: a result about the engine (it crashed),
+    never a verdict on its numbers and never a defect of this tool."""

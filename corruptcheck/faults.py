@@ -983,6 +983,10 @@ class FaultyEngine(Engine):
     def available(self) -> tuple[bool, str]:
         return self.inner.available()
 
+    @property
+    def serves(self) -> bool:
+        return getattr(self.inner, "serves", False)
+
     def run(self, case, precision: str, **options) -> Capture:
         state = FaultState()
         with self.fault.active(self.inner.name, case.config, state):

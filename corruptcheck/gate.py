@@ -12,17 +12,20 @@ from itertools import product
 from pathlib import Path
 
 from corruptcheck.cases import Case, get_case
-from corruptcheck.errors import BadInput, EngineUnavailable
+from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
+from corruptcheck.schedule import Schedule
 from corruptcheck.tolerance import FLOOR
 
 DEFAULT_KEYS = {"teacher_forcing", "allowed_missing"}
 PRECISIONS = tuple(FLOOR)  # every precision an engine may declare has tolerances
-RUN_KEYS = {"case", "cases", "precision", "precisions", "batch_size", "batch_sizes", "seq_lens", "seq_lens_list"}
+RUN_KEYS = {"case", "cases", "precision", "precisions", "batch_size", "batch_sizes", "seq_lens", "seq_lens_list",
+            "schedule", "schedules"}
 TOP_KEYS = {"name", "description", "defaults", "coverage", "run"}
 COVERAGE_KEYS = {"min_tokens_beyond_window": "tokens_beyond_window",
                  "min_compressed_entries": "compressed_entries",
                  "min_indexer_pruning_fraction": "indexer_pruning_fraction",
-                 "min_clamp_hits": "clamp_hits"}
+                 "min_clamp_hits": "clamp_hits",
+                 "min_decode_pairs": "decode_pairs"}  # compared (point, token) pairs of decode steps
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,17 @@ class GateRun:
     case: Case
     precision: str
     batch_size: int = 1
+    schedule: object = "case"  # "case" | "prefill-only" | schedule.Schedule
 
     @property
     def id(self) -> str:
-        return f"{self.case.name}-{self.precision}-b{self.batch_size}"
+        base = f"{self.case.name}-{self.precision}-b{self.batch_size}"
+        if self.schedule == "prefill-only":
+            return base + "-prefill"
+        if isinstance(self.schedule, Schedule):
+            s = self.schedule
+            return base + f"-serve{'+'.join(map(str, s.prompt_lens))}d{s.decode_steps}c{s.chunk or 0}"
+        return base
 
 
 @dataclass
@@ -55,6 +65,19 @@ def _table(doc: dict, key: str, source: str) -> dict:
     if not isinstance(value, dict):
         raise BadInput(f"{source}: {key} must be a table")
     return value
+
+
+def _schedule(value, source: str):
+    """"case", "prefill-only", or a table {prompt_lens = [...], decode_steps = N, chunk = C}."""
+    if value in ("case", "prefill-only"):
+        return value
+    if not isinstance(value, dict) or set(value) - {"prompt_lens", "decode_steps", "chunk"} or "prompt_lens" not in value:
+        raise BadInput(f"{source}: schedule must be \"case\", \"prefill-only\" or a table with prompt_lens "
+                       f"(and decode_steps, chunk), got {value!r}")
+    lens = value["prompt_lens"]
+    if not isinstance(lens, list):
+        raise BadInput(f"{source}: schedule prompt_lens must be a list of positive integers")
+    return Schedule(prompt_lens=tuple(lens), decode_steps=value.get("decode_steps", 16), chunk=value.get("chunk"))
 
 
 def _as_list(table: dict, one: str, many: str, default=None) -> list:
@@ -113,7 +136,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         precisions = _as_list(table, "precision", "precisions")
         batches = _as_list(table, "batch_size", "batch_sizes", [1])
         lens = _as_list(table, "seq_lens", "seq_lens_list", [None])
-        for case_name, prec, batch, seq_lens in product(cases, precisions, batches, lens):
+        schedules = [_schedule(s, source) for s in _as_list(table, "schedule", "schedules", ["case"])]
+        for case_name, prec, batch, seq_lens, sched in product(cases, precisions, batches, lens, schedules):
             if not isinstance(case_name, str):
                 raise BadInput(f"{source}: case names must be strings, got {case_name!r}")
             try:
@@ -124,7 +148,9 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
                 raise BadInput(f"{source}: unknown precision {prec!r} (one of {', '.join(PRECISIONS)})")
             if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
                 raise BadInput(f"{source}: batch sizes must be positive integers, got {batch!r}")
-            runs.append(GateRun(_derived_case(case, seq_lens) if seq_lens else case, prec, batch))
+            if batch > 1 and sched != "prefill-only" and not (sched == "case" and case.schedule is None):
+                sched = "prefill-only"  # a right-padded batch is one prefill forward
+            runs.append(GateRun(_derived_case(case, seq_lens) if seq_lens else case, prec, batch, sched))
     if not runs:
         raise BadInput(f"{source}: the policy has no [[run]]")
     tf = defaults.get("teacher_forcing", "on-fail")
@@ -167,8 +193,12 @@ class RunOutcome:
 
     def summary(self) -> dict:
         d = self.doc or {}
+        sched = self.run.schedule
         return {"run": self.run.id, "case": self.run.case.name, "precision": self.run.precision,
-                "batch_size": self.run.batch_size, "verdict": self.verdict, "reasons": self.reasons,
+                "batch_size": self.run.batch_size, "schedule": sched.to_dict() if isinstance(sched, Schedule) else sched,
+                "phases": [{k: p[k] for k in ("phase", "step", "chunk", "verdict", "worst_ratio")}
+                           for p in d.get("phases", []) if p["verdict"] == "fail"],
+                "verdict": self.verdict, "reasons": self.reasons,
                 "first_divergence": d.get("first_divergence"), "culprit": d.get("culprit"),
                 "worst_ratio": (d.get("summary") or {}).get("worst_ratio"),
                 "missing": [p["name"] for p in d.get("points", []) if p["verdict"] == "missing"]}
@@ -191,7 +221,11 @@ def judge(run: GateRun, doc: dict, policy: Policy) -> RunOutcome:
         verdict = "fail"
         reasons.append(f"{len(disallowed)} required point(s) missing: {', '.join(disallowed[:4])}"
                        + (" ..." if len(disallowed) > 4 else ""))
-    cov = coverage_problems(doc["coverage"], policy.coverage)
+    served = {"decode_pairs": (doc.get("summary") or {}).get("pairs_by_phase", {}).get("decode", 0)}
+    cov = coverage_problems({**doc["coverage"], **served}, policy.coverage)
+    note = (doc.get("engine_info") or {}).get("schedule_note")
+    if note and run.schedule != "prefill-only":
+        reasons.append(f"not served: {note}")
     if cov:
         verdict = "fail"
         reasons.append("coverage not met: " + "; ".join(cov))
@@ -210,8 +244,8 @@ def run_gate(engine_name: str, policy: Policy, out_dir: Path, progress=None, eng
             progress(run)
         try:
             res = compare(run.case, engine_name, run.precision, teacher_forcing=policy.teacher_forcing,
-                          engine=engine, batch=run.batch_size > 1)
-        except (BadInput, EngineUnavailable) as exc:
+                          engine=engine, schedule=run.schedule, **({"batch": True} if run.batch_size > 1 else {}))
+        except (BadInput, EngineUnavailable, EngineFailed) as exc:
             outcomes.append(RunOutcome(run, "error", [str(exc)]))
             continue
         doc = to_json(res)

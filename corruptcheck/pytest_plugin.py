@@ -207,7 +207,11 @@ class _CaseItem(pytest.Item):
         if isinstance(excinfo.value, CaseNotCompared):
             from corruptcheck.errors import BadInput, EngineUnavailable
 
+            from corruptcheck.errors import EngineFailed
+
             cause = excinfo.value.__cause__
+            if isinstance(cause, EngineFailed) and cause.__cause__ is not None:
+                cause = cause.__cause__  # show where the engine itself raised
             if self.point != VERDICT_ITEM or cause is None or isinstance(cause, (BadInput, EngineUnavailable)):
                 return str(excinfo.value)  # one line
             # an unexpected engine error: the verdict item shows where the engine raised it

@@ -17,6 +17,10 @@ import torch
 from corruptcheck.errors import BadInput
 
 
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class Schedule:
     prompt_lens: tuple[int, ...]  # one sequence per entry (a batch of >= 3 exercises batching)
@@ -24,11 +28,11 @@ class Schedule:
     chunk: int | None = None  # prefill tokens per step per sequence; None = the whole prompt at once
 
     def __post_init__(self):
-        if not self.prompt_lens or any(not isinstance(n, int) or n < 1 for n in self.prompt_lens):
+        if not self.prompt_lens or any(not _int(n) or n < 1 for n in self.prompt_lens):
             raise BadInput(f"schedule: prompt lengths must be positive integers, got {self.prompt_lens!r}")
-        if not isinstance(self.decode_steps, int) or self.decode_steps < 0:
+        if not _int(self.decode_steps) or self.decode_steps < 0:
             raise BadInput(f"schedule: decode_steps must be a non-negative integer, got {self.decode_steps!r}")
-        if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
+        if self.chunk is not None and (not _int(self.chunk) or self.chunk < 1):
             raise BadInput(f"schedule: chunk must be a positive integer, got {self.chunk!r}")
 
     def prefill_chunks(self, prompt_len: int) -> list[int]:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from corruptcheck.errors import BadInput, EngineUnavailable
+from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
 
 
 def _fail(msg: str) -> None:
@@ -140,7 +140,7 @@ def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, j
                            faults=_names(faults), benign=() if no_benign else _names(benign), progress=progress)
     except KeyError as exc:
         _fail(exc.args[0])
-    except (BadInput, EngineUnavailable, ValueError) as exc:
+    except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
         _fail(str(exc))
     print_matrix(res, console)
     writers = ((json_path, lambda p: write_json(res.to_json(), p)), (html_path, lambda p: write_html(res, p)))
@@ -175,7 +175,7 @@ def sweep(engine_name, hidden, fault_name, precision, json_path):
         rows = run_sweep(engine_name, sizes, fault, precision, progress=lambda r: click.echo(r.line(fault)))
     except KeyError as exc:
         _fail(exc.args[0])
-    except (BadInput, EngineUnavailable, ValueError) as exc:
+    except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
         _fail(str(exc))
     doc = to_json(rows, engine_name, fault, precision)
     if json_path:

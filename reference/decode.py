@@ -152,12 +152,30 @@ def forward_chunks(cfg: ModelConfig, params: dict, ids, chunks, precision="float
     ids = torch.as_tensor(ids, dtype=torch.long)
     if sum(chunks) != ids.shape[0] or any(c < 1 for c in chunks):
         raise ValueError(f"chunks {list(chunks)} do not partition a sequence of {ids.shape[0]} tokens")
-    state, stores, at = SequenceState(), [], 0
+    return serve(cfg, params, ids, chunks, 0, precision, sims=sims, mtp=mtp)[0]
+
+
+def serve(cfg: ModelConfig, params: dict, prompt, chunks, decode_steps: int, precision="float64", *, sims=False,
+          mtp=True) -> tuple[dict, list]:
+    """Serve one prompt as an engine would: prefill in `chunks`, then `decode_steps` greedy
+    steps of one token each (argmax of the last logits). Returns (every point of every fed token,
+    in position order; the token ids fed)."""
+    prec = Precision.of(precision)
+    p = cast_params(params, prec)
+    ids = torch.as_tensor(prompt, dtype=torch.long)
+    if sum(chunks) != ids.shape[0] or any(c < 1 for c in chunks):
+        raise ValueError(f"chunks {list(chunks)} do not partition a prompt of {ids.shape[0]} tokens")
+    state, stores, fed, at = SequenceState(), [], ids.tolist(), 0
     with torch.no_grad(), reduction_split(prec.split_k):
-        for c in chunks:
+        steps = [ids[at:at + c] for at, c in zip([sum(chunks[:i]) for i in range(len(chunks))], chunks)]
+        for k in range(len(steps) + decode_steps):
+            if k >= len(steps):
+                fed.append(int(logits[-1].argmax()))
+                step = torch.tensor(fed[-1:])
+            else:
+                step = steps[k]
             store: dict = {}
-            feed(cfg, p, state, ids[at:at + c], prec, sims=sims, mtp=mtp, rec=Recorder(store))
+            logits = feed(cfg, p, state, step, prec, sims=sims, mtp=mtp, rec=Recorder(store))
             stores.append(store)
-            at += c
     names = dict.fromkeys(n for st in stores for n in st)
-    return {n: _concat([st[n] for st in stores if n in st]) for n in names}
+    return {n: _concat([st[n] for st in stores if n in st]) for n in names}, fed

@@ -74,9 +74,10 @@ def _hc_args(cfg: ModelConfig, prec: Precision) -> dict:
     return dict(n=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc)
 
 
-def attention_sublayer(x, p, layer, cfg, tables, prec, sims, rec, stats: dict, attend=attention):
-    """mHC pre -> attn_norm -> attention -> mHC post. x: [S, n, D] streams. `attend`: the
-    attention of the whole sequence, or a step of it with carried state (decode.py)."""
+def attention_sublayer(x, p, layer, cfg, tables, prec, sims, rec, stats: dict, attend=None):
+    """mHC pre -> attn_norm -> attention -> mHC post. x: [S, n, D] streams. `attend`: None for
+    the attention of the whole sequence (looked up when called, so it can be patched), or a
+    step of it with carried state (decode.py)."""
     rec("attn_hc.in", x)
     pre, post, comb = hc_coefficients(x, p["hc_attn_fn"], p["hc_attn_scale"], p["hc_attn_base"], **_hc_args(cfg, prec))
     rec("attn_hc.post", post)
@@ -86,11 +87,11 @@ def attention_sublayer(x, p, layer, cfg, tables, prec, sims, rec, stats: dict, a
     xn = rms_norm(u, p["attn_norm.weight"], cfg.rms_eps, prec.acc)
     rec("attn_norm", xn)
     attn_store: dict = {}
-    a = attend(xn, sub(p, "attn"), layer, cfg, tables, prec, sims, Recorder(attn_store))
+    a = (attend or attention)(xn, sub(p, "attn"), layer, cfg, tables, prec, sims, Recorder(attn_store))
     for k, v in attn_store.items():
         rec(f"attn.{k}", v)
     rec("attn.out", a)
-    if attend is attention:
+    if attend is None:
         _attention_stats(stats, attn_store, cfg, layer, x.shape[0])
     return hc_post(a, x, post.to(prec.mix()), comb.to(prec.mix()))
 

@@ -327,10 +327,12 @@ def _toml(v) -> str:
 
 policy_values = st.recursive(
     st.booleans() | st.integers(-3, 2**63 - 1) | st.floats(allow_nan=False) | st.sampled_from(
-        ["tiny", "flash-slice", "nope", "float32", "bfloat16", "fp8-serving", "fp7", "on-fail", "layers.*"]),
+        ["tiny", "flash-slice", "nope", "float32", "bfloat16", "fp8-serving", "fp7", "on-fail", "layers.*", "case",
+         "prefill-only"]),
     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.sampled_from(
         ["case", "cases", "precision", "precisions", "batch_size", "batch_sizes", "seq_lens", "seq_lens_list",
-         "teacher_forcing", "allowed_missing", "min_clamp_hits", "min_compressed_entries", "x"]), kids, max_size=4),
+         "teacher_forcing", "allowed_missing", "min_clamp_hits", "min_compressed_entries", "schedule",
+         "prompt_lens", "decode_steps", "chunk", "min_decode_pairs", "x"]), kids, max_size=4),
     max_leaves=10)
 
 
@@ -338,7 +340,8 @@ policy_values = st.recursive(
 @given(doc=st.dictionaries(st.sampled_from(["name", "description", "defaults", "coverage", "run", "extra"]),
                            policy_values, max_size=5),
        runs=st.lists(st.dictionaries(st.sampled_from(["case", "cases", "precision", "precisions", "batch_size",
-                                                      "batch_sizes", "seq_lens", "seq_lens_list", "x"]),
+                                                      "batch_sizes", "seq_lens", "seq_lens_list", "schedule",
+                                                      "schedules", "x"]),
                                      policy_values, max_size=4), max_size=3),
        noise=st.text(max_size=8), cut=st.integers(0, 400))
 def test_gate_policy_corruptions(doc, runs, noise, cut):

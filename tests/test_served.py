@@ -1,0 +1,116 @@
+"""Served compares (schedule.py, phases.py): chunked prefill + greedy decode, judged by phase.
+Honest engines pass every phase; faults that only a served model shows are silent in a
+prefill-only compare and caught with the schedule, naming the phase and the point."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from corruptcheck import cli
+from corruptcheck.compare import compare
+from corruptcheck.engines import get_engine
+from corruptcheck.faults import FaultyEngine
+from corruptcheck.phases import point_labels, summarize
+from corruptcheck.schedule import Schedule, row_labels
+from corruptcheck.serving_faults import SERVING_FAULTS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_tiny_schedule_exercises_what_served_models_break(tiny):
+    s = tiny.schedule
+    cfg = tiny.config
+    assert len(s.prompt_lens) >= 3 and s.decode_steps >= 16
+    assert all(n > cfg.window for n in s.prompt_lens[:2])  # prompts cross the sliding window
+    ratios = {cfg.compress_ratio(i) for i in range(cfg.num_layers)} - {0}
+    assert all(s.chunk % m for m in ratios)  # the chunk splits every compression block size
+    for p in s.prompt_lens:  # decode crosses a CSA block boundary
+        assert (p + s.decode_steps) // cfg.csa_ratio > p // cfg.csa_ratio
+
+
+def test_row_labels_and_entry_labels(tiny):
+    s = Schedule(prompt_lens=(10, 5), decode_steps=3, chunk=4)
+    labels = row_labels(s, [13, 8])
+    assert labels[:13] == [("prefill", 0)] * 4 + [("prefill", 1)] * 4 + [("prefill", 2)] * 2 + [
+        ("decode", 1), ("decode", 2), ("decode", 3)]
+    assert labels[13:] == [("prefill", 0)] * 4 + [("prefill", 1)] + [("decode", k) for k in (1, 2, 3)]
+    # CSA entries (m=4) close at positions 3, 7, 11 of sequence 0 and 3, 7 of sequence 1
+    ent = point_labels(tiny.config, "layers.1.attn.compressed_kv", 5, labels, [13, 8])
+    assert ent == [("prefill", 0), ("prefill", 1), ("decode", 2), ("prefill", 0), ("decode", 3)]
+    with pytest.raises(Exception, match="prompt lengths"):
+        Schedule(prompt_lens=(0,))
+
+
+@pytest.fixture(scope="module")
+def served_hf(tiny):
+    return compare(tiny, "hf", "float32", schedule="case")
+
+
+def test_hf_serves_the_schedule_and_passes(served_hf, tiny):
+    r = served_hf
+    assert r.verdict == "pass" and r.comparison.compared == 81
+    phases = r.served["phases"]
+    assert [(p["phase"], p["chunk"] or p["step"]) for p in phases][:4] == [("prefill", 0), ("prefill", 1),
+                                                                           ("prefill", 2), ("prefill", 3)]
+    assert [p["step"] for p in phases if p["phase"] == "decode"] == list(range(1, 17))
+    assert all(p["verdict"] == "pass" and p["worst_ratio"] < 1 for p in phases)
+    pairs = r.served["pairs_by_phase"]
+    assert pairs["prefill"] > 5000 and pairs["decode"] > 3000
+    g = r.served["greedy"]
+    assert g["steps"] == 48 and g["agree"] + g["near_ties"] == 48 and not g["disagreements"]
+    assert [len(s) for s in r.case.sequences()] == [n + 16 for n in tiny.schedule.prompt_lens]
+
+
+@pytest.mark.parametrize("engine,precision", [("reference", "bfloat16"), ("reference", "fp8-serving"),
+                                              ("hf", "bfloat16")])
+def test_honest_served_runs_have_no_false_alarm(tiny, engine, precision):
+    r = compare(tiny, engine, precision, schedule="case")
+    assert r.verdict == "pass", [p.name for p in r.comparison.failed]
+    assert all(p["verdict"] == "pass" for p in r.served["phases"]), summarize(r.served["phases"])
+    assert not r.served["greedy"]["disagreements"]
+
+
+@pytest.mark.parametrize("name", sorted(SERVING_FAULTS))
+def test_serving_fault_is_silent_prefill_only_and_caught_served(tiny, name):
+    fault = SERVING_FAULTS[name]
+    engine = FaultyEngine(get_engine("hf"), fault)
+    before = compare(tiny, "hf", "float32", engine=engine, schedule="prefill-only")
+    assert before.verdict == "pass" and engine.state.fired == 0  # today's compare cannot see it
+    after = compare(tiny, "hf", "float32", engine=engine, schedule="case")
+    assert engine.state.fired > 0 and after.verdict == "fail"
+    first = after.comparison.first_divergence["name"]
+    assert first.split(".", 2)[-1] in fault.points, first
+    assert (after.culprit or {}).get("name", "").split(".", 2)[-1] in fault.points
+    failing = [p for p in after.served["phases"] if p["verdict"] == "fail"]
+    assert failing
+    if name in ("stale-indexer-rows", "decode-kernel-scale"):  # decode only: every prefill chunk passes
+        assert {p["phase"] for p in failing} == {"decode"}
+    else:  # carried state across chunks: from a later prefill chunk on, never the first
+        assert failing[0]["phase"] == "prefill" and failing[0]["chunk"] >= 1
+
+
+def test_cli_default_schedule_json_and_prefill_only(tmp_path):
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(cli.main, ["compare", "--engine", "reference", "--case", "tiny", "--dtype", "float64",
+                                        "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "prefill chunks 0-3: pass" in res.output and "decode steps 1-16: pass" in res.output
+    doc = json.loads(out.read_text())
+    assert doc["schedule"]["decode_steps"] == 16 and len(doc["phases"]) == 20
+    assert set(doc["summary"]["pairs_by_phase"]) == {"prefill", "decode"} and doc["summary"]["pairs_by_phase"]["decode"]
+    res = CliRunner().invoke(cli.main, ["compare", "--engine", "reference", "--case", "tiny", "--dtype", "float64",
+                                        "--schedule", "prefill-only", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert res.exit_code == 0 and doc["schedule"] == "prefill-only" and doc["phases"] == []
+    assert doc["summary"]["pairs_by_phase"]["decode"] == 0
+
+
+def test_an_engine_that_cannot_serve_says_what_was_not_checked(tmp_path, tiny):
+    from corruptcheck.dump import write_dump
+    from corruptcheck.reference import run
+
+    pts = run(tiny.config, tiny.params(), tiny.sequences(), "float32").points
+    d = write_dump(pts, tiny, tmp_path / "D", engine={"name": "x"}, precision="float32")
+    res = CliRunner().invoke(cli.main, ["compare", "--engine", "dump", "--path", str(d)])
+    assert res.exit_code == 0, res.output
+    assert "schedule: prefill only — engine 'dump' has no scheduled capture yet" in " ".join(res.output.split())
