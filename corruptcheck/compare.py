@@ -16,7 +16,7 @@ from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
 from corruptcheck.golden import ReferenceData, reference_for
 from corruptcheck.localize import attach, teacher_force
 from corruptcheck.noise import measure
-from corruptcheck.phases import judge_phases, pairs_by_phase
+from corruptcheck.phases import judge_phases, label_key, pairs_by_phase, phase_rows
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION, Precision, run
 from corruptcheck.schedule import check_prompts, decoded_case, prompt_case
@@ -163,12 +163,13 @@ def _compare_served(case: Case, engine_name: str, engine, precision, schedule, t
         raise BadInput(f"engine {engine_name!r} labelled {len(rows)} rows for {dcase.num_tokens} tokens")
     t2 = time.perf_counter()
     tol_prec = Precision.of(cap.precision).name
-    noise, noise_source = _served_noise(case, dcase, ref, tol_prec)
+    rows_by_phase = phase_rows(case.config, ref.points, rows, list(dcase.seq_lens))
+    noise, noise_source = _served_noise(dcase, ref, tol_prec, rows_by_phase)
     t3 = time.perf_counter()
     specs = capture_points(case.config)
     skips = cap.meta.get("capture", {}).get("skipped")
     comp = compare_points(specs, ref.points, cap.points, tol_prec, ref.coverage, noise, skips)
-    phases = judge_phases(specs, ref.points, cap.points, rows, case.config, list(dcase.seq_lens), tol_prec,
+    phases = judge_phases(specs, ref.points, cap.points, rows_by_phase, case.config, list(dcase.seq_lens), tol_prec,
                           ref.coverage, noise, skips)
     t4 = time.perf_counter()
     culprit, tf = None, "not run"
@@ -192,12 +193,13 @@ def _compare_served(case: Case, engine_name: str, engine, precision, schedule, t
     )
 
 
-def _served_noise(case: Case, dcase: Case, ref: ReferenceData, precision: str) -> tuple[dict | None, str]:
-    """Measured now on the decoded tokens: judging phases needs the honest per-token worst cases
-    on these very tokens (phases.subset_noise), which a golden of other tokens does not hold."""
+def _served_noise(dcase: Case, ref: ReferenceData, precision: str, rows_by_phase: dict) -> tuple[dict | None, str]:
+    """Measured now on the decoded tokens, for the whole run and for each phase's rows
+    (phases.phase_noise), which a golden of other tokens cannot hold."""
     if precision == "float64":
         return None, "float64: floor tolerance (exact engine)"
-    return measure(dcase, ref.points, precision), "measured now on the decoded tokens (with per-token worst cases)"
+    groups = {label_key(lab): rows_of for lab, rows_of in rows_by_phase.items()}
+    return measure(dcase, ref.points, precision, groups=groups), "measured now on the decoded tokens, per phase"
 
 
 def greedy_choices(logits, sequences, schedule, token_rel: float | None) -> dict:

@@ -90,10 +90,13 @@ def local_points(case: Case, part: str, layer, inputs: torch.Tensor, precision) 
     return out
 
 
-def measure(case: Case, ref_points: dict, precision: str) -> dict:
-    """Noise of honest `precision` implementations at every point (see module docstring)."""
+def measure(case: Case, ref_points: dict, precision: str, groups: dict | None = None) -> dict:
+    """Noise of honest `precision` implementations at every point (see module docstring).
+    `groups` ({group: {point: row indices}}, e.g. the phases of a served run) adds the free
+    noise measured on each group's rows alone: `result["groups"][group][point]`."""
     free: dict = {}
     local: dict = {}
+    by_group: dict = {g: {} for g in groups or {}}
     labels = []
     for prec in variants(precision):
         labels.append(prec.label)
@@ -101,6 +104,12 @@ def measure(case: Case, ref_points: dict, precision: str) -> dict:
         for name, ref in ref_points.items():
             if name in pts:
                 _merge(free, name, _point_noise(name, pts[name], ref, pts, ref_points))
+        for g, rows_of in (groups or {}).items():
+            for name, rows in rows_of.items():
+                if name in pts and name in ref_points and ref_points[name].is_floating_point():
+                    sub = {n: t[rows] for n, t in ((n, pts[n]) for n in (name, _ids_of(name)) if n in pts)}
+                    sub_ref = {n: ref_points[n][rows] for n in (name, _ids_of(name)) if n in ref_points}
+                    _merge(by_group[g], name, _point_noise(name, sub[name], sub_ref[name], sub, sub_ref))
         for part, layer, inp in _parts(case):
             if inp not in ref_points:
                 continue
@@ -108,5 +117,13 @@ def measure(case: Case, ref_points: dict, precision: str) -> dict:
             for name, val in loc.items():
                 if name in ref_points:
                     _merge(local, name, _point_noise(name, val, ref_points[name], loc, ref_points))
-    return {"format": NOISE_FORMAT, "precision": Precision.of(precision).name, "variants": labels,
-            "free": free, "local": local}
+    out = {"format": NOISE_FORMAT, "precision": Precision.of(precision).name, "variants": labels,
+           "free": free, "local": local}
+    if groups:
+        out["groups"] = by_group
+    return out
+
+
+def _ids_of(name: str) -> str:
+    """The expert ids beside moe.weights (its rows are compared where they agree)."""
+    return name[: -len("weights")] + "experts" if name.endswith("moe.weights") else name

@@ -574,12 +574,52 @@ def _reshape(cfg, name, t: torch.Tensor, rows: int):
     return t.reshape(rows, *tail)
 
 
-def finalize(raw: RawCapture, cfg: ModelConfig, sequences) -> tuple[dict, dict]:
+def align_requests(tokens: list[tuple[torch.Tensor, torch.Tensor]], batches: list, sequences) -> Alignment:
+    """Like `align_tokens`, for a served run whose engine said, per forward pass, which request
+    each run of rows belongs to (`batches[k]` = [(request id, rows), ...] in row order): a
+    request is matched to a sequence once, by its first rows' (id, position), and every later
+    row of it (a decode step whose token another sequence shares) is placed by the request id."""
+    if len(batches) != len(tokens):
+        raise CaptureError(f"{len(tokens)} forward passes captured but {len(batches)} scheduled batches recorded")
+    seqs = [torch.as_tensor(s).reshape(-1).tolist() for s in sequences]
+    offsets = [0]
+    for s in seqs:
+        offsets.append(offsets[-1] + len(s))
+    where: list = [None] * offsets[-1]
+    owner: dict = {}
+    extra = dup = 0
+    for k, ((ids_t, pos_t), batch) in enumerate(zip(tokens, batches)):
+        ids, pos = ids_t.tolist(), pos_t.tolist()
+        r = 0
+        for req, n in batch:
+            if req not in owner:
+                free = [s for s in range(len(seqs)) if s not in owner.values()]
+                fits = [s for s in free if all(0 <= pos[r + j] < len(seqs[s]) and seqs[s][pos[r + j]] == ids[r + j]
+                                               for j in range(n))]
+                owner[req] = fits[0] if len(fits) == 1 else None  # ambiguous or unknown: not placed
+            s = owner[req]
+            for j in range(n):
+                if s is None or not (0 <= pos[r + j] < len(seqs[s])) or seqs[s][pos[r + j]] != ids[r + j]:
+                    extra += 1
+                    continue
+                t = offsets[s] + pos[r + j]
+                if where[t] is None:
+                    where[t] = (k, r + j)
+                else:
+                    dup += 1
+            r += n
+        extra += len(ids) - r
+    return Alignment(where, extra, dup)
+
+
+def finalize(raw: RawCapture, cfg: ModelConfig, sequences, align: Alignment | None = None) -> tuple[dict, dict]:
     """RawCapture (ranks already merged) -> ({canonical name: [T, ...] tensor}, info).
 
     A point is kept only if every token of the case has a row for it; otherwise it is listed
-    in info["gaps"] with the reason (and the differ reports it missing / skipped)."""
-    align = align_tokens([(p["ids"], p["pos"]) for p in raw.passes], sequences)
+    in info["gaps"] with the reason (and the differ reports it missing / skipped). `align`:
+    a served run's request-aware alignment (`align_requests`), else rows are matched by
+    (token id, position)."""
+    align = align or align_tokens([(p["ids"], p["pos"]) for p in raw.passes], sequences)
     if align.missing == len(align.where):
         raise CaptureError("no captured forward pass ran the case's tokens")
     per_pass: dict = {}  # pass -> (case token indices, engine rows)

