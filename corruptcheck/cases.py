@@ -44,6 +44,8 @@ class Case:
             spec["weight_format"] = self.weight_format
         if self.schedule is not None:
             spec["schedule"] = self.schedule.to_dict()
+        if self.tokens is not None:  # a decoded case: the engine's own tokens
+            spec["tokens"] = "engine-decoded (prompts + greedy tokens)"
         return spec
 
 
@@ -121,6 +123,12 @@ def _engine_config(name: str, hidden: int, q_lora: int, ratios: tuple[int, ...],
 
 # > 2048 tokens: a CSA layer has > 512 compressed entries, so the indexer really prunes
 ENGINE_SEQ_LENS = (2112,)
+# served (compare's default schedule): three prompts past the 128-token window and several HCA
+# blocks, a 250-token scheduler budget that splits CSA (4) and HCA (128) blocks and mixes
+# sequences in one pass, 16 decode steps crossing CSA block boundaries. Shorter than the prefill
+# prompt (the float64 reference and the noise model run on every decoded token): the indexer
+# prunes only in the prefill-only compare.
+ENGINE_SCHEDULE = Schedule(prompt_lens=(640, 320, 160), decode_steps=16, chunk=250)
 
 FLASH_ENGINE = Case(
     name="flash-engine",
@@ -130,6 +138,7 @@ FLASH_ENGINE = Case(
     seed=20260501,
     seq_lens=ENGINE_SEQ_LENS,
     weight_format="fp8",
+    schedule=ENGINE_SCHEDULE,
 )
 
 PRO_ENGINE = Case(
@@ -140,6 +149,7 @@ PRO_ENGINE = Case(
     seed=20260502,
     seq_lens=ENGINE_SEQ_LENS,
     weight_format="fp8",
+    schedule=ENGINE_SCHEDULE,
 )
 
 CASES = {c.name: c for c in (TINY, FLASH_SLICE, PRO_SLICE, FLASH_ENGINE, PRO_ENGINE)}

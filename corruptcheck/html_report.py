@@ -112,6 +112,30 @@ def _plot(doc: dict) -> str:
     return "".join(out)
 
 
+def _phases(doc: dict) -> str:
+    """A served run (docs/serving.md): one row per phase — prefill chunk or decode step."""
+    phases = doc.get("phases") or []
+    if not phases:
+        note = (doc.get("engine_info") or {}).get("schedule_note")
+        return f'<p class="meta">Schedule: prefill only{(" — " + _esc(note)) if note else ""}.</p>'
+    s = doc["schedule"]
+    rows = []
+    for p in phases:
+        f = p.get("first_divergence") or {}
+        where = "" if not f else f'<code>{_esc(f["name"])}</code>' + (
+            f' (sequence {f["sequence"]})' if f.get("sequence") is not None else "")
+        label = f'prefill chunk {p["chunk"]}' if p["phase"] == "prefill" else f'decode step {p["step"]}'
+        rows.append(f'<tr class="{p["verdict"]}"><td>{label}</td><td class="n">{p["tokens"]}</td>'
+                    f'<td><span class="badge" style="background:{_COLOR[p["verdict"]]}">{p["verdict"]}</span></td>'
+                    f'<td class="n">{_fmt(p["worst_ratio"])}</td><td>{_esc(p.get("worst_point") or "")}</td>'
+                    f'<td>{where}</td></tr>')
+    return (f'<h2 style="font-size:16px">By phase</h2><p class="meta">prompts {"+".join(map(str, s["prompt_lens"]))}, '
+            f'prefill chunk {s["chunk"] or "whole prompt"}, {s["decode_steps"]} greedy decode steps; '
+            f'{_esc(doc.get("batching") or "")}</p>'
+            '<table><tr><th>phase</th><th>tokens</th><th>verdict</th><th>worst err/tol</th><th>at</th>'
+            f'<th>first divergence</th></tr>{"".join(rows)}</table>')
+
+
 def render(doc: dict) -> str:
     verdict = doc["verdict"]
     s, cov = doc["summary"], doc["coverage"]
@@ -178,6 +202,7 @@ reference float64 ({_esc(doc["reference"]["source"])}) · tolerances from the {_
 <h2 style="font-size:16px">Points</h2>
 <table><tr><th>point</th><th>verdict</th><th>err/tol</th><th>error</th><th>tolerance</th><th>norm ratio</th><th>teacher forcing</th><th>note</th></tr>
 {"".join(rows)}</table>
+{_phases(doc)}
 <h2 style="font-size:16px">Coverage</h2><p class="meta">{_esc(cov_line)}</p>
 </body></html>
 """

@@ -84,11 +84,11 @@ def phase_noise(noise: dict | None, label, tokens: int) -> dict | None:
     group = (noise.get("groups") or {}).get(label_key(label)) if tokens >= MIN_MEASURED_TOKENS else None
     free = {}
     for name, n in noise.get("free", {}).items():
-        if group is not None and name in group:
+        if group is not None and name in group:  # every key the whole run has, the larger of the two
             g = group[name]
-            free[name] = {k: max(n.get(k, 0.0), g.get(k, 0.0)) for k in ("rel_l2", "norm_dev")}
+            free[name] = {k: max(v, g.get(k, 0.0)) for k, v in n.items()}
         elif group is None and "token_rel" in n:
-            free[name] = {"rel_l2": n["token_rel"], "norm_dev": n.get("token_norm_dev", 0.0)}
+            free[name] = {**n, "rel_l2": n["token_rel"], "norm_dev": n.get("token_norm_dev", 0.0)}
         else:
             free[name] = n
     return {**noise, "free": free}

@@ -119,7 +119,10 @@ class _Runner:
             try:
                 res = api.check(self.engine, case, self.precision, **self.options_for(case))
             except Exception as exc:  # noqa: BLE001 - any engine failure is reported by the items
-                self._results[case] = exc
+                from corruptcheck.errors import EngineFailed
+
+                # an engine crash: name what the engine itself raised (the wrapper is the tool's)
+                self._results[case] = exc.__cause__ if isinstance(exc, EngineFailed) and exc.__cause__ else exc
             else:
                 self._results[case] = res
                 if self.report_dir:
@@ -207,11 +210,7 @@ class _CaseItem(pytest.Item):
         if isinstance(excinfo.value, CaseNotCompared):
             from corruptcheck.errors import BadInput, EngineUnavailable
 
-            from corruptcheck.errors import EngineFailed
-
             cause = excinfo.value.__cause__
-            if isinstance(cause, EngineFailed) and cause.__cause__ is not None:
-                cause = cause.__cause__  # show where the engine itself raised
             if self.point != VERDICT_ITEM or cause is None or isinstance(cause, (BadInput, EngineUnavailable)):
                 return str(excinfo.value)  # one line
             # an unexpected engine error: the verdict item shows where the engine raised it

@@ -55,10 +55,12 @@ def prompt_case(case, schedule: Schedule):
 
 
 def decoded_case(case, sequences: list) -> object:
-    """The case over the tokens the engine actually ran (prompts + its own greedy tokens)."""
+    """The case over the tokens the engine actually ran (prompts + its own greedy tokens). It
+    keeps the case's name (reports name the case); its explicit `tokens` say it is decoded, and
+    nothing looks a golden up for it (no golden covers an engine's own tokens)."""
     tokens = tuple(tuple(int(t) for t in s) for s in sequences)
-    return replace(case, name=f"{case.name}@decoded", seq_lens=tuple(len(s) for s in tokens), tokens=tokens,
-                   schedule=None)
+    return replace(case, seq_lens=tuple(len(s) for s in tokens), tokens=tokens,
+                   description=f"{case.description}; decoded by the engine ({len(tokens)} sequences)")
 
 
 def row_labels(schedule: Schedule, lens: list[int]) -> list[tuple[str, int]]:

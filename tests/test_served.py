@@ -90,10 +90,12 @@ def test_serving_fault_is_silent_prefill_only_and_caught_served(tiny, name):
 
 
 def test_cli_default_schedule_json_and_prefill_only(tmp_path):
-    out = tmp_path / "r.json"
+    out, html = tmp_path / "r.json", tmp_path / "r.html"
     res = CliRunner().invoke(cli.main, ["compare", "--engine", "reference", "--case", "tiny", "--dtype", "float64",
-                                        "--json", str(out)])
+                                        "--json", str(out), "--html", str(html)])
     assert res.exit_code == 0, res.output
+    page = html.read_text()
+    assert "By phase" in page and "prefill chunk 3" in page and "decode step 16" in page
     assert "prefill chunks 0-3: pass" in res.output and "decode steps 1-16: pass" in res.output
     doc = json.loads(out.read_text())
     assert doc["schedule"]["decode_steps"] == 16 and len(doc["phases"]) == 20

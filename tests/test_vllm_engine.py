@@ -115,3 +115,57 @@ def test_selftest_catches_a_fault_in_the_real_engine():
     assert row.status == "detected", row
     assert row.first == "layers.0.moe.experts" and row.culprit == "layers.0.moe.experts" and row.localized, row
     assert res.ok
+
+
+# served (docs/serving.md): a smaller schedule than the case's default keeps CI short; the
+# scheduler still chunks the first prompt and mixes sequences and decode steps in one pass
+def _serve_schedule():
+    from corruptcheck.schedule import Schedule
+
+    return Schedule(prompt_lens=(300, 200, 150), decode_steps=16, chunk=250)
+
+
+@pytest.fixture(scope="module")
+def served_shipped():
+    from corruptcheck.compare import compare
+
+    return compare(get_case(CASE), "vllm", None, schedule=_serve_schedule())
+
+
+@pytest.fixture(scope="module")
+def served_corrected():
+    from corruptcheck.compare import compare
+
+    return compare(get_case(CASE), "vllm", None, schedule=_serve_schedule(), fix="routed-swiglu-clamp")
+
+
+def _served_common(res):
+    cap = res.engine_meta["capture"]
+    assert cap["tokens_missing"] == 0 and cap["extra_rows"] == 0 and cap["duplicate_rows"] == 0
+    assert [len(s) for s in res.case.sequences()] == [316, 216, 166]
+    assert "with several sequences" in res.served["batching"]
+    pairs = res.served["pairs_by_phase"]
+    assert pairs["prefill"] > 20000 and pairs["decode"] > 2000
+    decode = [p for p in res.served["phases"] if p["phase"] == "decode"]
+    assert [p["step"] for p in decode] == list(range(1, 17)) and all(p["tokens"] == 3 for p in decode)
+    assert not res.served["greedy"]["disagreements"]
+
+
+@needs_vllm
+def test_served_vllm_as_shipped_fails_at_the_same_culprit_in_prefill(served_shipped):
+    """As shipped: the same verdict and culprit as the prefill-only compare; by phase, the
+    prefill chunks fail there and the decode steps stay within their per-token bound."""
+    res = served_shipped
+    _served_common(res)
+    assert res.verdict == "fail" and res.culprit["name"] == "layers.0.moe.out"
+    prefill = [p for p in res.served["phases"] if p["phase"] == "prefill"]
+    assert all(p["verdict"] == "fail" and p["first_divergence"]["name"] == "layers.0.moe.out" for p in prefill)
+
+
+@needs_vllm
+def test_served_vllm_corrected_passes_every_phase(served_corrected):
+    res = served_corrected
+    _served_common(res)
+    assert res.verdict == "pass", [p.name for p in res.comparison.failed]
+    assert all(p["verdict"] == "pass" for p in res.served["phases"]), [
+        (p["phase"], p["chunk"], p["step"], p["first_divergence"]) for p in res.served["phases"]]
