@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
+from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable, one_line
 from corruptcheck.tolerance import FLOOR
 
 PRECISIONS = list(FLOOR)  # every precision with tolerances
@@ -36,9 +36,6 @@ def crash_report_path() -> Path:
 def _internal_error(exc: BaseException, command: str) -> None:
     """One line naming the defect and where it happened, the traceback in a file, exit 2: a bug
     in the tool must never read as a pass or a fail."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-    first = (str(exc).splitlines() or [""])[0][:200]
     path = crash_report_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,8 +43,8 @@ def _internal_error(exc: BaseException, command: str) -> None:
         pointer = f"full traceback in {path}"
     except OSError as write_exc:
         pointer = f"the traceback could not be written to {path} ({write_exc})"
-    click.echo(f"corruptcheck: internal error (a bug in corruptcheck, not a verdict): {type(exc).__name__}"
-               f"{': ' + first if first else ''}{where}; {pointer}", err=True)
+    click.echo(f"corruptcheck: internal error (a bug in corruptcheck, not a verdict): {one_line(exc)}; {pointer}",
+               err=True)
     sys.exit(2)
 
 

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import math
 import time
-import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from corruptcheck.cases import Case
 from corruptcheck.coverage import coverage
 from corruptcheck.differ import Comparison, compare_points
 from corruptcheck.engines import Capture, get_engine
-from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
+from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable, one_line
 from corruptcheck.golden import ReferenceData, reference_for
 from corruptcheck.localize import attach, teacher_force
 from corruptcheck.noise import measure
-from corruptcheck.phases import judge_phases, label_key, pairs_by_phase, phase_rows
+from corruptcheck.phases import MIN_MEASURED_TOKENS, judge_phases, label_key, pairs_by_phase, phase_rows
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION, Precision, run
 from corruptcheck.schedule import check_prompts, decoded_case, prompt_case
@@ -120,11 +118,8 @@ def run_engine(engine, engine_name: str, case: Case, precision, **options) -> Ca
     except (BadInput, EngineUnavailable, EngineFailed):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the engine raises is a result about the engine
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise EngineFailed(f"engine {engine_name!r} raised {type(exc).__name__}{': ' + first if first else ''}"
-                           f"{where} (the engine crashed: not a verdict on its numbers)") from exc
+        raise EngineFailed(f"engine {engine_name!r} raised {one_line(exc)} "
+                           "(the engine crashed: not a verdict on its numbers)") from exc
 
 
 def resolve_schedule(case: Case, engine, choice: str):
@@ -198,7 +193,8 @@ def _served_noise(dcase: Case, ref: ReferenceData, precision: str, rows_by_phase
     (phases.phase_noise), which a golden of other tokens cannot hold."""
     if precision == "float64":
         return None, "float64: floor tolerance (exact engine)"
-    groups = {label_key(lab): rows_of for lab, rows_of in rows_by_phase.items()}
+    groups = {label_key(lab): rows_of for lab, rows_of in rows_by_phase.items()  # smaller phases: per-token bound
+              if len(rows_of.get("embed", ())) >= MIN_MEASURED_TOKENS}
     return measure(dcase, ref.points, precision, groups=groups), "measured now on the decoded tokens, per phase"
 
 

@@ -18,9 +18,8 @@ from corruptcheck.coverage import exercised
 from corruptcheck.errors import BadInput
 from corruptcheck.metrics import float_metrics, set_disagreements
 from corruptcheck.points import PointSpec, agreeing_rows, tie_scores_name
+from corruptcheck.reference.model import ENTRY_POINTS  # rows are compressed entries, not tokens
 from corruptcheck.tolerance import float_tolerance, tie_margin
-
-ENTRY_SUFFIXES = (".compressed_kv", ".indexer_keys")  # rows are compressed entries, not tokens
 
 
 @dataclass
@@ -76,7 +75,7 @@ def _layer_key(spec: PointSpec) -> str:
 
 def _entry_count_differs(name: str, e: torch.Tensor, r: torch.Tensor) -> bool:
     """Rows of compressed-entry points count closed blocks; only their width is a format."""
-    return (name.endswith(ENTRY_SUFFIXES) and e.dim() == r.dim() == 2 and e.shape[1] == r.shape[1]
+    return (name.rsplit(".", 1)[-1] in ENTRY_POINTS and e.dim() == r.dim() == 2 and e.shape[1] == r.shape[1]
             and e.shape[0] != r.shape[0] and e.is_floating_point() == r.is_floating_point())
 
 

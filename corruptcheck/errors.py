@@ -1,4 +1,16 @@
 """Errors that end a run with exit code 2 and one clear line."""
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+
+def one_line(exc: BaseException) -> str:
+    """'Type: first line of the message at file:line' (where it was raised)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}{': ' + first if first else ''}{where}"
 
 
 class BadInput(Exception):
