@@ -127,8 +127,9 @@ ENGINE_SEQ_LENS = (2112,)
 # blocks, a 250-token scheduler budget that splits CSA (4) and HCA (128) blocks and mixes
 # sequences in one pass, 16 decode steps crossing CSA block boundaries. Shorter than the prefill
 # prompt (the float64 reference and the noise model run on every decoded token): the indexer
-# prunes only in the prefill-only compare.
-ENGINE_SCHEDULE = Schedule(prompt_lens=(640, 320, 160), decode_steps=16, chunk=250)
+# prunes only in the prefill-only compare. Staggered: the second prompt arrives after the
+# engine's first pass, the third after its third, so new prefills share steps with decodes.
+ENGINE_SCHEDULE = Schedule(prompt_lens=(640, 320, 160), decode_steps=16, chunk=250, arrivals=(0, 1, 3))
 
 FLASH_ENGINE = Case(
     name="flash-engine",

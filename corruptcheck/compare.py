@@ -14,7 +14,8 @@ from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable, one_l
 from corruptcheck.golden import ReferenceData, reference_for
 from corruptcheck.localize import attach, teacher_force
 from corruptcheck.noise import measure
-from corruptcheck.phases import MIN_MEASURED_TOKENS, judge_phases, label_key, pairs_by_phase, phase_rows
+from corruptcheck.phases import (MIN_MEASURED_TOKENS, fail_by_phase, first_failing_phase, judge_phases, label_key,
+                                 pairs_by_phase, phase_label, phase_rows)
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION, Precision, run
 from corruptcheck.schedule import check_prompts, decoded_case, prompt_case
@@ -164,13 +165,13 @@ def _compare_served(case: Case, engine_name: str, engine, precision, schedule, t
     specs = capture_points(case.config)
     skips = cap.meta.get("capture", {}).get("skipped")
     comp = compare_points(specs, ref.points, cap.points, tol_prec, ref.coverage, noise, skips)
-    phases = judge_phases(specs, ref.points, cap.points, rows_by_phase, case.config, list(dcase.seq_lens), tol_prec,
-                          ref.coverage, noise, skips)
+    phases, phase_failures = judge_phases(specs, ref.points, cap.points, rows_by_phase, case.config,
+                                          list(dcase.seq_lens), tol_prec, ref.coverage, noise, skips)
+    fail_by_phase(comp, phase_failures)
     t4 = time.perf_counter()
     culprit, tf = None, "not run"
     if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == "fail"):
-        culprit = attach(comp, teacher_force(dcase, cap.points, tol_prec, noise))
-        tf = "run"
+        culprit, tf = _localize_served(dcase, cap.points, tol_prec, noise, comp, phases, rows_by_phase)
     t5 = time.perf_counter()
     served_doc = {"schedule": schedule.to_dict(), "batching": served.get("batching"),
                   "phases": phases, "pairs_by_phase": pairs_by_phase(phases),
@@ -186,6 +187,21 @@ def _compare_served(case: Case, engine_name: str, engine, precision, schedule, t
         tolerance_precision=tol_prec, noise_source=noise_source, culprit=culprit, teacher_forcing=tf,
         served=served_doc,
     )
+
+
+def _localize_served(dcase: Case, engine_points: dict, precision: str, noise, comp, phases: list, rows_by_phase: dict):
+    """Teacher forcing within the first failing phase (its rows, per-token bounds): the culprit
+    of the step where the divergence appeared, with that phase on it. When no phase fails or
+    nothing local fails there (a phase of a few tokens has generous per-token bounds), the
+    whole run is localized."""
+    first = first_failing_phase(phases)
+    if first is not None:
+        culprit = attach(comp, teacher_force(dcase, engine_points, precision, noise,
+                                             rows=rows_by_phase[phase_label(first)]))
+        if culprit is not None:
+            culprit["phase"] = {k: first[k] for k in ("phase", "step", "chunk")}
+            return culprit, "run"
+    return attach(comp, teacher_force(dcase, engine_points, precision, noise)), "run"
 
 
 def _served_noise(dcase: Case, ref: ReferenceData, precision: str, rows_by_phase: dict) -> tuple[dict | None, str]:

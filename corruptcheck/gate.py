@@ -68,16 +68,19 @@ def _table(doc: dict, key: str, source: str) -> dict:
 
 
 def _schedule(value, source: str):
-    """"case", "prefill-only", or a table {prompt_lens = [...], decode_steps = N, chunk = C}."""
+    """"case", "prefill-only", or a table {prompt_lens = [...], decode_steps = N, chunk = C,
+    arrivals = [...]}."""
     if value in ("case", "prefill-only"):
         return value
-    if not isinstance(value, dict) or set(value) - {"prompt_lens", "decode_steps", "chunk"} or "prompt_lens" not in value:
+    keys = {"prompt_lens", "decode_steps", "chunk", "arrivals"}
+    if not isinstance(value, dict) or set(value) - keys or "prompt_lens" not in value:
         raise BadInput(f"{source}: schedule must be \"case\", \"prefill-only\" or a table with prompt_lens "
-                       f"(and decode_steps, chunk), got {value!r}")
-    lens = value["prompt_lens"]
-    if not isinstance(lens, list):
-        raise BadInput(f"{source}: schedule prompt_lens must be a list of positive integers")
-    return Schedule(prompt_lens=tuple(lens), decode_steps=value.get("decode_steps", 16), chunk=value.get("chunk"))
+                       f"(and decode_steps, chunk, arrivals), got {value!r}")
+    lens, arrivals = value["prompt_lens"], value.get("arrivals")
+    if not isinstance(lens, list) or not isinstance(arrivals, (list, type(None))):
+        raise BadInput(f"{source}: schedule prompt_lens and arrivals must be lists of integers")
+    return Schedule(prompt_lens=tuple(lens), decode_steps=value.get("decode_steps", 16), chunk=value.get("chunk"),
+                    arrivals=tuple(arrivals) if arrivals is not None else None)
 
 
 def _as_list(table: dict, one: str, many: str, default=None) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import math
 
+from corruptcheck.phases import phase_words
 from corruptcheck.report import _atomic_write
 
 _COLOR = {"pass": "#2e7d32", "fail": "#c62828", "not-exercised": "#00838f", "missing": "#f9a825",
@@ -142,8 +143,10 @@ def render(doc: dict) -> str:
     culprit = doc.get("culprit")
     first = doc.get("first_divergence")
     if verdict == "fail" and culprit:
+        within = phase_words(culprit.get("phase"))
         headline = (f'Culprit: <code>{_esc(culprit["name"])}</code> — its own error is '
-                    f'{_fmt(culprit["local_ratio"])}× the local tolerance when fed the engine\'s own input.')
+                    f'{_fmt(culprit["local_ratio"])}× the local tolerance when fed the engine\'s own input'
+                    + (f' (teacher-forced within {within})' if within else '') + '.')
         if first and first["name"] != culprit["name"]:
             headline += f' The first point over tolerance was <code>{_esc(first["name"])}</code>.'
     elif verdict == "fail":

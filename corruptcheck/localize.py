@@ -16,6 +16,7 @@ import torch
 from corruptcheck.cases import Case
 from corruptcheck.differ import Comparison, compare_float, compare_index
 from corruptcheck.noise import _parts, local_points
+from corruptcheck.phases import per_token_bound
 from corruptcheck.points import capture_points, tie_scores_name
 from corruptcheck.tolerance import float_tolerance
 
@@ -28,11 +29,18 @@ def _prev_out(cfg, name: str) -> str | None:
     return None
 
 
-def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None) -> dict:
+def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, rows: dict | None = None) -> dict:
     """{point: local result} for every point a teacher-forced sub-block produces. A local
     result is {"rel_l2", "norm_ratio", "ratio", "tolerance", "verdict"} or
-    {"verdict": "unavailable", "reason"} when the engine lacks the sub-block's input."""
+    {"verdict": "unavailable", "reason"} when the engine lacks the sub-block's input.
+
+    `rows` ({point: row indices}, a served run's phase: phases.phase_rows): the sub-blocks
+    still run on every token (causality), but each point is judged on those rows only, against
+    the run's honest per-token worst cases (phases.per_token_bound), so the culprit is named
+    within the step where the divergence appeared."""
     local_noise = (noise or {}).get("local", {})
+    if rows is not None:
+        local_noise = per_token_bound(local_noise)
     specs = {s.name: s for s in capture_points(case.config)}
     out: dict = {}
     for part, layer, inp in _parts(case):
@@ -40,17 +48,21 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None) 
             out[f"__{part}:{layer}"] = {"verdict": "unavailable", "reason": f"engine did not capture {inp}"}
             continue
         loc = local_points(case, part, layer, engine[inp].to(torch.float64), "float64")
+        if rows is not None:
+            loc, eng = _rows_of(loc, rows), _rows_of({n: engine[n] for n in loc if n in engine}, rows)
+        else:
+            eng = engine
         for name, ref_local in loc.items():
             spec = specs.get(name)
-            if spec is None or name not in engine or tuple(engine[name].shape) != tuple(ref_local.shape):
+            if spec is None or name not in eng or tuple(eng[name].shape) != tuple(ref_local.shape):
                 continue
             if spec.kind == "index":
                 scores_name = tie_scores_name(name)
-                res = compare_index(spec, engine[name], ref_local, loc.get(scores_name), precision,
+                res = compare_index(spec, eng[name], ref_local, loc.get(scores_name), precision,
                                     local_noise.get(scores_name, {}).get("score_noise") if scores_name else None)
             else:
                 tol = float_tolerance(local_noise.get(name), precision, "local")
-                res = compare_float(spec, engine[name], ref_local, tol, engine, loc)
+                res = compare_float(spec, eng[name], ref_local, tol, eng, loc)
             out[name] = {"verdict": res.verdict, "ratio": res.ratio, "tolerance": res.tolerance,
                          "rel_l2": res.metrics.get("rel_l2"), "norm_ratio": res.metrics.get("norm_ratio"),
                          "genuine": res.metrics.get("genuine"), "reason": res.reason}
@@ -59,6 +71,11 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None) 
         if prev and prev in out:
             out[name] = dict(out[prev], alias=prev)
     return out
+
+
+def _rows_of(points: dict, rows: dict) -> dict:
+    """The points that have rows in the phase, restricted to them."""
+    return {n: t[rows[n]] for n, t in points.items() if n in rows and t.dim() and t.shape[0] > int(rows[n].max())}
 
 
 def attach(comp: Comparison, local: dict) -> dict | None:

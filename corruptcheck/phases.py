@@ -82,23 +82,36 @@ def phase_noise(noise: dict | None, label, tokens: int) -> dict | None:
     if noise is None:
         return None
     group = (noise.get("groups") or {}).get(label_key(label)) if tokens >= MIN_MEASURED_TOKENS else None
+    if group is None:
+        return {**noise, "free": per_token_bound(noise.get("free", {}))}
     free = {}
-    for name, n in noise.get("free", {}).items():
-        if group is not None and name in group:  # every key the whole run has, the larger of the two
-            g = group[name]
-            free[name] = {k: max(v, g.get(k, 0.0)) for k, v in n.items()}
-        elif group is None and "token_rel" in n:
-            free[name] = {**n, "rel_l2": n["token_rel"], "norm_dev": n.get("token_norm_dev", 0.0)}
-        else:
-            free[name] = n
+    for name, n in noise.get("free", {}).items():  # every key the whole run has, the larger of the two
+        free[name] = {k: max(v, group[name].get(k, 0.0)) for k, v in n.items()} if name in group else n
     return {**noise, "free": free}
 
 
+def per_token_bound(entries: dict) -> dict:
+    """Noise entries whose rel_l2 / norm deviation are the run's honest per-token worst cases:
+    the bound for judging any subset of its tokens (see phase_noise)."""
+    return {name: {**n, "rel_l2": n["token_rel"], "norm_dev": n.get("token_norm_dev", 0.0)} if "token_rel" in n else n
+            for name, n in entries.items()}
+
+
+def first_failing_phase(phases: list[dict]) -> dict | None:
+    return next((p for p in phases if p["verdict"] == "fail"), None)
+
+
+def phase_label(entry: dict) -> tuple:
+    return (entry["phase"], entry["step"] if entry["phase"] == "decode" else entry["chunk"])
+
+
 def judge_phases(specs, ref: dict, engine: dict, rows_by_phase: dict, cfg, seq_lens, precision: str,
-                 coverage: dict, noise: dict | None, skips: dict | None) -> list[dict]:
+                 coverage: dict, noise: dict | None, skips: dict | None) -> tuple[list[dict], dict]:
     """One entry per phase label, in phase order: verdict, worst err/tol, first divergence (with
-    the sequence = batch slot of its worst token), compared (point, token) pairs."""
-    out = []
+    the sequence = batch slot of its worst token), compared (point, token) pairs; and, per point
+    that fails in some phase, {"ratio": its worst err/tol over the failing phases, "phase": the
+    first failing phase's entry} (`fail_by_phase` folds it into the whole-run verdict)."""
+    out, failures = [], {}
     for lab, rows_of in rows_by_phase.items():
         sub_ref = {n: ref[n][rows] for n, rows in rows_of.items()}
         sub_eng = {n: engine[n][rows] for n, rows in rows_of.items()
@@ -125,8 +138,32 @@ def judge_phases(specs, ref: dict, engine: dict, rows_by_phase: dict, cfg, seq_l
                                          "sequence": None if row is None else _sequence_of(
                                              _token_row(cfg, first.name, row, seq_lens), seq_lens)}
             entry["failed_points"] = len(comp.failed)
+        for p in comp.failed:
+            f = failures.setdefault(p.name, {"ratio": p.ratio, "phase": entry})
+            f["ratio"] = max(f["ratio"], p.ratio)
         out.append(entry)
-    return out
+    return out, failures
+
+
+def phase_words(phase: dict | None) -> str:
+    """'decode step 3' / 'prefill chunk 1' for a phase entry (or '')."""
+    if not phase:
+        return ""
+    return f"decode step {phase['step']}" if phase["phase"] == "decode" else f"prefill chunk {phase['chunk']}"
+
+
+def fail_by_phase(comp, failures: dict) -> None:
+    """A point is judged on the whole run and on every phase: one that passes the whole run but
+    fails a phase (a decode-only error diluted among the prefill rows) fails, with the phase
+    named. Never the other way round: a phase pass does not clear a whole-run failure."""
+    for p in comp.points:
+        f = failures.get(p.name)
+        if f is None or p.verdict == "fail":
+            continue
+        whole = f"err/tol {p.ratio:.3g}" if p.ratio is not None else p.verdict
+        p.reason = (f"within tolerance over the whole run ({whole}) but fails in {phase_words(f['phase'])} "
+                    f"(err/tol {f['ratio']:.3g})")
+        p.verdict, p.ratio = "fail", f["ratio"]
 
 
 def _token_row(cfg, name: str, row: int, seq_lens) -> int:

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from corruptcheck.phases import phase_words
+
 REPORT_SCHEMA = 2  # 1 = first differ; 2 adds ratio, local, culprit, tolerance_precision (additive)
 _STYLE = {"pass": "green", "fail": "bold red", "missing": "yellow", "not-exercised": "cyan",
           "skipped": "dim", "error": "bold red", "incomplete": "bold yellow"}
@@ -181,7 +183,9 @@ def print_table(doc: dict, console: Console | None = None) -> None:
     console.print(line)
     if doc.get("culprit"):
         c = doc["culprit"]
-        console.print(f"[bold red]culprit[/] (teacher forcing): {c['name']} — the sub-block's own error is "
+        where = phase_words(c.get("phase"))
+        within = f" within {where}" if where else ""
+        console.print(f"[bold red]culprit[/] (teacher forcing{within}): {c['name']} — the sub-block's own error is "
                       f"{_fmt(c['local_ratio'], '.3g')}x its local tolerance ({c['reason']})")
     elif failing and doc.get("teacher_forcing") == "run":
         console.print("teacher forcing: no sub-block exceeds its local tolerance on its own input; the failure is "

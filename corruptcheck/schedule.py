@@ -26,6 +26,10 @@ class Schedule:
     prompt_lens: tuple[int, ...]  # one sequence per entry (a batch of >= 3 exercises batching)
     decode_steps: int = 16  # greedy steps per sequence after its prompt
     chunk: int | None = None  # prefill tokens per step per sequence; None = the whole prompt at once
+    # per sequence, the engine step (forward pass) at which it arrives: staggered arrivals make a
+    # batching engine run new prefills beside other sequences' decode steps. None = all at once.
+    # Engines that serve one sequence at a time (hf, reference) have nothing to stagger.
+    arrivals: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not self.prompt_lens or any(not _int(n) or n < 1 for n in self.prompt_lens):
@@ -34,18 +38,28 @@ class Schedule:
             raise BadInput(f"schedule: decode_steps must be a non-negative integer, got {self.decode_steps!r}")
         if self.chunk is not None and (not _int(self.chunk) or self.chunk < 1):
             raise BadInput(f"schedule: chunk must be a positive integer, got {self.chunk!r}")
+        if self.arrivals is not None and (len(self.arrivals) != len(self.prompt_lens)
+                                          or any(not _int(a) or a < 0 for a in self.arrivals)):
+            raise BadInput(f"schedule: arrivals must give one non-negative engine step per prompt, "
+                           f"got {self.arrivals!r} for {len(self.prompt_lens)} prompts")
+
+    def arrival(self, i: int) -> int:
+        return self.arrivals[i] if self.arrivals else 0
 
     def prefill_chunks(self, prompt_len: int) -> list[int]:
         c = self.chunk or prompt_len
         return [min(c, prompt_len - at) for at in range(0, prompt_len, c)]
 
     def to_dict(self) -> dict:
-        return {"prompt_lens": list(self.prompt_lens), "decode_steps": self.decode_steps, "chunk": self.chunk}
+        return {"prompt_lens": list(self.prompt_lens), "decode_steps": self.decode_steps, "chunk": self.chunk,
+                "arrivals": list(self.arrivals) if self.arrivals else None}
 
     def describe(self) -> str:
         chunk = f"chunks of {self.chunk}" if self.chunk else "one prefill step"
+        arrive = (f", arriving at engine steps {'/'.join(map(str, self.arrivals))}"
+                  if self.arrivals and any(self.arrivals) else "")
         return (f"{len(self.prompt_lens)} sequences (prompts {'+'.join(map(str, self.prompt_lens))}, {chunk}), "
-                f"{self.decode_steps} greedy decode steps each")
+                f"{self.decode_steps} greedy decode steps each{arrive}")
 
 
 def prompt_case(case, schedule: Schedule):

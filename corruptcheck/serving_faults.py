@@ -1,22 +1,58 @@
 """Faults only a served model shows: each is silent in a prefill-only compare (one forward per
 sequence, no carried state) and fires under a schedule (schedule.py) — chunked prefill, decode
-steps, carried caches. Re-enacted in transformers' own cache code (`DeepseekV4HCACache` /
-`DeepseekV4CSACache`) and attention, so `compare --engine hf` serving the case's schedule must
-catch them and name the phase (tests/test_served.py).
+steps, carried caches, batches of decode steps. Each is re-enacted twice, in the engine's own
+code: in transformers' cache classes (`DeepseekV4HCACache`) and attention for `hf`, and in vLLM's
+CPU DeepSeek V4 (`vllm/models/deepseek_v4/cpu/`: its compressor, its sparse attention's slot
+maps, its output projection) for `vllm`, where the real scheduler decides what shares a step
+(tests/test_served.py, tests/test_vllm_engine.py).
 
-A fifth family, a scale or layout bug that fires only when a step holds more than one sequence
-(SGLang #31727: "M=1 remains exactly unchanged"), needs an engine that batches sequences in one
-step; transformers serves one sequence at a time, so it is not re-enacted here.
+A fifth family, a scale or layout bug that fires only when a decode step holds more than one
+sequence (batch > 1; "M=1 remains exactly unchanged"), needs an engine that batches sequences in
+one step: transformers serves one sequence at a time, so it is vLLM's only.
+
+vLLM's step composition is read where its kernels read it, from the forward context's
+attention metadata (`num_decodes` / `num_prefills`, `token_to_req_indices`): vLLM orders a
+step's rows decodes first.
 """
 from __future__ import annotations
 
 import torch
 
-from corruptcheck.faults import Fault, hf_module
+from corruptcheck.faults import Fault, hf_module, patched
 
 
 class ServingFault(Fault):
-    engines = ("hf",)
+    engines = ("hf", "vllm")
+
+
+def _vllm():
+    from corruptcheck import vllm_faults
+
+    return vllm_faults
+
+
+def _step_metadata(attn):
+    """vLLM's sliding-window metadata for this attention layer in the running step (None in
+    warm-up / profile runs, which carry no metadata)."""
+    from vllm.forward_context import get_forward_context
+
+    md = get_forward_context().attn_metadata
+    return md.get(attn.swa_cache_layer.prefix) if isinstance(md, dict) else None
+
+
+def _step_start(positions: torch.Tensor, req_idx: torch.Tensor) -> torch.Tensor:
+    """Per token: the first position its request runs in this step (rows before it were cached
+    by earlier steps)."""
+    n = int(req_idx.max()) + 1 if req_idx.numel() else 0
+    first = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64)
+    first.scatter_reduce_(0, req_idx.long(), positions.long(), "amin")
+    return first[req_idx.long()]
+
+
+def _tokens_in_step(req_idx: torch.Tensor) -> torch.Tensor:
+    """Per token: how many tokens its request runs in this step (1 = a decode step)."""
+    counts = torch.bincount(req_idx.long())
+    return counts[req_idx.long()]
 
 
 class CompressorTailLostAtChunk(ServingFault):
@@ -45,6 +81,36 @@ class CompressorTailLostAtChunk(ServingFault):
             return store
         p.wrap(M.DeepseekV4HCACache, "store_compression_weights", make)
 
+    def vllm(self, p, state, cfg):
+        """vLLM's HCA compressor (head_dim 512, no overlap) pools a block from its partial-state
+        cache; for a request running several tokens in this step, the rows saved by earlier
+        steps come back missing (-1 slots), as for a compressor that restarts per chunk."""
+        V = _vllm()
+        C = V.vllm_module(V.CPU_COMPRESSOR)
+
+        def lose_earlier_steps(orig_map, start, several, ratio, positions):
+            def map_slots(local, req_idx, block_table, block_size):
+                slots = orig_map(local, req_idx, block_table, block_size)
+                lost = (local < start[:, None]) & (local >= 0) & several[:, None] & (slots >= 0)
+                closing = (positions + 1) % ratio == 0
+                if bool((lost.any(-1) & closing).any()):
+                    state.hit()
+                return torch.where(lost, torch.full_like(slots, -1), slots)
+            return map_slots
+
+        def make(orig):
+            def forward(self_c, kv_score, positions, rotary_emb):
+                md = _compressor_metadata(self_c)
+                if md is None or self_c.head_dim != 512 or self_c.overlap:
+                    return orig(self_c, kv_score, positions, rotary_emb)
+                req = md.token_to_req_indices[: positions.shape[0]]
+                with patched() as p2:
+                    p2.wrap(C, "map_local_to_global_slots_cpu", lambda o: lose_earlier_steps(
+                        o, _step_start(positions, req), _tokens_in_step(req) > 1, self_c.compress_ratio, positions))
+                    return orig(self_c, kv_score, positions, rotary_emb)
+            return forward
+        p.wrap(C.DeepseekV4CPUCompressor, "forward", make)
+
 
 class WindowWrapsEarly(ServingFault):
     """The sliding-window ring buffer wraps one slot early: the newest key row overwrites the
@@ -72,6 +138,41 @@ class WindowWrapsEarly(ServingFault):
                 return full, full
             return update
         p.wrap(M.DeepseekV4HCACache, "update", make)
+
+    def vllm(self, p, state, cfg):
+        """vLLM's sparse attention gathers each query's window [p-w+1, p] through the request's
+        block table; once the window is full and its oldest row was cached by an earlier step,
+        that slot is read from the newest row's (the ring wrote one slot early)."""
+        V = _vllm()
+        S = V.vllm_module(V.CPU_SPARSE)
+
+        def wrap_oldest(orig_map, start, window):
+            calls = []
+
+            def map_slots(local, req_idx, block_table, block_size):
+                slots = orig_map(local, req_idx, block_table, block_size)
+                calls.append(1)
+                if len(calls) > 1 or local.shape[-1] != window:  # the second call maps compressed entries
+                    return slots
+                hit = (local[:, 0] >= 0) & (local[:, 0] < start)
+                if bool(hit.any()):
+                    state.hit()
+                    slots = slots.clone()
+                    slots[hit, 0] = slots[hit, -1]
+                return slots
+            return map_slots
+
+        def make(orig):
+            def forward_mqa(self_a, q, kv, positions, output):
+                md = _step_metadata(self_a)
+                if md is None:
+                    return orig(self_a, q, kv, positions, output)
+                start = _step_start(positions, md.token_to_req_indices[: positions.shape[0]])
+                with patched() as p2:
+                    p2.wrap(S, "map_local_to_global_slots_cpu", lambda o: wrap_oldest(o, start, self_a.window_size))
+                    return orig(self_a, q, kv, positions, output)
+            return forward_mqa
+        p.wrap(S.DeepseekV4CPUAttention, "forward_mqa", make)
 
 
 class StaleIndexerRows(ServingFault):
@@ -106,6 +207,42 @@ class StaleIndexerRows(ServingFault):
         p.wrap(M.DeepseekV4HCACache, "store_compression_weights", make_store)
         p.wrap(M.DeepseekV4HCACache, "update_compressor_states", make_update)
 
+    def triggered(self, cfg, seq_lens, engine):
+        # vLLM reads its indexer's key cache only when a sequence has more compressed entries
+        # than the top-k (below that its short-context path selects every entry)
+        if engine == "vllm":
+            return max(seq_lens) // cfg.csa_ratio > cfg.index_topk
+        return True
+
+    def vllm(self, p, state, cfg):
+        """vLLM's indexer compressor (head_dim 128) stores the entries it closes into the
+        indexer's FP8 key cache; for a request in a decode step (one token) the store's slot is
+        dropped (-1), so the cache keeps its stale rows."""
+        V = _vllm()
+        C = V.vllm_module(V.CPU_COMPRESSOR)
+
+        def skip_decode_rows(orig_store, decode, positions, ratio):
+            def store(state_cache, gather, pos, k_slots, *rest):
+                drop = decode[: k_slots.shape[0]] & ((positions[: k_slots.shape[0]] + 1) % ratio == 0) & (k_slots >= 0)
+                if bool(drop.any()):
+                    state.hit()
+                    k_slots = torch.where(drop, torch.full_like(k_slots, -1), k_slots)
+                return orig_store(state_cache, gather, pos, k_slots, *rest)
+            return store
+
+        def make(orig):
+            def forward(self_c, kv_score, positions, rotary_emb):
+                md = _compressor_metadata(self_c)
+                if md is None or self_c.head_dim != 128:
+                    return orig(self_c, kv_score, positions, rotary_emb)
+                decode = _tokens_in_step(md.token_to_req_indices[: positions.shape[0]]) == 1
+                with patched() as p2:
+                    p2.wrap(C, "compress_norm_rope_store_indexer_cpu",
+                            lambda o: skip_decode_rows(o, decode, positions, self_c.compress_ratio))
+                    return orig(self_c, kv_score, positions, rotary_emb)
+            return forward
+        p.wrap(C.DeepseekV4CPUCompressor, "forward", make)
+
 
 class DecodeKernelScale(ServingFault):
     """A decode-only attention kernel (one query token per sequence) whose output is off by 2%
@@ -130,6 +267,69 @@ class DecodeKernelScale(ServingFault):
             return forward
         p.wrap(M.DeepseekV4Attention, "forward", make)
 
+    def vllm(self, p, state, cfg):
+        """In vLLM a decode-only kernel runs a step in which every request decodes (as the
+        FULL_DECODE_ONLY graph mode does); mixed steps take the other path."""
+        V = _vllm()
+        S = V.vllm_module(V.CPU_SPARSE)
+
+        def make(orig):
+            def _o_proj(self_a, o, positions):
+                out = orig(self_a, o, positions)
+                md = _step_metadata(self_a)
+                if md is not None and md.num_prefills == 0 and md.num_decodes > 0 and \
+                        V.layer_index(self_a.prefix) == 0:
+                    state.hit()
+                    return out * 1.02
+                return out
+            return _o_proj
+        p.wrap(S.DeepseekV4CPUAttention, "_o_proj", make)
+
+
+class DecodeBatchRowScale(ServingFault):
+    """A scale read for the first row only, when a decode step holds more than one sequence
+    (a batch > 1 decode: "M=1 remains exactly unchanged"): every decode row of layer 1's
+    attention output projection is dequantized with row 0's per-token activation scale, so
+    row i comes out multiplied by amax(row 0) / amax(row i). Silent without decode (prefill-only)
+    and at batch 1; vLLM only (transformers decodes one sequence at a time). Strikes
+    `layers.1.attn.out` at every decode step that batches several sequences."""
+    name = "decode-batch-row-scale"
+    klass = "S5"
+    summary = "batched decode: every row dequantized with row 0's activation scale"
+    trigger = "a decode step holding >= 2 sequences"
+    points = ("attn.out",)
+    engines = ("vllm",)
+
+    def triggered(self, cfg, seq_lens, engine):
+        return cfg.num_layers > 1 and len(seq_lens) > 1
+
+    def vllm(self, p, state, cfg):
+        V = _vllm()
+        S = V.vllm_module(V.CPU_SPARSE)
+
+        def make(orig):
+            def _o_proj(self_a, o, positions):
+                out = orig(self_a, o, positions)
+                md = _step_metadata(self_a)
+                n = md.num_decode_tokens if md is not None else 0
+                if n < 2 or md.num_decodes < 2 or V.layer_index(self_a.prefix) != 1:
+                    return out
+                state.hit()
+                amax = o[:n].float().abs().flatten(1).amax(-1).clamp_min(1e-30)
+                out = out.clone()
+                out[:n] = (out[:n].float() * (amax[0] / amax)[:, None]).to(out.dtype)
+                return out
+            return _o_proj
+        p.wrap(S.DeepseekV4CPUAttention, "_o_proj", make)
+
+
+def _compressor_metadata(compressor):
+    """vLLM's compressor-state metadata for the running step (None outside a real step)."""
+    from vllm.forward_context import get_forward_context
+
+    md = get_forward_context().attn_metadata
+    return md.get(compressor.state_cache.prefix) if isinstance(md, dict) else None
+
 
 SERVING_FAULTS: dict[str, Fault] = {f.name: f for f in (
-    CompressorTailLostAtChunk(), WindowWrapsEarly(), StaleIndexerRows(), DecodeKernelScale())}
+    CompressorTailLostAtChunk(), WindowWrapsEarly(), StaleIndexerRows(), DecodeKernelScale(), DecodeBatchRowScale())}

@@ -70,7 +70,7 @@ def test_honest_served_runs_have_no_false_alarm(tiny, engine, precision):
     assert not r.served["greedy"]["disagreements"]
 
 
-@pytest.mark.parametrize("name", sorted(SERVING_FAULTS))
+@pytest.mark.parametrize("name", sorted(n for n, f in SERVING_FAULTS.items() if "hf" in f.engines))
 def test_serving_fault_is_silent_prefill_only_and_caught_served(tiny, name):
     fault = SERVING_FAULTS[name]
     engine = FaultyEngine(get_engine("hf"), fault)
@@ -87,6 +87,8 @@ def test_serving_fault_is_silent_prefill_only_and_caught_served(tiny, name):
         assert {p["phase"] for p in failing} == {"decode"}
     else:  # carried state across chunks: from a later prefill chunk on, never the first
         assert failing[0]["phase"] == "prefill" and failing[0]["chunk"] >= 1
+    # teacher forcing ran within the first failing phase and says so
+    assert after.culprit["phase"] == {k: failing[0][k] for k in ("phase", "step", "chunk")}
 
 
 def test_cli_default_schedule_json_and_prefill_only(tmp_path):

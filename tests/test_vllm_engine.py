@@ -169,3 +169,55 @@ def test_served_vllm_corrected_passes_every_phase(served_corrected):
     assert res.verdict == "pass", [p.name for p in res.comparison.failed]
     assert all(p["verdict"] == "pass" for p in res.served["phases"]), [
         (p["phase"], p["chunk"], p["step"], p["first_divergence"]) for p in res.served["phases"]]
+
+
+# faults only a served model shows, re-enacted in vLLM's own CPU code (serving_faults.py,
+# docs/serving.md). A shorter schedule still has what each needs: a prefill chunk boundary inside
+# the 128-token window and inside an HCA block (prompt 160, chunk 100), decode steps that batch
+# several sequences, pure-decode steps, and a staggered arrival.
+def _fault_schedule():
+    from corruptcheck.schedule import Schedule
+
+    return Schedule(prompt_lens=(160, 96, 64), decode_steps=8, chunk=100, arrivals=(0, 0, 2))
+
+
+def _vllm_serving_faults():
+    from corruptcheck.serving_faults import SERVING_FAULTS
+
+    return sorted(n for n, f in SERVING_FAULTS.items() if "vllm" in f.engines)
+
+
+@needs_vllm
+@pytest.mark.parametrize("name", _vllm_serving_faults())
+def test_vllm_serving_fault_is_silent_prefill_only_and_caught_served(name):
+    from corruptcheck.compare import compare
+    from corruptcheck.engines import get_engine
+    from corruptcheck.faults import FaultyEngine
+    from corruptcheck.schedule import prompt_case
+    from corruptcheck.serving_faults import SERVING_FAULTS
+
+    case, schedule, fault = get_case(CASE), _fault_schedule(), SERVING_FAULTS[name]
+    if not fault.triggered(case.config, [n + schedule.decode_steps for n in schedule.prompt_lens], "vllm"):
+        # vLLM reads its indexer keys only past index_topk (512) x 4 tokens: nothing to see here
+        assert name == "stale-indexer-rows"
+        return
+    engine = FaultyEngine(get_engine("vllm"), fault)
+    engine.run(prompt_case(case, schedule), None, fix="routed-swiglu-clamp")  # today's prefill-only run
+    assert engine.state.fired == 0  # never fires: the prefill-only compare is the honest one
+    res = compare(case, "vllm", None, engine=engine, schedule=schedule, fix="routed-swiglu-clamp")
+    assert engine.state.fired > 0 and res.verdict == "fail"
+    first = res.comparison.first_divergence["name"]
+    assert first.split(".", 2)[-1] in fault.points, first
+    assert res.culprit["name"].split(".", 2)[-1] in fault.points, res.culprit
+    failing = [p for p in res.served["phases"] if p["verdict"] == "fail"]
+    if name in ("decode-kernel-scale", "decode-batch-row-scale"):  # decode only: every prefill chunk passes
+        assert {p["phase"] for p in failing} == {"decode"}
+    else:  # carried state across chunks: from a later prefill chunk on
+        assert failing[0]["phase"] == "prefill" and failing[0]["chunk"] >= 1
+    assert res.culprit["phase"] == {k: failing[0][k] for k in ("phase", "step", "chunk")}
+    if name == "decode-batch-row-scale":  # batch 1 decode stays exactly unchanged
+        from corruptcheck.schedule import Schedule
+
+        alone = Schedule(prompt_lens=(160,), decode_steps=8, chunk=100)
+        engine.run(prompt_case(case, alone), None, schedule=alone, fix="routed-swiglu-clamp")
+        assert engine.state.fired == 0

@@ -334,9 +334,8 @@ def _served_captured(llm, taps: list[Tap], case: Case, schedule) -> tuple[dict, 
     with _scheduled_batches(batches):
         llm.apply_model(recorder.attach)
         try:
-            outs = llm.generate([{"prompt_token_ids": s.tolist()} for s in prompts],
-                                SamplingParams(max_tokens=schedule.decode_steps + 1, temperature=0.0, ignore_eos=True),
-                                use_tqdm=False)
+            outs = _generate_arriving(llm, prompts, SamplingParams(max_tokens=schedule.decode_steps + 1, temperature=0.0,
+                                                                   ignore_eos=True), schedule, batches)
         finally:
             llm.apply_model(lambda _model: recorder.detach())
     sequences = [p.tolist() + list(o.outputs[0].token_ids[: schedule.decode_steps]) for p, o in zip(prompts, outs)]
@@ -347,6 +346,27 @@ def _served_captured(llm, taps: list[Tap], case: Case, schedule) -> tuple[dict, 
     meta["served"] = {"sequences": sequences, "rows": _served_rows(align, sequences, [len(p) for p in prompts]),
                       "batching": _batching(batches, align, sequences, [len(p) for p in prompts])}
     return points, meta
+
+
+def _generate_arriving(llm, prompts, params, schedule, batches: list) -> list:
+    """Greedy generation through vLLM's engine loop (`LLMEngine.add_request` / `step`), each
+    request added when the engine has run `schedule.arrival(i)` forward passes (all at once
+    when the schedule has no arrivals; an idle engine takes the next arrival at once): the real
+    scheduler then composes each step from whatever is running. Outputs in prompt order."""
+    engine = llm.llm_engine
+    pending = sorted(range(len(prompts)), key=schedule.arrival)
+    finished: dict = {}
+    while pending or engine.has_unfinished_requests():
+        while pending and (schedule.arrival(pending[0]) <= len(batches) or not engine.has_unfinished_requests()):
+            i = pending.pop(0)
+            engine.add_request(f"seq{i}", {"prompt_token_ids": prompts[i].tolist()}, params)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    missing = [i for i in range(len(prompts)) if f"seq{i}" not in finished]
+    if missing:
+        raise RuntimeError(f"vLLM finished no output for sequences {missing} (got {sorted(finished)})")
+    return [finished[f"seq{i}"] for i in range(len(prompts))]
 
 
 def _served_rows(align, sequences, prompt_lens) -> list:
@@ -376,7 +396,7 @@ def _batching(batches: list, align, sequences, prompt_lens) -> str:
         t += len(seq)
     multi = sum(len(b) > 1 for b in batches)
     mixed = sum(len(k) > 1 for k in kinds.values())
-    return (f"vLLM's scheduler, all sequences in one generate: {len(batches)} forward passes, {multi} with several "
+    return (f"vLLM's scheduler: {len(batches)} forward passes, {multi} with several "
             f"sequences, {mixed} mixing prefill chunks and decode steps")
 
 
