@@ -188,3 +188,9 @@ def test_bare_sections_inside_docs_resolve_against_the_same_file(tmp_path):
     assert len(found) == 2, found
     assert any("docs/other.md has no section §7" in line for line in found), found
     assert any("link to gone.md" in line for line in found), found
+
+
+def test_readme_maps_every_document():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    unmapped = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"`docs/{p.name}`" not in readme]
+    assert not unmapped, f"README.md's map of docs/ does not name {unmapped}"
