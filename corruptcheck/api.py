@@ -65,7 +65,7 @@ def check(engine, case: str | Case = "tiny", precision: str | None = "float32", 
 
 
 def check_dump(path: str | Path, case: str | Case, precision: str | None = None, **options) -> "CheckResult":
-    """Check a dump directory (DESIGN.md §5) written by an engine for `case`. The tolerances
+    """Check a dump directory (docs/dump.md) written by an engine for `case`. The tolerances
     follow the precision the dump declares; `options` go to the dump engine (e.g.
     `format="sglang"`)."""
     return check("dump", case, precision, path=str(path), **options)

@@ -1,4 +1,4 @@
-"""Built-in, versioned cases: config + seeded weights + inputs (DESIGN.md §8)."""
+"""Built-in, versioned cases: config + seeded weights + inputs (docs/design.md §8)."""
 from __future__ import annotations
 
 import functools

@@ -143,7 +143,7 @@ def engines_cmd():
 @click.option("--attn-impl", default="eager", show_default=True, help="hf: transformers attention implementation")
 @click.option("--batch", is_flag=True, help="hf: run the case's sequences as one right-padded batch")
 def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
-    """Run an engine on a case and write its capture as a dump directory (DESIGN §5)."""
+    """Run an engine on a case and write its capture as a dump directory (docs/dump.md)."""
     from corruptcheck.cases import get_case
     from corruptcheck.dump import write_dump
     from corruptcheck.engines import get_engine

@@ -1,4 +1,4 @@
-"""What a case exercised, from the reference run's statistics (DESIGN.md §8)."""
+"""What a case exercised, from the reference run's statistics (docs/design.md §8)."""
 from __future__ import annotations
 
 from corruptcheck.reference import ModelConfig

@@ -1,4 +1,4 @@
-"""Point-by-point comparison of an engine capture against the reference (DESIGN.md §6-7).
+"""Point-by-point comparison of an engine capture against the reference (docs/design.md §6, §7).
 
 Float points: relative L2 and the norm ratio against tolerances derived from the noise model
 (`tolerance.py`), NaN/Inf parity, the worst token. Discrete points (indexer top-k, expert ids):

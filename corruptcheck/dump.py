@@ -1,4 +1,4 @@
-"""The dump format (DESIGN.md §5): how any engine hands its tensors over.
+"""The dump format (docs/design.md §5, docs/dump.md): how any engine hands its tensors over.
 
 A dump is a directory with `manifest.json` and one or more `*.safetensors` files whose keys
 are canonical point names:

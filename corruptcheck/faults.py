@@ -1,7 +1,7 @@
-"""Deterministic re-enactments of real silent-corruption bugs (issue 6).
+"""Deterministic re-enactments of real silent-corruption bugs (docs/faults.md).
 
 Each fault is a small class naming the real bug it mirrors (an entry of
-shared/research/fault-catalog-public.md, or of the architecture notes' §10 where the catalog
+the catalog in docs/faults.md §Catalog, or a trap of docs/v4-spec.md §10 where the catalog
 has no entry), its class in the catalog's taxonomy (A1..A12), the canonical point it strikes
 first (where localization must point), and the condition under which the real bug fired.
 
@@ -804,7 +804,7 @@ class YarnMscaleSoftmax(Fault):
     """V3-08 (class A4, scaling constants): YaRN's mscale applied where it must not be
     (NVIDIA/Megatron-LM#1429 used mscale for mscale_all_dim, huggingface/transformers#47435,
     optimum-intel#1877 fell back to the wrong SDPA scale). V4's softmax scale is exactly
-    head_dim^-1/2 on every layer, with no YaRN mscale (architecture notes §10.10).
+    head_dim^-1/2 on every layer, with no YaRN mscale (docs/v4-spec.md §10.10).
 
     Re-enacted: YaRN (CSA/HCA) layers multiply the softmax scale by mscale^2 =
     (0.1 ln 16 + 1)^2 = 1.63. Strikes `layers.L.attn.core` of the first CSA/HCA layer.
@@ -847,7 +847,7 @@ class YarnMscaleSoftmax(Fault):
 
 
 class HcaCausalOffByOne(Fault):
-    """Architecture notes §10.5 (class A10, masking): causality in compressed space — entry i
+    """docs/v4-spec.md §10.5 (class A10, masking): causality in compressed space — entry i
     is visible to query t iff i < floor((t+1)/m); off by one leaks the block a query is still
     inside (vllm-ascend-deepseekv4#76: garbage from the 4th prompt token; transformers#45820:
     indexer without causal mask).
@@ -897,7 +897,7 @@ class HcaCausalOffByOne(Fault):
 
 
 class MhcCombTransposed(Fault):
-    """Catalog class A3's "transposed mixing matrix" (architecture notes §10.8): the mHC post
+    """Catalog class A3's "transposed mixing matrix" (docs/v4-spec.md §10.8): the mHC post
     mix must gather column k of the Sinkhorn matrix for output stream k (X'_k = post_k F +
     sum_j M[j,k] X_j); M is doubly stochastic but not symmetric, so consuming it by rows is
     silently wrong (transformers documents the orientation for this reason).

@@ -1,4 +1,4 @@
-"""Golden hidden states: versioned, pinned in git, reproducible across machines (issue 3).
+"""Golden hidden states: versioned, pinned in git, reproducible across machines (docs/golden.md).
 
 A golden is a directory `golden/<case>/` holding
 

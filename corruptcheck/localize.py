@@ -1,4 +1,4 @@
-"""Localization by teacher forcing (DESIGN.md §3, §6).
+"""Localization by teacher forcing (docs/design.md §3, §6).
 
 The first point that exceeds its tolerance is often only where accumulated drift crossed the
 line. So every sub-block of the reference (attention half and FFN half of each layer, the

@@ -1,5 +1,6 @@
 """The noise model: how far an *honest* implementation at a given precision lands from the
-float64 reference, at every capture point (DESIGN.md §7, anchors.md §4.2).
+float64 reference, at every capture point (docs/design.md §7,
+docs/tolerances.md).
 
 For each declared precision the reference itself is run several honest ways (different
 rounding placements and reduction orders: `Precision.variant`) and compared with float64:

@@ -1,6 +1,6 @@
-"""Canonical capture points (DESIGN.md §4) for a model config, in topological order.
+"""Canonical capture points (docs/design.md §4) for a model config, in topological order.
 
-`required` points are the DESIGN table: an engine that lacks one reports it `missing`.
+`required` points are the table of docs/design.md §4: an engine that lacks one reports it `missing`.
 Finer points (q, kv, compressed entries, mHC coefficients, router logits, MTP) are optional:
 compared when the engine exposes them, `skipped` (with the reason) when it does not.
 """

@@ -1,4 +1,4 @@
-"""The detector's self-test (issue 6): every fault x case x precision and every benign variant.
+"""The detector's self-test (docs/faults.md): every fault x case x precision and every benign variant.
 
 A fault run is `compare(case, engine, precision, engine=FaultyEngine(...))`; the row says
 whether the fault fired (else *not exercised*, excluded from recall), whether the compare
@@ -36,7 +36,7 @@ from corruptcheck.reference import model as r_model
 
 SELFTEST_SCHEMA = 1
 PRECISIONS = ("float32", "bfloat16")
-BF16_FLOOR_RATIO = 3.0  # faults above 3x the bf16 noise must be caught in bf16 (issue 6)
+BF16_FLOOR_RATIO = 3.0  # faults above 3x the bf16 noise must be caught in bf16 (docs/faults.md)
 LOCALIZATION_TARGET = 0.95  # exact localization wanted for >= 95% of float32 pairs
 
 

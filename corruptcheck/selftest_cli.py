@@ -1,4 +1,4 @@
-"""Commands `corruptcheck selftest` and `corruptcheck sweep` (issue 6); registered on the main
+"""Commands `corruptcheck selftest` and `corruptcheck sweep` (docs/faults.md); registered on the main
 group in cli.py."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Import the files SGLang's own `dumper` writes (python/sglang/srt/debug_utils/dumper.py;
-shared/research/engine-capture.md §2.3):
+docs/engine-capture.md §2.3):
 
 * one `torch.save({"value": tensor, "meta": {...}})` file per tensor, named by `key=value`
   tags joined with `___`: `step=0___rank=0___dump_index=7___name=<name>___layer_id=3.pt`;
@@ -26,7 +26,7 @@ from corruptcheck.errors import BadInput
 from corruptcheck.points import capture_points
 from corruptcheck.reference import Precision
 
-# SGLang DeepSeek V4 module paths (engine-capture.md §2.1, §6) -> canonical points
+# SGLang DeepSeek V4 module paths (docs/engine-capture.md §2.1, §6) -> canonical points
 _MODULE_MAP = [
     (r"model\.embed_tokens\.output", "embed"),
     (r"model\.layers\.(\d+)\.inputs\.hidden_states", "layers.{0}.attn_hc.in"),

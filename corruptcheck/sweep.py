@@ -1,4 +1,4 @@
-"""Shape sweep (issue 6): the same architecture at several hidden sizes, compared at each.
+"""Shape sweep (docs/faults.md): the same architecture at several hidden sizes, compared at each.
 
 A kernel guard that holds for some widths only (V4-01: the fused mHC kernel compiled for 4096
 and run at 7168) passes every test at the widths someone thought of. The sweep builds the

@@ -1,4 +1,4 @@
-"""Tolerances derived from the noise model (DESIGN.md §7).
+"""Tolerances derived from the noise model (docs/design.md §7, docs/tolerances.md).
 
     tolerance(point) = max(SAFETY x worst honest error at that point, FLOOR[precision])
 

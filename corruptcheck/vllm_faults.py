@@ -96,7 +96,7 @@ def ue8m0_bytes_as_values(scale: torch.Tensor) -> torch.Tensor:
 
 class Fp8ScaleUe8m0AsValue(VLLMFault):
     """FP8 block-scale misread (class A6, quantization scale plumbing; the vllm#43416 /
-    sglang#29038 class named in the task brief, not in the catalog: ue8m0 / e8m0 block scales
+    sglang#29038 class, not a catalog entry (docs/faults.md §Catalog): ue8m0 / e8m0 block scales
     handed to an FP8 GEMM in the wrong representation). DeepSeek's FP8 checkpoints store one
     power-of-two scale per 128x128 tile as a ue8m0 byte (exponent + 127); vLLM upcasts it to
     fp32 at load (`_upcast_e8m0_to_fp32`). Re-enacted: for one linear the upcast is skipped and
@@ -316,8 +316,8 @@ class IndexerKeyScaleMisread(VLLMFault):
 
 class IndexerKeyScaleAsUe8m0(IndexerKeyScaleMisread):
     """Indexer FP8 K-cache scale format mismatch (class A6, quantization scale plumbing; the
-    e8m0-vs-fp32 scale confusion of the FP8 block-scale bugs, vllm#43416 / sglang#29038 class as
-    named in the task brief): V4's indexer cache has an fp32 per-key scale on the FP8 path and a
+    e8m0-vs-fp32 scale confusion of the FP8 block-scale bugs, vllm#43416 / sglang#29038 class,
+    docs/faults.md §Catalog): V4's indexer cache has an fp32 per-key scale on the FP8 path and a
     ue8m0 (one exponent byte) scale on the MXFP4 path. Re-enacted: the scoring kernel reads the
     fp32 scale region as ue8m0 bytes — key j's scale is 2^(byte j - 127), byte j of the fp32
     scale array — so most keys score ~0 and a few (those landing on an exponent byte) dominate.

@@ -1,4 +1,4 @@
-"""Deterministic, seeded weights for a case, in DeepSeek's checkpoint naming (spec §8.1).
+"""Deterministic, seeded weights for a case, in DeepSeek's checkpoint naming (docs/v4-spec.md §8.1).
 
 Every tensor gets its own generator seeded from (case seed, tensor name), so adding a tensor
 never shifts the others. Values are rounded to bf16-representable numbers (stored as fp32),

@@ -1,5 +1,5 @@
 """Attention of one layer: sliding window, CSA (compressed + lightning indexer), HCA
-(spec §5). Stateless, one sequence at positions 0..S-1."""
+(docs/v4-spec.md §5). Stateless, one sequence at positions 0..S-1."""
 from __future__ import annotations
 
 import torch
@@ -30,7 +30,8 @@ def window_mask(s: int, window: int) -> torch.Tensor:
 
 
 def available_at(q_pos: torch.Tensor, n: int, ratio: int) -> torch.Tensor:
-    """[Q, n] bool: entry i is visible to the query at position t iff i < floor((t+1)/m) (spec §5.5)."""
+    """[Q, n] bool: entry i is visible to the query at position t iff i < floor((t+1)/m)
+    (docs/v4-spec.md §5.5)."""
     return torch.arange(n)[None, :] < ((q_pos + 1) // ratio)[:, None]
 
 
@@ -46,7 +47,7 @@ def indexer_keys_sims(prec: Precision, sims: bool) -> str | None:
 
 
 def indexer_scores(x, qr, p: dict, cfg: ModelConfig, freqs, angles, prec: Precision, sims: bool, rec):
-    """Lightning indexer (spec §5.7): scores [S, n] with unavailable entries at -inf."""
+    """Lightning indexer (docs/v4-spec.md §5.7): scores [S, n] with unavailable entries at -inf."""
     keys = compress(x, sub(p, "compressor"), ratio=cfg.csa_ratio, overlap=True, norm_eps=cfg.rms_eps,
                     freqs=freqs, rope_dim=cfg.rope_dim, prec=prec, sims=indexer_keys_sims(prec, sims))
     rec("indexer_keys", keys)
@@ -90,7 +91,7 @@ def select_topk(scores: torch.Tensor, k_max: int, ratio: int, q_pos: torch.Tenso
 
 def sink_attention(q, keys, allow, sink, scale: float, prec: Precision) -> torch.Tensor:
     """o[t,h] = sum_j p_j k_j with p = exp(z_j) / (sum_j exp(z_j) + exp(sink_h)) over the allowed
-    keys; the sink is a logit with zero value, not scaled (spec §5.8). K = V."""
+    keys; the sink is a logit with zero value, not scaled (docs/v4-spec.md §5.8). K = V."""
     acc = prec.acc
     if prec.alt_placement:  # scores q.k in the activation dtype, softmax in acc
         z = (torch.einsum("shd,jd->hsj", q, keys.to(q.dtype)) * scale).to(acc)
@@ -141,7 +142,7 @@ def attend_and_project(q, keys, allow, angles, p: dict, cfg: ModelConfig, prec: 
     trig = prec.act if prec.alt_placement else None
     o = apply_rope(o, angles, cfg.rope_dim, inverse=True, acc=prec.acc, trig=trig)  # de-rotate at the query position
     rec("core", o)
-    # grouped low-rank output projection: group g = heads g*H/G ... contiguous (spec §5.9)
+    # grouped low-rank output projection: group g = heads g*H/G ... contiguous (docs/v4-spec.md §5.9)
     g = cfg.o_groups
     wo_a = p["wo_a.weight"].to(o.dtype).view(g, cfg.o_lora_rank, -1)
     r = torch.einsum("sgd,grd->sgr", o.reshape(s, g, -1), wo_a)

@@ -1,8 +1,8 @@
-"""KV compressors of CSA (m=4, overlapping) and HCA (m=case value, disjoint), spec §5.5.
+"""KV compressors of CSA (m=4, overlapping) and HCA (m=case value, disjoint), docs/v4-spec.md §5.5.
 
 The full-sequence form (`compress`) is the definition; `IncrementalCompressor` reproduces it
 for arbitrary chunking (prefill + decode) and exists to prove that the definition does not
-depend on how the sequence was fed (spec §12 check 3).
+depend on how the sequence was fed (docs/v4-spec.md §12.3).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def project(x, wkv, wgate, ape, positions, prec: Precision):
 
 
 def pool(a, z, overlap: bool, prev_a=None, prev_z=None):
-    """Per-channel softmax pooling over the tokens of each block (spec §5.5).
+    """Per-channel softmax pooling over the tokens of each block (docs/v4-spec.md §5.5).
 
     a, z: [n, m, c*dc] (c = 2 with overlap). With overlap, entry i pools the previous block's
     "a" half (first dc channels) and block i's "b" half (last dc channels); the previous half
@@ -76,7 +76,7 @@ def compress(x, p: dict, *, ratio: int, overlap: bool, norm_eps: float, freqs, r
 
 class IncrementalCompressor:
     """Chunked/decode form of `compress`: feed tokens in any chunk sizes, get the entries that
-    close. Keeps the window-unaligned tail and the last closed block's "a" half (spec §5.5)."""
+    close. Keeps the window-unaligned tail and the last closed block's "a" half (docs/v4-spec.md §5.5)."""
 
     def __init__(self, p: dict, *, ratio: int, overlap: bool, norm_eps: float, freqs, rope_dim: int,
                  prec: Precision, sims: str | None = None):

@@ -1,7 +1,7 @@
-"""Model configuration of DeepSeek V4 (spec §1) and the two published presets.
+"""Model configuration of DeepSeek V4 (docs/v4-spec.md §1) and the two published presets.
 
 Names follow DeepSeek's own `ModelArgs` where they exist; `layer_type(i)` derives the attention
-kind of layer i from `compress_ratios` exactly as the released configs do (spec §1.3).
+kind of layer i from `compress_ratios` exactly as the released configs do (docs/v4-spec.md §1.3).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class ModelConfig:
     o_groups: int
     o_lora_rank: int
     # `num_layers + 1` entries: 0 = sliding window only, `csa_ratio` = CSA, anything else = HCA
-    # with that ratio. The last entry is the MTP block (spec §1.3).
+    # with that ratio. The last entry is the MTP block (docs/v4-spec.md §1.3).
     compress_ratios: tuple[int, ...]
     n_routed_experts: int
     moe_inter_dim: int
@@ -64,7 +64,7 @@ class ModelConfig:
         if self.experts_per_tok > self.n_routed_experts:
             raise ValueError("experts_per_tok exceeds n_routed_experts")
 
-    # --- layer schedule (spec §1.3) ---------------------------------------------------------
+    # --- layer schedule (docs/v4-spec.md §1.3) ---------------------------------------------
     def compress_ratio(self, layer: int) -> int:
         return self.compress_ratios[layer]
 
@@ -102,7 +102,7 @@ class ModelConfig:
         return cls(**d)
 
 
-# Published values (spec §1.1, §1.3). Flash: layers 0-1 sliding, then CSA/HCA alternating from
+# Published values (docs/v4-spec.md §1.1, §1.3). Flash: layers 0-1 sliding, then CSA/HCA alternating from
 # layer 2 (CSA), last main layer 42 CSA, MTP sliding. Pro: layers 0-1 HCA, then CSA/HCA
 # alternating from layer 2 (CSA), last main layer 60 CSA, MTP sliding.
 V4_FLASH = ModelConfig(

@@ -7,7 +7,7 @@ stream.
 `forward_chunks` must reproduce the full forward (`model.forward_sequence`) at every point, for
 any chunking: causality makes the full forward over the whole sequence the truth for every
 step, and this path is the proof that the decode-time state is the state the definition
-implies (spec §12 check 3, extended from the compressor to the whole model). Entry points
+implies (docs/v4-spec.md §12.3, extended from the compressor to the whole model). Entry points
 (`compressed_kv`, `indexer_keys`) are recorded as the entries that close in each chunk; indexer
 scores of a chunk cover the entries so far (the concatenation pads them, as across sequences).
 """

@@ -1,11 +1,11 @@
-"""Manifold-constrained hyper-connections (spec §4). Everything here runs in the `acc` dtype."""
+"""Manifold-constrained hyper-connections (docs/v4-spec.md §4). Everything here runs in the `acc` dtype."""
 from __future__ import annotations
 
 import torch
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Spec §4.3: row softmax + eps, column normalise, then (iters-1) x (row, column), with eps
+    """docs/v4-spec.md §4.3: row softmax + eps, column normalise, then (iters-1) x (row, column), with eps
     in every denominator. `logits[..., j, k]`; returns M with columns summing to ~1."""
     m = torch.softmax(logits, dim=-1) + eps
     m = m / (m.sum(dim=-2, keepdim=True) + eps)
@@ -39,13 +39,13 @@ def collapse(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """X'_k = post_k F + sum_j M[j, k] X_j  (output stream k gathers column k, spec §4.4)."""
+    """X'_k = post_k F + sum_j M[j, k] X_j  (output stream k gathers column k, docs/v4-spec.md §4.4)."""
     acc = post.dtype
     y = post[..., None] * f.to(acc)[..., None, :] + torch.einsum("sjk,sjd->skd", comb, x.to(acc))
     return y.to(f.dtype)
 
 
 def hc_head_weights(x, fn, scale, base, *, hc_eps: float, norm_eps: float, acc) -> torch.Tensor:
-    """Final contraction weights (spec §4.5): sigmoid(mu * s + b) + eps, no Sinkhorn."""
+    """Final contraction weights (docs/v4-spec.md §4.5): sigmoid(mu * s + b) + eps, no Sinkhorn."""
     mu = _mix_logits(x, fn, norm_eps, acc)
     return torch.sigmoid(mu * scale.to(acc)[0] + base.to(acc)) + hc_eps

@@ -1,6 +1,6 @@
-"""DeepSeek V4 forward pass (spec §2, §7) with capture of every canonical point.
+"""DeepSeek V4 forward pass (docs/v4-spec.md §2, §7) with capture of every canonical point.
 
-`run()` takes parameters in DeepSeek's own checkpoint naming (spec §8.1), a list of token
+`run()` takes parameters in DeepSeek's own checkpoint naming (docs/v4-spec.md §8.1), a list of token
 sequences (the batch; each sequence starts at position 0, no padding) and a precision, and
 returns every captured tensor flattened over the batch's tokens in order.
 """
@@ -36,7 +36,7 @@ class Recorder:
 
 
 def rope_tables(cfg: ModelConfig) -> dict:
-    """The two RoPE tables (spec §1.4): 'main' (rope_theta, no YaRN) for sliding layers and
+    """The two RoPE tables (docs/v4-spec.md §1.4): 'main' (rope_theta, no YaRN) for sliding layers and
     MTP; 'compress' (compress_rope_theta + YaRN) for every rotation in CSA/HCA layers."""
     return {
         "main": rope_frequencies(cfg.rope_dim, cfg.rope_theta),
@@ -170,7 +170,7 @@ def forward_sequence(cfg: ModelConfig, p: dict, ids: torch.Tensor, prec: Precisi
 
 
 def mtp_forward(cfg, p, ids, x_main, tables, prec, sims, rec, stats):
-    """MTP block (spec §7.2): hidden streams at i + embedding of token i+1 -> predicts i+2."""
+    """MTP block (docs/v4-spec.md §7.2): hidden streams at i + embedding of token i+1 -> predicts i+2."""
     m = sub(p, "mtp.0")
     ids_next = ids[1:]
     e = rms_norm(p["embed.weight"][ids_next].to(prec.act), m["enorm.weight"], cfg.rms_eps, prec.acc)

@@ -1,5 +1,5 @@
 """MoE block: sqrtsoftplus router with selection-only bias, hash routing, clamped SwiGLU
-experts and the shared expert (spec §6)."""
+experts and the shared expert (docs/v4-spec.md §6)."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +11,7 @@ from .primitives import linear
 
 
 def route(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec):
-    """Returns (expert ids [T, k], weights [T, k] in acc). Spec §6.2."""
+    """Returns (expert ids [T, k], weights [T, k] in acc). docs/v4-spec.md §6.2."""
     if prec.alt_placement:  # router in the activation dtype (logits, scores and weights)
         logits = linear(y, p["gate.weight"])
         scores = F.softplus(logits).sqrt()
@@ -50,7 +50,7 @@ def _per_tile(tok: torch.Tensor, fn) -> tuple:
 
 
 def swiglu_hidden(y, w1, w3, limit: float, acc) -> tuple[torch.Tensor, torch.Tensor]:
-    """silu(min(g, limit)) * clamp(u, -limit, limit) in acc (spec §6.3: gate clamped from above
+    """silu(min(g, limit)) * clamp(u, -limit, limit) in acc (docs/v4-spec.md §6.3: gate clamped from above
     only, up on both sides); also, per row, how many pre-activations were clamped (coverage)."""
     g = linear(y, w1).to(acc)
     u = linear(y, w3).to(acc)

@@ -1,4 +1,4 @@
-"""Where the reference rounds (spec §2, §3, §25 of §10).
+"""Where the reference rounds (docs/v4-spec.md §2, §3, §10.25).
 
 The official demo stores activations in bf16 and does a fixed set of things in fp32 (mHC,
 router, compressor, softmaxes, LM head). The reference keeps that placement and lets both

@@ -1,4 +1,4 @@
-"""Shared primitives: RMSNorm (weighted / unweighted), RoPE tables and rotation (spec §3)."""
+"""Shared primitives: RMSNorm (weighted / unweighted), RoPE tables and rotation (docs/v4-spec.md §3)."""
 from __future__ import annotations
 
 import math
@@ -22,7 +22,7 @@ def reduction_split(k: int):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, acc: torch.dtype) -> torch.Tensor:
-    """Weighted RMSNorm, official order (spec §3.1): w * (x * rsqrt(mean(x^2) + eps)) in `acc`,
+    """Weighted RMSNorm, official order (docs/v4-spec.md §3.1): w * (x * rsqrt(mean(x^2) + eps)) in `acc`,
     cast once to the input dtype."""
     xf = x.to(acc)
     xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
@@ -31,12 +31,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, acc: torch.dtype
 
 def rms_unit(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Unweighted RMSNorm in the tensor's own dtype (the demo normalises q per head in bf16,
-    spec §5.2)."""
+    docs/v4-spec.md §5.2)."""
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
 def _yarn_correction_dim(rho: float, rope_dim: int, base: float, original_max_pos: int) -> float:
-    # corr(rho) = dim * ln(orig / (2*pi*rho)) / (2 ln base)   (spec §3.3)
+    # corr(rho) = dim * ln(orig / (2*pi*rho)) / (2 ln base)   (docs/v4-spec.md §3.3)
     return rope_dim * math.log(original_max_pos / (rho * 2 * math.pi)) / (2 * math.log(base))
 
 
@@ -48,7 +48,7 @@ def rope_frequencies(
     beta_fast: float = 32.0,
     beta_slow: float = 1.0,
 ) -> torch.Tensor:
-    """The `rope_dim/2` angular frequencies of one RoPE table, as fp32 (spec §3.3, App. A).
+    """The `rope_dim/2` angular frequencies of one RoPE table, as fp32 (docs/v4-spec.md §3.3).
 
     The table is a constant of the trained model and is defined in fp32 by the official
     demo; the reference reproduces those fp32 values exactly. YaRN ("NTK by parts") is applied
@@ -68,7 +68,7 @@ def rope_frequencies(
 
 
 def rope_angles(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Angles p * omega formed in fp32 exactly as the demo's `torch.outer` (spec §10.27)."""
+    """Angles p * omega formed in fp32 exactly as the demo's `torch.outer` (docs/v4-spec.md §10.27)."""
     return torch.outer(positions.to(torch.float32), freqs.to(torch.float32))
 
 
@@ -77,7 +77,7 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor, rope_dim: int, inverse: bo
     """Rotate the trailing `rope_dim` channels of `x` as interleaved pairs (2i, 2i+1).
 
     `x`: [S, ..., L]; `angles`: [S, rope_dim/2]. The rotation runs in `acc` (fp32 in the demo,
-    fp64 for the golden run) and the result is written back in x's dtype (spec §3.3).
+    fp64 for the golden run) and the result is written back in x's dtype (docs/v4-spec.md §3.3).
     """
     ang = angles.to(acc)
     if inverse:

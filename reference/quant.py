@@ -1,4 +1,4 @@
-"""Quantise-dequantise simulations of the official demo (spec §3.4, §3.5). Optional: the
+"""Quantise-dequantise simulations of the official demo (docs/v4-spec.md §3.4, §3.5). Optional: the
 reference's default ("high precision") target leaves them off; `sims=True` turns them on."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def fp8_sim(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _round_e2m1(v: torch.Tensor) -> torch.Tensor:
-    # round to nearest e2m1 magnitude, ties to even code (spec §11: round-half-even assumed)
+    # round to nearest e2m1 magnitude, ties to even code (docs/v4-spec.md §11: round-half-even assumed)
     grid = _FP4_GRID.to(v.device, torch.float32)
     mag = v.abs().clamp(max=FP4_MAX)
     d = (mag[..., None] - grid).abs()
@@ -68,7 +68,7 @@ def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:
-    """x H / sqrt(L) along the last dim (spec §3.4), computed in fp32 or wider."""
+    """x H / sqrt(L) along the last dim (docs/v4-spec.md §3.4), computed in fp32 or wider."""
     n = x.shape[-1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = hadamard_matrix(n, acc) / n**0.5

@@ -1,5 +1,5 @@
 """Fake DeepSeek V4 module trees with the real engines' module names, attribute paths and call
-structure (shared/research/engine-capture.md §1-§3; the engines' model files cited in
+structure (docs/engine-capture.md §1, §2, §3; the engines' model files cited in
 corruptcheck/engines/*_engine.py), to test the capture mapping without a GPU.
 
 The fakes do not compute the model: each op returns the reference's own value for the point it
@@ -323,7 +323,7 @@ class VLLMDecoderLayer(_Op):
 
 class VLLMModel(_Op):
     """DeepseekV4Model; @support_torch_compile replaces __call__ so module hooks on the model
-    itself never fire (engine-capture.md §1.3): reproduced here."""
+    itself never fire (docs/engine-capture.md §1.3): reproduced here."""
 
     def __init__(self, oracle, cfg, variant, max_tokens=512):
         super().__init__(oracle)

@@ -1,4 +1,4 @@
-"""The Python API for engine tests (issue 7): check an engine by name, class or instance, or a
+"""The Python API for engine tests (docs/pytest.md): check an engine by name, class or instance, or a
 dump directory, against a case; the result's verdict, points, culprit and `assert_ok()`."""
 import json
 import re

@@ -1,5 +1,5 @@
 """The reference against an independent implementation (transformers DeepseekV4ForCausalLM),
-point by point (spec §12 check 7)."""
+point by point (docs/v4-spec.md §12.7)."""
 import pytest
 
 from corruptcheck.cases import get_case
@@ -35,7 +35,7 @@ def test_tiny_float32_agrees_at_every_point(tiny, tiny_ref, tiny_hf32):
     comp = compare_points(capture_points(tiny.config), points, tiny_hf32, "float32", cov, noise)
     assert comp.verdict == "pass"
     compared = {p.name for p in comp.points if p.verdict in ("pass", "not-exercised")}
-    # every canonical point of DESIGN §4 that transformers exposes is compared
+    # every canonical point of docs/design.md §4 that transformers exposes is compared
     for layer in range(tiny.config.num_layers):
         for sub in ("attn_hc.in", "attn_hc.collapsed", "attn_norm", "attn.out", "ffn_hc.in",
                     "ffn_hc.collapsed", "ffn_norm", "moe.experts", "moe.weights", "moe.out", "out"):

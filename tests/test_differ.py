@@ -1,4 +1,4 @@
-"""The first differ: metrics, set comparison with near-ties, verdict rules (DESIGN §6)."""
+"""The first differ: metrics, set comparison with near-ties, verdict rules (docs/design.md §6)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The dump format (DESIGN §5), its validation, TP-shard merging and SGLang dumper import."""
+"""The dump format (docs/dump.md), its validation, TP-shard merging and SGLang dumper import."""
 import json
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""The fault registry (issue 6): named re-enactments of real bugs, patches that only live for
+"""The fault registry (docs/faults.md): named re-enactments of real bugs, patches that only live for
 an engine run, triggers that agree with what the run did, and the same fault in both engines."""
 import re
 
@@ -14,7 +14,7 @@ from corruptcheck.reference import attention, compressor, mhc, model, moe
 
 pytest.importorskip("transformers")
 
-REQUIRED = {  # issue 6's list -> registry name
+REQUIRED = {  # the bugs the self-test must re-enact -> registry name
     "7168 hidden-size guard": "mhc-pre-hidden-guard",
     "tile-remainder drop in one GEMM": "router-split-k-tail",
     "sqrt2 RMSNorm scale": "mhc-norm-sqrt2",

@@ -1,4 +1,4 @@
-"""Goldens: integrity, drift detection, reproducibility, use by compare (issue 3)."""
+"""Goldens: integrity, drift detection, reproducibility, use by compare (docs/golden.md)."""
 import json
 import shutil
 

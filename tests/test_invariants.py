@@ -1,15 +1,19 @@
-"""Spec §12 self-checks of the DeepSeek V4 reference (`corruptcheck.reference`).
+"""docs/v4-spec.md §12 self-checks of the DeepSeek V4 reference (`corruptcheck.reference`).
 
 Every test asserts numbers against stated bounds, and every test can fail: where an invariant
 could hold vacuously (nothing changed, nothing pruned, nothing clamped) the test also asserts
 that the thing it guards was really exercised.
 
-Sections (spec):
-  1. Sinkhorn (§4.3, §10.8, §12.1)         6. incremental compressor (§5.5, §12.3)
-  2. RoPE (§3.3, §10.1-2, §12.2)           7. indexer top-k (§5.6, §10.14)
-  3. causality under perturbation (§12.4)  8. clamped SwiGLU (§6.3, §10.17)
-  4. compressed-space visibility (§5.5)    9. precision modes (§10.25)
-  5. hash routing / router (§6.2, §12.5)
+Sections, with the parts of docs/v4-spec.md they check:
+  1. Sinkhorn: docs/v4-spec.md §4.3, §10.8, §12.1
+  2. RoPE: docs/v4-spec.md §3.3, §10.1, §10.2, §12.2
+  3. causality under perturbation: docs/v4-spec.md §12.4
+  4. compressed-space visibility: docs/v4-spec.md §5.5
+  5. hash routing / router: docs/v4-spec.md §6.2, §12.5
+  6. incremental compressor: docs/v4-spec.md §5.5, §12.3
+  7. indexer top-k: docs/v4-spec.md §5.6, §10.14
+  8. clamped SwiGLU: docs/v4-spec.md §6.3, §10.17
+  9. precision modes: docs/v4-spec.md §10.25
 """
 from __future__ import annotations
 
@@ -143,7 +147,7 @@ def test_sinkhorn_not_symmetric():
 
 
 def _spec_sinkhorn(r: torch.Tensor, steps: list[str], eps: float = SK_EPS) -> torch.Tensor:
-    """Spec §4.3 written out as an explicit list of normalisation steps."""
+    """docs/v4-spec.md §4.3 written out as an explicit list of normalisation steps."""
     m = torch.softmax(r, dim=-1) + eps  # softmax over k, then +eps elementwise
     for step in steps:
         if step == "col":  # M_jk / (sum_j M_jk + eps)
@@ -167,7 +171,7 @@ def test_sinkhorn_exact_schedule(r):
 
 
 def test_sinkhorn_schedule_is_sensitive():
-    """19 or 21 iterations, no eps, or rows last are all measurably different (spec §10.8)."""
+    """19 or 21 iterations, no eps, or rows last are all measurably different (docs/v4-spec.md §10.8)."""
     g = torch.Generator().manual_seed(1)
     r = torch.rand(256, 4, 4, generator=g, dtype=F64) * 16 - 8
     ref = sinkhorn(r, SK_ITERS, SK_EPS)
@@ -239,7 +243,7 @@ def test_rope_interleaved_pairs():
 @HYP_SMALL
 @given(st.integers(0, 2**31 - 1), st.sampled_from(["main", "compress"]))
 def test_rope_relative_position(seed, table):
-    """q.k after RoPE depends only on p - s (spec §12.2), positions < 64.
+    """q.k after RoPE depends only on p - s (docs/v4-spec.md §12.2), positions < 64.
 
     Exact-angle form: angles (p * omega) formed in float64 from the fp32 table -> tol 1e-9.
     Demo form (`rope_angles`): p * omega is rounded to fp32, an angle error of at most
@@ -276,7 +280,7 @@ def test_rope_relative_position(seed, table):
 
 
 def test_rope_compress_table_yarn_ratio():
-    """Spec §3.3: ratio 1 for i <= 15, exactly 1/16 for i >= 25, strictly between for 16..24
+    """docs/v4-spec.md §3.3: ratio 1 for i <= 15, exactly 1/16 for i >= 25, strictly between for 16..24
     (0.90625, 0.8125, ..., 0.15625)."""
     plain = rope_frequencies(64, 160000.0)
     assert COMPRESS_FREQS.dtype == torch.float32 and COMPRESS_FREQS.shape == (32,)

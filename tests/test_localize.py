@@ -1,5 +1,5 @@
 """Precision-aware tolerances, tie-aware discrete checks and teacher-forced localization
-(issue 4): no false alarm on honest precision changes, detection and localization of
+(docs/tolerances.md): no false alarm on honest precision changes, detection and localization of
 injected faults, reports."""
 import json
 import xml.etree.ElementTree as ET

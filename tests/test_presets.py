@@ -1,4 +1,4 @@
-"""Published configuration values (spec §1.1, §1.3)."""
+"""Published configuration values (docs/v4-spec.md §1.1, §1.3)."""
 import pytest
 
 from corruptcheck.reference import PRESETS, V4_FLASH, V4_PRO, ModelConfig

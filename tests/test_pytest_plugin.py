@@ -1,4 +1,4 @@
-"""The pytest plugin (issue 7), exercised through `pytester`: one item per case x capture point
+"""The pytest plugin (docs/pytest.md), exercised through `pytester`: one item per case x capture point
 plus a verdict item, pass/fail per point, missing points as skips, JUnit through pytest's
 `--junitxml`, reports, pytest-xdist, and an inert plugin without `--corruptcheck-engine`.
 Runs that import torch use subprocesses (a few seconds each), so torch state does not leak."""

@@ -1,4 +1,4 @@
-"""The demo's QAT simulations (spec §3.4-3.5), used when the reference runs with sims=True."""
+"""The demo's QAT simulations (docs/v4-spec.md §3.4, §3.5), used when the reference runs with sims=True."""
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

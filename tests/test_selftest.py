@@ -1,4 +1,4 @@
-"""The detector's self-test (issue 6): re-enacted bugs are caught and located, honest variants
+"""The detector's self-test (docs/faults.md): re-enacted bugs are caught and located, honest variants
 are not flagged, and the shape sweep shows a width-only guard.
 
 Unmarked: every fault at least once at float32 on a case that exercises it (tiny, and

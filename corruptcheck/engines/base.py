@@ -1,5 +1,5 @@
 """The engine interface: a name, an availability check, and `run(case, precision)` returning
-canonical points ({name: tensor}, tokens flattened over the batch; DESIGN.md §4, §9)."""
+canonical points ({name: tensor}, tokens flattened over the batch; docs/design.md §4, §9)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

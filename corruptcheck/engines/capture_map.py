@@ -1,12 +1,12 @@
 """Engine-independent capture: declarative taps on an engine's module tree -> canonical points.
 
-An engine adapter declares *where* each canonical point (DESIGN.md §4) lives in its module tree
+An engine adapter declares *where* each canonical point (docs/design.md §4) lives in its module tree
 as a list of `Tap`s; this module does the rest, the same way for every engine:
 
 * `Recorder` attaches forward hooks / method wrappers to any `torch.nn.Module` tree, counts
   calls per forward pass (fused ops run several times per layer), snapshots each tensor to the
   CPU at hook time (shared buffers are overwritten by later layers; aux CUDA streams are synced
-  first, engine-capture.md §7 pitfall 10) and groups the tensors by forward pass, together
+  first, docs/engine-capture.md §7.10) and groups the tensors by forward pass, together
   with the pass's token ids and positions.
 * `merge_ranks` folds the captures of tensor-parallel ranks into one: `replicated` (rank 0,
   and any disagreement between ranks is reported: it is itself a corruption signal), `partial`
@@ -81,11 +81,11 @@ class Tap:
            buffers); followed by any `[k]` / `.attr` accessors ("out[3]", "out.residual").
            `in` values are read before the call runs (engines mutate inputs in place).
     method wrap this method instead of hooking the module's forward (mHC ops that are
-           methods, engine-capture.md §2.4, §3.1).
+           methods, docs/engine-capture.md §2.4, §3.1).
     call   which call of that module/method within one forward pass (0-based); None = every
            call (the point must then be written once per pass).
     layers "all", "first" (the first layer present) or "rest" (the others): fused ops are
-           called a different number of times on the first layer (vLLM, §1.2).
+           called a different number of times on the first layer (vLLM, docs/engine-capture.md §1.2).
     when   predicate on the `Call` (e.g. a fused-norm flag in the output).
     merge  across tensor-parallel ranks: "replicated", "partial" or "shard:<dim>" (the dim of
            the raw engine tensor).
@@ -439,7 +439,7 @@ def _sum(parts):
 
 
 def merge_ranks(captures: list[RawCapture]) -> RawCapture:
-    """Fold the captures of TP ranks (same batch, same passes) into one (§7 pitfall 2)."""
+    """Fold the captures of TP ranks (same batch, same passes) into one (docs/engine-capture.md §7.2)."""
     if len(captures) == 1:
         return captures[0]
     first = captures[0]
@@ -489,7 +489,7 @@ _VECTOR = ("attn_hc.collapsed", "attn_norm", "attn.out", "ffn_hc.collapsed", "ff
 
 
 def canonical_tail(cfg: ModelConfig, name: str):
-    """The canonical per-token shape of a point (DESIGN §4); None for the indexer top-k
+    """The canonical per-token shape of a point (docs/design.md §4); None for the indexer top-k
     (its width is padded to index_topk)."""
     n, d = cfg.hc_mult, cfg.hidden_size
     top = {"embed": (d,), "head.collapsed": (d,), "head.norm": (d,), "logits": (cfg.vocab_size,)}
@@ -744,7 +744,7 @@ class GPUEngine(Engine):
 
 def checkpoint_config(cfg: ModelConfig, weight_format: str = "bf16") -> dict:
     """config.json in the keys DeepSeek's V4 release uses (as the engines' config classes read
-    them: engine-capture.md §1.1, §2.1, §3.1). Keys only some engine reads are marked."""
+    them: docs/engine-capture.md §1.1, §2.1, §3.1). Keys only some engine reads are marked."""
     conf = {
         "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
@@ -765,7 +765,7 @@ def checkpoint_config(cfg: ModelConfig, weight_format: str = "bf16") -> dict:
         "index_head_dim": cfg.index_head_dim, "index_topk": cfg.index_topk, "rms_norm_eps": cfg.rms_eps,
         "num_nextn_predict_layers": cfg.num_mtp_layers, "hidden_act": "silu", "torch_dtype": "bfloat16",
         "tie_word_embeddings": False,
-        # TRT-LLM reads the MLA-style names (kv_lora_rank must be 448 there, §3.3)
+        # TRT-LLM reads the MLA-style names (kv_lora_rank must be 448 there, docs/engine-capture.md §3.3)
         "kv_lora_rank": cfg.head_dim - cfg.rope_dim, "qk_nope_head_dim": cfg.head_dim - cfg.rope_dim,
         "v_head_dim": cfg.head_dim, "n_hash_layers": cfg.num_hash_layers, "n_group": 1, "topk_group": 1,
     }

@@ -1,4 +1,4 @@
-"""The `dump` engine: a directory an engine wrote in the dump format (DESIGN.md §5), or the
+"""The `dump` engine: a directory an engine wrote in the dump format (docs/design.md §5), or the
 files SGLang's own dumper wrote (`--format sglang`)."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The `hf` engine: transformers' `DeepseekV4ForCausalLM`, run on the case's weights with
-forward hooks mapped to the canonical capture points (DESIGN.md §4).
+forward hooks mapped to the canonical capture points (docs/design.md §4).
 
 transformers is imported lazily so the rest of corruptcheck works without it.
 """
@@ -30,7 +30,7 @@ def require_transformers():
 
 
 def hf_config(cfg: ModelConfig, attn_impl: str = "eager"):
-    """The transformers config equivalent to `cfg` (explicit layer schedule, spec §1.3)."""
+    """The transformers config equivalent to `cfg` (explicit layer schedule, docs/v4-spec.md §1.3)."""
     require_transformers()
     from transformers import DeepseekV4Config
 
@@ -64,7 +64,7 @@ def hf_config(cfg: ModelConfig, attn_impl: str = "eager"):
     return conf
 
 
-# DeepSeek checkpoint name -> transformers module name (spec §8.1, HF conversion_mapping)
+# DeepSeek checkpoint name -> transformers module name (docs/v4-spec.md §8.1, HF conversion_mapping)
 _LAYER_RENAMES = [
     ("attn_norm.weight", "input_layernorm.weight"),
     ("ffn_norm.weight", "post_attention_layernorm.weight"),

@@ -2,15 +2,15 @@
 hooks and method wrappers.
 
 Capture (tested here on tests/engine_trees.py): `capture_taps()` maps the canonical points to
-sgl-project/sglang `python/sglang/srt/models/deepseek_v4.py` @ 000328a8 (engine-capture.md §2,
-§6). SGLang's decoder layer runs the unfused sequence hc_pre -> input_layernorm -> self_attn ->
-hc_post -> hc_pre -> post_attention_layernorm -> mlp -> hc_post and returns the full
-[T, hc, H] stream, so the layer output is the layer's own output. `hc_pre`, `hc_post` and
-`hc_head` are methods (wrapped per instance, call 0 = attention, call 1 = FFN). With the
-TileLang mhc_pre, `hc_pre(..., norm=...)` folds the RMSNorm in and says so in its 4th return
-value: the collapsed point is then not exposed and ret[0] is the normed input.
+sgl-project/sglang `python/sglang/srt/models/deepseek_v4.py` @ 000328a8
+(docs/engine-capture.md §2, §6). SGLang's decoder layer runs the unfused sequence
+hc_pre -> input_layernorm -> self_attn -> hc_post -> hc_pre -> post_attention_layernorm -> mlp
+-> hc_post and returns the full [T, hc, H] stream, so the layer output is the layer's own
+output. `hc_pre`, `hc_post` and `hc_head` are methods (wrapped per instance, call 0 =
+attention, call 1 = FFN). With the TileLang mhc_pre, `hc_pre(..., norm=...)` folds the RMSNorm
+in and says so in its 4th return value: the collapsed point is then not exposed and ret[0] is the normed input.
 
-Launch (GPU only, NOT run in this repository yet; docs/engines.md keeps the status): SGLang's
+Launch (GPU only; docs/engines.md says what is verified where): SGLang's
 server runs the model in scheduler subprocesses; the in-process route is the one
 `python -m sglang.bench_one_batch` takes (ModelRunner built in this process, one prefill of the
 batch), with --disable-cuda-graph, TP=1, no radix cache, no overlap scheduling.
@@ -46,7 +46,7 @@ def _not_norm_fused(call) -> bool:
 
 
 def capture_taps(cfg: ModelConfig, topk_weights_scaled: bool = False) -> list[Tap]:
-    """Canonical point -> SGLang module / method (engine-capture.md §2.1, §6).
+    """Canonical point -> SGLang module / method (docs/engine-capture.md §2.1, §6).
 
     `topk_weights_scaled`: whether `mlp.topk`'s weights already include the routed scaling
     factor. SGLang applies it to the MoE output unless the MoE kernel fuses it
@@ -86,7 +86,8 @@ def capture_taps(cfg: ModelConfig, topk_weights_scaled: bool = False) -> list[Ta
         Tap("logits_processor", "logits", "out.next_token_logits"),
     ]
     # not exposed: indexer top-k (C4Indexer returns None and writes physical paged indices
-    # into the attention backend's metadata, §2.2), attn.kv (fused into the cache write)
+    # into the attention backend's metadata, docs/engine-capture.md §2.2), attn.kv (fused into
+    # the cache write)
     return taps
 
 

@@ -3,7 +3,7 @@ captured with module hooks and method wrappers.
 
 Capture (tested here on tests/engine_trees.py): `capture_taps()` maps the canonical points to
 NVIDIA/TensorRT-LLM `tensorrt_llm/_torch/models/modeling_deepseekv4.py` @ 02586bf0 and
-`_torch/modules/mhc/hyper_connection.py` (engine-capture.md §3, §6). The layers thread an
+`_torch/modules/mhc/hyper_connection.py` (docs/engine-capture.md §3, §6). The layers thread an
 `HCState` through the model: with fused HC (the default) every layer but the last defers its
 FFN mHC post-mapping, and the next layer absorbs it in `hc_attn.fused_hc`, which also applies
 `input_layernorm` inside the kernel. So:
@@ -17,7 +17,7 @@ FFN mHC post-mapping, and the next layer absorbs it in `hc_attn.fused_hc`, which
   ranks are merged) and `post_attention_layernorm` is not called.
 `mHC` has no forward: `pre_mapping`, `fused_hc`, `post_mapping` are wrapped as methods.
 
-Launch (GPU only, NOT run in this repository yet; docs/engines.md keeps the status):
+Launch (GPU only; docs/engines.md says what is verified where):
 TLLM_WORKER_USE_SINGLE_PROCESS=1 (executor in this process), `LLM(..., cuda_graph_config=None,
 tensor_parallel_size=1)`, `return_context_logits=True` so hc_head / norm / lm_head run on every
 token (otherwise only on each sequence's last one), model at
@@ -61,7 +61,7 @@ def _routing_ids_first(call) -> bool:
 
 
 def capture_taps(cfg: ModelConfig, tp_size: int = 1, pre_moe_fusion: bool = True) -> list[Tap]:
-    """Canonical point -> TRT-LLM module / method (engine-capture.md §3.1, §6)."""
+    """Canonical point -> TRT-LLM module / method (docs/engine-capture.md §3.1, §6)."""
     attn_merge = "partial" if (tp_size > 1 and pre_moe_fusion) else "replicated"
     hc_attn, hc_ffn = f"{L}.hc_attn", f"{L}.hc_ffn"
     taps = [
@@ -135,7 +135,7 @@ class TRTLLMEngine(GPUEngine):
 
 
 def launch(case: Case, weight_format: str, fused_hc: bool, free_gpu_memory_fraction: float):
-    """GPU only; unverified. Settings from engine-capture.md §3.2, §8."""
+    """GPU only; unverified. Settings from docs/engine-capture.md §3.2, §8."""
     os.environ["TLLM_WORKER_USE_SINGLE_PROCESS"] = "1"
     os.environ["TRTLLM_MHC_ENABLE_FUSED_HC"] = "1" if fused_hc else "0"
     import tensorrt_llm

@@ -9,19 +9,19 @@ CUDA capture (tested here on tests/engine_trees.py): `capture_taps()` says where
 lives in vLLM's module tree, from vllm-project/vllm `vllm/model_executor/models/deepseek_v4.py`
 (version A @ 023da1fc: `ffn.norm_gate`; version B @ f1b76c19: `ffn_norm` + `ffn.gate`),
 `vllm/model_executor/layers/mhc.py` @ 001a058b and `layers/deepseek_v4_attention.py`
-@ 0a291a2e (engine-capture.md §1, §6). The CUDA path fuses a layer's FFN mHC post with the next
+@ 0a291a2e (docs/engine-capture.md §1, §6). The CUDA path fuses a layer's FFN mHC post with the next
 layer's attention mHC pre (`mhc_fused_post_pre`), so:
 
 * layer i's output (i < L-1) = call 0 of layer i+1's `mhc_fused_post_pre`, output 0;
 * the last layer's output = the input of the final head contraction (`model.hc_head_op`);
 * the first layer runs a standalone `mhc_pre` and calls `mhc_fused_post_pre` only once.
 
-Launch (GPU only, NOT run in this repository yet; docs/engines.md keeps the status): writes
+Launch (GPU only; what has been verified where is in docs/engines.md): writes
 the case as a DeepSeek-format checkpoint (FP8 linear weights: vLLM's V4 attention applies
 `wo_a` as an FP8 einsum and needs an FP8 KV cache), builds `vllm.LLM` in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0, TP=1, enforce_eager=True: no torch.compile, no CUDA graphs,
-both of which bypass module hooks, §1.3), installs the recorder through `LLM.apply_model`,
-prefills every sequence with max_tokens=1 and removes the hooks.
+both of which bypass module hooks, docs/engine-capture.md §1.3), installs the recorder through
+`LLM.apply_model`, prefills every sequence with max_tokens=1 and removes the hooks.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _routed_inputs(call) -> bool:
 
 
 def capture_taps(cfg: ModelConfig) -> list[Tap]:
-    """Canonical point -> vLLM module (CUDA path, `_forward_cuda`; engine-capture.md §6)."""
+    """Canonical point -> vLLM module (CUDA path, `_forward_cuda`; docs/engine-capture.md §6)."""
     taps = [
         Tap("model.embed_tokens", "embed", "out"),
         # layer 0: standalone mhc_pre(residual=x, ...) -> (post_mix, res_mix, layer_input)
@@ -91,7 +91,7 @@ def capture_taps(cfg: ModelConfig) -> list[Tap]:
         # DeepseekV4Attention.forward -> mla_attn -> ... -> wo_b (RowParallel: reduced)
         Tap(f"{L}.attn", "layers.{i}.attn.out", "out"),
         # the indexer writes into one buffer shared by every CSA layer: copy rows [:T] when
-        # this layer's indexer returns (§1.5)
+        # this layer's indexer returns (docs/engine-capture.md §1.5)
         Tap(f"{L}.attn.indexer", "layers.{i}.attn.indexer_topk", "state:model.topk_indices_buffer"),
         # version A: NormGateLinear(x) -> (normed_x, router_logits)
         Tap(f"{L}.ffn.norm_gate", "layers.{i}.ffn_norm", "out[0]"),
