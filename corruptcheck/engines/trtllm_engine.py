@@ -33,14 +33,11 @@ import torch
 
 from corruptcheck.cases import Case
 from corruptcheck.engines.options import Option, boolean, fraction, one_of
-from corruptcheck.engines.capture_map import (
-    Recorder,
-    Tap,
-    TokenSource,
-    capture_points_from,
-    GPUEngine,
-    write_checkpoint,
-)
+from corruptcheck.engines.canonical import capture_points_from
+from corruptcheck.engines.checkpoint import write_checkpoint
+from corruptcheck.engines.gpu_launch import GPUEngine
+from corruptcheck.engines.recorder import Recorder
+from corruptcheck.engines.taps import Tap, TokenSource
 from corruptcheck.reference import ModelConfig
 
 L = "model.layers.{i}"
@@ -62,7 +59,7 @@ def _routing_ids_first(call) -> bool:
 
 def capture_taps(cfg: ModelConfig, tp_size: int = 1, pre_moe_fusion: bool = True) -> list[Tap]:
     """Canonical point -> TRT-LLM module / method (engine-capture.md §3.1, §6)."""
-    attn_merge = "partial" if (tp_size > 1 and pre_moe_fusion) else "replicated"
+    attn_merge = "sum" if (tp_size > 1 and pre_moe_fusion) else "replicated"
     hc_attn, hc_ffn = f"{L}.hc_attn", f"{L}.hc_ffn"
     taps = [
         Tap("model.embed_tokens", "embed", "out"),

@@ -36,14 +36,13 @@ from corruptcheck.cases import Case
 from corruptcheck.engines import vllm_cpu
 from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.engines.options import Option, fraction, one_of, positive_float, positive_int
-from corruptcheck.engines.capture_map import (
-    Recorder,
-    Tap,
-    TokenSource,
-    capture_points_from,
-    engine_available,
-    write_checkpoint,
-)
+from corruptcheck.engines.alignment import align_requests
+from corruptcheck.engines.canonical import capture_meta, capture_points_from, finalize
+from corruptcheck.engines.checkpoint import write_checkpoint
+from corruptcheck.engines.gpu_launch import engine_available
+from corruptcheck.engines.ranks import merge_ranks
+from corruptcheck.engines.recorder import Recorder
+from corruptcheck.engines.taps import Tap, TokenSource
 from corruptcheck.errors import EngineUnavailable
 from corruptcheck.reference import ModelConfig
 
@@ -325,8 +324,6 @@ def _served_captured(llm, taps: list[Tap], case: Case, schedule) -> tuple[dict, 
     under the token budget), greedy, `decode_steps + 1` new tokens (the last is sampled, not
     fed): (points of every fed token, capture meta with meta["served"])."""
     from vllm import SamplingParams
-
-    from corruptcheck.engines.capture_map import align_requests, capture_meta, finalize, merge_ranks
 
     cfg, prompts = case.config, case.sequences()
     recorder = Recorder(taps, TOKENS, cfg.num_layers)
