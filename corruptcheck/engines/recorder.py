@@ -23,6 +23,7 @@ from corruptcheck.engines.taps import (
     format_point,
     parse_take,
     read_value,
+    resolve_attr,
 )
 
 
