@@ -12,6 +12,9 @@ are canonical point names:
      "layout": {"<key>": {"tokens": "flat" | "batch",     # [T, ...] or [B, S_max, ...] right-padded
                           "merge": "sum" | "concat", "dim": -1}}}   # how per-rank shards combine
 
+The merge words are corruptcheck/shards.py's vocabulary (the one the SGLang import and the
+engine capture use too); docs/dump.md is the format's reference.
+
 Reading validates everything against the case (case name, config, token ids, file paths,
 shapes, dtypes) and raises `BadInput` with one clear line; nothing is unpickled.
 """
@@ -25,15 +28,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from corruptcheck.batch_layout import fits_batch, unpad
 from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
 from corruptcheck.jsonio import loads_finite
 from corruptcheck.reference import Precision
+from corruptcheck.shards import CONCAT, SUM, MergeRule, ShardError, merge_shards
 
 DUMP_FORMAT = "corruptcheck-dump"
 DUMP_VERSION = 1
 MANIFEST = "manifest.json"
-MERGES = ("sum", "concat")
+MERGES = (SUM, CONCAT)  # the rules a dump may name (shards.py); replicated keys appear in one file
 FIELD_TYPES = {"case": (str, "a string"), "precision": (str, "a string"), "files": (list, "a list of file names"),
                "inputs": (dict, "a table"), "layout": (dict, "a table"), "engine": (dict, "a table"),
                "config": (dict, "a table")}
@@ -123,10 +128,10 @@ def _check_case(manifest: dict, case: Case, root: Path) -> None:
 
 def _unbatch(key: str, t: torch.Tensor, seq_lens) -> torch.Tensor:
     """[B, S_max, ...] right-padded -> [T, ...]."""
-    if t.dim() < 2 or t.shape[0] != len(seq_lens) or t.shape[1] < max(seq_lens):
+    if not fits_batch(t, seq_lens):
         raise BadInput(f"point {key}: batch layout {tuple(t.shape)} does not fit {len(seq_lens)} sequences "
                        f"of lengths {list(seq_lens)}")
-    return torch.cat([t[b, :n] for b, n in enumerate(seq_lens)], 0)
+    return unpad(t, seq_lens)
 
 
 def load_dump(path: str | Path, case: Case) -> tuple[dict, dict]:
@@ -174,20 +179,13 @@ def _merge(key: str, parts: list, spec: dict) -> torch.Tensor:
         if merge is not None and merge not in MERGES:
             raise BadInput(f"layout of {key}: merge must be one of {MERGES}, not {merge!r}")
         return parts[0]
-    if merge == "sum":  # tensor-parallel partial sums
-        if len({tuple(p.shape) for p in parts}) != 1:
-            raise BadInput(f"point {key}: partial sums of different shapes {[tuple(p.shape) for p in parts]}")
-        if not parts[0].is_floating_point():
-            raise BadInput(f"point {key}: integer tensors cannot be partial sums")
-        total = sum(p.to(torch.float64) for p in parts)  # exact enough: the engine's all-reduce rounds more
-        return total if parts[0].dtype == torch.float64 else total.to(torch.float32)
-    if merge == "concat":
-        dim = spec.get("dim", -1)
-        if not isinstance(dim, int) or isinstance(dim, bool):
-            raise BadInput(f"layout of {key}: dim must be an integer")
-        try:
-            return torch.cat(parts, dim)
-        except (RuntimeError, IndexError) as exc:
-            raise BadInput(f"point {key}: shards do not concatenate along dim {dim} ({exc})") from None
-    raise BadInput(f"point {key} appears in {len(parts)} files but its layout has no merge rule "
-                   f"(sum for partial sums, concat with a dim for shards)")
+    if merge not in MERGES:
+        raise BadInput(f"point {key} appears in {len(parts)} files but its layout has no merge rule "
+                       f"(sum for partial sums, concat with a dim for shards)")
+    dim = spec.get("dim", -1)
+    if merge == CONCAT and (not isinstance(dim, int) or isinstance(dim, bool)):
+        raise BadInput(f"layout of {key}: dim must be an integer")
+    try:
+        return merge_shards(parts, MergeRule(merge, dim if merge == CONCAT else -1))
+    except ShardError as exc:
+        raise BadInput(f"point {key}: {exc}") from None

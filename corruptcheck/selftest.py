@@ -27,6 +27,7 @@ from html import escape as html_escape
 
 import torch
 
+from corruptcheck.batch_layout import leading_sequences
 from corruptcheck.cases import CASES, Case, get_case
 from corruptcheck.compare import compare
 from corruptcheck.engines import Capture, Engine, get_engine
@@ -193,18 +194,7 @@ def partnered(case: Case) -> Case:
 
 def _own_rows(points: dict, case: Case) -> dict:
     """Rows of the case's own sequences out of a partnered capture."""
-    cfg = case.config
-    tokens = case.num_tokens
-    out = {}
-    for name, t in points.items():
-        if name.endswith(("compressed_kv", "indexer_keys")):
-            parts = name.split(".")
-            layer = cfg.num_layers if parts[0] == "mtp" else int(parts[1])
-            out[name] = t[: sum(n // cfg.compress_ratio(layer) for n in case.seq_lens)]
-        else:
-            rows = tokens - len(case.seq_lens) if name.startswith("mtp.") else tokens
-            out[name] = t[:rows]
-    return out
+    return leading_sequences(points, case.config, case.seq_lens)
 
 
 class VariantEngine(Engine):

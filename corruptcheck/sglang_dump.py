@@ -8,7 +8,8 @@ docs/engine-capture.md §2.3):
   `non_intrusive__<module path>.output` / `.inputs.<i|kw>`; core fields `input_ids`,
   `positions`, `seq_lens` describe the batch;
 * tensor-parallel shards carry a dims string (`"t h(tp,partial)"`, `"t h(tp)"`) in the meta,
-  as SGLang's comparator uses them: `partial` -> sum over ranks, `tp` -> concatenate on that dim.
+  as SGLang's comparator uses them: `partial` -> sum over ranks, `tp` -> concatenate on that dim
+  (translated to corruptcheck/shards.py's rules `sum` / `concat:<dim>`, merged there).
 
 Files are loaded with `torch.load(weights_only=True)`: anything but tensors and plain values
 is refused.
@@ -25,6 +26,7 @@ from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
 from corruptcheck.points import capture_points
 from corruptcheck.reference import Precision
+from corruptcheck.shards import CONCAT, SUM, MergeRule, ShardError, merge_shards, replicas_agree
 
 # SGLang DeepSeek V4 module paths (docs/engine-capture.md §2.1, §6) -> canonical points
 _MODULE_MAP = [
@@ -86,28 +88,33 @@ def _load(path: Path) -> tuple[torch.Tensor, dict]:
     return obj["value"], meta if isinstance(meta, dict) else {}
 
 
+def dims_rule(dims) -> MergeRule | None:
+    """The merge rule (shards.py) a dims annotation states: the first axis marked `partial`
+    -> sum, marked `tp` / `ep` / `sp` / `cp` -> concat on that axis; None if none is marked."""
+    if not isinstance(dims, str):
+        return None
+    for axis, token in enumerate(dims.split()):
+        m = _DIMS.match(token)
+        mods = set((m.group(2) or "").split(",")) if m else set()
+        if "partial" in mods:
+            return MergeRule(SUM)
+        if mods & {"tp", "ep", "sp", "cp"}:
+            return MergeRule(CONCAT, axis)
+    return None
+
+
 def _merge(name: str, shards: list[tuple[int, torch.Tensor, dict]]) -> torch.Tensor:
     shards.sort(key=lambda s: s[0])
     tensors = [t for _, t, _ in shards]
-    if len(tensors) == 1:
-        return tensors[0]
     dims = shards[0][2].get("dims")
-    shapes = [tuple(t.shape) for t in tensors]
-    if isinstance(dims, str):
-        for axis, token in enumerate(dims.split()):
-            m = _DIMS.match(token)
-            mods = set((m.group(2) or "").split(",")) if m else set()
-            if "partial" in mods:
-                if len(set(shapes)) != 1 or not tensors[0].is_floating_point():
-                    raise BadInput(f"point {name}: partial sums need float shards of one shape, got {shapes}")
-                return sum(t.to(torch.float64) for t in tensors).to(torch.float32)
-            if mods & {"tp", "ep", "sp", "cp"}:
-                try:
-                    return torch.cat(tensors, axis)
-                except (RuntimeError, IndexError) as exc:
-                    raise BadInput(f"point {name}: shards {shapes} do not concatenate on axis {axis} of "
-                                   f"dims {dims!r} ({str(exc).splitlines()[0]})") from None
-    if len(set(shapes)) == 1 and all(torch.equal(tensors[0], t) for t in tensors[1:]):
+    rule = dims_rule(dims) if len(tensors) > 1 else None
+    if rule is not None:
+        try:
+            merged = merge_shards(tensors, rule)
+        except ShardError as exc:
+            raise BadInput(f"point {name}: {exc} (dims {dims!r})") from None
+        return merged.to(torch.float32) if rule.kind == SUM else merged  # sums come back float32
+    if len(tensors) == 1 or replicas_agree(tensors):
         return tensors[0]  # replicated
     raise BadInput(f"point {name}: {len(tensors)} ranks differ and the dump has no dims annotation "
                    f"(e.g. 't h(tp,partial)') saying how to merge them")

@@ -1,5 +1,12 @@
-"""Quantise-dequantise simulations of the official demo (docs/v4-spec.md §3.4, §3.5). Optional: the
-reference's default ("high precision") target leaves them off; `sims=True` turns them on."""
+"""DeepSeek V4's low-precision formats, in one place: e4m3 (FP8) and e2m1 (FP4) values with
+power-of-two (ue8m0) block scales.
+
+Two users: the reference's quantise-dequantise simulations of the official demo (`fp8_sim`,
+`fp4_sim`, docs/v4-spec.md §3.4, §3.5; optional: the default "high precision" target leaves them off,
+`sims=True` turns them on), and the FP8 weight format of V4 checkpoints (`fp8_block_quantize`
+/ `fp8_dequantize`: one scale per 128 x 128 tile), which the engines' checkpoint writer
+(engines/checkpoint.py) and weights.py use. Both round through the same `ue8m0_scale` and
+`to_e4m3`."""
 from __future__ import annotations
 
 import torch
@@ -10,9 +17,15 @@ FP8_BLOCK = 128  # DeepSeek's weight block: one ue8m0 scale per 128 x 128 tile
 _FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
-def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
-    # 2^ceil(log2 s): the ue8m0 scale rounding (exponent, +1 if any mantissa bit set).
-    return torch.exp2(torch.ceil(torch.log2(s)))
+def ue8m0_scale(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
+    """The power-of-two scale mapping a block's |max| onto the format's largest value:
+    2^ceil(log2(amax / fmt_max)) (ue8m0 keeps only an exponent, +1 if any mantissa bit is set)."""
+    return torch.exp2(torch.ceil(torch.log2(amax / fmt_max)))
+
+
+def to_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """Scaled values -> e4m3 (float8_e4m3fn), saturating at +-FP8_MAX."""
+    return v.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -31,8 +44,8 @@ def fp8_sim(x: torch.Tensor, block: int) -> torch.Tensor:
     """Round each `block`-wide slab of the last dim through e4m3 with a power-of-two scale."""
     xb = _blocks(x, block)
     amax = xb.abs().amax(-1, keepdim=True).clamp_min(1e-4)
-    scale = _pow2_ceil(amax / FP8_MAX)
-    q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    scale = ue8m0_scale(amax, FP8_MAX)
+    q = to_e4m3(xb / scale).float()
     return _unblock(q * scale, x)
 
 
@@ -50,9 +63,10 @@ def _round_e2m1(v: torch.Tensor) -> torch.Tensor:
 
 
 def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Round each `block`-wide slab of the last dim through e2m1 with a power-of-two scale."""
     xb = _blocks(x, block)
     amax = xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
-    scale = _pow2_ceil(amax / FP4_MAX)
+    scale = ue8m0_scale(amax, FP4_MAX)
     q = _round_e2m1((xb / scale).clamp(-FP4_MAX, FP4_MAX))
     return _unblock(q * scale, x)
 
@@ -84,12 +98,13 @@ def fp8_block_quantize(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.T
     padded[:rows, :cols] = w.float()
     tiles = padded.view(rb, block, cb, block)
     amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
-    q = (tiles / scale[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = ue8m0_scale(amax, FP8_MAX)
+    q = to_e4m3(tiles / scale[:, None, :, None])
     return q.view(rb * block, cb * block)[:rows, :cols].contiguous(), scale
 
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """q * scale, each scale spread over its block x block tile (fp32)."""
     rows, cols = q.shape
     s = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
     return q.float() * s

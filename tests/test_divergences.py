@@ -7,7 +7,8 @@ from corruptcheck.compare import reference_run
 from corruptcheck.reference import V4_PRO, run
 
 transformers = pytest.importorskip("transformers")
-from corruptcheck.engines.hf import build_model, export_state_dict, run_hf  # noqa: E402
+from corruptcheck.engines.hf import run_hf  # noqa: E402
+from corruptcheck.engines.hf_model import build_model, export_state_dict  # noqa: E402
 
 
 def _rel(a, b):
@@ -19,7 +20,7 @@ def test_d1_fallback_schedule_has_wrong_parity_for_pro():
     assert conf.layer_types[2] == "heavily_compressed_attention"  # transformers' default
     assert V4_PRO.layer_type(2) == "csa"  # the released Pro list: layer 2 is CSA
     # the hf engine always passes the explicit schedule
-    from corruptcheck.engines.hf import hf_config
+    from corruptcheck.engines.hf_model import hf_config
     from corruptcheck.cases import get_case
 
     cfg = get_case("pro-slice").config
@@ -76,7 +77,7 @@ def test_d6_rope_cos_sin_rounded_to_activation_dtype(tiny):
     multiplies by its fp32 table."""
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
 
-    from corruptcheck.engines.hf import hf_config
+    from corruptcheck.engines.hf_model import hf_config
 
     rot = DeepseekV4RotaryEmbedding(hf_config(tiny.config))
     x = torch.zeros(1, 4, 8, dtype=torch.bfloat16)
@@ -89,7 +90,7 @@ def test_d7_rope_tables_match_exactly(tiny):
     table bit for bit (YaRN pair-index quirk included)."""
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
 
-    from corruptcheck.engines.hf import hf_config
+    from corruptcheck.engines.hf_model import hf_config
     from corruptcheck.reference.model import rope_tables
 
     for cfg in (tiny.config, V4_PRO):
@@ -103,7 +104,7 @@ def test_d8_transformers_519_norm_returns_fp32():
     """transformers < 5.24: an fp32-kept DeepseekV4RMSNorm hands fp32 to the next bf16 Linear."""
     from packaging.version import Version
 
-    from corruptcheck.engines.hf import norm_returns_input_dtype
+    from corruptcheck.engines.hf_model import norm_returns_input_dtype
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RMSNorm
 
     norm = DeepseekV4RMSNorm(8)  # fp32 weight, as `_keep_in_fp32_modules_strict` keeps it

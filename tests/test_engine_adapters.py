@@ -15,15 +15,11 @@ import torch
 import engine_trees as et
 from corruptcheck.differ import compare_points
 from corruptcheck.engines import sglang_engine, trtllm_engine, vllm_engine
-from corruptcheck.engines.capture_map import (
-    RawCapture,
-    Recorder,
-    align_tokens,
-    capture_points_from,
-    finalize,
-    fp8_dequantize,
-    write_checkpoint,
-)
+from corruptcheck.engines.alignment import align_tokens
+from corruptcheck.engines.canonical import capture_points_from, finalize
+from corruptcheck.engines.checkpoint import write_checkpoint
+from corruptcheck.engines.recorder import RawCapture, Recorder
+from corruptcheck.reference.quant import fp8_dequantize
 from corruptcheck.engines.sglang_engine import SGLangEngine
 from corruptcheck.engines.trtllm_engine import TRTLLMEngine
 from corruptcheck.engines.vllm_engine import VLLMEngine
@@ -274,7 +270,7 @@ def test_trtllm_head_without_context_logits_is_a_gap(tiny, ref, plans):
 
 
 # --------------------------------------------------------------------------------------------
-# capture_map pieces
+# capture pieces (taps, recorder, alignment, canonical shapes)
 # --------------------------------------------------------------------------------------------
 
 def test_align_tokens_reordered_chunked_and_extra_rows():
@@ -357,7 +353,7 @@ def test_cli_compare_vllm_exits_2_with_one_line():
 
 def test_importing_adapters_imports_no_engine():
     code = ("import sys, corruptcheck.engines.vllm_engine, corruptcheck.engines.sglang_engine, "
-            "corruptcheck.engines.trtllm_engine, corruptcheck.engines.capture_map; "
+            "corruptcheck.engines.trtllm_engine, corruptcheck.engines.checkpoint; "
             "print([m for m in ('vllm', 'sglang', 'tensorrt_llm') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

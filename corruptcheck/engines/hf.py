@@ -1,263 +1,128 @@
-"""The `hf` engine: transformers' `DeepseekV4ForCausalLM`, run on the case's weights with
-forward hooks mapped to the canonical capture points (docs/design.md §4).
-
-transformers is imported lazily so the rest of corruptcheck works without it.
+"""The `hf` engine: transformers' `DeepseekV4ForCausalLM` (built by hf_model.py), run on the
+case's weights and captured like every other engine: `capture_taps()` (taps.py) attached by
+the `Recorder` (recorder.py), one recorded pass per model call (docs/design.md §4). Runs the case's
+sequences one at a time or as one right-padded batch, or serves a schedule through
+transformers' cache; `OutputPatch`es modify module outputs during a run (fault injection).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from corruptcheck.batch_layout import is_entry_point, pad_right, rows_per_sequence, unpad
 from corruptcheck.cases import Case
-from corruptcheck.errors import EngineUnavailable
-from corruptcheck.reference import ModelConfig, Precision
-
-HF_LAYER_TYPE = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
-                 "hca": "heavily_compressed_attention"}
-
-
-def require_transformers():
-    try:
-        import transformers
-        from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise EngineUnavailable(
-            f"the hf engine needs transformers>=5.24 with DeepseekV4ForCausalLM ({exc}); "
-            "install it with: pip install 'corruptcheck[hf]'") from None
-    return transformers
+from corruptcheck.engines.hf_model import build_model
+from corruptcheck.engines.recorder import Recorder
+from corruptcheck.engines.taps import Tap, TokenSource
+from corruptcheck.reference import ModelConfig
 
 
-def hf_config(cfg: ModelConfig, attn_impl: str = "eager"):
-    """The transformers config equivalent to `cfg` (explicit layer schedule, docs/v4-spec.md §1.3)."""
-    require_transformers()
-    from transformers import DeepseekV4Config
-
-    types = [cfg.layer_type(i) for i in range(cfg.num_layers)]
-    hca = {cfg.compress_ratio(i) for i in range(cfg.num_layers) if types[i] == "hca"}
-    if len(hca) > 1:
-        raise ValueError("transformers supports a single HCA ratio per model")
-    hc = cfg.hc_mult
-    conf = DeepseekV4Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_inter_dim,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=1,
-        head_dim=cfg.head_dim, q_lora_rank=cfg.q_lora_rank, num_experts_per_tok=cfg.experts_per_tok,
-        n_routed_experts=cfg.n_routed_experts, n_shared_experts=1, scoring_func="sqrtsoftplus",
-        norm_topk_prob=True, routed_scaling_factor=cfg.route_scale,
-        max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
-        layer_types=[HF_LAYER_TYPE[t] for t in types],
-        mlp_layer_types=["hash_moe" if cfg.is_hash_layer(i) else "moe" for i in range(cfg.num_layers)],
-        compress_rates={"compressed_sparse_attention": cfg.csa_ratio,
-                        "heavily_compressed_attention": hca.pop() if hca else 128},
-        compress_rope_theta=cfg.compress_rope_theta, hc_mult=hc, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters,
-        hc_eps=cfg.hc_eps, swiglu_limit=cfg.swiglu_limit, sliding_window=cfg.window, o_groups=cfg.o_groups,
-        o_lora_rank=cfg.o_lora_rank, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
-        index_topk=cfg.index_topk, rms_norm_eps=cfg.rms_eps, partial_rotary_factor=cfg.rope_dim / cfg.head_dim,
-        rope_parameters={"rope_type": "yarn", "factor": cfg.yarn_factor,
-                         "original_max_position_embeddings": cfg.yarn_original_max_pos,
-                         "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow},
-        tie_word_embeddings=False, num_nextn_predict_layers=cfg.num_mtp_layers,
-    )
-    conf._attn_implementation = attn_impl
-    conf._experts_implementation = "eager"
-    return conf
+L = "model.layers.{i}"
+# DeepseekV4ForCausalLM(input_ids=..., ...): transformers derives positions from its cache
+TOKENS = TokenSource(ids="in[input_ids|0]", pos=None, method=None)
 
 
-# DeepSeek checkpoint name -> transformers module name (docs/v4-spec.md §8.1, HF conversion_mapping)
-_LAYER_RENAMES = [
-    ("attn_norm.weight", "input_layernorm.weight"),
-    ("ffn_norm.weight", "post_attention_layernorm.weight"),
-    ("hc_attn_fn", "attn_hc.fn"), ("hc_attn_base", "attn_hc.base"), ("hc_attn_scale", "attn_hc.scale"),
-    ("hc_ffn_fn", "ffn_hc.fn"), ("hc_ffn_base", "ffn_hc.base"), ("hc_ffn_scale", "ffn_hc.scale"),
-    ("attn.wq_a.weight", "self_attn.q_a_proj.weight"), ("attn.q_norm.weight", "self_attn.q_a_norm.weight"),
-    ("attn.wq_b.weight", "self_attn.q_b_proj.weight"), ("attn.wkv.weight", "self_attn.kv_proj.weight"),
-    ("attn.kv_norm.weight", "self_attn.kv_norm.weight"), ("attn.wo_a.weight", "self_attn.o_a_proj.weight"),
-    ("attn.wo_b.weight", "self_attn.o_b_proj.weight"), ("attn.attn_sink", "self_attn.sinks"),
-    ("attn.compressor.wkv.weight", "self_attn.compressor.kv_proj.weight"),
-    ("attn.compressor.wgate.weight", "self_attn.compressor.gate_proj.weight"),
-    ("attn.compressor.ape", "self_attn.compressor.position_bias"),
-    ("attn.compressor.norm.weight", "self_attn.compressor.kv_norm.weight"),
-    ("attn.indexer.wq_b.weight", "self_attn.compressor.indexer.q_b_proj.weight"),
-    ("attn.indexer.weights_proj.weight", "self_attn.compressor.indexer.scorer.weights_proj.weight"),
-    ("attn.indexer.compressor.wkv.weight", "self_attn.compressor.indexer.kv_proj.weight"),
-    ("attn.indexer.compressor.wgate.weight", "self_attn.compressor.indexer.gate_proj.weight"),
-    ("attn.indexer.compressor.ape", "self_attn.compressor.indexer.position_bias"),
-    ("attn.indexer.compressor.norm.weight", "self_attn.compressor.indexer.kv_norm.weight"),
-    ("ffn.gate.weight", "mlp.gate.weight"), ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"),
-    ("ffn.gate.tid2eid", "mlp.gate.tid2eid"),
-    ("ffn.shared_experts.w1.weight", "mlp.shared_experts.gate_proj.weight"),
-    ("ffn.shared_experts.w3.weight", "mlp.shared_experts.up_proj.weight"),
-    ("ffn.shared_experts.w2.weight", "mlp.shared_experts.down_proj.weight"),
-]
-_TOP_RENAMES = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
-                "norm.weight": "model.norm.weight", "hc_head_fn": "model.hc_head.hc_fn",
-                "hc_head_base": "model.hc_head.hc_base", "hc_head_scale": "model.hc_head.hc_scale"}
+def capture_taps(cfg: ModelConfig) -> list[Tap]:
+    """Canonical point -> transformers' DeepseekV4ForCausalLM module (a layer's mHC modules
+    return (post, comb, collapsed); the router returns (logits, weights, expert ids); a CSA /
+    HCA layer's compressor returns its entries so far, [B, 1, n, d], first)."""
+    taps = [Tap("model.embed_tokens", "embed", "out")]
+    for hc in ("attn_hc", "ffn_hc"):
+        taps += [Tap(f"{L}.{hc}", f"layers.{{i}}.{hc}.in", "in[0]"),
+                 Tap(f"{L}.{hc}", f"layers.{{i}}.{hc}.post", "out[0]"),
+                 Tap(f"{L}.{hc}", f"layers.{{i}}.{hc}.comb", "out[1]"),
+                 Tap(f"{L}.{hc}", f"layers.{{i}}.{hc}.collapsed", "out[2]")]
+    return taps + [
+        Tap(f"{L}.input_layernorm", "layers.{i}.attn_norm", "out"),
+        Tap(f"{L}.post_attention_layernorm", "layers.{i}.ffn_norm", "out"),
+        Tap(f"{L}.self_attn.q_a_norm", "layers.{i}.attn.qr", "out"),
+        Tap(f"{L}.self_attn", "layers.{i}.attn.out", "out[0]"),
+        Tap(f"{L}.self_attn.o_a_proj", "layers.{i}.attn.core", "in[0]"),
+        Tap(f"{L}.self_attn.compressor", "layers.{i}.attn.compressed_kv", "out[0]"),  # absent: sliding
+        Tap(f"{L}.self_attn.compressor.indexer", "layers.{i}.attn.indexer_topk", "out"),  # CSA only
+        Tap(f"{L}.mlp.gate", "layers.{i}.moe.router_logits", "out[0]"),
+        Tap(f"{L}.mlp.gate", "layers.{i}.moe.experts", "out[2]"),
+        Tap(f"{L}.mlp.gate", "layers.{i}.moe.weights", "out[1]"),
+        Tap(f"{L}.mlp", "layers.{i}.moe.out", "out"),
+        Tap(L, "layers.{i}.out", "out"),
+        Tap("model.hc_head", "head.collapsed", "out"),
+        Tap("model.norm", "head.norm", "out"),
+        Tap("lm_head", "logits", "out"),
+    ]
 
 
-def export_state_dict(cfg: ModelConfig, params: dict) -> dict:
-    """DeepSeek-named parameters -> a transformers state dict (MTP dropped: HF lacks it)."""
-    out = {hf: params[ds] for ds, hf in _TOP_RENAMES.items()}
-    for layer in range(cfg.num_layers):
-        pre = f"layers.{layer}."
-        for ds, hf in _LAYER_RENAMES:
-            if pre + ds in params:
-                out[f"model.layers.{layer}.{hf}"] = params[pre + ds]
-        experts = range(cfg.n_routed_experts)
-        out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([params[f"{pre}ffn.experts.{e}.w1.weight"], params[f"{pre}ffn.experts.{e}.w3.weight"]])
-             for e in experts])
-        out[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(
-            [params[f"{pre}ffn.experts.{e}.w2.weight"] for e in experts])
+def _canonical_rows(points: dict, cfg: ModelConfig) -> dict:
+    """One forward pass's raw tensors -> canonical rows: module outputs [B, S, ...] flattened to
+    [B*S, ...] (the router already works on [B*S, ...]), attn.core split into heads, expert ids
+    sorted (their weights in the same order), indexer top-k padded with -1 to index_topk;
+    compressed entries stay per sequence, [B, n, d]."""
+    out = {}
+    for name, t in points.items():
+        leaf = name.split(".", 2)[-1]
+        if leaf == "attn.core":
+            out[name] = t.reshape(-1, cfg.num_heads, cfg.head_dim)
+        elif is_entry_point(name):
+            out[name] = t[:, 0]
+        elif leaf == "attn.indexer_topk":
+            idx = _flat(t).long()
+            pad = torch.full((idx.shape[0], cfg.index_topk - idx.shape[1]), -1, dtype=torch.long)
+            out[name] = torch.cat([idx, pad], 1)
+        elif leaf == "moe.experts":
+            weights = name[: -len("experts")] + "weights"
+            order = torch.sort(t.long(), dim=-1)
+            out[name] = order.values
+            out[weights] = points[weights].gather(1, order.indices)
+        elif leaf == "moe.router_logits":
+            out[name] = t
+        elif leaf != "moe.weights":  # the weights are placed with their expert ids
+            out[name] = _flat(t)
     return out
-
-
-def norm_returns_input_dtype() -> bool:
-    """Whether transformers' DeepseekV4RMSNorm with an fp32 weight returns a bf16 input's dtype."""
-    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RMSNorm
-
-    with torch.no_grad():
-        return DeepseekV4RMSNorm(2)(torch.ones(1, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
-
-
-def build_model(case: Case, precision: str = "float32", attn_impl: str = "eager"):
-    require_transformers()
-    from transformers import DeepseekV4ForCausalLM
-
-    prec = Precision.of(precision)
-    conf = hf_config(case.config, attn_impl)
-    with torch.device("meta"):
-        model = DeepseekV4ForCausalLM(conf)
-    model = model.to_empty(device="cpu")
-    sd = export_state_dict(case.config, case.params())
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    # rotary inv_freq buffers are non-persistent: rebuild them after to_empty
-    for mod in model.modules():
-        if type(mod).__name__ == "DeepseekV4RotaryEmbedding":
-            for lt in mod.layer_types:
-                fn = mod.compute_default_rope_parameters
-                if mod.rope_type[lt] != "default":
-                    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-                    fn = ROPE_INIT_FUNCTIONS[mod.rope_type[lt]]
-                inv, scaling = fn(mod.config, None, layer_type=lt)
-                getattr(mod, f"{lt}_inv_freq").copy_(inv)
-                getattr(mod, f"{lt}_original_inv_freq").copy_(inv)
-                setattr(mod, f"{lt}_attention_scaling", scaling)
-    missing = [k for k in missing if "inv_freq" not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"hf weight export mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
-    # keep HF's own fp32 modules (mHC, norms, sinks, biases) as HF does; cast the rest
-    keep = tuple(model._keep_in_fp32_modules_strict)
-    if prec.act == torch.bfloat16 and not norm_returns_input_dtype():
-        # transformers < 5.24 keeps RMSNorm weights fp32 but returns `weight * x.to(input dtype)`,
-        # i.e. fp32 into the next bf16 Linear: its own bf16 forward fails (docs/divergences.md
-        # D8). Its bf16 norm weights (exact: the cases' weights are bf16) make it run as a bf16
-        # port would; the run's meta says so.
-        norms = {n for n, m in model.named_modules() if type(m).__name__ == "DeepseekV4RMSNorm"}
-        keep = tuple(k for k in keep if not any(n.split(".")[-1] == k for n in norms))
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not t.is_floating_point():
-            continue
-        if "inv_freq" in name:  # RoPE frequencies stay fp32 as in transformers
-            continue
-        if prec.act == torch.bfloat16 and any(k in name.split(".") for k in keep):
-            continue
-        t.data = t.data.to(prec.act)
-    model.eval()
-    return model
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """[B, S, ...] -> [B*S, ...]"""
-    return t.detach().reshape(-1, *t.shape[2:])
+    return t.reshape(-1, *t.shape[2:])
 
 
-class _Hooks:
-    """Forward hooks writing canonical points of one sequence into `self.store`."""
+def _unpad(rows: dict, cfg: ModelConfig, lens: list[int], s_max: int) -> dict:
+    """Drop the padding of a right-padded batch (batch_layout.unpad): token rows (b, s < len_b)
+    in order; compressed entries i < len_b // ratio of each sequence."""
+    out = {}
+    for name, t in rows.items():
+        if is_entry_point(name):  # [B, n, d]
+            out[name] = unpad(t, rows_per_sequence(cfg, name, lens))
+        else:  # [B*S_max, ...]
+            out[name] = unpad(t.reshape(len(lens), s_max, *t.shape[1:]), lens)
+    return out
 
-    def __init__(self, model, cfg: ModelConfig):
-        self.store: dict = {}
-        self.entries: dict = {}  # names whose rows are compressed entries, not tokens
-        self.handles = []
-        self.cfg = cfg
-        m = model.model
-        self._out(m.embed_tokens, "embed")
-        for i, layer in enumerate(m.layers):
-            p = f"layers.{i}."
-            for hc, name in ((layer.attn_hc, "attn_hc"), (layer.ffn_hc, "ffn_hc")):
-                self._hc(hc, p + name)
-            self._out(layer.input_layernorm, p + "attn_norm")
-            self._out(layer.post_attention_layernorm, p + "ffn_norm")
-            att = layer.self_attn
-            self._out(att.q_a_norm, p + "attn.qr")
-            self._out(att, p + "attn.out", index=0)
-            self._pre(att.o_a_proj, p + "attn.core", reshape=(cfg.num_heads, cfg.head_dim))
-            if att.compressor is not None:
-                self._compressed(att.compressor, p + "attn.compressed_kv")
-                if hasattr(att.compressor, "indexer"):
-                    self._topk(att.compressor.indexer, p + "attn.indexer_topk")
-            self._router(layer.mlp.gate, p + "moe")
-            self._out(layer.mlp, p + "moe.out")
-            self._out(layer, p + "out")
-        self._out(m.hc_head, "head.collapsed")
-        self._out(m.norm, "head.norm")
-        self._out(model.lm_head, "logits")
 
-    def _add(self, name, t):
-        self.store[name] = t
+@contextlib.contextmanager
+def _capturing(model, cfg: ModelConfig, patches=()):
+    """Output patches installed, then the recorder attached (so it records patched outputs);
+    everything removed on exit. Yields the Recorder (one pass per model call)."""
+    from corruptcheck.faults import patched
 
-    def _out(self, mod, name, index=None):
-        def hook(_m, _args, out):
-            self._add(name, _flat(out[index] if index is not None else out))
-        self.handles.append(mod.register_forward_hook(hook))
+    recorder = Recorder(capture_taps(cfg), TOKENS, cfg.num_layers)
+    with patched() as p:
+        for patch in patches or ():
+            patch.install(p, model)
+        with recorder.attached(model):
+            yield recorder
 
-    def _pre(self, mod, name, reshape):
-        def hook(_m, args):
-            self._add(name, args[0].detach().reshape(-1, *reshape))
-        self.handles.append(mod.register_forward_pre_hook(hook))
 
-    def _hc(self, mod, prefix):
-        def hook(_m, args, out):
-            post, comb, collapsed = out
-            self._add(prefix + ".in", _flat(args[0]))
-            self._add(prefix + ".post", _flat(post))
-            self._add(prefix + ".comb", _flat(comb))
-            self._add(prefix + ".collapsed", _flat(collapsed))
-        self.handles.append(mod.register_forward_hook(hook))
-
-    def _compressed(self, mod, name):
-        def hook(_m, _args, out):
-            self._add(name, out[0].detach()[:, 0])  # [B, 1, n, d] -> [B, n, d]; rows per sequence later
-            self.entries[name] = True
-        self.handles.append(mod.register_forward_hook(hook))
-
-    def _topk(self, mod, name):
-        k_max = self.cfg.index_topk
-
-        def hook(_m, _args, out):
-            idx = _flat(out).long()
-            pad = torch.full((idx.shape[0], k_max - idx.shape[1]), -1, dtype=torch.long)
-            self._add(name, torch.cat([idx, pad], 1))
-        self.handles.append(mod.register_forward_hook(hook))
-
-    def _router(self, mod, prefix):
-        def hook(_m, _args, out):
-            logits, weights, indices = out
-            order = torch.sort(indices.long(), dim=-1)
-            self._add(prefix + ".router_logits", logits.detach())
-            self._add(prefix + ".experts", order.values)
-            self._add(prefix + ".weights", weights.detach().gather(1, order.indices))
-        self.handles.append(mod.register_forward_hook(hook))
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
+def _concat_rows(parts: list[dict]) -> dict:
+    """Row dicts (sequences, or steps of one) concatenated, points in the first one's order."""
+    return {n: torch.cat([s[n] for s in parts if n in s], 0) for n in parts[0]}
 
 
 @dataclass(frozen=True)
 class OutputPatch:
     """Modify one module's output during a run (fault injection): `fn(output) -> output`,
-    applied to `output[index]` when the module returns a tuple."""
+    applied to `output[index]` when the module returns a tuple. Installed through the faults'
+    `Patcher` (faults.py) on that module instance's `forward`, and put back when the run ends."""
     module: str  # dotted path under the CausalLM, e.g. "model.layers.1.self_attn"
     fn: Callable
     index: int | None = None
@@ -266,35 +131,20 @@ class OutputPatch:
     def __str__(self):
         return self.label or f"patch {self.module}"
 
-
-def _install(model, patch: OutputPatch):
-    mod = model.get_submodule(patch.module)
-
-    def hook(_m, _args, out):
-        if patch.index is None:
-            return patch.fn(out)
+    def apply(self, out):
+        if self.index is None:
+            return self.fn(out)
         out = list(out)
-        out[patch.index] = patch.fn(out[patch.index])
+        out[self.index] = self.fn(out[self.index])
         return tuple(out)
-    return mod.register_forward_hook(hook)
 
-
-def _entry_ratio(cfg: ModelConfig, name: str) -> int:
-    return cfg.compress_ratio(int(name.split(".")[1]))
-
-
-def _unpad(store: dict, entries: dict, cfg: ModelConfig, lens: list[int], s_max: int) -> dict:
-    """Drop the padding of a right-padded batch: token rows (b, s < len_b) in order; compressed
-    entries i < len_b // m of each sequence."""
-    valid = torch.cat([torch.arange(s_max) < n for n in lens])
-    out = {}
-    for name, t in store.items():
-        if name in entries:  # [B, n, d]
-            m = _entry_ratio(cfg, name)
-            out[name] = torch.cat([t[b, : n // m] for b, n in enumerate(lens)], 0)
-        else:
-            out[name] = t[valid]
-    return out
+    def install(self, p, model) -> None:
+        """Wrap the module's forward through Patcher `p`."""
+        def make(forward):
+            def patched_forward(*args, **kwargs):
+                return self.apply(forward(*args, **kwargs))
+            return patched_forward
+        p.wrap(model.get_submodule(self.module), "forward", make)
 
 
 def run_hf(case: Case, precision: str = "float32", attn_impl: str = "eager", model=None, patches=(),
@@ -307,29 +157,19 @@ def run_hf(case: Case, precision: str = "float32", attn_impl: str = "eager", mod
     (pads enter the compressor and shift positions, transformers#45938).
     `patches` (OutputPatch) are installed before the capture hooks, so captures see them."""
     model = model or build_model(case, precision, attn_impl)
-    installed = [_install(model, p) for p in patches or ()]
-    hooks = _Hooks(model, case.config)
-    seqs = case.sequences()
-    per_seq = []
-    try:
-        with torch.no_grad():
-            if batch:
-                lens = [len(s) for s in seqs]
-                s_max = max(lens)
-                ids = torch.stack([torch.nn.functional.pad(s, (0, s_max - len(s))) for s in seqs])
-                mask = torch.stack([torch.arange(s_max) < n for n in lens]).long()
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-                per_seq.append(_unpad(hooks.store, hooks.entries, case.config, lens, s_max))
-            else:
-                for ids in seqs:
-                    hooks.store = {}
-                    model(input_ids=ids[None], use_cache=False)
-                    per_seq.append(_unpad(hooks.store, hooks.entries, case.config, [len(ids)], len(ids)))
-    finally:
-        hooks.remove()
-        for h in installed:
-            h.remove()
-    return {n: torch.cat([s[n] for s in per_seq if n in s], 0) for n in per_seq[0]}
+    cfg, seqs = case.config, case.sequences()
+    with _capturing(model, cfg, patches) as recorder, torch.no_grad():
+        if batch:
+            ids, mask = pad_right(seqs)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            shapes = [([len(s) for s in seqs], ids.shape[1])]
+        else:
+            for ids in seqs:
+                model(input_ids=ids[None], use_cache=False)
+            shapes = [([len(s)], len(s)) for s in seqs]
+    per_seq = [_unpad(_canonical_rows(p["points"], cfg), cfg, lens, s_max)
+               for p, (lens, s_max) in zip(recorder.passes, shapes)]
+    return _concat_rows(per_seq)
 
 
 def run_hf_served(case: Case, schedule, precision: str = "float32", attn_impl: str = "eager", model=None,
@@ -339,47 +179,52 @@ def run_hf_served(case: Case, schedule, precision: str = "float32", attn_impl: s
     (transformers has no continuous batching). Returns (points over every fed token, in
     sequence and position order; {"sequences": the token ids fed, "rows": (phase, index) per
     row}). Compressed entries are recorded as they close (the cache returns all so far)."""
-    from transformers import DynamicCache
-
     from corruptcheck.schedule import prompt_case, row_labels
 
     model = model or build_model(case, precision, attn_impl)
-    installed = [_install(model, p) for p in patches or ()]
-    hooks = _Hooks(model, case.config)
     per_seq, sequences = [], []
-    try:
-        with torch.no_grad():
-            for prompt in prompt_case(case, schedule).sequences():
-                cache = DynamicCache(config=model.config)
-                seen: dict = {}
-                steps: list = []
-                ids = prompt.tolist()
+    with _capturing(model, case.config, patches) as recorder, torch.no_grad():
+        for prompt in prompt_case(case, schedule).sequences():
+            first = len(recorder.passes)
+            sequences.append(_serve_prompt(model, prompt, schedule))
+            per_seq.append(_served_rows(recorder.passes[first:], case.config))
+    return _concat_rows(per_seq), {"sequences": sequences,
+                                   "rows": row_labels(schedule, [len(s) for s in sequences])}
 
-                def step(chunk: torch.Tensor):
-                    hooks.store = {}
-                    out = model(input_ids=chunk[None], past_key_values=cache, use_cache=True)
-                    rows = {}
-                    for name, t in hooks.store.items():
-                        if name in hooks.entries:  # [1, n so far, d]: the entries this step closed
-                            rows[name] = t[0, seen.get(name, 0):]
-                            seen[name] = t.shape[1]
-                        else:
-                            rows[name] = t
-                    steps.append(rows)
-                    return out.logits[0, -1]
 
-                at = 0
-                for c in schedule.prefill_chunks(len(ids)):
-                    last = step(prompt[at:at + c])
-                    at += c
-                for _ in range(schedule.decode_steps):
-                    ids.append(int(last.argmax()))
-                    last = step(torch.tensor([ids[-1]]))
-                sequences.append(ids)
-                per_seq.append({n: torch.cat([s[n] for s in steps if n in s], 0) for n in steps[0]})
-    finally:
-        hooks.remove()
-        for h in installed:
-            h.remove()
-    points = {n: torch.cat([s[n] for s in per_seq if n in s], 0) for n in per_seq[0]}
-    return points, {"sequences": sequences, "rows": row_labels(schedule, [len(s) for s in sequences])}
+def _serve_prompt(model, prompt: torch.Tensor, schedule) -> list[int]:
+    """One prompt through a fresh DynamicCache: prefill chunks, then greedy decode steps of
+    one token. Returns the token ids fed (prompt + decoded)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    ids = prompt.tolist()
+
+    def step(chunk: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=chunk[None], past_key_values=cache, use_cache=True).logits[0, -1]
+
+    at = 0
+    for c in schedule.prefill_chunks(len(ids)):
+        last = step(prompt[at:at + c])
+        at += c
+    for _ in range(schedule.decode_steps):
+        ids.append(int(last.argmax()))
+        last = step(torch.tensor([ids[-1]]))
+    return ids
+
+
+def _served_rows(passes: list[dict], cfg: ModelConfig) -> dict:
+    """One sequence's steps (one pass each) -> its rows: token rows of every step in order;
+    compressed entries as they close (each step's cache returns all so far, [1, n, d])."""
+    seen: dict = {}
+    steps = []
+    for p in passes:
+        rows = {}
+        for name, t in _canonical_rows(p["points"], cfg).items():
+            if is_entry_point(name):
+                rows[name] = t[0, seen.get(name, 0):]
+                seen[name] = t.shape[1]
+            else:
+                rows[name] = t
+        steps.append(rows)
+    return _concat_rows(steps)

@@ -27,7 +27,8 @@ class HFEngine(Engine):
             schedule=None, **_options) -> Capture:
         import transformers
 
-        from corruptcheck.engines.hf import norm_returns_input_dtype, run_hf, run_hf_served
+        from corruptcheck.engines.hf import run_hf, run_hf_served
+        from corruptcheck.engines.hf_model import norm_returns_input_dtype
 
         served = None
         if schedule is not None:

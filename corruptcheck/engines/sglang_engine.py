@@ -21,14 +21,11 @@ import tempfile
 
 from corruptcheck.cases import Case
 from corruptcheck.engines.options import Option, boolean, fraction, one_of
-from corruptcheck.engines.capture_map import (
-    Recorder,
-    Tap,
-    TokenSource,
-    capture_points_from,
-    GPUEngine,
-    write_checkpoint,
-)
+from corruptcheck.engines.canonical import capture_points_from
+from corruptcheck.engines.checkpoint import write_checkpoint
+from corruptcheck.engines.gpu_launch import GPUEngine
+from corruptcheck.engines.recorder import Recorder
+from corruptcheck.engines.taps import Tap, TokenSource
 from corruptcheck.reference import ModelConfig
 
 L = "model.layers.{i}"
@@ -70,7 +67,7 @@ def capture_taps(cfg: ModelConfig, topk_weights_scaled: bool = False) -> list[Ta
         Tap(f"{L}.post_attention_layernorm", "layers.{i}.ffn_norm", "out"),
         Tap(f"{L}.self_attn.q_norm", "layers.{i}.attn.qr", "out"),
         # per-head unit RMSNorm + RoPE written into this rank's heads: [T, H/tp, hd]
-        Tap(f"{L}.self_attn", "layers.{i}.attn.q", "out", method="_compute_q_b", merge="shard:1"),
+        Tap(f"{L}.self_attn", "layers.{i}.attn.q", "out", method="_compute_q_b", merge="concat:1"),
         # MQALayer.forward -> wo_b (RowParallel, reduce_results when attn_tp > 1)
         Tap(f"{L}.self_attn", "layers.{i}.attn.out", "out"),
         Tap(f"{L}.mlp.gate", "layers.{i}.moe.router_logits", "out"),

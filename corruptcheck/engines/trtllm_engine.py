@@ -33,14 +33,11 @@ import torch
 
 from corruptcheck.cases import Case
 from corruptcheck.engines.options import Option, boolean, fraction, one_of
-from corruptcheck.engines.capture_map import (
-    Recorder,
-    Tap,
-    TokenSource,
-    capture_points_from,
-    GPUEngine,
-    write_checkpoint,
-)
+from corruptcheck.engines.canonical import capture_points_from
+from corruptcheck.engines.checkpoint import write_checkpoint
+from corruptcheck.engines.gpu_launch import GPUEngine
+from corruptcheck.engines.recorder import Recorder
+from corruptcheck.engines.taps import Tap, TokenSource
 from corruptcheck.reference import ModelConfig
 
 L = "model.layers.{i}"
@@ -60,42 +57,65 @@ def _routing_ids_first(call) -> bool:
             and not out[0].is_floating_point())
 
 
+HC_ATTN, HC_FFN = f"{L}.hc_attn", f"{L}.hc_ffn"
+
+
 def capture_taps(cfg: ModelConfig, tp_size: int = 1, pre_moe_fusion: bool = True) -> list[Tap]:
     """Canonical point -> TRT-LLM module / method (docs/engine-capture.md §3.1, §6)."""
-    attn_merge = "partial" if (tp_size > 1 and pre_moe_fusion) else "replicated"
-    hc_attn, hc_ffn = f"{L}.hc_attn", f"{L}.hc_ffn"
-    taps = [
-        Tap("model.embed_tokens", "embed", "out"),
+    attn_merge = "sum" if (tp_size > 1 and pre_moe_fusion) else "replicated"
+    return ([Tap("model.embed_tokens", "embed", "out")] + _attention_hc_taps() + _attention_taps(attn_merge)
+            + _ffn_hc_taps() + _moe_taps() + _output_taps())
+
+
+def _attention_hc_taps() -> list[Tap]:
+    """A layer's entry: the attention mHC pre-mapping, unfused or fused with the previous
+    layer's deferred FFN post-mapping (which then yields that layer's output)."""
+    return [
         # layer(position_ids=, hc_state=, attn_metadata=, ...): a tensor on layer 0 ...
         Tap(L, "layers.{i}.attn_hc.in", "in[hc_state|1]", layers="first"),
         # ... a resolved HCState on later layers when the previous layer did not defer
         Tap(L, "layers.{i}.attn_hc.in", "in[hc_state|1].residual", layers="rest", when=_resolved_state),
         # unfused entry: pre_mapping(residual) -> (post_mix [T,hc,1], comb_mix, layer_input)
-        Tap(hc_attn, "layers.{i}.attn_hc.post", "out[0]", method="pre_mapping"),
-        Tap(hc_attn, "layers.{i}.attn_hc.comb", "out[1]", method="pre_mapping"),
-        Tap(hc_attn, "layers.{i}.attn_hc.collapsed", "out[2]", method="pre_mapping"),
+        Tap(HC_ATTN, "layers.{i}.attn_hc.post", "out[0]", method="pre_mapping"),
+        Tap(HC_ATTN, "layers.{i}.attn_hc.comb", "out[1]", method="pre_mapping"),
+        Tap(HC_ATTN, "layers.{i}.attn_hc.collapsed", "out[2]", method="pre_mapping"),
         Tap(f"{L}.input_layernorm", "layers.{i}.attn_norm", "out"),
         # fused entry: fused_hc(x_prev, residual_prev, post_mix_prev, comb_mix_prev,
         #   norm_weight=input_layernorm.weight) -> (residual, post_mix, comb_mix, normed input)
-        Tap(hc_attn, "layers.{prev}.out", "out[0]", method="fused_hc", layers="rest"),
-        Tap(hc_attn, "layers.{i}.attn_hc.in", "out[0]", method="fused_hc", layers="rest"),
-        Tap(hc_attn, "layers.{i}.attn_hc.post", "out[1]", method="fused_hc", layers="rest"),
-        Tap(hc_attn, "layers.{i}.attn_hc.comb", "out[2]", method="fused_hc", layers="rest"),
-        Tap(hc_attn, "layers.{i}.attn_norm", "out[3]", method="fused_hc", layers="rest"),
+        Tap(HC_ATTN, "layers.{prev}.out", "out[0]", method="fused_hc", layers="rest"),
+        Tap(HC_ATTN, "layers.{i}.attn_hc.in", "out[0]", method="fused_hc", layers="rest"),
+        Tap(HC_ATTN, "layers.{i}.attn_hc.post", "out[1]", method="fused_hc", layers="rest"),
+        Tap(HC_ATTN, "layers.{i}.attn_hc.comb", "out[2]", method="fused_hc", layers="rest"),
+        Tap(HC_ATTN, "layers.{i}.attn_norm", "out[3]", method="fused_hc", layers="rest"),
+    ]
+
+
+def _attention_taps(attn_merge: str) -> list[Tap]:
+    return [
         # self_attn(position_ids=, hidden_states=, attn_metadata=, all_reduce_params=)
         Tap(f"{L}.self_attn", "layers.{i}.attn.out", "out", merge=attn_merge),
         # DeepseekV4Indexer.forward returns topk_indices ([verify] local vs paged indices)
         Tap(f"{L}.self_attn.mqa.indexer", "layers.{i}.attn.indexer_topk", "out"),
+    ]
+
+
+def _ffn_hc_taps() -> list[Tap]:
+    return [
         # mid-layer, fused: hc_ffn.fused_hc(...) without a norm -> (residual, post, comb, input)
-        Tap(hc_ffn, "layers.{i}.ffn_hc.in", "out[0]", method="fused_hc"),
-        Tap(hc_ffn, "layers.{i}.ffn_hc.post", "out[1]", method="fused_hc"),
-        Tap(hc_ffn, "layers.{i}.ffn_hc.comb", "out[2]", method="fused_hc"),
-        Tap(hc_ffn, "layers.{i}.ffn_hc.collapsed", "out[3]", method="fused_hc"),
+        Tap(HC_FFN, "layers.{i}.ffn_hc.in", "out[0]", method="fused_hc"),
+        Tap(HC_FFN, "layers.{i}.ffn_hc.post", "out[1]", method="fused_hc"),
+        Tap(HC_FFN, "layers.{i}.ffn_hc.comb", "out[2]", method="fused_hc"),
+        Tap(HC_FFN, "layers.{i}.ffn_hc.collapsed", "out[3]", method="fused_hc"),
         # mid-layer, unfused: hc_attn.post_mapping(...) then hc_ffn.pre_mapping(residual)
-        Tap(hc_ffn, "layers.{i}.ffn_hc.in", "in[residual|0]", method="pre_mapping"),
-        Tap(hc_ffn, "layers.{i}.ffn_hc.post", "out[0]", method="pre_mapping"),
-        Tap(hc_ffn, "layers.{i}.ffn_hc.comb", "out[1]", method="pre_mapping"),
-        Tap(hc_ffn, "layers.{i}.ffn_hc.collapsed", "out[2]", method="pre_mapping"),
+        Tap(HC_FFN, "layers.{i}.ffn_hc.in", "in[residual|0]", method="pre_mapping"),
+        Tap(HC_FFN, "layers.{i}.ffn_hc.post", "out[0]", method="pre_mapping"),
+        Tap(HC_FFN, "layers.{i}.ffn_hc.comb", "out[1]", method="pre_mapping"),
+        Tap(HC_FFN, "layers.{i}.ffn_hc.collapsed", "out[2]", method="pre_mapping"),
+    ]
+
+
+def _moe_taps() -> list[Tap]:
+    return [
         # not called under PRE_MOE_FUSION (all-reduce + RMSNorm fused)
         Tap(f"{L}.post_attention_layernorm", "layers.{i}.ffn_norm", "out"),
         Tap(f"{L}.mlp.gate", "layers.{i}.moe.router_logits", "out"),
@@ -108,15 +128,20 @@ def capture_taps(cfg: ModelConfig, tp_size: int = 1, pre_moe_fusion: bool = True
             when=_routing_ids_first),
         # DeepseekV4MoE.forward: shared + routed, all-reduced when TP > 1 (no attention DP)
         Tap(f"{L}.mlp", "layers.{i}.moe.out", "out"),
+    ]
+
+
+def _output_taps() -> list[Tap]:
+    """The resolved last-layer output and the head."""
+    return [
         # resolved FFN post-mapping (the last layer; every layer when fused HC is off)
-        Tap(hc_ffn, "layers.{i}.out", "out", method="post_mapping"),
+        Tap(HC_FFN, "layers.{i}.out", "out", method="post_mapping"),
         # DeepseekV4LogitsProcessor borrows model.hc_head / model.norm; all rows only with
         # return_context_logits=True
         Tap("model.hc_head", "head.collapsed", "out"),
         Tap("model.norm", "head.norm", "out"),
         Tap("lm_head", "logits", "out"),
     ]
-    return taps
 
 
 class TRTLLMEngine(GPUEngine):

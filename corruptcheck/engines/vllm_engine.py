@@ -36,14 +36,13 @@ from corruptcheck.cases import Case
 from corruptcheck.engines import vllm_cpu
 from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.engines.options import Option, fraction, one_of, positive_float, positive_int
-from corruptcheck.engines.capture_map import (
-    Recorder,
-    Tap,
-    TokenSource,
-    capture_points_from,
-    engine_available,
-    write_checkpoint,
-)
+from corruptcheck.engines.alignment import align_requests
+from corruptcheck.engines.canonical import capture_meta, capture_points_from, finalize
+from corruptcheck.engines.checkpoint import write_checkpoint
+from corruptcheck.engines.gpu_launch import engine_available
+from corruptcheck.engines.ranks import merge_ranks
+from corruptcheck.engines.recorder import Recorder
+from corruptcheck.engines.taps import Tap, TokenSource
 from corruptcheck.errors import EngineUnavailable
 from corruptcheck.reference import ModelConfig
 
@@ -61,8 +60,14 @@ def _routed_inputs(call) -> bool:
 
 def capture_taps(cfg: ModelConfig) -> list[Tap]:
     """Canonical point -> vLLM module (CUDA path, `_forward_cuda`; docs/engine-capture.md §6)."""
+    return [Tap("model.embed_tokens", "embed", "out")] + _fused_mhc_taps() + _module_taps()
+
+
+def _fused_mhc_taps() -> list[Tap]:
+    """mHC points: layer 0's standalone mhc_pre, then `mhc_fused_post_pre` (one call on the
+    first layer, two on the others; call 0 of a later layer also yields the previous layer's
+    output)."""
     taps = [
-        Tap("model.embed_tokens", "embed", "out"),
         # layer 0: standalone mhc_pre(residual=x, ...) -> (post_mix, res_mix, layer_input)
         Tap(f"{L}.mhc_pre", "layers.{i}.attn_hc.in", "in[residual|0]", layers="first"),
         Tap(f"{L}.mhc_pre", "layers.{i}.attn_hc.post", "out[0]", layers="first"),
@@ -86,7 +91,12 @@ def capture_taps(cfg: ModelConfig) -> list[Tap]:
             Tap(fused, "layers.{i}.ffn_hc.comb", "out[2]", call=call, layers=layers),
             Tap(fused, "layers.{i}.ffn_hc.collapsed", "out[3]", call=call, layers=layers),
         ]
-    taps += [
+    return taps
+
+
+def _module_taps() -> list[Tap]:
+    """Norms, attention, indexer, routing, MoE, the last layer's output and the head."""
+    return [
         Tap(f"{L}.attn_norm", "layers.{i}.attn_norm", "out"),
         # DeepseekV4Attention.forward -> mla_attn -> ... -> wo_b (RowParallel: reduced)
         Tap(f"{L}.attn", "layers.{i}.attn.out", "out"),
@@ -113,7 +123,6 @@ def capture_taps(cfg: ModelConfig) -> list[Tap]:
         # token has a row
         Tap("logits_processor", "logits", "out"),
     ]
-    return taps
 
 
 def cpu_taps(cfg: ModelConfig) -> list[Tap]:
@@ -325,8 +334,6 @@ def _served_captured(llm, taps: list[Tap], case: Case, schedule) -> tuple[dict, 
     under the token budget), greedy, `decode_steps + 1` new tokens (the last is sampled, not
     fed): (points of every fed token, capture meta with meta["served"])."""
     from vllm import SamplingParams
-
-    from corruptcheck.engines.capture_map import align_requests, capture_meta, finalize, merge_ranks
 
     cfg, prompts = case.config, case.sequences()
     recorder = Recorder(taps, TOKENS, cfg.num_layers)
