@@ -389,11 +389,11 @@ def test_moe_row_independent_of_other_tokens_routing():
     y = torch.randn(ids.shape[0], cfg.hidden_size, generator=g, dtype=F64)
     nop = lambda *a: None  # noqa: E731
     with torch.no_grad():
-        base = moe(y, ids, p, 0, cfg, PREC64, nop, {})
+        base = moe(y, ids, p, 0, cfg, PREC64, nop)
         for j in range(0, ids.shape[0], 3):
             ids2 = ids.clone()
             ids2[j] = (ids[j] + 1) % cfg.vocab_size
-            out = moe(y, ids2, p, 0, cfg, PREC64, nop, {})
+            out = moe(y, ids2, p, 0, cfg, PREC64, nop)
             keep = torch.arange(ids.shape[0]) != j
             assert (out[j] - base[j]).abs().max().item() > 1e-6, j  # token j itself did change
             assert torch.equal(out[keep], base[keep]), f"token {j}'s routing moved other rows"
