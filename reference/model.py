@@ -6,7 +6,7 @@ returns every captured tensor flattened over the batch's tokens in order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
