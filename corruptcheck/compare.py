@@ -48,7 +48,7 @@ class CompareResult:
 def reference_run(case: Case):
     """Compute the float64 reference now: (points, coverage)."""
     res = run(case.config, case.params(), case.sequences(), "float64")
-    return res.points, coverage(case.config, res.stats, case.seq_lens)
+    return res.points, coverage(case.config, res.points, case.seq_lens, case.params())
 
 
 def noise_for(case: Case, ref: ReferenceData, precision: str) -> tuple[dict | None, str]:

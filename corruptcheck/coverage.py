@@ -1,32 +1,95 @@
-"""What a case exercised, from the reference run's statistics (docs/design.md §8)."""
+"""What a case exercised, computed from the reference run's recorded points and the case's
+data (docs/design.md §8): nothing is counted inside the reference."""
 from __future__ import annotations
 
-from corruptcheck.reference import ModelConfig
-from corruptcheck.reference.model import Stats
+import torch
+
+from corruptcheck.reference import ModelConfig, Precision
+from corruptcheck.reference.attention import available, sub
+from corruptcheck.reference.model import cast_params
+from corruptcheck.reference.moe import clamp_hits
+
+_FLOAT64 = Precision.of("float64")
 
 
-def coverage(cfg: ModelConfig, stats: Stats, seq_lens) -> dict:
-    layers = []
-    for key, st in stats.layers.items():
-        idx = cfg.num_layers if key == "mtp.0" else key
-        avail = st.get("indexer_available", 0)
-        tokens = st.get("tokens", 0)
-        layers.append({
-            "layer": key if isinstance(key, str) else f"layers.{key}",
-            "attention": cfg.layer_type(idx),
-            "routing": "hash" if cfg.is_hash_layer(idx) else "learned",
-            "tokens": tokens,
-            "compressed_entries": st.get("compressed_entries", 0),
-            "indexer_pruning_queries": st.get("indexer_pruning_queries", 0),
-            "indexer_pruning_fraction": (st.get("indexer_dropped", 0) / avail) if avail else 0.0,
-            "clamp_hits": st.get("clamp_hits", 0),
-            "experts_used": len(st.get("experts_used", ())),
-            "experts_total": cfg.n_routed_experts,
-            "mhc_offdiag_mass": st.get("comb_offdiag_mass", 0.0) / max(tokens, 1),
-        })
+def _layer_keys(cfg: ModelConfig, points: dict) -> list:
+    """Main layers, then "mtp.0" when the run recorded it (a sequence of >= 2 tokens)."""
+    return [k for k in list(range(cfg.num_layers)) + ["mtp.0"] if f"{_prefix(k)}.ffn_hc.in" in points]
+
+
+def _prefix(key) -> str:
+    return key if isinstance(key, str) else f"layers.{key}"
+
+
+def _rows(key, seq_lens) -> list[int]:
+    """Rows each sequence contributes to a layer's points (MTP: S-1, sequences of >= 2)."""
+    return [s - 1 for s in seq_lens if s > 1] if key == "mtp.0" else list(seq_lens)
+
+
+def _per_seq(t: torch.Tensor, rows: list[int]) -> list:
+    return list(torch.split(t, rows, 0))
+
+
+def _indexer(topk: torch.Tensor, rows: list[int], ratio: int) -> dict:
+    """Queries where the indexer dropped entries, entries available and dropped (summed)."""
+    out = {"pruning_queries": 0, "available": 0, "dropped": 0}
+    for s, picks in zip(rows, _per_seq(topk, rows)):
+        avail = available(s, s // ratio, ratio).sum(1)  # [S] entries visible to each query
+        chosen = (picks >= 0).sum(1)
+        out["pruning_queries"] += int((avail > chosen).sum())
+        out["available"] += int(avail.sum())
+        out["dropped"] += int((avail - chosen).sum())
+    return out
+
+
+def _offdiag_mass(comb: torch.Tensor, rows: list[int], n: int) -> float:
+    """Sum over tokens of the FFN mHC comb matrix's off-diagonal mass / n (per sequence, in order)."""
+    mass = 0.0
+    for m in _per_seq(comb, rows):
+        mass += float((m.sum((-1, -2)) - m.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()) / n
+    return mass
+
+
+def _clamp_hits(cfg: ModelConfig, p: dict, pre: str, points: dict, rows: list[int]) -> int:
+    """SwiGLU pre-activations the MoE clamped, recomputed from the recorded FFN inputs and
+    expert choices exactly as the run computed them (float64)."""
+    lp = sub(p, f"{pre}.ffn")
+    ys, experts = _per_seq(points[f"{pre}.ffn_norm"], rows), _per_seq(points[f"{pre}.moe.experts"], rows)
+    with torch.no_grad():
+        return sum(clamp_hits(y, e, lp, cfg, _FLOAT64) for y, e in zip(ys, experts))
+
+
+def layer_coverage(cfg: ModelConfig, key, points: dict, seq_lens, p: dict) -> tuple[dict, dict]:
+    """(one layer's entry of the report, its indexer counts) (`p`: float64-cast parameters)."""
+    pre, idx = _prefix(key), cfg.num_layers if key == "mtp.0" else key
+    rows = _rows(key, seq_lens)
+    tokens = points[f"{pre}.out"].shape[0]
+    kv = points.get(f"{pre}.attn.compressed_kv")
+    topk = points.get(f"{pre}.attn.indexer_topk")
+    ix = _indexer(topk, rows, cfg.compress_ratio(idx)) if topk is not None else {"available": 0, "dropped": 0}
+    return {
+        "layer": pre,
+        "attention": cfg.layer_type(idx),
+        "routing": "hash" if cfg.is_hash_layer(idx) else "learned",
+        "tokens": tokens,
+        "compressed_entries": kv.shape[0] if kv is not None else 0,
+        "indexer_pruning_queries": ix.get("pruning_queries", 0),
+        "indexer_pruning_fraction": (ix["dropped"] / ix["available"]) if ix["available"] else 0.0,
+        "clamp_hits": _clamp_hits(cfg, p, pre, points, rows),
+        "experts_used": len(set(torch.unique(points[f"{pre}.moe.experts"]).tolist())),
+        "experts_total": cfg.n_routed_experts,
+        "mhc_offdiag_mass": _offdiag_mass(points[f"{pre}.ffn_hc.comb"], rows, cfg.hc_mult) / max(tokens, 1),
+    }, ix
+
+
+def coverage(cfg: ModelConfig, points: dict, seq_lens, params: dict) -> dict:
+    """The coverage report of a float64 reference run's `points` on a case's sequences
+    (`seq_lens`) and parameters."""
+    p = cast_params(params, _FLOAT64)
+    layers, indexer = zip(*(layer_coverage(cfg, key, points, seq_lens, p) for key in _layer_keys(cfg, points)))
+    avail = sum(ix["available"] for ix in indexer)
+    dropped = sum(ix["dropped"] for ix in indexer)
     main = [entry for entry in layers if entry["layer"] != "mtp.0"]
-    avail = sum(st.get("indexer_available", 0) for st in stats.layers.values())
-    dropped = sum(st.get("indexer_dropped", 0) for st in stats.layers.values())
     return {
         "sequences": len(seq_lens),
         "tokens": int(sum(seq_lens)),
@@ -38,7 +101,7 @@ def coverage(cfg: ModelConfig, stats: Stats, seq_lens) -> dict:
         "attention_types": sorted({entry["attention"] for entry in main}),
         "routing_types": sorted({entry["routing"] for entry in main}),
         "min_expert_fraction": min((entry["experts_used"] / entry["experts_total"] for entry in layers), default=0.0),
-        "layers": layers,
+        "layers": list(layers),
     }
 
 

@@ -283,7 +283,7 @@ class MhcPreHiddenGuard(Fault):
                 fn_k = fn.view(fn.shape[0], n, d)[..., :k].reshape(fn.shape[0], n * k)
                 return orig(x[..., :k], fn_k, scale, base, **kw)
             return hc_coefficients
-        p.wrap(r_model, "hc_coefficients", make)
+        p.wrap(r_mhc, "hc_coefficients", make)
 
 
 class RouterSplitKTail(Fault):
@@ -441,13 +441,13 @@ class SharedExpertNoClamp(Fault):
             return moe
 
         def make_swiglu(orig):
-            def swiglu_hidden(y, w1, w3, limit, acc):
+            def swiglu_hidden(y, w1, w3, limit, acc, split_k=1):
                 if w1 is not state.scratch.get("shared_w1"):
-                    return orig(y, w1, w3, limit, acc)
-                _, hits = orig(y, w1, w3, limit, acc)
+                    return orig(y, w1, w3, limit, acc, split_k)
+                _, hits = orig(y, w1, w3, limit, acc, split_k)
                 state.hit(int(hits.sum()))
-                g = r_moe.linear(y, w1).to(acc)
-                u = r_moe.linear(y, w3).to(acc)
+                g = r_moe.linear(y, w1, split_k).to(acc)
+                u = r_moe.linear(y, w3, split_k).to(acc)
                 return F.silu(g) * u, hits
             return swiglu_hidden
         p.wrap(r_model, "moe", make_moe)

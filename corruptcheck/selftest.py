@@ -17,6 +17,7 @@ next one); false positives.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import traceback
@@ -78,7 +79,7 @@ def _split_k(engine: str):
         if engine == "hf":
             p.set(torch.nn.Linear, "forward", _split_k_linear(4))
         else:  # the reference sums every Linear in `split_k` partial products (noise model: 2, 3)
-            p.wrap(r_model, "reduction_split", lambda orig: lambda _k: orig(4))
+            p.wrap(r_model, "precision_of", lambda orig: lambda prec: dataclasses.replace(orig(prec), split_k=4))
         yield
 
 

@@ -56,20 +56,19 @@ def indexer_scores(x, qr, p: dict, cfg: ModelConfig, freqs, angles, prec: Precis
 
 def score_entries(x, qr, p: dict, cfg: ModelConfig, angles, keys, q_pos, prec: Precision, sims: bool):
     """Indexer scores [Q, n] of queries at positions `q_pos` against compressed keys [n, d]."""
+    pol = prec.policy
     s = x.shape[0]
-    q = linear(qr, p["wq_b.weight"]).view(s, cfg.index_n_heads, cfg.index_head_dim)  # no per-head norm
-    trig = prec.act if prec.alt_placement else None
-    q = apply_rope(q, angles, cfg.rope_dim, acc=prec.acc, trig=trig)
+    q = linear(qr, p["wq_b.weight"], pol.split_k).view(s, cfg.index_n_heads, cfg.index_head_dim)  # no per-head norm
+    q = apply_rope(q, angles, cfg.rope_dim, acc=prec.acc, trig=pol.rope_table)
     if sims:
         q = fp4_sim(rotate(q), 32)
     elif prec.fp8_cache:  # FP8 serving engines: e4m3 queries, one scale per head vector
         q = fp8_sim(q, cfg.index_head_dim)
-    w = linear(x, p["weights_proj.weight"]) * (cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5)
-    # sum_h w[t,h] * relu(q[t,h] . k[i]); in the activation dtype like the demo (the
-    # alternative placement scores in acc, as transformers does)
-    sdt = prec.acc if prec.alt_placement else prec.act
-    score = torch.einsum("shd,nd->shn", q.to(sdt), keys.to(sdt)).relu()
-    score = (score * w.to(sdt)[..., None]).sum(1)
+    w = linear(x, p["weights_proj.weight"], pol.split_k) * (cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5)
+    # sum_h w[t,h] * relu(q[t,h] . k[i]), in the policy's dtype (the demo: activations)
+    sdt = pol.index_scores
+    score = torch.einsum("shd,nd->shn", q.to(sdt), keys.to(sdt)).relu()  # [Q, H, n]
+    score = (score * w.to(sdt)[..., None]).sum(1)  # [Q, n]
     n = keys.shape[0]
     return score.masked_fill(~available_at(q_pos, n, cfg.csa_ratio), float("-inf"))
 
@@ -92,11 +91,8 @@ def select_topk(scores: torch.Tensor, k_max: int, ratio: int, q_pos: torch.Tenso
 def sink_attention(q, keys, allow, sink, scale: float, prec: Precision) -> torch.Tensor:
     """o[t,h] = sum_j p_j k_j with p = exp(z_j) / (sum_j exp(z_j) + exp(sink_h)) over the allowed
     keys; the sink is a logit with zero value, not scaled (docs/v4-spec.md §5.8). K = V."""
-    acc = prec.acc
-    if prec.alt_placement:  # scores q.k in the activation dtype, softmax in acc
-        z = (torch.einsum("shd,jd->hsj", q, keys.to(q.dtype)) * scale).to(acc)
-    else:
-        z = torch.einsum("shd,jd->hsj", q.to(acc), keys.to(acc)) * scale
+    acc, sdt = prec.acc, prec.policy.attn_scores
+    z = (torch.einsum("shd,jd->hsj", q.to(sdt), keys.to(sdt)) * scale).to(acc)  # [H, S, J], q.k in sdt
     z = z.masked_fill(~allow[None], float("-inf"))
     sink_logit = sink.to(acc)[:, None, None].expand(-1, z.shape[1], 1)
     logits = torch.cat([z, sink_logit], -1)
@@ -109,26 +105,28 @@ def sink_attention(q, keys, allow, sink, scale: float, prec: Precision) -> torch
 
 def project_q(x, p: dict, cfg: ModelConfig, angles, prec: Precision, rec):
     """(qr [S, q_lora], q [S, H, hd]) with RoPE at `angles`."""
-    s, eps = x.shape[0], cfg.rms_eps
-    trig = prec.act if prec.alt_placement else None
-    qr = rms_norm(linear(x, p["wq_a.weight"]), p["q_norm.weight"], eps, prec.acc)
+    pol, s, eps = prec.policy, x.shape[0], cfg.rms_eps
+    qr = rms_norm(linear(x, p["wq_a.weight"], pol.split_k), p["q_norm.weight"], eps, prec.acc)
     rec("qr", qr)
-    q = linear(qr, p["wq_b.weight"]).view(s, cfg.num_heads, cfg.head_dim)
-    if prec.alt_placement:  # mean of squares in acc, multiply in the activation dtype
-        q = q * torch.rsqrt(q.to(prec.acc).square().mean(-1, keepdim=True) + eps).to(q.dtype)
-    else:
-        q = rms_unit(q, eps)
-    q = apply_rope(q, angles, cfg.rope_dim, acc=prec.acc, trig=trig)
+    q = linear(qr, p["wq_b.weight"], pol.split_k).view(s, cfg.num_heads, cfg.head_dim)
+    q = rms_unit(q, eps, pol.q_norm)
+    q = apply_rope(q, angles, cfg.rope_dim, acc=prec.acc, trig=pol.rope_table)
     rec("q", q)
     return qr, q
 
 
+def kv_cache_sims(prec: Precision, sims: bool) -> str | None:
+    """How the KV cache and the main compressor's entries store their non-RoPE dims: FP8
+    (the demo's QAT sim, or an FP8 serving engine), or not at all."""
+    return "fp8" if (sims or prec.fp8_cache) else None
+
+
 def project_kv(x, p: dict, cfg: ModelConfig, angles, prec: Precision, sims: bool, rec):
     """The shared key/value rows [S, hd] (K = V), as the KV cache holds them."""
-    rd = cfg.rope_dim
-    kv = rms_norm(linear(x, p["wkv.weight"]), p["kv_norm.weight"], cfg.rms_eps, prec.acc)
-    kv = apply_rope(kv, angles, rd, acc=prec.acc, trig=prec.act if prec.alt_placement else None)
-    if sims or prec.fp8_cache:  # the KV cache holds the non-RoPE dims in FP8
+    pol, rd = prec.policy, cfg.rope_dim
+    kv = rms_norm(linear(x, p["wkv.weight"], pol.split_k), p["kv_norm.weight"], cfg.rms_eps, prec.acc)
+    kv = apply_rope(kv, angles, rd, acc=prec.acc, trig=pol.rope_table)
+    if kv_cache_sims(prec, sims):  # the KV cache holds the non-RoPE dims in FP8
         kv = torch.cat([fp8_sim(kv[..., :-rd], 64), kv[..., -rd:]], -1)
     rec("kv", kv)
     return kv
@@ -136,17 +134,16 @@ def project_kv(x, p: dict, cfg: ModelConfig, angles, prec: Precision, sims: bool
 
 def attend_and_project(q, keys, allow, angles, p: dict, cfg: ModelConfig, prec: Precision, rec):
     """Sink attention over the allowed keys, de-rotation at the query position, grouped
-    low-rank output projection. Returns [S, D]."""
+    low-rank output projection. q [S, H, hd], keys [J, hd], allow [S, J]. Returns [S, D]."""
     s = q.shape[0]
-    o = sink_attention(q, keys, allow, p["attn_sink"], cfg.head_dim ** -0.5, prec)
-    trig = prec.act if prec.alt_placement else None
-    o = apply_rope(o, angles, cfg.rope_dim, inverse=True, acc=prec.acc, trig=trig)  # de-rotate at the query position
+    o = sink_attention(q, keys, allow, p["attn_sink"], cfg.head_dim ** -0.5, prec)  # [S, H, hd]
+    o = apply_rope(o, angles, cfg.rope_dim, inverse=True, acc=prec.acc, trig=prec.policy.rope_table)
     rec("core", o)
     # grouped low-rank output projection: group g = heads g*H/G ... contiguous (docs/v4-spec.md §5.9)
     g = cfg.o_groups
-    wo_a = p["wo_a.weight"].to(o.dtype).view(g, cfg.o_lora_rank, -1)
-    r = torch.einsum("sgd,grd->sgr", o.reshape(s, g, -1), wo_a)
-    return linear(r.reshape(s, -1), p["wo_b.weight"])
+    wo_a = p["wo_a.weight"].to(o.dtype).view(g, cfg.o_lora_rank, -1)  # [G, r, H/G*hd]
+    r = torch.einsum("sgd,grd->sgr", o.reshape(s, g, -1), wo_a)  # [S, G, r]
+    return linear(r.reshape(s, -1), p["wo_b.weight"], prec.policy.split_k)
 
 
 def chosen_entries(topk: torch.Tensor, n: int) -> torch.Tensor:
@@ -156,28 +153,44 @@ def chosen_entries(topk: torch.Tensor, n: int) -> torch.Tensor:
     return chosen[:, :n]
 
 
+def layer_rope(cfg: ModelConfig, layer: int, tables: dict):
+    """(kind, RoPE frequencies) of a layer: 'main' table for sliding layers (and the MTP block,
+    layer == num_layers, ratio 0), 'compress' for CSA/HCA."""
+    kind = cfg.layer_type(layer)
+    return kind, tables["main" if kind == "sliding" else "compress"]
+
+
+def indexer_choice(x, qr, p: dict, cfg: ModelConfig, freqs, angles, n: int, ratio: int, prec: Precision,
+                   sims: bool, rec) -> torch.Tensor:
+    """CSA: [S, n] bool, the compressed entries the lightning indexer picks per query."""
+    scores = indexer_scores(x, qr, sub(p, "indexer"), cfg, freqs, angles, prec, sims, rec)  # [S, n]
+    rec("indexer_scores", scores)
+    topk = select_topk(scores, cfg.index_topk, ratio)  # [S, index_topk], -1 = none
+    rec("indexer_topk", topk)
+    return chosen_entries(topk, n)
+
+
+def compressed_keys(x, qr, p: dict, layer: int, cfg: ModelConfig, freqs, angles, prec: Precision, sims: bool, rec):
+    """CSA / HCA: the compressed entries [n, hd] and which of them each query attends [S, n]."""
+    kind, ratio = cfg.layer_type(layer), cfg.compress_ratio(layer)
+    comp = compress(x, sub(p, "compressor"), ratio=ratio, overlap=(kind == "csa"), norm_eps=cfg.rms_eps,
+                    freqs=freqs, rope_dim=cfg.rope_dim, prec=prec, sims=kv_cache_sims(prec, sims))
+    rec("compressed_kv", comp)
+    n = comp.shape[0]
+    if kind == "csa":
+        return comp, indexer_choice(x, qr, p, cfg, freqs, angles, n, ratio, prec, sims, rec)
+    return comp, available(x.shape[0], n, ratio)
+
+
 def attention(x, p: dict, layer: int, cfg: ModelConfig, tables: dict, prec: Precision, sims: bool, rec):
     """x: [S, D] attention input (after attn_norm), one sequence at positions 0..S-1. Returns [S, D]."""
     s = x.shape[0]
-    kind = cfg.layer_type(layer)  # layer == num_layers is the MTP block (ratio 0: sliding)
-    freqs = tables["main" if kind == "sliding" else "compress"]
-    angles = rope_angles(torch.arange(s), freqs)
+    kind, freqs = layer_rope(cfg, layer, tables)
+    angles = rope_angles(torch.arange(s), freqs)  # [S, rd/2]
     qr, q = project_q(x, p, cfg, angles, prec, rec)
-    kv = project_kv(x, p, cfg, angles, prec, sims, rec)
-    keys, allow = kv, window_mask(s, cfg.window)
+    kv = project_kv(x, p, cfg, angles, prec, sims, rec)  # [S, hd]
+    keys, allow = kv, window_mask(s, cfg.window)  # [S, hd], [S, S]
     if kind != "sliding":
-        ratio = cfg.compress_ratio(layer)
-        comp = compress(x, sub(p, "compressor"), ratio=ratio, overlap=(kind == "csa"), norm_eps=cfg.rms_eps,
-                        freqs=freqs, rope_dim=cfg.rope_dim, prec=prec, sims="fp8" if (sims or prec.fp8_cache) else None)
-        rec("compressed_kv", comp)
-        n = comp.shape[0]
-        visible = available(s, n, ratio)
-        if kind == "csa":
-            scores = indexer_scores(x, qr, sub(p, "indexer"), cfg, freqs, angles, prec, sims, rec)
-            rec("indexer_scores", scores)
-            topk = select_topk(scores, cfg.index_topk, ratio)
-            rec("indexer_topk", topk)
-            visible = chosen_entries(topk, n)
-        keys = torch.cat([kv, comp], 0)
-        allow = torch.cat([allow, visible], 1)
+        comp, visible = compressed_keys(x, qr, p, layer, cfg, freqs, angles, prec, sims, rec)  # [n, hd], [S, n]
+        keys, allow = torch.cat([kv, comp], 0), torch.cat([allow, visible], 1)
     return attend_and_project(q, keys, allow, angles, p, cfg, prec, rec)

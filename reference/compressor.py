@@ -9,16 +9,16 @@ from __future__ import annotations
 import torch
 
 from .precision import Precision
-from .primitives import apply_rope, linear, rms_norm, rope_angles
+from .primitives import apply_rope, gemm, rms_norm, rope_angles
 from .quant import fp4_sim, fp8_sim, rotate
 
 
 def project(x, wkv, wgate, ape, positions, prec: Precision):
-    """A = x Wkv^T, Z = x Wgate^T + ape[pos mod m]; the demo does both in fp32 (acc). The
-    alternative placement projects in the activation dtype (Z becomes acc with the fp32 ape)."""
-    xa = x.to(prec.mix())
-    a = linear(xa, wkv)
-    z = linear(xa, wgate).to(prec.acc) + ape.to(prec.acc)[positions % ape.shape[0]]
+    """A = x Wkv^T, Z = x Wgate^T + ape[pos mod m], placed by `policy.compressor` (the demo:
+    both in fp32 = acc); Z ends in acc with the fp32 ape. x [S, D] -> A, Z [S, c*dc]."""
+    place = prec.policy.compressor
+    a = gemm(x, wkv, place)
+    z = gemm(x, wgate, place).to(prec.acc) + ape.to(prec.acc)[positions % ape.shape[0]]
     return a, z
 
 
@@ -51,7 +51,7 @@ def finish(pooled, first_block: int, ratio: int, norm_w, freqs, rope_dim: int, p
     (all dims in e4m3, one scale per key)."""
     e = rms_norm(pooled.to(prec.act), norm_w, eps, prec.acc)
     pos = (torch.arange(pooled.shape[0]) + first_block) * ratio
-    e = apply_rope(e, rope_angles(pos, freqs), rope_dim, acc=prec.acc, trig=prec.act if prec.alt_placement else None)
+    e = apply_rope(e, rope_angles(pos, freqs), rope_dim, acc=prec.acc, trig=prec.policy.rope_table)
     if sims == "fp8":
         e = torch.cat([fp8_sim(e[..., :-rope_dim], 64), e[..., -rope_dim:]], -1)
     elif sims == "fp4":

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import (attend_and_project, available_at, chosen_entries, indexer_keys_sims, project_kv, project_q,
-                        score_entries, select_topk, sub, window_mask_at)
+from .attention import (attend_and_project, available_at, chosen_entries, indexer_keys_sims, kv_cache_sims, layer_rope,
+                        project_kv, project_q, score_entries, select_topk, sub, window_mask_at)
 from .compressor import IncrementalCompressor
 from .config import ModelConfig
 from .model import Recorder, _concat, attention_sublayer, cast_params, ffn_sublayer, head, rope_tables
 from .precision import Precision
-from .primitives import linear, reduction_split, rms_norm, rope_angles
+from .primitives import linear, rms_norm, rope_angles
 
 
 @dataclass
@@ -48,45 +48,59 @@ def _cat(prev, new):
     return new if prev is None else torch.cat([prev, new], 0)
 
 
+def _new_entries(x, p: dict, ratio: int, overlap: bool, cfg: ModelConfig, freqs, prec: Precision, sims,
+                 comp: IncrementalCompressor | None) -> tuple:
+    """(the compressor, created on first use; the entries [m, dc] that close in chunk x [S, D])."""
+    if comp is None:
+        comp = IncrementalCompressor(p, ratio=ratio, overlap=overlap, norm_eps=cfg.rms_eps, freqs=freqs,
+                                     rope_dim=cfg.rope_dim, prec=prec, sims=sims)
+    return comp, comp.feed(x)
+
+
+def _indexer_step(x, qr, p: dict, cfg: ModelConfig, freqs, angles, q_pos, prec: Precision, sims: bool, rec,
+                  state: AttentionState, n: int) -> torch.Tensor:
+    """CSA: [S, n] bool, the entries the indexer picks for the chunk's queries at q_pos."""
+    ip = sub(p, "indexer")
+    state.indexer, new_keys = _new_entries(x, sub(ip, "compressor"), cfg.csa_ratio, True, cfg, freqs, prec,
+                                           indexer_keys_sims(prec, sims), state.indexer)
+    rec("indexer_keys", new_keys)
+    state.indexer_keys = _cat(state.indexer_keys, new_keys)  # [n, d_index]
+    scores = score_entries(x, qr, ip, cfg, angles, state.indexer_keys, q_pos, prec, sims)  # [S, n]
+    rec("indexer_scores", scores)
+    topk = select_topk(scores, cfg.index_topk, cfg.csa_ratio, q_pos)  # [S, index_topk]
+    rec("indexer_topk", topk)
+    return chosen_entries(topk, n)
+
+
+def _compressed_step(x, qr, p: dict, layer: int, cfg: ModelConfig, freqs, angles, q_pos, prec: Precision,
+                     sims: bool, rec, state: AttentionState) -> torch.Tensor:
+    """CSA / HCA: feed the chunk to the compressor(s); returns which of the entries so far
+    [n, dc] each query attends ([S, n] bool)."""
+    kind, ratio = cfg.layer_type(layer), cfg.compress_ratio(layer)
+    state.compressor, new = _new_entries(x, sub(p, "compressor"), ratio, kind == "csa", cfg, freqs, prec,
+                                         kv_cache_sims(prec, sims), state.compressor)
+    rec("compressed_kv", new)
+    state.entries = _cat(state.entries, new)  # [n, dc]
+    n = state.entries.shape[0]
+    if kind == "csa":
+        return _indexer_step(x, qr, p, cfg, freqs, angles, q_pos, prec, sims, rec, state, n)
+    return available_at(q_pos, n, ratio)
+
+
 def attention_step(x, p: dict, layer: int, cfg: ModelConfig, tables: dict, prec: Precision, sims: bool, rec, *,
                    state: AttentionState, start: int):
     """`attention.attention` for the tokens at positions start..start+S-1 of a sequence whose
     earlier positions are summarised in `state` (updated in place)."""
     s = x.shape[0]
-    kind = cfg.layer_type(layer)
-    freqs = tables["main" if kind == "sliding" else "compress"]
+    kind, freqs = layer_rope(cfg, layer, tables)
     q_pos = torch.arange(start, start + s)
-    angles = rope_angles(q_pos, freqs)
+    angles = rope_angles(q_pos, freqs)  # [S, rd/2]
     qr, q = project_q(x, p, cfg, angles, prec, rec)
-    state.kv = _cat(state.kv, project_kv(x, p, cfg, angles, prec, sims, rec))
-    keys, allow = state.kv, window_mask_at(q_pos, torch.arange(state.kv.shape[0]), cfg.window)
+    state.kv = _cat(state.kv, project_kv(x, p, cfg, angles, prec, sims, rec))  # [P, hd], every position so far
+    keys, allow = state.kv, window_mask_at(q_pos, torch.arange(state.kv.shape[0]), cfg.window)  # [S, P]
     if kind != "sliding":
-        ratio = cfg.compress_ratio(layer)
-        if state.compressor is None:
-            state.compressor = IncrementalCompressor(
-                sub(p, "compressor"), ratio=ratio, overlap=(kind == "csa"), norm_eps=cfg.rms_eps, freqs=freqs,
-                rope_dim=cfg.rope_dim, prec=prec, sims="fp8" if (sims or prec.fp8_cache) else None)
-        new = state.compressor.feed(x)
-        rec("compressed_kv", new)
-        state.entries = _cat(state.entries, new)
-        n = state.entries.shape[0]
-        visible = available_at(q_pos, n, ratio)
-        if kind == "csa":
-            ip = sub(p, "indexer")
-            if state.indexer is None:
-                state.indexer = IncrementalCompressor(
-                    sub(ip, "compressor"), ratio=cfg.csa_ratio, overlap=True, norm_eps=cfg.rms_eps, freqs=freqs,
-                    rope_dim=cfg.rope_dim, prec=prec, sims=indexer_keys_sims(prec, sims))
-            new_keys = state.indexer.feed(x)
-            rec("indexer_keys", new_keys)
-            state.indexer_keys = _cat(state.indexer_keys, new_keys)
-            scores = score_entries(x, qr, ip, cfg, angles, state.indexer_keys, q_pos, prec, sims)
-            rec("indexer_scores", scores)
-            topk = select_topk(scores, cfg.index_topk, ratio, q_pos)
-            rec("indexer_topk", topk)
-            visible = chosen_entries(topk, n)
-        keys = torch.cat([state.kv, state.entries], 0)
-        allow = torch.cat([allow, visible], 1)
+        visible = _compressed_step(x, qr, p, layer, cfg, freqs, angles, q_pos, prec, sims, rec, state)  # [S, n]
+        keys, allow = torch.cat([state.kv, state.entries], 0), torch.cat([allow, visible], 1)
     return attend_and_project(q, keys, allow, angles, p, cfg, prec, rec)
 
 
@@ -111,8 +125,8 @@ def feed(cfg: ModelConfig, p: dict, state: SequenceState, ids: torch.Tensor, pre
     for layer in range(cfg.num_layers):
         lp = sub(p, f"layers.{layer}")
         lrec = rec.child(f"layers.{layer}")
-        x = attention_sublayer(x, lp, layer, cfg, tables, prec, sims, lrec, {}, attend=_attend(state, layer, start))
-        x = ffn_sublayer(x, ids, lp, layer, cfg, prec, lrec, {})
+        x = attention_sublayer(x, lp, layer, cfg, tables, prec, sims, lrec, attend=_attend(state, layer, start))
+        x = ffn_sublayer(x, ids, lp, layer, cfg, prec, lrec)
     logits = head(x, p, "", cfg, prec, rec)
     if mtp and cfg.num_mtp_layers:
         _mtp_feed(cfg, p, state, ids, x, tables, prec, sims, rec.child("mtp.0"))
@@ -134,12 +148,13 @@ def _mtp_feed(cfg, p, state: SequenceState, ids, x_main, tables, prec, sims, rec
     m = sub(p, "mtp.0")
     e = rms_norm(p["embed.weight"][ids_prev].to(prec.act), m["enorm.weight"], cfg.rms_eps, prec.acc)
     xh = rms_norm(x_main, m["hnorm.weight"], cfg.rms_eps, prec.acc)
-    x = linear(e, m["e_proj.weight"])[:, None, :] + linear(xh, m["h_proj.weight"])
+    k = prec.policy.split_k
+    x = linear(e, m["e_proj.weight"], k)[:, None, :] + linear(xh, m["h_proj.weight"], k)  # [R, n, D]
     rec("in", x)
     start = max(state.pos - 1, 0)
     layer = cfg.num_layers
-    x = attention_sublayer(x, m, layer, cfg, tables, prec, sims, rec, {}, attend=_attend(state, "mtp.0", start))
-    x = ffn_sublayer(x, ids_prev, m, layer, cfg, prec, rec, {})
+    x = attention_sublayer(x, m, layer, cfg, tables, prec, sims, rec, attend=_attend(state, "mtp.0", start))
+    x = ffn_sublayer(x, ids_prev, m, layer, cfg, prec, rec)
     head(x, {**m, "head.weight": p["head.weight"]}, "", cfg, prec, rec)
 
 
@@ -166,7 +181,7 @@ def serve(cfg: ModelConfig, params: dict, prompt, chunks, decode_steps: int, pre
     if sum(chunks) != ids.shape[0] or any(c < 1 for c in chunks):
         raise ValueError(f"chunks {list(chunks)} do not partition a prompt of {ids.shape[0]} tokens")
     state, stores, fed, at = SequenceState(), [], ids.tolist(), 0
-    with torch.no_grad(), reduction_split(prec.split_k):
+    with torch.no_grad():
         steps = [ids[at:at + c] for at, c in zip([sum(chunks[:i]) for i in range(len(chunks))], chunks)]
         for k in range(len(steps) + decode_steps):
             if k >= len(steps):

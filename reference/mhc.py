@@ -38,8 +38,16 @@ def collapse(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights[..., None] * x.to(weights.dtype)).sum(-2).to(x.dtype)
 
 
+def hc_pre(x, fn, scale, base, *, n: int, iters: int, hc_eps: float, norm_eps: float, acc):
+    """mHC pre (docs/v4-spec.md §4.2-4.4): streams x [S, n, D] -> (sublayer input u [S, D], post [S, n],
+    comb M [S, n, n]); u collapses the streams with the pre weights."""
+    pre, post, comb = hc_coefficients(x, fn, scale, base, n=n, iters=iters, hc_eps=hc_eps, norm_eps=norm_eps, acc=acc)
+    return collapse(x, pre), post, comb
+
+
 def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """X'_k = post_k F + sum_j M[j, k] X_j  (output stream k gathers column k, docs/v4-spec.md §4.4)."""
+    """mHC post: X'_k = post_k F + sum_j M[j, k] X_j (output stream k gathers column k, docs/v4-spec.md
+    §4.4), in post's dtype, cast to F's. f [S, D], x [S, n, D] -> [S, n, D]."""
     acc = post.dtype
     y = post[..., None] * f.to(acc)[..., None, :] + torch.einsum("sjk,sjd->skd", comb, x.to(acc))
     return y.to(f.dtype)

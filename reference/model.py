@@ -6,16 +6,16 @@ returns every captured tensor flattened over the batch's tokens in order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .attention import attention, available, sub
+from .attention import attention, sub
 from .config import ModelConfig
-from .mhc import collapse, hc_coefficients, hc_head_weights, hc_post
+from .mhc import collapse, hc_head_weights, hc_post, hc_pre
 from .moe import moe
 from .precision import Precision
-from .primitives import linear, reduction_split, rms_norm, rope_frequencies
+from .primitives import gemm, linear, rms_norm, rope_frequencies
 
 # points whose leading dim is compressed entries, not tokens
 ENTRY_POINTS = ("compressed_kv", "indexer_keys")
@@ -61,100 +61,83 @@ def cast_params(params: dict, prec: Precision) -> dict:
     return out
 
 
-@dataclass
-class Stats:
-    """What a run exercised, per layer (feeds the coverage report)."""
-    layers: dict = field(default_factory=dict)
-
-    def layer(self, key) -> dict:
-        return self.layers.setdefault(key, {})
+def precision_of(precision) -> Precision:
+    """The precision (and with it the rounding policy) `run` and `run_part` compute at; the one
+    place a harness overrides it (selftest: split-K)."""
+    return Precision.of(precision)
 
 
 def _hc_args(cfg: ModelConfig, prec: Precision) -> dict:
     return dict(n=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc)
 
 
-def attention_sublayer(x, p, layer, cfg, tables, prec, sims, rec, stats: dict, attend=None):
+def _hc_params(p: dict, part: str) -> tuple:
+    """(fn [(2+n)n, nD], scale [3], base [(2+n)n]) of the 'attn' or 'ffn' mHC."""
+    return p[f"hc_{part}_fn"], p[f"hc_{part}_scale"], p[f"hc_{part}_base"]
+
+
+def _record_hc(rec, post, comb, u) -> None:
+    rec("post", post)
+    rec("comb", comb)
+    rec("collapsed", u)
+
+
+def _merge_dtype(post, comb, prec: Precision) -> tuple:
+    """post, comb in the dtype the mHC merge runs in (`policy.hc_post`)."""
+    return post.to(prec.policy.hc_post), comb.to(prec.policy.hc_post)
+
+
+def attention_sublayer(x, p, layer, cfg, tables, prec, sims, rec, attend=None):
     """mHC pre -> attn_norm -> attention -> mHC post. x: [S, n, D] streams. `attend`: None for
     the attention of the whole sequence (looked up when called, so it can be patched), or a
     step of it with carried state (decode.py)."""
     rec("attn_hc.in", x)
-    pre, post, comb = hc_coefficients(x, p["hc_attn_fn"], p["hc_attn_scale"], p["hc_attn_base"], **_hc_args(cfg, prec))
-    rec("attn_hc.post", post)
-    rec("attn_hc.comb", comb)
-    u = collapse(x, pre)
-    rec("attn_hc.collapsed", u)
+    u, post, comb = hc_pre(x, *_hc_params(p, "attn"), **_hc_args(cfg, prec))  # [S, D], [S, n], [S, n, n]
+    _record_hc(rec.child("attn_hc"), post, comb, u)
     xn = rms_norm(u, p["attn_norm.weight"], cfg.rms_eps, prec.acc)
     rec("attn_norm", xn)
-    attn_store: dict = {}
-    a = (attend or attention)(xn, sub(p, "attn"), layer, cfg, tables, prec, sims, Recorder(attn_store))
-    for k, v in attn_store.items():
-        rec(f"attn.{k}", v)
+    a = (attend or attention)(xn, sub(p, "attn"), layer, cfg, tables, prec, sims, rec.child("attn"))  # [S, D]
     rec("attn.out", a)
-    if attend is None:
-        _attention_stats(stats, attn_store, cfg, layer, x.shape[0])
-    return hc_post(a, x, post.to(prec.mix()), comb.to(prec.mix()))
+    return hc_post(a, x, *_merge_dtype(post, comb, prec))
 
 
-def ffn_sublayer(x, ids, p, layer, cfg, prec, rec, stats: dict):
-    """mHC pre -> ffn_norm -> MoE -> mHC post."""
+def ffn_sublayer(x, ids, p, layer, cfg, prec, rec):
+    """mHC pre -> ffn_norm -> MoE -> mHC post. x: [S, n, D] streams, ids: [S]."""
     rec("ffn_hc.in", x)
-    pre, post, comb = hc_coefficients(x, p["hc_ffn_fn"], p["hc_ffn_scale"], p["hc_ffn_base"], **_hc_args(cfg, prec))
-    rec("ffn_hc.post", post)
-    rec("ffn_hc.comb", comb)
-    u = collapse(x, pre)
-    rec("ffn_hc.collapsed", u)
+    u, post, comb = hc_pre(x, *_hc_params(p, "ffn"), **_hc_args(cfg, prec))  # [S, D], [S, n], [S, n, n]
+    _record_hc(rec.child("ffn_hc"), post, comb, u)
     yn = rms_norm(u, p["ffn_norm.weight"], cfg.rms_eps, prec.acc)
     rec("ffn_norm", yn)
-    f = moe(yn, ids, sub(p, "ffn"), layer, cfg, prec, rec.child("moe"), stats)
+    f = moe(yn, ids, sub(p, "ffn"), layer, cfg, prec, rec.child("moe"))  # [S, D]
     rec("moe.out", f)
-    x = hc_post(f, x, post.to(prec.mix()), comb.to(prec.mix()))
+    x = hc_post(f, x, *_merge_dtype(post, comb, prec))
     rec("out", x)
-    stats["comb_offdiag_mass"] = stats.get("comb_offdiag_mass", 0.0) + float(
-        (comb.sum((-1, -2)) - comb.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()) / cfg.hc_mult
-    stats["tokens"] = stats.get("tokens", 0) + x.shape[0]
     return x
 
 
-def block(x, ids, p, layer, cfg, tables, prec, sims, rec, stats: dict):
+def block(x, ids, p, layer, cfg, tables, prec, sims, rec):
     """One decoder block: mHC pre -> attention -> mHC post -> mHC pre -> MoE -> mHC post."""
-    x = attention_sublayer(x, p, layer, cfg, tables, prec, sims, rec, stats)
-    return ffn_sublayer(x, ids, p, layer, cfg, prec, rec, stats)
-
-
-def _attention_stats(stats: dict, st: dict, cfg: ModelConfig, layer: int, s: int) -> None:
-    stats["beyond_window"] = stats.get("beyond_window", 0) + max(0, s - cfg.window)
-    if "compressed_kv" in st:
-        stats["compressed_entries"] = stats.get("compressed_entries", 0) + st["compressed_kv"].shape[0]
-    if "indexer_topk" in st:
-        n = st["compressed_kv"].shape[0]
-        avail = available(s, n, cfg.csa_ratio).sum(1)
-        chosen = (st["indexer_topk"] >= 0).sum(1)
-        stats["indexer_queries"] = stats.get("indexer_queries", 0) + s
-        stats["indexer_pruning_queries"] = stats.get("indexer_pruning_queries", 0) + int((avail > chosen).sum())
-        stats["indexer_available"] = stats.get("indexer_available", 0) + int(avail.sum())
-        stats["indexer_dropped"] = stats.get("indexer_dropped", 0) + int((avail - chosen).sum())
+    x = attention_sublayer(x, p, layer, cfg, tables, prec, sims, rec)
+    return ffn_sublayer(x, ids, p, layer, cfg, prec, rec)
 
 
 def head(x, p, prefix, cfg, prec, rec):
+    """Final mHC contraction -> norm -> LM head (placed by `policy.head`). x [S, n, D] -> [S, V]."""
     w = hc_head_weights(x, p[f"{prefix}hc_head_fn"], p[f"{prefix}hc_head_scale"], p[f"{prefix}hc_head_base"],
                         hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc)
     h = collapse(x, w)
     rec("head.collapsed", h)
     hn = rms_norm(h, p[f"{prefix}norm.weight"], cfg.rms_eps, prec.acc)
     rec("head.norm", hn)
-    if prec.alt_placement:
-        logits = linear(hn, p["head.weight"])
-    else:
-        logits = hn.to(prec.acc) @ p["head.weight"].to(prec.acc).T  # LM head in fp32 (demo) / fp64
+    logits = gemm(hn, p["head.weight"], prec.policy.head)  # the demo: fp32 (fp64 for the golden)
     rec("logits", logits)
     return logits
 
 
 def forward_sequence(cfg: ModelConfig, p: dict, ids: torch.Tensor, prec: Precision, *, sims=False,
-                     mtp=True, rec: Recorder | None = None, stats: Stats | None = None):
+                     mtp=True, rec: Recorder | None = None):
+    """Logits [S, V] of one sequence ids [S] at positions 0..S-1; every point into `rec`."""
     rec = rec or Recorder(None)
-    stats = stats or Stats()
     tables = rope_tables(cfg)
     s = ids.shape[0]
     e = p["embed.weight"][ids].to(prec.act)
@@ -162,29 +145,29 @@ def forward_sequence(cfg: ModelConfig, p: dict, ids: torch.Tensor, prec: Precisi
     x = e[:, None, :].expand(s, cfg.hc_mult, cfg.hidden_size).contiguous()  # 4 identical copies
     for layer in range(cfg.num_layers):
         x = block(x, ids, sub(p, f"layers.{layer}"), layer, cfg, tables, prec, sims,
-                  rec.child(f"layers.{layer}"), stats.layer(layer))
+                  rec.child(f"layers.{layer}"))
     logits = head(x, p, "", cfg, prec, rec)
     if mtp and cfg.num_mtp_layers and s > 1:
-        mtp_forward(cfg, p, ids, x, tables, prec, sims, rec.child("mtp.0"), stats.layer("mtp.0"))
+        mtp_forward(cfg, p, ids, x, tables, prec, sims, rec.child("mtp.0"))
     return logits
 
 
-def mtp_forward(cfg, p, ids, x_main, tables, prec, sims, rec, stats):
+def mtp_forward(cfg, p, ids, x_main, tables, prec, sims, rec):
     """MTP block (docs/v4-spec.md §7.2): hidden streams at i + embedding of token i+1 -> predicts i+2."""
     m = sub(p, "mtp.0")
     ids_next = ids[1:]
     e = rms_norm(p["embed.weight"][ids_next].to(prec.act), m["enorm.weight"], cfg.rms_eps, prec.acc)
     xh = rms_norm(x_main[:-1], m["hnorm.weight"], cfg.rms_eps, prec.acc)
-    x = linear(e, m["e_proj.weight"])[:, None, :] + linear(xh, m["h_proj.weight"])
+    k = prec.policy.split_k
+    x = linear(e, m["e_proj.weight"], k)[:, None, :] + linear(xh, m["h_proj.weight"], k)  # [S-1, n, D]
     rec("in", x)
-    x = block(x, ids_next, m, cfg.num_layers, cfg, tables, prec, sims, rec, stats)
+    x = block(x, ids_next, m, cfg.num_layers, cfg, tables, prec, sims, rec)
     head(x, {**m, "head.weight": p["head.weight"]}, "", cfg, prec, rec)
 
 
 @dataclass
 class RunResult:
     points: dict  # name -> tensor, flattened over the batch's tokens
-    stats: Stats
     precision: str
 
 
@@ -199,23 +182,34 @@ def _concat(parts: list) -> torch.Tensor:
 
 
 def run(cfg: ModelConfig, params: dict, sequences, precision="float64", *, sims=False, mtp=True) -> RunResult:
-    prec = Precision.of(precision)
+    prec = precision_of(precision)
     p = cast_params(params, prec)
-    stats = Stats()
     per_seq: list[dict] = []
-    with torch.no_grad(), reduction_split(prec.split_k):
+    with torch.no_grad():
         for ids in sequences:
             store: dict = {}
             forward_sequence(cfg, p, torch.as_tensor(ids, dtype=torch.long), prec, sims=sims, mtp=mtp,
-                             rec=Recorder(store), stats=stats)
+                             rec=Recorder(store))
             per_seq.append(store)
     names = list(per_seq[0])
     points = {n: _concat([s[n] for s in per_seq if n in s]) for n in names}
-    return RunResult(points, stats, prec.name)
+    return RunResult(points, prec.name)
 
 
 def _split(t: torch.Tensor, lens) -> list:
     return list(torch.split(t, list(lens), 0))
+
+
+def _run_one_part(part: str, x, ids, lp: dict, head_w, layer_id, cfg, tables, prec, sims, rec) -> None:
+    """One sequence's sub-block `part` on its input x (streams [S, n, D]), recorded into rec."""
+    if part == "attn":
+        rec("ffn_hc.in", attention_sublayer(x, lp, layer_id, cfg, tables, prec, sims, rec))
+    elif part == "ffn":
+        ffn_sublayer(x, ids, lp, layer_id, cfg, prec, rec)
+    elif part == "head":
+        head(x, {**lp, "head.weight": head_w}, "", cfg, prec, rec)
+    else:
+        raise ValueError(f"unknown part {part!r}")
 
 
 def run_part(cfg: ModelConfig, params: dict, part: str, layer, inputs: torch.Tensor, sequences,
@@ -226,29 +220,19 @@ def run_part(cfg: ModelConfig, params: dict, part: str, layer, inputs: torch.Ten
     (input: the last layer's streams); `layer` is a main layer index or "mtp.0". `inputs` is
     flattened over the batch's tokens ([T, n, D]; for mtp.0, sequences contribute S-1 rows).
     Returns the points that part records, flattened, under their canonical names."""
-    prec = Precision.of(precision)
+    prec = precision_of(precision)
     p = cast_params(params, prec)
     tables = rope_tables(cfg)
     mtp = layer == "mtp.0"
     prefix = "mtp.0" if mtp else f"layers.{layer}"
     lp = sub(p, prefix) if part != "head" or mtp else p
     layer_id = cfg.num_layers if mtp else layer
-    id_list = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
-    if mtp:
-        id_list = [ids[1:] for ids in id_list]
+    id_list = [torch.as_tensor(s, dtype=torch.long)[1 if mtp else 0:] for s in sequences]
     per_seq = []
-    with torch.no_grad(), reduction_split(prec.split_k):
+    with torch.no_grad():
         for ids, x in zip(id_list, _split(inputs.to(prec.act), [len(i) for i in id_list])):
             store: dict = {}
-            stats: dict = {}
             rec = Recorder(store, f"{prefix}." if (mtp or part != "head") else "")
-            if part == "attn":
-                rec("ffn_hc.in", attention_sublayer(x, lp, layer_id, cfg, tables, prec, sims, rec, stats))
-            elif part == "ffn":
-                ffn_sublayer(x, ids, lp, layer_id, cfg, prec, rec, stats)
-            elif part == "head":
-                head(x, {**lp, "head.weight": p["head.weight"]}, "", cfg, prec, rec)
-            else:
-                raise ValueError(f"unknown part {part!r}")
+            _run_one_part(part, x, ids, lp, p["head.weight"], layer_id, cfg, tables, prec, sims, rec)
             per_seq.append(store)
     return {n: _concat([s[n] for s in per_seq]) for n in per_seq[0]}

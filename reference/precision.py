@@ -16,9 +16,11 @@ widths be chosen:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from .policy import Policy, demo_policy, ported_policy
 
 _NAMES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "fp8-serving": torch.bfloat16}
@@ -31,18 +33,22 @@ class Precision:
     """`alt_placement` and `split_k` describe *other honest implementations* at the same
     precision (used to measure the noise an honest engine makes, never for the golden):
 
-    * alt_placement: round where transformers-style ports round (router logits, compressor,
-      mHC post mix, attention scores, RoPE cos/sin and LM head in the activation dtype; q norm
-      mean in fp32; routing weight after w2 with activation-dtype accumulation; indexer scores
-      in fp32);
+    * alt_placement: round where transformers-style ports round (`policy.ported_policy`);
     * split_k: every Linear sums its reduction in `split_k` partial products (another
       reduction order, as split-K GEMM kernels do).
+
+    `policy` (derived) is what the primitives read: the dtype of every rounding place.
     """
     name: str
     act: torch.dtype  # storage dtype of activations between ops
     acc: torch.dtype  # dtype of the demo's "fp32" computations
     alt_placement: bool = False
     split_k: int = 1
+    policy: Policy = field(init=False, repr=False, compare=False)  # what the primitives read
+
+    def __post_init__(self):
+        make = ported_policy if self.alt_placement else demo_policy
+        object.__setattr__(self, "policy", make(self.act, self.acc, max(1, int(self.split_k))))
 
     @property
     def fp8_cache(self) -> bool:
@@ -67,10 +73,6 @@ class Precision:
     def label(self) -> str:
         extra = (["alt-placement"] if self.alt_placement else []) + ([f"split-k{self.split_k}"] if self.split_k > 1 else [])
         return self.name + (f" ({', '.join(extra)})" if extra else "")
-
-    def mix(self) -> torch.dtype:
-        """dtype of the places where the demo uses fp32 and alternative ports round."""
-        return self.act if self.alt_placement else self.acc
 
 
 def dtype_by_name(name: str) -> torch.dtype:

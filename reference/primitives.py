@@ -1,24 +1,12 @@
-"""Shared primitives: RMSNorm (weighted / unweighted), RoPE tables and rotation (docs/v4-spec.md §3)."""
+"""Shared primitives: RMSNorm (weighted / unweighted), RoPE tables and rotation (docs/v4-spec.md §3),
+Linear (one GEMM or split-K) and a projection placed by a `policy.Gemm`."""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 
-# number of partial products every Linear sums its reduction in (1 = one GEMM); see
-# `Precision.split_k`. Set through `reduction_split`.
-_SPLIT_K = 1
-
-
-@contextmanager
-def reduction_split(k: int):
-    global _SPLIT_K
-    old, _SPLIT_K = _SPLIT_K, max(1, int(k))
-    try:
-        yield
-    finally:
-        _SPLIT_K = old
+from .policy import Gemm
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, acc: torch.dtype) -> torch.Tensor:
@@ -29,10 +17,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, acc: torch.dtype
     return (weight.to(acc) * xf).to(x.dtype)
 
 
-def rms_unit(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Unweighted RMSNorm in the tensor's own dtype (the demo normalises q per head in bf16,
-    docs/v4-spec.md §5.2)."""
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+def rms_unit(x: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Unweighted RMSNorm, mean of squares in `dtype` (default: x's own; the demo normalises q
+    per head in bf16, docs/v4-spec.md §5.2), the scale cast to x's dtype."""
+    ms = x.to(dtype or x.dtype).square().mean(-1, keepdim=True)
+    return x * torch.rsqrt(ms + eps).to(x.dtype)
 
 
 def _yarn_correction_dim(rho: float, rope_dim: int, base: float, original_max_pos: int) -> float:
@@ -92,18 +81,23 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor, rope_dim: int, inverse: bo
     return torch.cat([head, rotated.to(x.dtype)], dim=-1)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x W^T in x's dtype (weights are cast to the activation dtype). Under
-    `reduction_split(k)` the reduction is summed from k partial products in fp32 (fp64 for
-    fp64 inputs) and rounded once: the same precision, another summation order."""
+def linear(x: torch.Tensor, w: torch.Tensor, split_k: int = 1) -> torch.Tensor:
+    """x W^T in x's dtype (weights are cast to the activation dtype). With split_k > 1 the
+    reduction is summed from split_k partial products in fp32 (fp64 for fp64 inputs) and
+    rounded once: the same precision, another summation order."""
     w = w.to(x.dtype)
     k = x.shape[-1]
-    if _SPLIT_K == 1 or k < 2 * _SPLIT_K:
+    if split_k == 1 or k < 2 * split_k:
         return torch.nn.functional.linear(x, w)
     part = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = None
-    for idx in torch.arange(k).tensor_split(_SPLIT_K):
+    for idx in torch.arange(k).tensor_split(split_k):
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         y = torch.nn.functional.linear(x[..., lo:hi].to(part), w[:, lo:hi].to(part))
         out = y if out is None else out + y
     return out.to(x.dtype)
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, place: Gemm) -> torch.Tensor:
+    """x W^T computed where `place` says: inputs in place.dtype, split_k partial products."""
+    return linear(x.to(place.dtype), w, place.split_k)

@@ -393,11 +393,11 @@ def test_moe_row_independent_of_other_tokens_routing():
     y = torch.randn(ids.shape[0], cfg.hidden_size, generator=g, dtype=F64)
     nop = lambda *a: None  # noqa: E731
     with torch.no_grad():
-        base = moe(y, ids, p, 0, cfg, PREC64, nop, {})
+        base = moe(y, ids, p, 0, cfg, PREC64, nop)
         for j in range(0, ids.shape[0], 3):
             ids2 = ids.clone()
             ids2[j] = (ids[j] + 1) % cfg.vocab_size
-            out = moe(y, ids2, p, 0, cfg, PREC64, nop, {})
+            out = moe(y, ids2, p, 0, cfg, PREC64, nop)
             keep = torch.arange(ids.shape[0]) != j
             assert (out[j] - base[j]).abs().max().item() > 1e-6, j  # token j itself did change
             assert torch.equal(out[keep], base[keep]), f"token {j}'s routing moved other rows"
@@ -681,3 +681,22 @@ def test_precision_modes_logits():
     assert e16 < 0.1, e16
     assert e16 > 1e-9, e16  # bf16 really changes the arithmetic
     assert e32 > 0.0, e32
+
+
+def test_precision_variants_are_policies():
+    """Honest-noise variants are rounding policies the primitives read: the demo's placement by
+    default, the transformers-style table with alt_placement, split-K on the Linears and the
+    compressor (not on the demo's fp32 router / LM head GEMMs)."""
+    from corruptcheck.reference.policy import Gemm, demo_policy, ported_policy
+    from corruptcheck.reference.primitives import gemm, linear
+
+    base = Precision.of("bfloat16")
+    assert base.policy == demo_policy(torch.bfloat16, torch.float32)
+    assert base.variant(alt_placement=True).policy == ported_policy(torch.bfloat16, torch.float32)
+    k2 = base.variant(split_k=2).policy
+    assert (k2.split_k, k2.compressor.split_k, k2.router.split_k, k2.head.split_k) == (2, 2, 1, 1)
+    assert base == Precision.of("bf16") and base.variant(split_k=2) != base  # the policy is derived
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 64, generator=g, dtype=F64), torch.randn(7, 64, generator=g, dtype=F64)
+    assert torch.equal(gemm(x.float(), w, Gemm(F64)), linear(x.float().double(), w))
+    assert not torch.equal(linear(x, w, 3), linear(x, w)) and torch.allclose(linear(x, w, 3), linear(x, w))
