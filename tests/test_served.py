@@ -118,3 +118,38 @@ def test_an_engine_that_cannot_serve_says_what_was_not_checked(tmp_path, tiny):
     res = CliRunner().invoke(cli.main, ["compare", "--engine", "dump", "--path", str(d)])
     assert res.exit_code == 0, res.output
     assert "schedule: prefill only — engine 'dump' has no scheduled capture yet" in " ".join(res.output.split())
+
+
+def test_a_point_failing_only_in_a_phase_fails_the_run():
+    """A decode-only error diluted among the prefill rows passes the whole run; its phase
+    verdict decides (phases.fail_by_phase), and the reason says both."""
+    from corruptcheck.differ import Comparison, PointResult
+    from corruptcheck.phases import fail_by_phase
+
+    comp = Comparison([PointResult("layers.1.attn.out", "pass", 1, "float", ratio=0.6),
+                       PointResult("layers.1.out", "pass", 1, "float", ratio=0.3)], "fp8-serving")
+    assert comp.verdict == "pass"
+    fail_by_phase(comp, {"layers.1.attn.out": {"ratio": 8.41, "phase": {"phase": "decode", "step": 1, "chunk": None}}})
+    assert comp.verdict == "fail" and comp.first_divergence["name"] == "layers.1.attn.out"
+    p = comp.points[0]
+    assert p.ratio == 8.41 and p.reason == ("within tolerance over the whole run (err/tol 0.6) but fails in "
+                                            "decode step 1 (err/tol 8.41)")
+    assert comp.points[1].verdict == "pass"
+
+
+def test_staggered_arrivals_in_the_schedule_and_the_gate():
+    from corruptcheck.errors import BadInput
+    from corruptcheck.gate import parse_policy
+
+    s = Schedule(prompt_lens=(10, 5, 4), arrivals=(0, 2, 2))
+    assert [s.arrival(i) for i in range(3)] == [0, 2, 2] and s.to_dict()["arrivals"] == [0, 2, 2]
+    assert "arriving at engine steps 0/2/2" in s.describe()
+    assert Schedule(prompt_lens=(3,)).arrival(0) == 0
+    for bad in ((0, 1), (0, -1, 2), (0, 1.5, 2)):
+        with pytest.raises(BadInput, match="arrivals"):
+            Schedule(prompt_lens=(10, 5, 4), arrivals=bad)
+    (run,) = parse_policy('[[run]]\ncase = "tiny"\nprecision = "float32"\n'
+                          'schedule = {prompt_lens = [40, 29, 22], chunk = 10, arrivals = [0, 0, 3]}\n').runs
+    assert run.schedule.arrivals == (0, 0, 3)
+    with pytest.raises(BadInput, match="arrivals"):
+        parse_policy('[[run]]\ncase = "tiny"\nprecision = "float32"\nschedule = {prompt_lens = [40, 29], arrivals = 3}\n')
