@@ -56,16 +56,19 @@ def _tokens_in_step(req_idx: torch.Tensor) -> torch.Tensor:
 
 
 class CompressorTailLostAtChunk(ServingFault):
-    """An HCA layer's KV compressor drops its open block (tokens since the last closed block)
-    when a new prefill chunk arrives, as when a compressor is called per chunk without its
-    carried state (cf. the C4 compressor called without the sequence lengths, wrong from the 4th
-    token). Silent without chunking: a single prefill starts with an empty buffer."""
+    """A KV compressor loses its carried state when a new prefill chunk arrives, as when a
+    compressor is called per chunk without its state or without the sequence lengths (cf. the C4
+    compressor called without them, wrong from the 4th token). In transformers an HCA layer's
+    compressor drops its open block (tokens since the last closed block), so later blocks close
+    at the wrong tokens; in vLLM the main compressors count the chunk's positions from 0. Silent
+    without chunking: a single prefill starts with an empty state at position 0."""
     name = "compressor-tail-lost-at-chunk"
     klass = "S1"
-    summary = "compressor's buffered tokens dropped at a prefill chunk boundary"
+    summary = "compressor state lost at a prefill chunk boundary (hf: buffer dropped; vLLM: positions restart)"
     trigger = "chunked prefill with a chunk that splits a compression block"
-    # fewer entries fail `compressed_kv` on their count, so teacher forcing names the attention core
-    points = ("attn.compressed_kv", "attn.core")
+    # fewer entries fail `compressed_kv` on their count, so teacher forcing names the attention core;
+    # vLLM's compressors run inside its opaque attention op: its output is the first point it shows
+    points = ("attn.compressed_kv", "attn.core", "attn.out")
 
     def hf(self, p, state, cfg):
         M = hf_module()
@@ -82,32 +85,27 @@ class CompressorTailLostAtChunk(ServingFault):
         p.wrap(M.DeepseekV4HCACache, "store_compression_weights", make)
 
     def vllm(self, p, state, cfg):
-        """vLLM's HCA compressor (head_dim 512, no overlap) pools a block from its partial-state
-        cache; for a request running several tokens in this step, the rows saved by earlier
-        steps come back missing (-1 slots), as for a compressor that restarts per chunk."""
+        """vLLM's compressors (main attention, head_dim 512: CSA and HCA) are called, for a
+        request running several tokens in a step that starts past its first token (a later
+        prefill chunk), with positions counted from the chunk's start: the compressor is not
+        told where the chunk sits in the sequence (the C4 compressor called without the
+        sequence lengths). Its partial state, block closings, APE rows and gathered windows then
+        line up with the wrong tokens. A single prefill starts at position 0: nothing shifts."""
         V = _vllm()
         C = V.vllm_module(V.CPU_COMPRESSOR)
-
-        def lose_earlier_steps(orig_map, start, several, ratio, positions):
-            def map_slots(local, req_idx, block_table, block_size):
-                slots = orig_map(local, req_idx, block_table, block_size)
-                lost = (local < start[:, None]) & (local >= 0) & several[:, None] & (slots >= 0)
-                closing = (positions + 1) % ratio == 0
-                if bool((lost.any(-1) & closing).any()):
-                    state.hit()
-                return torch.where(lost, torch.full_like(slots, -1), slots)
-            return map_slots
 
         def make(orig):
             def forward(self_c, kv_score, positions, rotary_emb):
                 md = _compressor_metadata(self_c)
-                if md is None or self_c.head_dim != 512 or self_c.overlap:
+                if md is None or self_c.head_dim != 512:
                     return orig(self_c, kv_score, positions, rotary_emb)
                 req = md.token_to_req_indices[: positions.shape[0]]
-                with patched() as p2:
-                    p2.wrap(C, "map_local_to_global_slots_cpu", lambda o: lose_earlier_steps(
-                        o, _step_start(positions, req), _tokens_in_step(req) > 1, self_c.compress_ratio, positions))
+                start = _step_start(positions, req)
+                shift = (_tokens_in_step(req) > 1) & (start > 0)
+                if not bool(shift.any()):
                     return orig(self_c, kv_score, positions, rotary_emb)
+                state.hit()
+                return orig(self_c, kv_score, torch.where(shift, positions - start, positions), rotary_emb)
             return forward
         p.wrap(C.DeepseekV4CPUCompressor, "forward", make)
 
