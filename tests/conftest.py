@@ -22,6 +22,13 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def transformers():
+    """transformers, or a skip: requested by the tests (and fixtures) that run the hf engine, so a
+    module's other tests run without it."""
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
 def tiny():
     return get_case("tiny")
 

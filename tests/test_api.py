@@ -47,15 +47,10 @@ class NotInstalled(Engine):
 def scaled_attn_out():
     """hf with layers.1.attn.out scaled by 1.01, handed over as an Engine instance."""
     pytest.importorskip("transformers")
-    from corruptcheck.engines.hf import OutputPatch
-    from corruptcheck.engines.hf_engine import HFEngine
+    from fault_engines import ScaledAttentionHF
 
-    class ScaledAttnOut(HFEngine):
-        name = "hf-scaled"
-
-        def run(self, case, precision, **options):
-            patch = OutputPatch("model.layers.1.self_attn", lambda t: t * 1.01, index=0)
-            return super().run(case, precision, patches=[patch], **options)
+    class ScaledAttnOut(ScaledAttentionHF):
+        name, factor = "hf-scaled", 1.01
 
     return check(ScaledAttnOut(), "tiny", "float32")
 

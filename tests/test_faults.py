@@ -12,8 +12,6 @@ from corruptcheck.errors import BadInput
 from corruptcheck.faults import FAULTS, FaultState, FaultyEngine, get_fault, hf_module
 from corruptcheck.reference import attention, compressor, mhc, model, moe
 
-pytest.importorskip("transformers")
-
 REQUIRED = {  # the bugs the self-test must re-enact -> registry name
     "7168 hidden-size guard": "mhc-pre-hidden-guard",
     "tile-remainder drop in one GEMM": "router-split-k-tail",
@@ -54,6 +52,7 @@ def _snapshot():
     return {id(o): dict(vars(o)) for o in mods + classes + [torch.nn.Linear]}
 
 
+@pytest.mark.usefixtures("transformers")  # the snapshot covers transformers' classes
 @pytest.mark.parametrize("engine", ["hf", "reference"])
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_patches_are_restored_even_on_error(name, engine):
@@ -77,13 +76,13 @@ def test_fault_needs_a_known_engine():
 
 
 @pytest.fixture(scope="module")
-def tiny_clean():
+def tiny_clean(transformers):
     case = get_case("tiny")
     return {e: get_engine(e).run(case, "float32").points for e in ("hf", "reference")}
 
 
 @pytest.fixture(scope="module")
-def tiny_faulty():
+def tiny_faulty(transformers):
     """(fault name, engine) -> (points, state) on tiny, float32."""
     case = get_case("tiny")
     out = {}
@@ -127,7 +126,7 @@ def test_a_fault_changes_the_engine_only_inside_the_run(tiny_clean, tiny_faulty)
         assert torch.equal(again["logits"], tiny_clean[e]["logits"])
 
 
-def test_teacher_forcing_and_golden_stay_honest():
+def test_teacher_forcing_and_golden_stay_honest(transformers):
     """compare runs the reference (golden, teacher forcing) outside the fault: the faulty
     engine fails and the very next honest compare passes."""
     case = get_case("tiny")

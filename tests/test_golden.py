@@ -45,13 +45,19 @@ def test_flipped_byte_in_tensor_file_names_file_and_point(tiny_golden, tiny):
     g = golden.load_manifest(tiny, tiny_golden)
     path = tiny_golden / "tiny" / golden.TENSOR_FILE
     data = bytearray(path.read_bytes())
-    data[-100] ^= 0x01  # inside the last stored tensor's data
+    flipped = len(data) - 100  # inside the last stored tensor's data
+    data[flipped] ^= 0x01
     path.write_bytes(bytes(data))
+    # the point whose stored tensor holds that byte (safetensors: u64 header size, JSON header, data)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    key = next(k for k, v in header.items() if k != "__metadata__"
+               and v["data_offsets"][0] <= flipped - 8 - size < v["data_offsets"][1])
+    point = next(name for name, entry in g.points.items() if entry.get("tensor_key") == key)
     with pytest.raises(golden.GoldenTampered) as exc:
         _run_verify(tiny_golden, tiny)
     msg = str(exc.value)
-    assert golden.TENSOR_FILE in msg and "point " in msg
-    assert g is not None
+    assert golden.TENSOR_FILE in msg and f"stored data of point {point} does not match" in msg
 
 
 def test_flipped_byte_in_sketch_file(tiny_golden, tiny):

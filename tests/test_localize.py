@@ -8,16 +8,10 @@ import pytest
 
 from corruptcheck.cases import get_case
 from corruptcheck.compare import compare
+from corruptcheck.engines.hf import OutputPatch
 from corruptcheck.html_report import render
 from corruptcheck.report import junit_xml, to_json
-
-pytest.importorskip("transformers")
-from corruptcheck.engines.hf import OutputPatch  # noqa: E402
-
-
-def scale_attn_out(layer: int, factor: float) -> OutputPatch:
-    return OutputPatch(f"model.layers.{layer}.self_attn", lambda t: t * factor, index=0,
-                       label=f"scale layers.{layer}.attn.out by {factor}")
+from fault_engines import scale_attn_out
 
 
 def _point(res, name):
@@ -28,6 +22,7 @@ def _max_ratio(res):
     return max(p.ratio for p in res.comparison.points if p.ratio is not None)
 
 
+@pytest.mark.usefixtures("transformers")
 def test_bf16_engine_is_no_false_alarm_on_tiny(tiny):
     res = compare(tiny, "hf", "bfloat16", teacher_forcing="always")
     assert res.verdict == "pass", [(p.name, p.reason) for p in res.comparison.failed]
@@ -44,6 +39,7 @@ def test_reference_bf16_variants_pass_in_both_directions(tiny):
     assert compare(tiny, "reference", "bfloat16").verdict == "pass"
 
 
+@pytest.mark.usefixtures("transformers")
 @pytest.mark.parametrize("precision,factor", [("float32", 1.01), ("bfloat16", 1.05)])
 def test_scale_error_is_caught_and_localized(tiny, precision, factor):
     res = compare(tiny, "hf", precision, patches=[scale_attn_out(1, factor)])
@@ -58,6 +54,7 @@ def test_scale_error_is_caught_and_localized(tiny, precision, factor):
     assert abs(p.metrics["norm_ratio"] - factor) < 0.5 * (factor - 1)
 
 
+@pytest.mark.usefixtures("transformers")
 def test_later_layers_inherit_drift(tiny):
     res = compare(tiny, "hf", "float32", patches=[scale_attn_out(1, 1.01)])
     later = [p for p in res.comparison.failed if p.layer is not None and p.layer >= 2]
@@ -68,6 +65,7 @@ def test_later_layers_inherit_drift(tiny):
     assert all(p.layer == 1 for p in culprit_block)
 
 
+@pytest.mark.usefixtures("transformers")
 def test_reports_for_a_failing_run(tiny, tmp_path):
     res = compare(tiny, "hf", "float32", patches=[scale_attn_out(2, 1.01)])
     doc = to_json(res)
@@ -104,6 +102,7 @@ def test_not_compared_is_error(tiny, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("transformers")
 @pytest.mark.parametrize("name", ["flash-slice", "pro-slice"])
 def test_bf16_no_false_alarm_on_wide_slices(name):
     res = compare(get_case(name), "hf", "bfloat16")
@@ -114,6 +113,7 @@ def test_bf16_no_false_alarm_on_wide_slices(name):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("transformers")
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_pro_slice_last_1024_channels_corrupted(precision):
     """Corrupt hidden channels 6144..7167 of layer 0's FFN mHC-pre output (a kernel that only

@@ -4,6 +4,7 @@ plus a verdict item, pass/fail per point, missing points as skips, JUnit through
 Runs that import torch use subprocesses (a few seconds each), so torch state does not leak."""
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -18,21 +19,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DROPPED = "layers.0.moe.weights"  # a required point upstream of the injected fault
 ENGINES = f'''
+import sys
+
+sys.path.insert(0, {str(Path(__file__).parent)!r})  # tests/: fault_engines
+
 from corruptcheck.engines.base import Capture, Engine
-from corruptcheck.engines.hf_engine import HFEngine
+from fault_engines import ScaledAttentionHF
 
 
-class ScaledAttnOut(HFEngine):
+class ScaledAttnOut(ScaledAttentionHF):
     """hf with layers.1.attn.out scaled by 1.01 (a silent scale bug), without {DROPPED}."""
-    name = "hf-scaled"
-
-    def run(self, case, precision, **options):
-        from corruptcheck.engines.hf import OutputPatch
-
-        patch = OutputPatch("model.layers.1.self_attn", lambda t: t * 1.01, index=0)
-        cap = super().run(case, precision, patches=[patch], **options)
-        del cap.points["{DROPPED}"]
-        return cap
+    name, factor, drop = "hf-scaled", 1.01, ("{DROPPED}",)
 
 
 class NotInstalled(Engine):

@@ -19,13 +19,11 @@ from corruptcheck.faults import FAULTS, get_fault
 from corruptcheck.selftest import (BENIGN, FaultRow, SelftestResult, VariantEngine, partnered, render_html,
                                    run_benign, run_fault, run_selftest)
 
-pytest.importorskip("transformers")
-
 WIDTH_FAULTS = ("mhc-pre-hidden-guard", "router-split-k-tail")  # fire only above hidden 4096
 
 
 @pytest.fixture(scope="module")
-def tiny_matrix():
+def tiny_matrix(transformers):
     return run_selftest("hf", cases=["tiny"], precisions=("float32", "bfloat16"), benign=None)
 
 
@@ -44,6 +42,7 @@ def test_every_fault_on_tiny_float32(tiny_matrix):
     assert t["localized_at_expected"] == t["exercised"]  # no documented equivalent needed at fp32
 
 
+@pytest.mark.usefixtures("transformers")
 def test_width_faults_on_pro_slice_float32():
     case = get_case("pro-slice")
     expected = {"mhc-pre-hidden-guard": "layers.0.attn_hc.post", "router-split-k-tail": "layers.0.moe.router_logits"}
@@ -87,6 +86,7 @@ def test_benign_variants_on_tiny(tiny_matrix):
     assert tiny_matrix.ok
 
 
+@pytest.mark.usefixtures("transformers")
 def test_benign_variants_really_change_the_numbers():
     """A benign variant that computed bit-identically would test nothing."""
     case = get_case("tiny")
@@ -136,6 +136,7 @@ def test_cli_list():
     assert [ln.split("\t")[0] for ln in lines] == list(FAULTS)
 
 
+@pytest.mark.usefixtures("transformers")
 def test_cli_selftest_json_html(tmp_path):
     j, h = tmp_path / "st.json", tmp_path / "st.html"
     r = CliRunner().invoke(main, ["selftest", "--cases", "tiny", "--faults", "window-off-by-one,mhc-norm-sqrt2",
@@ -174,6 +175,7 @@ def test_cli_bad_input_exit_2(args, msg):
     assert r.exit_code == 2 and msg in r.output
 
 
+@pytest.mark.usefixtures("transformers")
 def test_benign_row_flags_a_wrong_engine():
     """The benign machinery itself can fail: a variant that breaks the numbers is flagged."""
     from corruptcheck.engines.hf import OutputPatch
@@ -192,6 +194,7 @@ def test_benign_row_flags_a_wrong_engine():
 # the full matrix.
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("transformers")
 def test_float32_matrix_and_benign_at_v4_widths():
     others = [n for n in FAULTS if n not in WIDTH_FAULTS]  # the width faults run unmarked above
     res = run_selftest("hf", cases=["flash-slice", "pro-slice"], precisions=("float32",), faults=others)
@@ -215,6 +218,7 @@ def test_float32_matrix_and_benign_at_v4_widths():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("transformers")
 def test_width_faults_on_pro_slice_bfloat16():
     case = get_case("pro-slice")
     for name in WIDTH_FAULTS:
@@ -223,6 +227,7 @@ def test_width_faults_on_pro_slice_bfloat16():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("transformers")
 def test_sweep_shows_the_7168_guard(tmp_path):
     """Day-0 V4-Pro: the same architecture passes at 4096 and fails at 7168, with the mHC pre
     as the culprit."""

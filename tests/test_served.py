@@ -12,7 +12,7 @@ from corruptcheck.engines import get_engine
 from corruptcheck.faults import FaultyEngine
 from corruptcheck.phases import point_labels, summarize
 from corruptcheck.schedule import Schedule, row_labels
-from corruptcheck.serving_faults import SERVING_FAULTS
+from corruptcheck.faults.serving import SERVING_FAULTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -171,7 +171,7 @@ def test_served_vllm_corrected_passes_every_phase(served_corrected):
         (p["phase"], p["chunk"], p["step"], p["first_divergence"]) for p in res.served["phases"]]
 
 
-# faults only a served model shows, re-enacted in vLLM's own CPU code (serving_faults.py,
+# faults only a served model shows, re-enacted in vLLM's own CPU code (faults/serving.py,
 # docs/serving.md). A shorter schedule still has what each needs: a prefill chunk boundary inside
 # the 128-token window and inside an HCA block (prompt 160, chunk 100), decode steps that batch
 # several sequences, pure-decode steps, and a staggered arrival.
@@ -182,7 +182,7 @@ def _fault_schedule():
 
 
 def _vllm_serving_faults():
-    from corruptcheck.serving_faults import SERVING_FAULTS
+    from corruptcheck.faults.serving import SERVING_FAULTS
 
     return sorted(n for n, f in SERVING_FAULTS.items() if "vllm" in f.engines)
 
@@ -194,7 +194,7 @@ def test_vllm_serving_fault_is_silent_prefill_only_and_caught_served(name):
     from corruptcheck.engines import get_engine
     from corruptcheck.faults import FaultyEngine
     from corruptcheck.schedule import prompt_case
-    from corruptcheck.serving_faults import SERVING_FAULTS
+    from corruptcheck.faults.serving import SERVING_FAULTS
 
     case, schedule, fault = get_case(CASE), _fault_schedule(), SERVING_FAULTS[name]
     if not fault.triggered(case.config, [n + schedule.decode_steps for n in schedule.prompt_lens], "vllm"):

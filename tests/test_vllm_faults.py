@@ -1,4 +1,4 @@
-"""The vLLM faults (corruptcheck.vllm_faults): each one patches vLLM's own CPU DeepSeek V4 code
+"""The vLLM faults (corruptcheck.faults.vllm): each one patches vLLM's own CPU DeepSeek V4 code
 for one engine run and puts everything back, also when the run fails. Fast: no engine is
 launched here (tests/test_vllm_engine.py owns the end-to-end runs); the kernels the faults wrap
 are called directly where that is cheap."""
@@ -10,7 +10,7 @@ import torch
 from corruptcheck.cases import get_case
 from corruptcheck.errors import BadInput
 from corruptcheck.faults import FAULTS, FaultState, faults_for, get_fault
-from corruptcheck.vllm_faults import (
+from corruptcheck.faults.vllm import (
     CPU_COMPRESSOR,
     CPU_MODEL,
     CPU_ROUTER,
@@ -247,7 +247,7 @@ def test_selftest_rejects_hf_faults_on_vllm():
 
 
 def test_indexer_scale_as_ue8m0_bytes():
-    from corruptcheck.vllm_faults import IndexerKeyScaleAsUe8m0
+    from corruptcheck.faults.vllm import IndexerKeyScaleAsUe8m0
 
     good = torch.tensor([[2.0 ** -10, 2.0 ** -9, 1.0, 0.5]])
     scales = good.clone()

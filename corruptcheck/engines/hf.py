@@ -103,7 +103,7 @@ def _unpad(rows: dict, cfg: ModelConfig, lens: list[int], s_max: int) -> dict:
 def _capturing(model, cfg: ModelConfig, patches=()):
     """Output patches installed, then the recorder attached (so it records patched outputs);
     everything removed on exit. Yields the Recorder (one pass per model call)."""
-    from corruptcheck.faults import patched
+    from corruptcheck.faults.base import patched
 
     recorder = Recorder(capture_taps(cfg), TOKENS, cfg.num_layers)
     with patched() as p:
@@ -122,7 +122,7 @@ def _concat_rows(parts: list[dict]) -> dict:
 class OutputPatch:
     """Modify one module's output during a run (fault injection): `fn(output) -> output`,
     applied to `output[index]` when the module returns a tuple. Installed through the faults'
-    `Patcher` (faults.py) on that module instance's `forward`, and put back when the run ends."""
+    `Patcher` (faults/base.py) on that module instance's `forward`, and put back when the run ends."""
     module: str  # dotted path under the CausalLM, e.g. "model.layers.1.self_attn"
     fn: Callable
     index: int | None = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from corruptcheck.faults import Fault, hf_module, patched
+from corruptcheck.faults.base import Fault, hf_module, patched
 
 
 class ServingFault(Fault):
@@ -26,7 +26,7 @@ class ServingFault(Fault):
 
 
 def _vllm():
-    from corruptcheck import vllm_faults
+    from corruptcheck.faults import vllm as vllm_faults
 
     return vllm_faults
 

@@ -25,7 +25,7 @@ import sys
 import torch
 
 from corruptcheck.engines import vllm_cpu
-from corruptcheck.faults import Fault, FaultState, Patcher, patched
+from corruptcheck.faults.base import Fault, FaultState, Patcher, patched
 
 CPU_MODEL = "vllm.models.deepseek_v4.cpu.model"
 CPU_SPARSE = "vllm.models.deepseek_v4.cpu.cpu_sparse"
