@@ -181,10 +181,19 @@ def _fault_schedule():
     return Schedule(prompt_lens=(160, 96, 64), decode_steps=8, chunk=100, arrivals=(0, 0, 2))
 
 
+# `make test` runs the reduced form: the carried-state fault and the batch > 1 decode fault
+# (a few minutes each); CORRUPTCHECK_ALL_ENGINE_FAULTS=1 runs every one (docs/serving.md has
+# the measured table).
+REDUCED = ("compressor-tail-lost-at-chunk", "decode-batch-row-scale")
+
+
 def _vllm_serving_faults():
+    import os
+
     from corruptcheck.faults.serving import SERVING_FAULTS
 
-    return sorted(n for n, f in SERVING_FAULTS.items() if "vllm" in f.engines)
+    names = sorted(n for n, f in SERVING_FAULTS.items() if "vllm" in f.engines)
+    return names if os.environ.get("CORRUPTCHECK_ALL_ENGINE_FAULTS") == "1" else [n for n in names if n in REDUCED]
 
 
 @needs_vllm

@@ -139,25 +139,25 @@ class WindowWrapsEarly(ServingFault):
 
     def vllm(self, p, state, cfg):
         """vLLM's sparse attention gathers each query's window [p-w+1, p] through the request's
-        block table; once the window is full and its oldest row was cached by an earlier step,
-        that slot is read from the newest row's (the ring wrote one slot early)."""
+        block table. Once the window is full (the ring has wrapped), every row cached by an
+        earlier step is read from the slot one behind (position j from j - 1's row): the ring's
+        index wrapped one slot early. Rows of the running step are read where they were just
+        written, so a single prefill is untouched."""
         V = _vllm()
         S = V.vllm_module(V.CPU_SPARSE)
 
-        def wrap_oldest(orig_map, start, window):
+        def one_slot_behind(orig_map, start, window):
             calls = []
 
             def map_slots(local, req_idx, block_table, block_size):
-                slots = orig_map(local, req_idx, block_table, block_size)
                 calls.append(1)
                 if len(calls) > 1 or local.shape[-1] != window:  # the second call maps compressed entries
-                    return slots
-                hit = (local[:, 0] >= 0) & (local[:, 0] < start)
-                if bool(hit.any()):
+                    return orig_map(local, req_idx, block_table, block_size)
+                wrapped = (local[:, :1] >= 0) & (local[:, -1:] >= window - 1)
+                behind = wrapped & (local >= 1) & (local < start[:, None])
+                if bool(behind.any()):
                     state.hit()
-                    slots = slots.clone()
-                    slots[hit, 0] = slots[hit, -1]
-                return slots
+                return orig_map(torch.where(behind, local - 1, local), req_idx, block_table, block_size)
             return map_slots
 
         def make(orig):
@@ -167,7 +167,7 @@ class WindowWrapsEarly(ServingFault):
                     return orig(self_a, q, kv, positions, output)
                 start = _step_start(positions, md.token_to_req_indices[: positions.shape[0]])
                 with patched() as p2:
-                    p2.wrap(S, "map_local_to_global_slots_cpu", lambda o: wrap_oldest(o, start, self_a.window_size))
+                    p2.wrap(S, "map_local_to_global_slots_cpu", lambda o: one_slot_behind(o, start, self_a.window_size))
                     return orig(self_a, q, kv, positions, output)
             return forward_mqa
         p.wrap(S.DeepseekV4CPUAttention, "forward_mqa", make)
@@ -242,13 +242,21 @@ class StaleIndexerRows(ServingFault):
         p.wrap(C.DeepseekV4CPUCompressor, "forward", make)
 
 
+DECODE_KERNEL_SCALE = 1.05
+
+
 class DecodeKernelScale(ServingFault):
-    """A decode-only attention kernel (one query token per sequence) whose output is off by 2%
+    """A decode-only attention kernel (one query token per sequence) whose output is off by 5%
     (cf. vLLM #52644, a GSM8K drop only in the FULL_DECODE_ONLY graph mode): prefill runs the
-    other kernel. Strikes `attn.out` of the first attention layer at every decode step."""
+    other kernel. Strikes `attn.out` of the first attention layer at every decode step.
+
+    Why 5%: a decode step holds a few tokens and is held to the run's honest per-token worst
+    case (phases.phase_noise). At float32 that is tiny; at vLLM's fp8-serving precision (FP8 KV
+    cache) an error of 2% on every decode row of `layers.0.attn.out` drew err/tol 0.94 on
+    flash-engine — below what one decode step can show."""
     name = "decode-kernel-scale"
     klass = "S4"
-    summary = "decode-only attention kernel output scaled by 1.02"
+    summary = "decode-only attention kernel output scaled by 1.05"
     trigger = "a decode step (one token per sequence)"
     points = ("attn.out",)
 
@@ -260,7 +268,7 @@ class DecodeKernelScale(ServingFault):
                 out = orig(self_a, hidden_states, *args, **kwargs)
                 if hidden_states.shape[1] == 1 and self_a.layer_idx == 0:
                     state.hit()
-                    return (out[0] * 1.02, *out[1:])
+                    return (out[0] * DECODE_KERNEL_SCALE, *out[1:])
                 return out
             return forward
         p.wrap(M.DeepseekV4Attention, "forward", make)
@@ -278,7 +286,7 @@ class DecodeKernelScale(ServingFault):
                 if md is not None and md.num_prefills == 0 and md.num_decodes > 0 and \
                         V.layer_index(self_a.prefix) == 0:
                     state.hit()
-                    return out * 1.02
+                    return out * DECODE_KERNEL_SCALE
                 return out
             return _o_proj
         p.wrap(S.DeepseekV4CPUAttention, "_o_proj", make)
