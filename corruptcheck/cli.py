@@ -305,10 +305,10 @@ def golden_group():
 @click.option("--all", "all_cases", is_flag=True, help="every built-in case")
 def golden_generate(case_name, all_cases):
     """Run the float64 reference and write golden/<case>/."""
-    from corruptcheck import golden
+    from corruptcheck.reference_data import generate
 
     for case in _golden_cases(case_name, all_cases):
-        m = golden.generate(case)
+        m = generate(case)
         files = ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in m["files"].items())
         click.echo(f"{case.name}: {len(m['points'])} points, full tensors {m['full_tensors']}; {files}")
 
@@ -320,10 +320,11 @@ def golden_verify(case_name, all_cases):
     """Regenerate and check every point against the golden. Exit 1 on drift, 2 on a
     missing/corrupt/tampered file."""
     from corruptcheck import golden
+    from corruptcheck.reference_data import verify
 
     for case in _golden_cases(case_name, all_cases):
         try:
-            r = golden.verify(case)
+            r = verify(case)
         except FileNotFoundError as exc:
             _fail(str(exc))
         except golden.GoldenTampered as exc:

@@ -15,7 +15,7 @@ import torch
 
 from corruptcheck.cases import Case
 from corruptcheck.differ import Comparison, compare_float, compare_index
-from corruptcheck.noise import _parts, local_points
+from corruptcheck.noise import local_points, sub_blocks
 from corruptcheck.phases import per_token_bound
 from corruptcheck.points import capture_points, tie_scores_name
 from corruptcheck.tolerance import float_tolerance
@@ -43,7 +43,7 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
         local_noise = per_token_bound(local_noise)
     specs = {s.name: s for s in capture_points(case.config)}
     out: dict = {}
-    for part, layer, inp in _parts(case):
+    for part, layer, inp in sub_blocks(case):
         if inp not in engine:
             out[f"__{part}:{layer}"] = {"verdict": "unavailable", "reason": f"engine did not capture {inp}"}
             continue

@@ -70,7 +70,7 @@ def _merge(into: dict, name: str, noise: dict | None) -> None:
         cur[k] = max(cur.get(k, 0.0), v)
 
 
-def _parts(case: Case):
+def sub_blocks(case: Case):
     """(part, layer, input point, output prefix) for every teacher-forcible sub-block."""
     cfg = case.config
     layers = list(range(cfg.num_layers)) + (["mtp.0"] if cfg.num_mtp_layers else [])
@@ -111,7 +111,7 @@ def measure(case: Case, ref_points: dict, precision: str, groups: dict | None = 
                     sub = {n: t[rows] for n, t in ((n, pts[n]) for n in (name, _ids_of(name)) if n in pts)}
                     sub_ref = {n: ref_points[n][rows] for n in (name, _ids_of(name)) if n in ref_points}
                     _merge(by_group[g], name, _point_noise(name, sub[name], sub_ref[name], sub, sub_ref))
-        for part, layer, inp in _parts(case):
+        for part, layer, inp in sub_blocks(case):
             if inp not in ref_points:
                 continue
             loc = local_points(case, part, layer, ref_points[inp], prec)

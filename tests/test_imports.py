@@ -20,8 +20,6 @@ PACKAGES = {"corruptcheck": ROOT, "corruptcheck.reference": Path(corruptcheck.re
 ALLOWED_LAZY_CYCLES: dict[tuple, str] = {
     ("corruptcheck.faults", "corruptcheck.vllm_faults"):
         "the fault registry names vLLM's faults, which need vLLM installed: loaded only when asked for",
-    ("corruptcheck.compare", "corruptcheck.golden"):
-        "golden.regenerate runs the reference through compare.reference_run (to be removed)",
 }
 
 
