@@ -11,6 +11,7 @@ from importlib import resources
 from itertools import product
 from pathlib import Path
 
+from corruptcheck.atomic import atomic_write
 from corruptcheck.cases import Case, get_case
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
 from corruptcheck.schedule import Schedule
@@ -266,9 +267,7 @@ def overall(outcomes: list[RunOutcome]) -> str:
 
 
 def write_summary(engine_name: str, policy: Policy, outcomes: list[RunOutcome], out_dir: Path) -> dict:
-    from corruptcheck.report import _atomic_write
-
     summary = {"engine": engine_name, "policy": policy.name, "policy_source": policy.source,
                "verdict": overall(outcomes), "runs": [o.summary() for o in outcomes]}
-    _atomic_write(str(out_dir / "summary.json"), json.dumps(summary, indent=1, default=str, allow_nan=False))
+    atomic_write(str(out_dir / "summary.json"), json.dumps(summary, indent=1, default=str, allow_nan=False))
     return summary

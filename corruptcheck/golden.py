@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from corruptcheck.atomic import atomic_replace, atomic_write
 from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
 from corruptcheck.jsonio import loads_finite
@@ -232,20 +233,12 @@ def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool,
         "tolerances": noise or {},  # noise model per declared precision (noise.py)
     }
     manifest["manifest_digest"] = _digest({k: v for k, v in manifest.items() if k != "manifest_digest"})
-    _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False) + "\n")
+    atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False) + "\n")
     return manifest
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": str(GOLDEN_FORMAT)})
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_replace(path, lambda tmp: save_file(tensors, tmp, metadata={"format": str(GOLDEN_FORMAT)}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +435,7 @@ def write_cache(case: Case, manifest: dict, points: dict) -> Path:
             unique[h] = name
         keys[name] = unique[h]
     _atomic_save({n: points[n].contiguous() for n in set(keys.values())}, path)
-    path.with_suffix(".keys.json").write_text(json.dumps(keys))
+    atomic_write(path.with_suffix(".keys.json"), json.dumps(keys))
     return path
 
 

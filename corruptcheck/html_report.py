@@ -5,8 +5,9 @@ from __future__ import annotations
 import html
 import math
 
+from corruptcheck.atomic import atomic_write
+from corruptcheck.finite import fmt_number
 from corruptcheck.phases import phase_words
-from corruptcheck.report import _atomic_write
 
 _COLOR = {"pass": "#2e7d32", "fail": "#c62828", "not-exercised": "#00838f", "missing": "#f9a825",
           "skipped": "#9e9e9e", "error": "#c62828", "incomplete": "#f9a825"}
@@ -18,11 +19,7 @@ def _esc(v) -> str:
 
 
 def _fmt(v, spec=".3g"):
-    if v is None:
-        return "–"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "∞"
-    return format(v, spec)
+    return fmt_number(v, spec, none="–", nonfinite="∞")
 
 
 def _group(name: str) -> str:
@@ -212,4 +209,4 @@ reference float64 ({_esc(doc["reference"]["source"])}) · tolerances from the {_
 
 
 def write_html(doc: dict, path: str) -> None:
-    _atomic_write(path, render(doc))
+    atomic_write(path, render(doc))

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from xml.sax.saxutils import quoteattr
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from corruptcheck.atomic import atomic_write
+from corruptcheck.finite import finite_or_none, finite_values
 from corruptcheck.phases import phase_words
 
 REPORT_SCHEMA = 2  # 1 = first differ; 2 adds ratio, local, culprit, tolerance_precision (additive)
 _STYLE = {"pass": "green", "fail": "bold red", "missing": "yellow", "not-exercised": "cyan",
           "skipped": "dim", "error": "bold red", "incomplete": "bold yellow"}
-
-
-def _num(v):
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def to_json(res) -> dict:
@@ -37,7 +33,7 @@ def to_json(res) -> dict:
         "precision": res.precision,
         "tolerance_precision": res.tolerance_precision,
         "points": [{"name": p.name, "verdict": p.verdict, "layer": p.layer, "kind": p.kind,
-                    "metrics": p.metrics, "tolerance": p.tolerance, "ratio": _num(p.ratio),
+                    "metrics": p.metrics, "tolerance": p.tolerance, "ratio": finite_or_none(p.ratio),
                     "reason": p.reason, "local": _clean_local(p.local)} for p in comp.points],
         "first_divergence": comp.first_divergence,
         "unknown_names": comp.unknown,
@@ -51,7 +47,7 @@ def to_json(res) -> dict:
             "skipped": sum(p.verdict == "skipped" for p in comp.points),
             "not_exercised": sum(p.verdict == "not-exercised" for p in comp.points),
             "worst": {"name": worst.name, "rel_l2": worst.metrics.get("rel_l2")} if worst else None,
-            "worst_ratio": {"name": worst_ratio.name, "ratio": _num(worst_ratio.ratio)} if worst_ratio else None,
+            "worst_ratio": {"name": worst_ratio.name, "ratio": finite_or_none(worst_ratio.ratio)} if worst_ratio else None,
             "pairs_by_phase": res.served["pairs_by_phase"] if res.served else {
                 "prefill": sum(_rows(p) for p in comp.points if p.verdict in ("pass", "fail", "not-exercised")),
                 "decode": 0},
@@ -78,26 +74,11 @@ def _rows(p) -> int:
 def _clean_local(local):
     if not local:
         return None
-    return {k: _num(v) for k, v in local.items()}
-
-
-def _atomic_write(path: str, text: str) -> None:
-    """A failed run never leaves a half-written report over a good one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".corruptcheck-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return finite_values(local)
 
 
 def write_json(doc: dict, path: str) -> None:
-    _atomic_write(path, json.dumps(doc, indent=1, allow_nan=False, default=str))
+    atomic_write(path, json.dumps(doc, indent=1, allow_nan=False, default=str))
 
 
 def _fmt(v, spec=".2e"):
@@ -224,4 +205,4 @@ def _xml_text(s: str) -> str:
 
 
 def write_junit(doc: dict, path: str) -> None:
-    _atomic_write(path, junit_xml(doc))
+    atomic_write(path, junit_xml(doc))

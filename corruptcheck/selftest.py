@@ -28,12 +28,14 @@ from html import escape as html_escape
 
 import torch
 
+from corruptcheck.atomic import atomic_write
 from corruptcheck.batch_layout import leading_sequences
 from corruptcheck.cases import CASES, Case, get_case
 from corruptcheck.compare import compare
 from corruptcheck.engines import Capture, Engine, get_engine
 from corruptcheck.errors import BadInput
 from corruptcheck.faults import Fault, FaultyEngine, faults_for, patched
+from corruptcheck.finite import finite_or_none
 from corruptcheck.reference import model as r_model
 
 SELFTEST_SCHEMA = 1
@@ -288,10 +290,6 @@ def _effect_point(expected: str, order: list, points: dict) -> str | None:
                 None)
 
 
-def _finite(v):
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
-
-
 def _timed_compare(row, case: Case, engine: str, precision: str, runner: Engine):
     """compare() with a faulty or variant engine, timed into the row; a crash is recorded on the
     row (status `error`) as a finding, not raised, and gives None."""
@@ -327,7 +325,7 @@ def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow
     row.verdict = res.verdict
     row.first = comp.first_divergence["name"] if comp.first_divergence else None
     row.culprit = res.culprit["name"] if res.culprit else None
-    row.culprit_local_ratio = _finite(res.culprit.get("local_ratio")) if res.culprit else None
+    row.culprit_local_ratio = finite_or_none(res.culprit.get("local_ratio")) if res.culprit else None
     if st.fired == 0:
         row.note = f"did not fire on this case ({fault.trigger})"
         if res.verdict == "fail":
@@ -351,7 +349,7 @@ def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow
         for cand in fault.accepted(row.expected, st.where, [st.where]):
             ep = _effect_point(cand, order, points) if _exposed(points, cand) else None
             if ep and ep not in row.strikes:
-                row.strikes[ep] = [_finite(points[ep].metrics.get("rel_l2")),
+                row.strikes[ep] = [finite_or_none(points[ep].metrics.get("rel_l2")),
                                    (points[ep].tolerance or {}).get("noise_rel_l2")]
         best = _strongest(row.strikes)
         if best:
@@ -557,9 +555,7 @@ def render_html(res: SelftestResult) -> str:
 
 
 def write_html(res: SelftestResult, path: str) -> None:
-    from corruptcheck.report import _atomic_write
-
-    _atomic_write(path, render_html(res))
+    atomic_write(path, render_html(res))
 
 
 __all__ = ["BENIGN", "VLLM_BENIGN", "ENGINE_OPTIONS", "benign_for", "Benign", "BenignRow", "FaultRow",
