@@ -107,6 +107,23 @@ def _derived_case(case: Case, seq_lens) -> Case:
 
 
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    doc = _read_toml(text, source)
+    defaults = _table(doc, "defaults", source)
+    bad_defaults = set(defaults) - DEFAULT_KEYS
+    if bad_defaults:
+        raise BadInput(f"{source}: unknown default(s): {', '.join(sorted(bad_defaults))}")
+    coverage = _coverage_minimums(doc, source)
+    runs = _runs(doc, source)
+    tf = defaults.get("teacher_forcing", "on-fail")
+    if tf not in ("on-fail", "always", "never"):
+        raise BadInput(f"{source}: teacher_forcing must be on-fail, always or never")
+    allowed = defaults.get("allowed_missing", [])
+    if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+        raise BadInput(f"{source}: allowed_missing must be a list of glob patterns")
+    return Policy(doc.get("name", source), runs, tf, allowed, coverage, source)
+
+
+def _read_toml(text: str, source: str) -> dict:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -117,10 +134,10 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     for key in ("name", "description"):
         if key in doc and not isinstance(doc[key], str):
             raise BadInput(f"{source}: {key} must be a string")
-    defaults = _table(doc, "defaults", source)
-    bad_defaults = set(defaults) - DEFAULT_KEYS
-    if bad_defaults:
-        raise BadInput(f"{source}: unknown default(s): {', '.join(sorted(bad_defaults))}")
+    return doc
+
+
+def _coverage_minimums(doc: dict, source: str) -> dict:
     coverage = _table(doc, "coverage", source)
     bad_cov = set(coverage) - set(COVERAGE_KEYS)
     if bad_cov:
@@ -128,6 +145,12 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     for key, minimum in coverage.items():
         if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or not minimum >= 0:
             raise BadInput(f"{source}: coverage {key} must be a non-negative number, got {minimum!r}")
+    return coverage
+
+
+def _runs(doc: dict, source: str) -> list:
+    """Every [[run]] table expanded over its lists (cases x precisions x batch sizes x sequence
+    lengths x schedules)."""
     run_tables = doc.get("run", [])
     if not isinstance(run_tables, list) or not all(isinstance(t, dict) for t in run_tables):
         raise BadInput(f"{source}: run must be an array of tables ([[run]])")
@@ -141,29 +164,26 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         batches = _as_list(table, "batch_size", "batch_sizes", [1])
         lens = _as_list(table, "seq_lens", "seq_lens_list", [None])
         schedules = [_schedule(s, source) for s in _as_list(table, "schedule", "schedules", ["case"])]
-        for case_name, prec, batch, seq_lens, sched in product(cases, precisions, batches, lens, schedules):
-            if not isinstance(case_name, str):
-                raise BadInput(f"{source}: case names must be strings, got {case_name!r}")
-            try:
-                case = get_case(case_name)
-            except KeyError as exc:
-                raise BadInput(f"{source}: {exc.args[0]}") from None
-            if not isinstance(prec, str) or prec not in PRECISIONS:
-                raise BadInput(f"{source}: unknown precision {prec!r} (one of {', '.join(PRECISIONS)})")
-            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-                raise BadInput(f"{source}: batch sizes must be positive integers, got {batch!r}")
-            if batch > 1 and sched != "prefill-only" and not (sched == "case" and case.schedule is None):
-                sched = "prefill-only"  # a right-padded batch is one prefill forward
-            runs.append(GateRun(_derived_case(case, seq_lens) if seq_lens else case, prec, batch, sched))
+        runs += [_gate_run(*combo, source) for combo in product(cases, precisions, batches, lens, schedules)]
     if not runs:
         raise BadInput(f"{source}: the policy has no [[run]]")
-    tf = defaults.get("teacher_forcing", "on-fail")
-    if tf not in ("on-fail", "always", "never"):
-        raise BadInput(f"{source}: teacher_forcing must be on-fail, always or never")
-    allowed = defaults.get("allowed_missing", [])
-    if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
-        raise BadInput(f"{source}: allowed_missing must be a list of glob patterns")
-    return Policy(doc.get("name", source), runs, tf, allowed, coverage, source)
+    return runs
+
+
+def _gate_run(case_name, prec, batch, seq_lens, sched, source: str) -> GateRun:
+    if not isinstance(case_name, str):
+        raise BadInput(f"{source}: case names must be strings, got {case_name!r}")
+    try:
+        case = get_case(case_name)
+    except KeyError as exc:
+        raise BadInput(f"{source}: {exc.args[0]}") from None
+    if not isinstance(prec, str) or prec not in PRECISIONS:
+        raise BadInput(f"{source}: unknown precision {prec!r} (one of {', '.join(PRECISIONS)})")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise BadInput(f"{source}: batch sizes must be positive integers, got {batch!r}")
+    if batch > 1 and sched != "prefill-only" and not (sched == "case" and case.schedule is None):
+        sched = "prefill-only"  # a right-padded batch is one prefill forward
+    return GateRun(_derived_case(case, seq_lens) if seq_lens else case, prec, batch, sched)
 
 
 def load_policy(path: str | None) -> Policy:

@@ -187,13 +187,9 @@ def _ordered(case: Case, points: dict) -> list[str]:
     return order + sorted(set(points) - set(order))
 
 
-def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool, noise: dict | None = None) -> dict:
-    """Write manifest, sketch (and, if `full`, tensors) for `points`; returns the manifest."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = _ordered(case, points)
-    sketches = {n: sketch(n, points[n]).contiguous() for n in names}
-    entries = {}
-    tensors, seen = {}, {}
+def _point_entries(names: list, points: dict, sketches: dict, full: bool) -> tuple[dict, dict]:
+    """({point: manifest entry}, {tensor key: full tensor to store} (empty unless `full`))."""
+    entries, tensors, seen = {}, {}, {}
     for n in names:
         t = points[n]
         entry = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "kind": _kind(n, t),
@@ -209,6 +205,15 @@ def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool,
                 tensors[n] = full_t
         entry["digest"] = _digest(entry)
         entries[n] = entry
+    return entries, tensors
+
+
+def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool, noise: dict | None = None) -> dict:
+    """Write manifest, sketch (and, if `full`, tensors) for `points`; returns the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _ordered(case, points)
+    sketches = {n: sketch(n, points[n]).contiguous() for n in names}
+    entries, tensors = _point_entries(names, points, sketches, full)
     _atomic_save(sketches, out_dir / SKETCH_FILE)
     files = {SKETCH_FILE: {"sha256": sha256_file(out_dir / SKETCH_FILE), "bytes": (out_dir / SKETCH_FILE).stat().st_size}}
     if full:

@@ -127,7 +127,8 @@ def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, j
             click.echo(f.describe())
         return
     from corruptcheck.report import write_json
-    from corruptcheck.selftest import run_selftest, write_html
+    from corruptcheck.selftest import run_selftest
+    from corruptcheck.selftest_html import write_html
 
     console = _console()
     progress = None if quiet else (lambda row: click.echo(_progress_line(row), err=True))
