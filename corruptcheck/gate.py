@@ -14,6 +14,7 @@ from pathlib import Path
 from corruptcheck.atomic import atomic_write
 from corruptcheck.cases import Case, get_case
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
+from corruptcheck.results import Report
 from corruptcheck.schedule import Schedule
 from corruptcheck.tolerance import FLOOR
 
@@ -213,53 +214,54 @@ class RunOutcome:
     run: GateRun
     verdict: str  # pass | fail | error
     reasons: list
-    doc: dict | None = None
+    report: Report | None = None  # None: the compare itself could not run
 
     def summary(self) -> dict:
-        d = self.doc or {}
+        rep = self.report
         sched = self.run.schedule
         return {"run": self.run.id, "case": self.run.case.name, "precision": self.run.precision,
                 "batch_size": self.run.batch_size, "schedule": sched.to_dict() if isinstance(sched, Schedule) else sched,
-                "phases": [{k: p[k] for k in ("phase", "step", "chunk", "verdict", "worst_ratio")}
-                           for p in d.get("phases", []) if p["verdict"] == "fail"],
+                "phases": [{"phase": p.phase, "step": p.step, "chunk": p.chunk, "verdict": p.verdict,
+                            "worst_ratio": p.worst_ratio} for p in (rep.phases if rep else []) if p.verdict == "fail"],
                 "verdict": self.verdict, "reasons": self.reasons,
-                "first_divergence": d.get("first_divergence"), "culprit": d.get("culprit"),
-                "worst_ratio": (d.get("summary") or {}).get("worst_ratio"),
-                "missing": [p["name"] for p in d.get("points", []) if p["verdict"] == "missing"]}
+                "first_divergence": rep.first_divergence if rep else None,
+                "culprit": rep.culprit.to_json() if rep and rep.culprit else None,
+                "worst_ratio": rep.summary.worst_ratio if rep else None,
+                "missing": [p.name for p in (rep.points if rep else []) if p.verdict == "missing"]}
 
 
-def judge(run: GateRun, doc: dict, policy: Policy) -> RunOutcome:
+def judge(run: GateRun, rep: Report, policy: Policy) -> RunOutcome:
     reasons = []
     # incomplete = nothing failed but points are missing: the policy's allowed_missing judges those
-    verdict = "pass" if doc["verdict"] == "incomplete" else doc["verdict"]
+    verdict = "pass" if rep.verdict == "incomplete" else rep.verdict
     if verdict == "error":
-        why = (f"unknown point name(s): {', '.join(doc['unknown_names'][:5])}" if doc.get("unknown_names")
+        why = (f"unknown point name(s): {', '.join(rep.unknown_names[:5])}" if rep.unknown_names
                else "nothing was compared")
-        return RunOutcome(run, "error", [why], doc)
+        return RunOutcome(run, "error", [why], rep)
     if verdict == "fail":
-        c = doc.get("culprit") or doc.get("first_divergence") or {}
-        reasons.append(f"corruption at {c.get('name')}" + (" (teacher-forcing culprit)" if doc.get("culprit") else ""))
-    missing = [p["name"] for p in doc["points"] if p["verdict"] == "missing"]
+        name = rep.culprit.name if rep.culprit else (rep.first_divergence or {}).get("name")
+        reasons.append(f"corruption at {name}" + (" (teacher-forcing culprit)" if rep.culprit else ""))
+    missing = [p.name for p in rep.points if p.verdict == "missing"]
     disallowed = [m for m in missing if not any(fnmatch.fnmatchcase(m, pat) for pat in policy.allowed_missing)]
     if disallowed:
         verdict = "fail"
         reasons.append(f"{len(disallowed)} required point(s) missing: {', '.join(disallowed[:4])}"
                        + (" ..." if len(disallowed) > 4 else ""))
-    served = {"decode_pairs": (doc.get("summary") or {}).get("pairs_by_phase", {}).get("decode", 0)}
-    cov = coverage_problems({**doc["coverage"], **served}, policy.coverage)
-    note = (doc.get("engine_info") or {}).get("schedule_note")
+    served = {"decode_pairs": rep.summary.pairs_by_phase.get("decode", 0)}
+    cov = coverage_problems({**rep.coverage, **served}, policy.coverage)
+    note = (rep.engine_info or {}).get("schedule_note")
     if note and run.schedule != "prefill-only":
         reasons.append(f"not served: {note}")
     if cov:
         verdict = "fail"
         reasons.append("coverage not met: " + "; ".join(cov))
-    return RunOutcome(run, verdict, reasons, doc)
+    return RunOutcome(run, verdict, reasons, rep)
 
 
 def run_gate(engine_name: str, policy: Policy, out_dir: Path, progress=None, engine=None) -> list[RunOutcome]:
     from corruptcheck.compare import compare
     from corruptcheck.html_report import write_html
-    from corruptcheck.report import to_json, write_json, write_junit
+    from corruptcheck.report import write_json, write_junit
 
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
@@ -272,12 +274,12 @@ def run_gate(engine_name: str, policy: Policy, out_dir: Path, progress=None, eng
         except (BadInput, EngineUnavailable, EngineFailed) as exc:
             outcomes.append(RunOutcome(run, "error", [str(exc)]))
             continue
-        doc = to_json(res)
-        doc["gate"] = {"policy": policy.name, "run": run.id, "batch_size": run.batch_size}
-        write_json(doc, str(out_dir / f"{run.id}.json"))
-        write_junit(doc, str(out_dir / f"{run.id}.xml"))
-        write_html(doc, str(out_dir / f"{run.id}.html"))
-        outcomes.append(judge(run, doc, policy))
+        rep = Report.from_result(res)
+        rep.gate = {"policy": policy.name, "run": run.id, "batch_size": run.batch_size}
+        write_json(rep.to_json(), str(out_dir / f"{run.id}.json"))
+        write_junit(rep, str(out_dir / f"{run.id}.xml"))
+        write_html(rep, str(out_dir / f"{run.id}.html"))
+        outcomes.append(judge(run, rep, policy))
     return outcomes
 
 

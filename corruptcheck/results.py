@@ -126,6 +126,7 @@ class Report(_Json):
     phases: list  # [Phase]
     greedy: dict | None
     batching: str | None
+    gate: dict | None = field(default=None, metadata=_OMIT_NONE)  # a gate run: policy, run id, batch size
 
     @classmethod
     def from_json(cls, doc: dict) -> Report:
