@@ -9,7 +9,6 @@ The pytest plugin (`pytest_plugin.py`) builds its test items and failure message
 """
 from __future__ import annotations
 
-import math
 from functools import cached_property
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from corruptcheck.compare import TEACHER_FORCING, CompareResult, compare
 from corruptcheck.differ import PointResult
 from corruptcheck.engines import Engine, get_engine
 from corruptcheck.errors import BadInput, EngineUnavailable
+from corruptcheck.finite import fmt_number
 from corruptcheck.reference import Precision
 from corruptcheck.tolerance import NORM_SHARE
 
@@ -245,11 +245,7 @@ class CheckResult:
 # -- message pieces
 
 def _g(v, spec=".3g") -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "inf"
-    return format(v, spec)
+    return fmt_number(v, spec, none="n/a", nonfinite="inf")
 
 
 def _names(points: list) -> str:

@@ -13,17 +13,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from corruptcheck.cli_common import fail
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable, one_line
 from corruptcheck.tolerance import FLOOR
 
 PRECISIONS = list(FLOOR)  # every precision with tolerances
 # incomplete (nothing failed, required points missing) is a verdict on the engine, never a pass
 EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 1}
-
-
-def _fail(msg: str) -> None:
-    click.echo(f"corruptcheck: error: {msg}", err=True)
-    sys.exit(2)
 
 
 def crash_report_path() -> Path:
@@ -62,7 +58,7 @@ class _Main(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
             raise
         except (BadInput, EngineUnavailable, EngineFailed) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - the one place every defect is caught
             _internal_error(exc, command)
 
@@ -155,11 +151,11 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
         meta = {k: v for k, v in cap.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
         out = write_dump(cap.points, case, out_dir, engine={"name": engine_name, **meta}, precision=cap.precision)
     except KeyError as exc:
-        _fail(exc.args[0])
+        fail(exc.args[0])
     except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot write {out_dir}: {exc}")
+        fail(f"cannot write {out_dir}: {exc}")
     click.echo(f"wrote {len(cap.points)} points of case {case.name} ({cap.precision}) to {out}")
 
 
@@ -209,9 +205,9 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
         res = compare(case, engine_name, precision, use_golden=not no_golden, teacher_forcing=teacher_forcing,
                       schedule="prefill-only" if batch else schedule_choice, **options)
     except KeyError as exc:
-        _fail(exc.args[0])
+        fail(exc.args[0])
     except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     doc = to_json(res)
     if quiet:
         s = doc["summary"]
@@ -223,11 +219,11 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
             try:
                 writer(doc, path)
             except OSError as exc:
-                _fail(f"cannot write {path}: {exc}")
+                fail(f"cannot write {path}: {exc}")
     if doc["unknown_names"]:
-        _fail(f"engine produced unknown point name(s): {', '.join(doc['unknown_names'][:5])}")
+        fail(f"engine produced unknown point name(s): {', '.join(doc['unknown_names'][:5])}")
     if doc["verdict"] == "error":
-        _fail("nothing was compared")
+        fail("nothing was compared")
     sys.exit(EXIT_CODES.get(doc["verdict"], 2))
 
 
@@ -249,7 +245,7 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy):
     try:
         policy = gate.load_policy(policy_path)
     except BadInput as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console = Console(width=max(Console().width, 120))
     out = Path(out_dir)
     with Progress(TextColumn("[bold]gate[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -266,7 +262,7 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy):
         try:
             outcomes = gate.run_gate(engine_name, policy, out, progress=step)
         except OSError as exc:
-            _fail(f"cannot write reports to {out}: {exc}")
+            fail(f"cannot write reports to {out}: {exc}")
         progress.update(task, completed=len(policy.runs), description="done")
     summary = gate.write_summary(engine_name, policy, outcomes, out)
     table = Table(title=f"gate · engine={engine_name} · policy={policy.name}", title_justify="left")
@@ -288,11 +284,11 @@ def _golden_cases(case_name, all_cases):
     from corruptcheck.cases import CASES, get_case
 
     if all_cases == bool(case_name):
-        _fail("give exactly one of --case NAME or --all")
+        fail("give exactly one of --case NAME or --all")
     try:
         return list(CASES.values()) if all_cases else [get_case(case_name)]
     except KeyError as exc:
-        _fail(exc.args[0])
+        fail(exc.args[0])
 
 
 @main.group("golden")
@@ -305,10 +301,10 @@ def golden_group():
 @click.option("--all", "all_cases", is_flag=True, help="every built-in case")
 def golden_generate(case_name, all_cases):
     """Run the float64 reference and write golden/<case>/."""
-    from corruptcheck import golden
+    from corruptcheck.reference_data import generate
 
     for case in _golden_cases(case_name, all_cases):
-        m = golden.generate(case)
+        m = generate(case)
         files = ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in m["files"].items())
         click.echo(f"{case.name}: {len(m['points'])} points, full tensors {m['full_tensors']}; {files}")
 
@@ -320,14 +316,15 @@ def golden_verify(case_name, all_cases):
     """Regenerate and check every point against the golden. Exit 1 on drift, 2 on a
     missing/corrupt/tampered file."""
     from corruptcheck import golden
+    from corruptcheck.reference_data import verify
 
     for case in _golden_cases(case_name, all_cases):
         try:
-            r = golden.verify(case)
+            r = verify(case)
         except FileNotFoundError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except golden.GoldenTampered as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except golden.GoldenDrift as exc:
             click.echo(f"corruptcheck: {case.name}: DRIFT: {exc}", err=True)
             sys.exit(1)
@@ -346,9 +343,9 @@ def golden_show(case_name):
     try:
         g = golden.load_manifest(get_case(case_name))
     except KeyError as exc:
-        _fail(exc.args[0])
+        fail(exc.args[0])
     except (FileNotFoundError, golden.GoldenTampered) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     m = g.manifest
     table = Table(title=f"golden {case_name} · format {m['format']} · reference {m['reference_version']} · "
                         f"full tensors {m['full_tensors']}", title_justify="left")

@@ -7,17 +7,16 @@ import time
 from dataclasses import dataclass, field
 
 from corruptcheck.cases import Case
-from corruptcheck.coverage import coverage
 from corruptcheck.differ import Comparison, compare_points
 from corruptcheck.engines import Capture, get_engine
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable, one_line
-from corruptcheck.golden import ReferenceData, reference_for
 from corruptcheck.localize import attach, teacher_force
 from corruptcheck.noise import measure
 from corruptcheck.phases import (MIN_MEASURED_TOKENS, fail_by_phase, first_failing_phase, judge_phases, label_key,
                                  pairs_by_phase, phase_label, phase_rows)
 from corruptcheck.points import capture_points
-from corruptcheck.reference import REFERENCE_VERSION, Precision, run
+from corruptcheck.reference import REFERENCE_VERSION, Precision
+from corruptcheck.reference_data import ReferenceData, noise_for, reference_for, reference_run  # noqa: F401 (re-exported)
 from corruptcheck.schedule import check_prompts, decoded_case, prompt_case
 
 TEACHER_FORCING = ("on-fail", "always", "never")
@@ -43,21 +42,6 @@ class CompareResult:
     @property
     def verdict(self) -> str:
         return self.comparison.verdict
-
-
-def reference_run(case: Case):
-    """Compute the float64 reference now: (points, coverage)."""
-    res = run(case.config, case.params(), case.sequences(), "float64")
-    return res.points, coverage(case.config, res.points, case.seq_lens, case.params())
-
-
-def noise_for(case: Case, ref: ReferenceData, precision: str) -> tuple[dict | None, str]:
-    """The noise model for `precision`: from the golden, else measured now (slower)."""
-    if precision == "float64":
-        return None, "float64: floor tolerance (exact engine)"
-    if precision in ref.noise:
-        return ref.noise[precision], "golden"
-    return measure(case, ref.points, precision), "measured now (no golden noise model)"
 
 
 def compare(case: Case, engine_name: str, precision: str, use_golden: bool = True,

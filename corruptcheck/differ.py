@@ -16,8 +16,9 @@ import torch
 
 from corruptcheck.coverage import exercised
 from corruptcheck.errors import BadInput
+from corruptcheck.finite import finite_values
 from corruptcheck.metrics import float_metrics, set_disagreements
-from corruptcheck.points import PointSpec, agreeing_rows, tie_scores_name
+from corruptcheck.points import PointSpec, agreeing_rows, experts_of, tie_scores_name
 from corruptcheck.reference.model import ENTRY_POINTS  # rows are compressed entries, not tokens
 from corruptcheck.tolerance import float_tolerance, tie_margin
 
@@ -115,13 +116,8 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
                                               f"{r.shape[0]}", ratio=math.inf))
             continue
         _check_shape(spec.name, e, r)
-        if spec.kind == "index":
-            scores_name = tie_scores_name(spec.name)
-            res = compare_index(spec, e, r, ref.get(scores_name), precision,
-                                free.get(scores_name, {}).get("score_noise") if scores_name else None)
-        else:
-            tol = float_tolerance(free.get(spec.name), precision, "free")
-            res = compare_float(spec, e, r, tol, engine, ref)
+        res = judge_point(spec, engine, ref, precision, free, "free")
+        if spec.kind != "index":
             res = _weights_without_rows(res, results)
         if res.verdict == "pass" and spec.layer is not None and not exercised(coverage, _layer_key(spec), spec.mechanism):
             res.verdict = "not-exercised"
@@ -133,14 +129,27 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
     return Comparison(results, precision, unknown)
 
 
+def judge_point(spec: PointSpec, engine: dict, ref: dict, precision: str, noise: dict, scope: str) -> PointResult:
+    """One point of `engine` against `ref` (dicts holding it): discrete choices by set
+    comparison with the tie margin of their scores, float points against the `scope` ("free" or
+    "local") tolerance from `noise` ({point: measured noise})."""
+    e, r = engine[spec.name], ref[spec.name]
+    if spec.kind == "index":
+        scores_name = tie_scores_name(spec.name)
+        return compare_index(spec, e, r, ref.get(scores_name), precision,
+                             noise.get(scores_name, {}).get("score_noise") if scores_name else None)
+    return compare_float(spec, e, r, float_tolerance(noise.get(spec.name), precision, scope), engine, ref)
+
+
 def _weights_without_rows(res: PointResult, earlier: list) -> PointResult:
     """moe.weights with no token on the reference's experts fails — unless every differing
     expert choice was a near-tie (the ids point passed): then there is honestly nothing to
     compare the weights on, which is reported, not passed (e.g. a decode step of three tokens
     whose routing sits on ties)."""
-    if res.metrics.get("rows_compared") != 0 or not res.name.endswith("moe.weights"):
+    ids = experts_of(res.name)
+    if res.metrics.get("rows_compared") != 0 or ids is None:
         return res
-    experts = next((p for p in earlier if p.name == res.name[: -len("weights")] + "experts"), None)
+    experts = next((p for p in earlier if p.name == ids), None)
     if experts is None or experts.verdict not in ("pass", "not-exercised") or not experts.metrics.get("tokens"):
         return res
     res.verdict, res.ratio = "not-exercised", None
@@ -156,7 +165,7 @@ def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> PointResult
     total_rows = r.shape[0] if r.dim() else 1
     if rows is not None:
         e, r = e[rows], r[rows]
-    m = _clean(float_metrics(e, r))
+    m = finite_values(float_metrics(e, r))
     if rows is not None:
         m["rows_compared"] = int(rows.sum())
     rel, band = tol["value"], tol["norm_ratio_band"]
@@ -198,7 +207,3 @@ def compare_index(spec, e, r, scores, precision: str, score_noise) -> PointResul
                  "derivation": "set comparison per token; a swap is a near-tie when the reference's score margin "
                                "is within the tie margin = " + how}
     return PointResult(spec.name, verdict, spec.layer, spec.kind, d, tolerance, reason, ratio)
-
-
-def _clean(m: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}

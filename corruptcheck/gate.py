@@ -11,8 +11,10 @@ from importlib import resources
 from itertools import product
 from pathlib import Path
 
+from corruptcheck.atomic import atomic_write
 from corruptcheck.cases import Case, get_case
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
+from corruptcheck.results import Report
 from corruptcheck.schedule import Schedule
 from corruptcheck.tolerance import FLOOR
 
@@ -106,6 +108,23 @@ def _derived_case(case: Case, seq_lens) -> Case:
 
 
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    doc = _read_toml(text, source)
+    defaults = _table(doc, "defaults", source)
+    bad_defaults = set(defaults) - DEFAULT_KEYS
+    if bad_defaults:
+        raise BadInput(f"{source}: unknown default(s): {', '.join(sorted(bad_defaults))}")
+    coverage = _coverage_minimums(doc, source)
+    runs = _runs(doc, source)
+    tf = defaults.get("teacher_forcing", "on-fail")
+    if tf not in ("on-fail", "always", "never"):
+        raise BadInput(f"{source}: teacher_forcing must be on-fail, always or never")
+    allowed = defaults.get("allowed_missing", [])
+    if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+        raise BadInput(f"{source}: allowed_missing must be a list of glob patterns")
+    return Policy(doc.get("name", source), runs, tf, allowed, coverage, source)
+
+
+def _read_toml(text: str, source: str) -> dict:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -116,10 +135,10 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     for key in ("name", "description"):
         if key in doc and not isinstance(doc[key], str):
             raise BadInput(f"{source}: {key} must be a string")
-    defaults = _table(doc, "defaults", source)
-    bad_defaults = set(defaults) - DEFAULT_KEYS
-    if bad_defaults:
-        raise BadInput(f"{source}: unknown default(s): {', '.join(sorted(bad_defaults))}")
+    return doc
+
+
+def _coverage_minimums(doc: dict, source: str) -> dict:
     coverage = _table(doc, "coverage", source)
     bad_cov = set(coverage) - set(COVERAGE_KEYS)
     if bad_cov:
@@ -127,6 +146,12 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     for key, minimum in coverage.items():
         if isinstance(minimum, bool) or not isinstance(minimum, (int, float)) or not minimum >= 0:
             raise BadInput(f"{source}: coverage {key} must be a non-negative number, got {minimum!r}")
+    return coverage
+
+
+def _runs(doc: dict, source: str) -> list:
+    """Every [[run]] table expanded over its lists (cases x precisions x batch sizes x sequence
+    lengths x schedules)."""
     run_tables = doc.get("run", [])
     if not isinstance(run_tables, list) or not all(isinstance(t, dict) for t in run_tables):
         raise BadInput(f"{source}: run must be an array of tables ([[run]])")
@@ -140,29 +165,26 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         batches = _as_list(table, "batch_size", "batch_sizes", [1])
         lens = _as_list(table, "seq_lens", "seq_lens_list", [None])
         schedules = [_schedule(s, source) for s in _as_list(table, "schedule", "schedules", ["case"])]
-        for case_name, prec, batch, seq_lens, sched in product(cases, precisions, batches, lens, schedules):
-            if not isinstance(case_name, str):
-                raise BadInput(f"{source}: case names must be strings, got {case_name!r}")
-            try:
-                case = get_case(case_name)
-            except KeyError as exc:
-                raise BadInput(f"{source}: {exc.args[0]}") from None
-            if not isinstance(prec, str) or prec not in PRECISIONS:
-                raise BadInput(f"{source}: unknown precision {prec!r} (one of {', '.join(PRECISIONS)})")
-            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-                raise BadInput(f"{source}: batch sizes must be positive integers, got {batch!r}")
-            if batch > 1 and sched != "prefill-only" and not (sched == "case" and case.schedule is None):
-                sched = "prefill-only"  # a right-padded batch is one prefill forward
-            runs.append(GateRun(_derived_case(case, seq_lens) if seq_lens else case, prec, batch, sched))
+        runs += [_gate_run(*combo, source) for combo in product(cases, precisions, batches, lens, schedules)]
     if not runs:
         raise BadInput(f"{source}: the policy has no [[run]]")
-    tf = defaults.get("teacher_forcing", "on-fail")
-    if tf not in ("on-fail", "always", "never"):
-        raise BadInput(f"{source}: teacher_forcing must be on-fail, always or never")
-    allowed = defaults.get("allowed_missing", [])
-    if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
-        raise BadInput(f"{source}: allowed_missing must be a list of glob patterns")
-    return Policy(doc.get("name", source), runs, tf, allowed, coverage, source)
+    return runs
+
+
+def _gate_run(case_name, prec, batch, seq_lens, sched, source: str) -> GateRun:
+    if not isinstance(case_name, str):
+        raise BadInput(f"{source}: case names must be strings, got {case_name!r}")
+    try:
+        case = get_case(case_name)
+    except KeyError as exc:
+        raise BadInput(f"{source}: {exc.args[0]}") from None
+    if not isinstance(prec, str) or prec not in PRECISIONS:
+        raise BadInput(f"{source}: unknown precision {prec!r} (one of {', '.join(PRECISIONS)})")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise BadInput(f"{source}: batch sizes must be positive integers, got {batch!r}")
+    if batch > 1 and sched != "prefill-only" and not (sched == "case" and case.schedule is None):
+        sched = "prefill-only"  # a right-padded batch is one prefill forward
+    return GateRun(_derived_case(case, seq_lens) if seq_lens else case, prec, batch, sched)
 
 
 def load_policy(path: str | None) -> Policy:
@@ -192,53 +214,54 @@ class RunOutcome:
     run: GateRun
     verdict: str  # pass | fail | error
     reasons: list
-    doc: dict | None = None
+    report: Report | None = None  # None: the compare itself could not run
 
     def summary(self) -> dict:
-        d = self.doc or {}
+        rep = self.report
         sched = self.run.schedule
         return {"run": self.run.id, "case": self.run.case.name, "precision": self.run.precision,
                 "batch_size": self.run.batch_size, "schedule": sched.to_dict() if isinstance(sched, Schedule) else sched,
-                "phases": [{k: p[k] for k in ("phase", "step", "chunk", "verdict", "worst_ratio")}
-                           for p in d.get("phases", []) if p["verdict"] == "fail"],
+                "phases": [{"phase": p.phase, "step": p.step, "chunk": p.chunk, "verdict": p.verdict,
+                            "worst_ratio": p.worst_ratio} for p in (rep.phases if rep else []) if p.verdict == "fail"],
                 "verdict": self.verdict, "reasons": self.reasons,
-                "first_divergence": d.get("first_divergence"), "culprit": d.get("culprit"),
-                "worst_ratio": (d.get("summary") or {}).get("worst_ratio"),
-                "missing": [p["name"] for p in d.get("points", []) if p["verdict"] == "missing"]}
+                "first_divergence": rep.first_divergence if rep else None,
+                "culprit": rep.culprit.to_json() if rep and rep.culprit else None,
+                "worst_ratio": rep.summary.worst_ratio if rep else None,
+                "missing": [p.name for p in (rep.points if rep else []) if p.verdict == "missing"]}
 
 
-def judge(run: GateRun, doc: dict, policy: Policy) -> RunOutcome:
+def judge(run: GateRun, rep: Report, policy: Policy) -> RunOutcome:
     reasons = []
     # incomplete = nothing failed but points are missing: the policy's allowed_missing judges those
-    verdict = "pass" if doc["verdict"] == "incomplete" else doc["verdict"]
+    verdict = "pass" if rep.verdict == "incomplete" else rep.verdict
     if verdict == "error":
-        why = (f"unknown point name(s): {', '.join(doc['unknown_names'][:5])}" if doc.get("unknown_names")
+        why = (f"unknown point name(s): {', '.join(rep.unknown_names[:5])}" if rep.unknown_names
                else "nothing was compared")
-        return RunOutcome(run, "error", [why], doc)
+        return RunOutcome(run, "error", [why], rep)
     if verdict == "fail":
-        c = doc.get("culprit") or doc.get("first_divergence") or {}
-        reasons.append(f"corruption at {c.get('name')}" + (" (teacher-forcing culprit)" if doc.get("culprit") else ""))
-    missing = [p["name"] for p in doc["points"] if p["verdict"] == "missing"]
+        name = rep.culprit.name if rep.culprit else (rep.first_divergence or {}).get("name")
+        reasons.append(f"corruption at {name}" + (" (teacher-forcing culprit)" if rep.culprit else ""))
+    missing = [p.name for p in rep.points if p.verdict == "missing"]
     disallowed = [m for m in missing if not any(fnmatch.fnmatchcase(m, pat) for pat in policy.allowed_missing)]
     if disallowed:
         verdict = "fail"
         reasons.append(f"{len(disallowed)} required point(s) missing: {', '.join(disallowed[:4])}"
                        + (" ..." if len(disallowed) > 4 else ""))
-    served = {"decode_pairs": (doc.get("summary") or {}).get("pairs_by_phase", {}).get("decode", 0)}
-    cov = coverage_problems({**doc["coverage"], **served}, policy.coverage)
-    note = (doc.get("engine_info") or {}).get("schedule_note")
+    served = {"decode_pairs": rep.summary.pairs_by_phase.get("decode", 0)}
+    cov = coverage_problems({**rep.coverage, **served}, policy.coverage)
+    note = (rep.engine_info or {}).get("schedule_note")
     if note and run.schedule != "prefill-only":
         reasons.append(f"not served: {note}")
     if cov:
         verdict = "fail"
         reasons.append("coverage not met: " + "; ".join(cov))
-    return RunOutcome(run, verdict, reasons, doc)
+    return RunOutcome(run, verdict, reasons, rep)
 
 
 def run_gate(engine_name: str, policy: Policy, out_dir: Path, progress=None, engine=None) -> list[RunOutcome]:
     from corruptcheck.compare import compare
     from corruptcheck.html_report import write_html
-    from corruptcheck.report import to_json, write_json, write_junit
+    from corruptcheck.report import write_json, write_junit
 
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
@@ -251,12 +274,12 @@ def run_gate(engine_name: str, policy: Policy, out_dir: Path, progress=None, eng
         except (BadInput, EngineUnavailable, EngineFailed) as exc:
             outcomes.append(RunOutcome(run, "error", [str(exc)]))
             continue
-        doc = to_json(res)
-        doc["gate"] = {"policy": policy.name, "run": run.id, "batch_size": run.batch_size}
-        write_json(doc, str(out_dir / f"{run.id}.json"))
-        write_junit(doc, str(out_dir / f"{run.id}.xml"))
-        write_html(doc, str(out_dir / f"{run.id}.html"))
-        outcomes.append(judge(run, doc, policy))
+        rep = Report.from_result(res)
+        rep.gate = {"policy": policy.name, "run": run.id, "batch_size": run.batch_size}
+        write_json(rep.to_json(), str(out_dir / f"{run.id}.json"))
+        write_junit(rep, str(out_dir / f"{run.id}.xml"))
+        write_html(rep, str(out_dir / f"{run.id}.html"))
+        outcomes.append(judge(run, rep, policy))
     return outcomes
 
 
@@ -266,9 +289,7 @@ def overall(outcomes: list[RunOutcome]) -> str:
 
 
 def write_summary(engine_name: str, policy: Policy, outcomes: list[RunOutcome], out_dir: Path) -> dict:
-    from corruptcheck.report import _atomic_write
-
     summary = {"engine": engine_name, "policy": policy.name, "policy_source": policy.source,
                "verdict": overall(outcomes), "runs": [o.summary() for o in outcomes]}
-    _atomic_write(str(out_dir / "summary.json"), json.dumps(summary, indent=1, default=str, allow_nan=False))
+    atomic_write(str(out_dir / "summary.json"), json.dumps(summary, indent=1, default=str, allow_nan=False))
     return summary

@@ -28,13 +28,14 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from corruptcheck.atomic import atomic_replace, atomic_write
 from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
 from corruptcheck.jsonio import loads_finite
@@ -62,6 +63,11 @@ class GoldenDrift(Exception):
     def __init__(self, point: str, rel: float):
         super().__init__(f"point {point} drifted from the golden: sketch relative error {rel:.3g} > {SKETCH_RTOL:g}")
         self.point, self.rel = point, rel
+
+
+def commits_tensors(case_name: str) -> bool:
+    """Whether a case's full tensors are kept in git (else regenerated into the cache)."""
+    return case_name in COMMITTED_TENSORS
 
 
 def golden_root() -> Path:
@@ -167,15 +173,7 @@ def stats(t: torch.Tensor) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# generation
-
-def regenerate(case: Case):
-    """Run the float64 reference on the case: (points, coverage). Tests patch this to
-    simulate drift."""
-    from corruptcheck.compare import reference_run
-
-    return reference_run(case)
-
+# writing
 
 def _kind(name: str, t: torch.Tensor) -> str:
     if not t.is_floating_point():
@@ -189,13 +187,9 @@ def _ordered(case: Case, points: dict) -> list[str]:
     return order + sorted(set(points) - set(order))
 
 
-def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool, noise: dict | None = None) -> dict:
-    """Write manifest, sketch (and, if `full`, tensors) for `points`; returns the manifest."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = _ordered(case, points)
-    sketches = {n: sketch(n, points[n]).contiguous() for n in names}
-    entries = {}
-    tensors, seen = {}, {}
+def _point_entries(names: list, points: dict, sketches: dict, full: bool) -> tuple[dict, dict]:
+    """({point: manifest entry}, {tensor key: full tensor to store} (empty unless `full`))."""
+    entries, tensors, seen = {}, {}, {}
     for n in names:
         t = points[n]
         entry = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "kind": _kind(n, t),
@@ -211,6 +205,15 @@ def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool,
                 tensors[n] = full_t
         entry["digest"] = _digest(entry)
         entries[n] = entry
+    return entries, tensors
+
+
+def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool, noise: dict | None = None) -> dict:
+    """Write manifest, sketch (and, if `full`, tensors) for `points`; returns the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _ordered(case, points)
+    sketches = {n: sketch(n, points[n]).contiguous() for n in names}
+    entries, tensors = _point_entries(names, points, sketches, full)
     _atomic_save(sketches, out_dir / SKETCH_FILE)
     files = {SKETCH_FILE: {"sha256": sha256_file(out_dir / SKETCH_FILE), "bytes": (out_dir / SKETCH_FILE).stat().st_size}}
     if full:
@@ -235,41 +238,12 @@ def build_golden(case: Case, points: dict, cov: dict, out_dir: Path, full: bool,
         "tolerances": noise or {},  # noise model per declared precision (noise.py)
     }
     manifest["manifest_digest"] = _digest({k: v for k, v in manifest.items() if k != "manifest_digest"})
-    _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False) + "\n")
-    return manifest
-
-
-NOISE_PRECISIONS = ("float32", "bfloat16")
-# engine cases (FP8-exact weights) are judged at the precision FP8 serving engines run
-ENGINE_NOISE_PRECISIONS = ("fp8-serving",)
-
-
-def noise_precisions(case: Case) -> tuple:
-    return ENGINE_NOISE_PRECISIONS if case.weight_format == "fp8" else NOISE_PRECISIONS
-
-
-def generate(case: Case, root: Path | None = None, with_noise: bool = True) -> dict:
-    from corruptcheck.noise import measure
-
-    points, cov = regenerate(case)
-    root = root or golden_root()
-    noise = {p: measure(case, points, p) for p in noise_precisions(case)} if with_noise else {}
-    manifest = build_golden(case, points, cov, root / case.name, full=case.name in COMMITTED_TENSORS, noise=noise)
-    if case.name not in COMMITTED_TENSORS:
-        _write_cache(case, manifest, points)
+    atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False) + "\n")
     return manifest
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": str(GOLDEN_FORMAT)})
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_replace(path, lambda tmp: save_file(tensors, tmp, metadata={"format": str(GOLDEN_FORMAT)}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,6 +410,18 @@ def check_against_sketches(g: Golden, points: dict, sketches: dict) -> dict:
     return errors
 
 
+def check_against_tensors(committed: dict, points: dict) -> float:
+    """Worst relative error of `points` against the committed full tensors; raises GoldenDrift
+    at the first point beyond SKETCH_RTOL."""
+    worst = 0.0
+    for name, t in committed.items():
+        err = tensor_error(points[name], t)
+        if not err <= SKETCH_RTOL:
+            raise GoldenDrift(name, err)
+        worst = max(worst, err)
+    return worst
+
+
 # --------------------------------------------------------------------------------------------
 # cache for cases whose tensors are not in git
 
@@ -443,7 +429,7 @@ def _cache_file(case: Case, digest: str) -> Path:
     return cache_root() / "golden" / case.name / f"{digest[:24]}.safetensors"
 
 
-def _write_cache(case: Case, manifest: dict, points: dict) -> Path:
+def write_cache(case: Case, manifest: dict, points: dict) -> Path:
     path = _cache_file(case, manifest["manifest_digest"])
     path.parent.mkdir(parents=True, exist_ok=True)
     unique, keys = {}, {}
@@ -454,11 +440,11 @@ def _write_cache(case: Case, manifest: dict, points: dict) -> Path:
             unique[h] = name
         keys[name] = unique[h]
     _atomic_save({n: points[n].contiguous() for n in set(keys.values())}, path)
-    path.with_suffix(".keys.json").write_text(json.dumps(keys))
+    atomic_write(path.with_suffix(".keys.json"), json.dumps(keys))
     return path
 
 
-def _read_cache(g: Golden) -> dict | None:
+def read_cache(g: Golden) -> dict | None:
     path = _cache_file(g.case, g.digest)
     keys_path = path.with_suffix(".keys.json")
     if not path.exists() or not keys_path.exists():
@@ -469,84 +455,3 @@ def _read_cache(g: Golden) -> dict | None:
         return {name: stored[keys[name]] for name in g.points}
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError):
         return None  # a damaged cache is simply rebuilt
-
-
-# --------------------------------------------------------------------------------------------
-# verify and use
-
-@dataclass
-class VerifyResult:
-    case: str
-    worst_point: str
-    worst_rel: float
-    points: int
-    regenerated_vs_tensors: float | None  # worst rel. error vs committed full tensors
-
-
-def verify(case: Case, root: Path | None = None) -> VerifyResult:
-    """Check integrity, regenerate, and compare every point with the golden.
-
-    GoldenTampered (exit 2) for a missing/corrupt/edited file, GoldenDrift (exit 1) naming the
-    first point whose regeneration moved. Refreshes the cache for cases kept out of git."""
-    g = load_manifest(case, root)
-    sketches = load_sketches(g)
-    committed = load_committed_tensors(g) if g.manifest["full_tensors"] == "committed" else None
-    points, _ = regenerate(case)
-    errors = check_against_sketches(g, points, sketches)
-    worst_full = None
-    if committed is not None:
-        worst_full = 0.0
-        for name, t in committed.items():
-            err = tensor_error(points[name], t)
-            if not err <= SKETCH_RTOL:
-                raise GoldenDrift(name, err)
-            worst_full = max(worst_full, err)
-    else:
-        _write_cache(case, g.manifest, points)
-    worst = max(errors, key=errors.get)
-    return VerifyResult(case.name, worst, errors[worst], len(errors), worst_full)
-
-
-@dataclass
-class ReferenceData:
-    points: dict
-    coverage: dict
-    source: str  # "golden (committed)", "golden (cache)", "golden (regenerated)", "computed (...)"
-    digest: str | None = None
-    noise: dict = field(default_factory=dict)  # precision -> noise model, from the golden
-
-
-def reference_for(case: Case, root: Path | None = None) -> ReferenceData:
-    """The float64 reference points of a case: from its golden when present and valid, else
-    computed (and the reason is said)."""
-    try:
-        g = load_manifest(case, root)
-        sketches = load_sketches(g)
-    except FileNotFoundError:
-        points, cov = regenerate(case)
-        return ReferenceData(points, cov, "computed (no golden for this case)")
-    except GoldenTampered as exc:
-        points, cov = regenerate(case)
-        return ReferenceData(points, cov, f"computed (golden unusable: {exc})")
-    if g.manifest["full_tensors"] == "committed":
-        try:
-            return ReferenceData(load_committed_tensors(g), g.coverage, "golden (committed)", g.digest,
-                                 g.manifest.get("tolerances", {}))
-        except GoldenTampered as exc:
-            points, cov = regenerate(case)
-            return ReferenceData(points, cov, f"computed (golden unusable: {exc})")
-    cached = _read_cache(g)
-    if cached is not None:
-        try:
-            check_against_sketches(g, cached, sketches)
-            return ReferenceData(cached, g.coverage, "golden (cache)", g.digest, g.manifest.get("tolerances", {}))
-        except GoldenDrift:
-            pass
-    points, cov = regenerate(case)
-    try:
-        check_against_sketches(g, points, sketches)
-    except GoldenDrift as exc:
-        return ReferenceData(points, cov, f"computed (regeneration does not match the golden: {exc})")
-    _write_cache(case, g.manifest, points)
-    return ReferenceData(points, g.coverage, "golden (regenerated into the cache)", g.digest,
-                         g.manifest.get("tolerances", {}))

@@ -9,16 +9,14 @@ first point whose local error exceeds it is the culprit.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from corruptcheck.cases import Case
-from corruptcheck.differ import Comparison, compare_float, compare_index
-from corruptcheck.noise import _parts, local_points
+from corruptcheck.differ import Comparison, judge_point
+from corruptcheck.finite import finite_or_none
+from corruptcheck.noise import local_points, sub_blocks
 from corruptcheck.phases import per_token_bound
-from corruptcheck.points import capture_points, tie_scores_name
-from corruptcheck.tolerance import float_tolerance
+from corruptcheck.points import capture_points
 
 
 def _prev_out(cfg, name: str) -> str | None:
@@ -43,7 +41,7 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
         local_noise = per_token_bound(local_noise)
     specs = {s.name: s for s in capture_points(case.config)}
     out: dict = {}
-    for part, layer, inp in _parts(case):
+    for part, layer, inp in sub_blocks(case):
         if inp not in engine:
             out[f"__{part}:{layer}"] = {"verdict": "unavailable", "reason": f"engine did not capture {inp}"}
             continue
@@ -56,13 +54,7 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
             spec = specs.get(name)
             if spec is None or name not in eng or tuple(eng[name].shape) != tuple(ref_local.shape):
                 continue
-            if spec.kind == "index":
-                scores_name = tie_scores_name(name)
-                res = compare_index(spec, eng[name], ref_local, loc.get(scores_name), precision,
-                                    local_noise.get(scores_name, {}).get("score_noise") if scores_name else None)
-            else:
-                tol = float_tolerance(local_noise.get(name), precision, "local")
-                res = compare_float(spec, eng[name], ref_local, tol, eng, loc)
+            res = judge_point(spec, eng, loc, precision, local_noise, "local")
             out[name] = {"verdict": res.verdict, "ratio": res.ratio, "tolerance": res.tolerance,
                          "rel_l2": res.metrics.get("rel_l2"), "norm_ratio": res.metrics.get("norm_ratio"),
                          "genuine": res.metrics.get("genuine"), "reason": res.reason}
@@ -107,7 +99,7 @@ def attach(comp: Comparison, local: dict) -> dict | None:
     if culprit is None:
         return None
     lr = culprit.local
-    return {"name": culprit.name, "layer": culprit.layer, "local_ratio": _finite(lr.get("ratio")),
+    return {"name": culprit.name, "layer": culprit.layer, "local_ratio": finite_or_none(lr.get("ratio")),
             "local_rel_l2": lr.get("rel_l2"), "local_norm_ratio": lr.get("norm_ratio"),
             "reason": lr.get("reason", "")}
 
@@ -121,7 +113,3 @@ def _sub_block(name: str) -> str:
         # ffn_hc.in is the attention half's output (its mHC post)
         return f"{head}.attn" if rest.startswith("attn") or rest == "ffn_hc.in" else f"{head}.ffn"
     return parts[0]
-
-
-def _finite(v):
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v

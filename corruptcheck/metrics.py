@@ -42,63 +42,84 @@ def float_metrics(engine: torch.Tensor, ref: torch.Tensor) -> dict:
         engine, ref = engine.reshape(1), ref.reshape(1)
     t = ref.shape[0]
     per_tok = math.prod(ref.shape[1:])
-    scale = 0.0  # running S (0 before the first chunk); the four sums below are in units of S^2
-    e2 = r2 = d2 = dot = 0.0
-    max_abs = 0.0
-    worst_tok, worst_rel = -1, -1.0
-    worst_norm_dev = 0.0  # max over tokens of | ||e_t|| / ||r_t|| - 1 | (bounds it for any subset of tokens)
-    new = lost = kind = nonfinite_ref = compared = 0
-    first_nonfinite = None
+    acc = _Running()
     step = max(1, CHUNK_ELEMENTS // max(per_tok, 1))
     for start in range(0, t if per_tok else 0, step):
         e = engine[start:start + step].to(torch.float64).reshape(-1, per_tok)
         r = ref[start:start + step].to(torch.float64).reshape(-1, per_tok)
+        ok = acc.parity(e, r, start)
+        acc.add(torch.where(ok, e, 0.0), torch.where(ok, r, 0.0), start)
+    return acc.result(t)
+
+
+class _Running:
+    """float_metrics' sums over chunks of rows: the four sums in units of a running power-of-two
+    scale S^2 (0 before the first chunk), the worst token, NaN/Inf parity counts."""
+
+    def __init__(self):
+        self.scale = 0.0
+        self.e2 = self.r2 = self.d2 = self.dot = 0.0
+        self.max_abs = 0.0
+        self.worst_tok, self.worst_rel = -1, -1.0
+        self.worst_norm_dev = 0.0  # max over tokens of | ||e_t|| / ||r_t|| - 1 | (bounds it for any subset of tokens)
+        self.new = self.lost = self.kind = self.nonfinite_ref = self.compared = 0
+        self.first_nonfinite = None
+
+    def parity(self, e: torch.Tensor, r: torch.Tensor, start: int) -> torch.Tensor:
+        """Count the chunk's non-finite mismatches; the mask of values finite on both sides."""
         fe, fr = torch.isfinite(e), torch.isfinite(r)
         ok = fe & fr
         n_new, n_lost = int((~fe & fr).sum()), int((fe & ~fr).sum())
         n_kind = int(((~fe & ~fr) & (_class(e) != _class(r))).sum())
-        if (n_new or n_lost or n_kind) and first_nonfinite is None:
+        if (n_new or n_lost or n_kind) and self.first_nonfinite is None:
             bad_rows = ((fe != fr) | ((~fe & ~fr) & (_class(e) != _class(r)))).any(1)
-            first_nonfinite = start + int(bad_rows.nonzero()[0, 0])
-        new, lost, kind = new + n_new, lost + n_lost, kind + n_kind
-        nonfinite_ref += int((~fr).sum())
-        compared += int(ok.sum())
-        e, r = torch.where(ok, e, 0.0), torch.where(ok, r, 0.0)
+            self.first_nonfinite = start + int(bad_rows.nonzero()[0, 0])
+        self.new, self.lost, self.kind = self.new + n_new, self.lost + n_lost, self.kind + n_kind
+        self.nonfinite_ref += int((~fr).sum())
+        self.compared += int(ok.sum())
+        return ok
+
+    def add(self, e: torch.Tensor, r: torch.Tensor, start: int) -> None:
+        """Add a chunk of finite rows (non-finite entries zeroed)."""
         s = _pow2_scale(max(float(e.abs().max()), float(r.abs().max())))
         e, r = e / s, r / s
         d = e - r
         # the same reduction for e and r, so an exact copy has norm ratio exactly 1
         dn, rn, en = d.square().sum(1), r.square().sum(1), e.square().sum(1)
         sums = (float(en.sum()), float(rn.sum()), float(dn.sum()), float((e * r).sum()))
-        if s > scale:  # bring the running sums to the new scale
-            f = (scale / s) ** 2  # 0 before the first chunk
-            e2, r2, d2, dot = e2 * f, r2 * f, d2 * f, dot * f
-            scale = s
-        f = (s / scale) ** 2
-        e2, r2, d2, dot = e2 + sums[0] * f, r2 + sums[1] * f, d2 + sums[2] * f, dot + sums[3] * f
-        max_abs = max(max_abs, float(d.abs().max()) * s)  # inf when the true value exceeds float64
+        if s > self.scale:  # bring the running sums to the new scale
+            f = (self.scale / s) ** 2  # 0 before the first chunk
+            self.e2, self.r2, self.d2, self.dot = self.e2 * f, self.r2 * f, self.d2 * f, self.dot * f
+            self.scale = s
+        f = (s / self.scale) ** 2
+        self.e2, self.r2 = self.e2 + sums[0] * f, self.r2 + sums[1] * f
+        self.d2, self.dot = self.d2 + sums[2] * f, self.dot + sums[3] * f
+        self.max_abs = max(self.max_abs, float(d.abs().max()) * s)  # inf when the true value exceeds float64
         rel_tok = torch.where(rn > 0, (dn / rn).sqrt(), torch.where(dn > 0, math.inf, 0.0))
         dev_tok = torch.where(rn > 0, ((en / rn).sqrt() - 1).abs(), torch.where(en > 0, math.inf, 0.0))
-        worst_norm_dev = max(worst_norm_dev, float(dev_tok.max()))
+        self.worst_norm_dev = max(self.worst_norm_dev, float(dev_tok.max()))
         i = int(rel_tok.argmax())
-        if float(rel_tok[i]) > worst_rel:
-            worst_rel, worst_tok = float(rel_tok[i]), start + i
-    return {
-        "rel_l2": math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf),
-        "max_abs": max_abs,
-        "norm_ratio": math.sqrt(e2 / r2) if r2 > 0 else (1.0 if e2 == 0 else math.inf),
-        "cosine": max(-1.0, min(1.0, dot / math.sqrt(e2) / math.sqrt(r2))) if e2 > 0 and r2 > 0 else (1.0 if e2 == r2 else 0.0),
-        "worst_token": worst_tok,
-        "worst_token_rel": worst_rel,
-        "worst_token_norm_dev": worst_norm_dev,
-        "compared_values": compared,
-        "rows": t,
-        "nonfinite_new": new,
-        "nonfinite_lost": lost,
-        "nonfinite_kind": kind,
-        "nonfinite_ref": nonfinite_ref,
-        "first_nonfinite_token": first_nonfinite,
-    }
+        if float(rel_tok[i]) > self.worst_rel:
+            self.worst_rel, self.worst_tok = float(rel_tok[i]), start + i
+
+    def result(self, rows: int) -> dict:
+        e2, r2, d2, dot = self.e2, self.r2, self.d2, self.dot
+        return {
+            "rel_l2": math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf),
+            "max_abs": self.max_abs,
+            "norm_ratio": math.sqrt(e2 / r2) if r2 > 0 else (1.0 if e2 == 0 else math.inf),
+            "cosine": max(-1.0, min(1.0, dot / math.sqrt(e2) / math.sqrt(r2))) if e2 > 0 and r2 > 0 else (1.0 if e2 == r2 else 0.0),
+            "worst_token": self.worst_tok,
+            "worst_token_rel": self.worst_rel,
+            "worst_token_norm_dev": self.worst_norm_dev,
+            "compared_values": self.compared,
+            "rows": rows,
+            "nonfinite_new": self.new,
+            "nonfinite_lost": self.lost,
+            "nonfinite_kind": self.kind,
+            "nonfinite_ref": self.nonfinite_ref,
+            "first_nonfinite_token": self.first_nonfinite,
+        }
 
 
 def _unique_members(ids: torch.Tensor, other_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

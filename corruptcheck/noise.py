@@ -21,7 +21,7 @@ import torch
 
 from corruptcheck.cases import Case
 from corruptcheck.metrics import float_metrics
-from corruptcheck.points import agreeing_rows
+from corruptcheck.points import agreeing_rows, experts_of
 from corruptcheck.reference import Precision, run
 from corruptcheck.reference.model import run_part
 
@@ -70,7 +70,7 @@ def _merge(into: dict, name: str, noise: dict | None) -> None:
         cur[k] = max(cur.get(k, 0.0), v)
 
 
-def _parts(case: Case):
+def sub_blocks(case: Case):
     """(part, layer, input point, output prefix) for every teacher-forcible sub-block."""
     cfg = case.config
     layers = list(range(cfg.num_layers)) + (["mtp.0"] if cfg.num_mtp_layers else [])
@@ -108,10 +108,11 @@ def measure(case: Case, ref_points: dict, precision: str, groups: dict | None = 
         for g, rows_of in (groups or {}).items():
             for name, rows in rows_of.items():
                 if name in pts and name in ref_points and ref_points[name].is_floating_point():
-                    sub = {n: t[rows] for n, t in ((n, pts[n]) for n in (name, _ids_of(name)) if n in pts)}
-                    sub_ref = {n: ref_points[n][rows] for n in (name, _ids_of(name)) if n in ref_points}
+                    pair = (name, experts_of(name) or name)  # moe.weights with the expert ids it is judged by
+                    sub = {n: pts[n][rows] for n in pair if n in pts}
+                    sub_ref = {n: ref_points[n][rows] for n in pair if n in ref_points}
                     _merge(by_group[g], name, _point_noise(name, sub[name], sub_ref[name], sub, sub_ref))
-        for part, layer, inp in _parts(case):
+        for part, layer, inp in sub_blocks(case):
             if inp not in ref_points:
                 continue
             loc = local_points(case, part, layer, ref_points[inp], prec)
@@ -123,8 +124,3 @@ def measure(case: Case, ref_points: dict, precision: str, groups: dict | None = 
     if groups:
         out["groups"] = by_group
     return out
-
-
-def _ids_of(name: str) -> str:
-    """The expert ids beside moe.weights (its rows are compared where they agree)."""
-    return name[: -len("weights")] + "experts" if name.endswith("moe.weights") else name

@@ -8,11 +8,10 @@ position (i+1)*m - 1); MTP rows (row i pairs token i with token i+1) the label o
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from corruptcheck.differ import compare_points
+from corruptcheck.finite import finite_or_none
 from corruptcheck.reference.model import ENTRY_POINTS
 
 PHASE_ORDER = ("prefill", "decode")
@@ -126,7 +125,7 @@ def judge_phases(specs, ref: dict, engine: dict, rows_by_phase: dict, cfg, seq_l
                  "chunk": lab[1] if lab[0] == "prefill" else None,
                  "tokens": tokens,
                  "verdict": "fail" if comp.failed else "pass",
-                 "worst_ratio": None if worst is None or not math.isfinite(worst.ratio) else worst.ratio,
+                 "worst_ratio": finite_or_none(worst.ratio) if worst else None,
                  "worst_point": worst.name if worst else None,
                  "pairs": sum(len(rows_of[p.name]) for p in judged),
                  "first_divergence": None}

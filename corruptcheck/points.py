@@ -64,13 +64,19 @@ def tie_scores_name(point: str) -> str | None:
     return None
 
 
+def experts_of(point: str) -> str | None:
+    """The expert ids point beside a moe.weights point (None for every other point): the
+    weights are comparable only on the rows where both sides chose the same experts."""
+    return point[: -len("weights")] + "experts" if point.endswith("moe.weights") else None
+
+
 def agreeing_rows(point: str, engine: dict, ref: dict):
     """moe.weights are comparable only where the engine chose the reference's experts: the bool
     row mask for such a point (None for every other point, or when either side lacks the ids or
     their shapes differ — the ids point itself then reports the problem)."""
-    if not point.endswith("moe.weights"):
+    experts = experts_of(point)
+    if experts is None:
         return None
-    experts = point[: -len("weights")] + "experts"
     a, b = engine.get(experts), ref.get(experts)
     if a is None or b is None or a.shape != b.shape or a.dim() == 0:
         return None

@@ -4,100 +4,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from xml.sax.saxutils import quoteattr
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from corruptcheck.phases import phase_words
+from corruptcheck.atomic import atomic_write
+from corruptcheck.phases import phase_words, summarize
+from corruptcheck.results import REPORT_SCHEMA, Report, as_report  # noqa: F401 (REPORT_SCHEMA: re-exported)
 
-REPORT_SCHEMA = 2  # 1 = first differ; 2 adds ratio, local, culprit, tolerance_precision (additive)
 _STYLE = {"pass": "green", "fail": "bold red", "missing": "yellow", "not-exercised": "cyan",
           "skipped": "dim", "error": "bold red", "incomplete": "bold yellow"}
 
 
-def _num(v):
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
 def to_json(res) -> dict:
-    comp = res.comparison
-    floats = [p for p in comp.points if p.kind == "float" and p.verdict in ("pass", "fail", "not-exercised")]
-    worst = max(floats, key=lambda p: p.metrics.get("rel_l2") or 0.0, default=None)
-    ranked = [p for p in comp.points if p.ratio is not None]
-    worst_ratio = max(ranked, key=lambda p: p.ratio, default=None)
-    return {
-        "schema": REPORT_SCHEMA,
-        "verdict": comp.verdict,
-        "engine": res.engine,
-        "case": res.case.name,
-        "precision": res.precision,
-        "tolerance_precision": res.tolerance_precision,
-        "points": [{"name": p.name, "verdict": p.verdict, "layer": p.layer, "kind": p.kind,
-                    "metrics": p.metrics, "tolerance": p.tolerance, "ratio": _num(p.ratio),
-                    "reason": p.reason, "local": _clean_local(p.local)} for p in comp.points],
-        "first_divergence": comp.first_divergence,
-        "unknown_names": comp.unknown,
-        "culprit": res.culprit,
-        "teacher_forcing": res.teacher_forcing,
-        "coverage": res.coverage,
-        "summary": {
-            "compared": comp.compared,
-            "failed": len(comp.failed),
-            "missing": len(comp.missing),
-            "skipped": sum(p.verdict == "skipped" for p in comp.points),
-            "not_exercised": sum(p.verdict == "not-exercised" for p in comp.points),
-            "worst": {"name": worst.name, "rel_l2": worst.metrics.get("rel_l2")} if worst else None,
-            "worst_ratio": {"name": worst_ratio.name, "ratio": _num(worst_ratio.ratio)} if worst_ratio else None,
-            "pairs_by_phase": res.served["pairs_by_phase"] if res.served else {
-                "prefill": sum(_rows(p) for p in comp.points if p.verdict in ("pass", "fail", "not-exercised")),
-                "decode": 0},
-        },
-        "noise_model": res.noise_source,
-        "reference": res.reference,
-        "engine_info": res.engine_meta,
-        "case_spec": res.case.spec(),
-        "timings": res.timings,
-        # a served run (schedule.py): the schedule, verdicts by phase, the engine's greedy choices
-        "schedule": res.served["schedule"] if res.served else "prefill-only",
-        "phases": res.served["phases"] if res.served else [],
-        "greedy": res.served["greedy"] if res.served else None,
-        "batching": res.served.get("batching") if res.served else None,
-    }
-
-
-def _rows(p) -> int:
-    """Token (or entry) rows a judged point compared."""
-    m = p.metrics or {}
-    return int(m.get("tokens", 0) if p.kind == "index" else m.get("rows_compared", m.get("rows", 0)))
-
-
-def _clean_local(local):
-    if not local:
-        return None
-    return {k: _num(v) for k, v in local.items()}
-
-
-def _atomic_write(path: str, text: str) -> None:
-    """A failed run never leaves a half-written report over a good one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".corruptcheck-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """The JSON document of a compare.CompareResult (results.Report)."""
+    return Report.from_result(res).to_json()
 
 
 def write_json(doc: dict, path: str) -> None:
-    _atomic_write(path, json.dumps(doc, indent=1, allow_nan=False, default=str))
+    atomic_write(path, json.dumps(doc, indent=1, allow_nan=False, default=str))
 
 
 def _fmt(v, spec=".2e"):
@@ -113,106 +40,133 @@ def _ratio_cell(r):
     return f"[{style}]{r:.3g}[/]"
 
 
-def print_table(doc: dict, console: Console | None = None) -> None:
+def print_table(doc, console: Console | None = None) -> None:
+    """The terminal report of a Report (or its JSON document)."""
+    rep = as_report(doc)
     console = console or Console()
-    table = Table(title=f"corruptcheck compare · engine={doc['engine']} · case={doc['case']} · "
-                        f"precision={doc['precision']}", title_justify="left")
+    console.print(_points_table(rep))
+    _print_skipped(rep, console)
+    _print_coverage(rep, console)
+    _print_schedule(rep, console)
+    _print_verdict(rep, console)
+
+
+def _points_table(rep: Report) -> Table:
+    table = Table(title=f"corruptcheck compare · engine={rep.engine} · case={rep.case} · "
+                        f"precision={rep.precision}", title_justify="left")
     for col, just in (("point", "left"), ("verdict", "left"), ("err/tol", "right"), ("rel_l2", "right"),
                       ("tolerance", "right"), ("norm_ratio", "right"), ("local", "right"), ("note", "left")):
         table.add_column(col, justify=just, no_wrap=col != "note")
-    points = [p for p in doc["points"] if p["verdict"] != "skipped"]
-    failing = doc["verdict"] == "fail"
-    if failing:  # worst first
-        points.sort(key=lambda p: -(p["ratio"] if p["ratio"] is not None else (math.inf if p["verdict"] == "fail" else -1)))
+    points = [p for p in rep.points if p.verdict != "skipped"]
+    if rep.verdict == "fail":  # worst first
+        points.sort(key=lambda p: -(p.ratio if p.ratio is not None else (math.inf if p.verdict == "fail" else -1)))
     for p in points:
-        m, t, loc = p["metrics"] or {}, p["tolerance"] or {}, p["local"] or {}
-        if p["kind"] == "index" and m:
-            rel, tol, nr = f"{m['genuine']} genuine", f"tie {t.get('tie_margin_rel', 0):.1e}", f"{m['tie_explained']} ties"
-        else:
-            rel, tol, nr = _fmt(m.get("rel_l2")), _fmt(t.get("value")), _fmt(m.get("norm_ratio"), ".5f")
-        local = loc.get("role") or (_fmt(loc.get("ratio"), ".2g") if loc.get("ratio") is not None else "")
-        table.add_row(p["name"], f"[{_STYLE[p['verdict']]}]{p['verdict']}[/]", _ratio_cell(p["ratio"]),
-                      rel, tol, nr, local, p["reason"])
-    console.print(table)
-    skipped = [p for p in doc["points"] if p["verdict"] == "skipped"]
+        table.add_row(p.name, f"[{_STYLE[p.verdict]}]{p.verdict}[/]", _ratio_cell(p.ratio), *_point_cells(p),
+                      p.reason)
+    return table
+
+
+def _point_cells(p) -> tuple:
+    """rel_l2, tolerance, norm_ratio and local cells of a point's row."""
+    m, t, loc = p.metrics or {}, p.tolerance or {}, p.local or {}
+    if p.kind == "index" and m:
+        rel, tol, nr = f"{m['genuine']} genuine", f"tie {t.get('tie_margin_rel', 0):.1e}", f"{m['tie_explained']} ties"
+    else:
+        rel, tol, nr = _fmt(m.get("rel_l2")), _fmt(t.get("value")), _fmt(m.get("norm_ratio"), ".5f")
+    local = loc.get("role") or (_fmt(loc.get("ratio"), ".2g") if loc.get("ratio") is not None else "")
+    return rel, tol, nr, local
+
+
+def _print_skipped(rep: Report, console: Console) -> None:
+    skipped = [p for p in rep.points if p.verdict == "skipped"]
     if skipped:
         groups: dict = {}
         for p in skipped:
-            key = "mtp.0.*" if p["name"].startswith("mtp.") else p["name"].split(".", 2)[-1]
+            key = "mtp.0.*" if p.name.startswith("mtp.") else p.name.split(".", 2)[-1]
             groups[key] = groups.get(key, 0) + 1
         console.print("skipped (finer points this engine does not expose): "
                       + ", ".join(f"{k} x{n}" for k, n in groups.items()), style="dim")
-    cov = doc["coverage"]
+
+
+def _print_coverage(rep: Report, console: Console) -> None:
+    cov = rep.coverage
     console.print(
         f"coverage: {cov['tokens']} tokens in {cov['sequences']} sequence(s), {cov['tokens_beyond_window']} beyond "
         f"the {cov['window']}-token window; {cov['compressed_entries']} compressed entries; indexer pruned "
         f"{cov['indexer_pruning_fraction']:.0%} of available entries; {cov['clamp_hits']} SwiGLU clamp hits; "
         f"attention {'/'.join(cov['attention_types'])}; routing {'/'.join(cov['routing_types'])}")
-    console.print(f"reference: float64, {doc['reference']['source']}; tolerances: {doc['tolerance_precision']} "
-                  f"noise model ({doc['noise_model']})", style="dim")
-    if doc.get("phases"):
-        from corruptcheck.phases import summarize
+    console.print(f"reference: float64, {rep.reference['source']}; tolerances: {rep.tolerance_precision} "
+                  f"noise model ({rep.noise_model})", style="dim")
 
-        sched = doc["schedule"]
+
+def _print_schedule(rep: Report, console: Console) -> None:
+    if rep.phases:
+        sched = rep.schedule
         console.print(f"schedule: prompts {'+'.join(map(str, sched['prompt_lens']))}, prefill chunk "
                       f"{sched['chunk'] or 'whole prompt'}, {sched['decode_steps']} greedy decode steps; "
-                      f"{doc.get('batching') or ''}")
-        for line in summarize(doc["phases"]):
+                      f"{rep.batching or ''}")
+        for line in summarize([p.to_json() for p in rep.phases]):
             console.print(("[bold red]" if ": FAIL" in line else "[green]") + escape(line) + "[/]")
-        g = doc.get("greedy") or {}
-        if g.get("disagreements"):
-            d = g["disagreements"][0]
-            console.print(f"[bold red]greedy:[/] {len(g['disagreements'])} of {g['steps']} decode steps fed a token that is "
-                          f"not the reference's argmax beyond a near-tie (first: sequence {d['sequence']} step "
-                          f"{d['step']}, engine {d['engine_token']} vs reference {d['reference_token']})")
-        elif g:
-            console.print(f"greedy: {g['agree']} of {g['steps']} decode tokens are the reference's argmax, "
-                          f"{g['near_ties']} near-ties", style="dim")
-    elif doc.get("schedule") == "prefill-only":
-        note = (doc.get("engine_info") or {}).get("schedule_note")
+        _print_greedy(rep.greedy or {}, console)
+    elif rep.schedule == "prefill-only":
+        note = (rep.engine_info or {}).get("schedule_note")
         if note:
             console.print(f"schedule: prefill only — {note}", style="yellow")
-    s = doc["summary"]
-    line = (f"[{_STYLE[doc['verdict']]}]{doc['verdict'].upper()}[/]: {s['compared']} compared, {s['failed']} failed, "
-            f"{s['missing']} missing, {s['skipped']} skipped, {s['not_exercised']} not exercised")
-    if s.get("worst_ratio"):
-        wr = s["worst_ratio"]
-        line += f"; worst err/tol {_fmt(wr['ratio'], '.3g')} at {wr['name']}"
-    if doc["first_divergence"]:
-        line += f"; first divergence: {doc['first_divergence']['name']}"
+
+
+def _print_greedy(g: dict, console: Console) -> None:
+    if g.get("disagreements"):
+        d = g["disagreements"][0]
+        console.print(f"[bold red]greedy:[/] {len(g['disagreements'])} of {g['steps']} decode steps fed a token that is "
+                      f"not the reference's argmax beyond a near-tie (first: sequence {d['sequence']} step "
+                      f"{d['step']}, engine {d['engine_token']} vs reference {d['reference_token']})")
+    elif g:
+        console.print(f"greedy: {g['agree']} of {g['steps']} decode tokens are the reference's argmax, "
+                      f"{g['near_ties']} near-ties", style="dim")
+
+
+def _print_verdict(rep: Report, console: Console) -> None:
+    s = rep.summary
+    line = (f"[{_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]: {s.compared} compared, {s.failed} failed, "
+            f"{s.missing} missing, {s.skipped} skipped, {s.not_exercised} not exercised")
+    if s.worst_ratio:
+        line += f"; worst err/tol {_fmt(s.worst_ratio['ratio'], '.3g')} at {s.worst_ratio['name']}"
+    if rep.first_divergence:
+        line += f"; first divergence: {rep.first_divergence['name']}"
     console.print(line)
-    if doc.get("culprit"):
-        c = doc["culprit"]
-        where = phase_words(c.get("phase"))
+    c = rep.culprit
+    if c:
+        where = phase_words(c.phase)
         within = f" within {where}" if where else ""
-        console.print(f"[bold red]culprit[/] (teacher forcing{within}): {c['name']} — the sub-block's own error is "
-                      f"{_fmt(c['local_ratio'], '.3g')}x its local tolerance ({c['reason']})")
-    elif failing and doc.get("teacher_forcing") == "run":
+        console.print(f"[bold red]culprit[/] (teacher forcing{within}): {c.name} — the sub-block's own error is "
+                      f"{_fmt(c.local_ratio, '.3g')}x its local tolerance ({c.reason})")
+    elif rep.verdict == "fail" and rep.teacher_forcing == "run":
         console.print("teacher forcing: no sub-block exceeds its local tolerance on its own input; the failure is "
                       "accumulated drift", style="yellow")
 
 
-def junit_xml(doc: dict) -> str:
+def junit_xml(doc) -> str:
     """One <testcase> per point; fail -> <failure>, missing / not-exercised / skipped ->
     <skipped> (never a pass)."""
-    suite = f"corruptcheck.{doc['engine']}.{doc['case']}.{doc['precision']}"
+    rep = as_report(doc)
+    suite = f"corruptcheck.{rep.engine}.{rep.case}.{rep.precision}"
     cases, failures, skipped = [], 0, 0
-    for p in doc["points"]:
-        attrs = f'classname={quoteattr(suite)} name={quoteattr(p["name"])}'
-        if p["verdict"] == "pass":
+    for p in rep.points:
+        attrs = f'classname={quoteattr(suite)} name={quoteattr(p.name)}'
+        if p.verdict == "pass":
             cases.append(f"  <testcase {attrs}/>")
             continue
-        if p["verdict"] == "fail":
+        if p.verdict == "fail":
             failures += 1
-            loc = p.get("local") or {}
-            msg = f"{p['reason']}" + (f"; teacher forcing: {loc['role']}" if loc.get("role") else "")
-            detail = json.dumps({"metrics": p["metrics"], "tolerance": p["tolerance"], "local": loc},
+            loc = p.local or {}
+            msg = f"{p.reason}" + (f"; teacher forcing: {loc['role']}" if loc.get("role") else "")
+            detail = json.dumps({"metrics": p.metrics, "tolerance": p.tolerance, "local": loc},
                                 default=str, indent=1)
             cases.append(f"  <testcase {attrs}>\n    <failure message={quoteattr(msg)}>"
                          f"{_xml_text(detail)}</failure>\n  </testcase>")
         else:
             skipped += 1
-            reason = f"{p['verdict']}: {p['reason']}"
+            reason = f"{p.verdict}: {p.reason}"
             cases.append(f"  <testcase {attrs}>\n    <skipped message={quoteattr(reason)}/>\n  </testcase>")
     head = (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuites>\n<testsuite name={quoteattr(suite)} '
             f'tests="{len(cases)}" failures="{failures}" errors="0" skipped="{skipped}">')
@@ -223,5 +177,5 @@ def _xml_text(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def write_junit(doc: dict, path: str) -> None:
-    _atomic_write(path, junit_xml(doc))
+def write_junit(doc, path: str) -> None:
+    atomic_write(path, junit_xml(doc))

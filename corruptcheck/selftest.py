@@ -17,149 +17,27 @@ next one); false positives.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from html import escape as html_escape
 
-import torch
-
-from corruptcheck.batch_layout import leading_sequences
+from corruptcheck.benign import BENIGN, VLLM_BENIGN, VLLM_NO_BF16_KV, Benign, benign_for, online_softmax_attention
 from corruptcheck.cases import CASES, Case, get_case
 from corruptcheck.compare import compare
-from corruptcheck.engines import Capture, Engine, get_engine
+from corruptcheck.engines import Engine, get_engine
 from corruptcheck.errors import BadInput
-from corruptcheck.faults import Fault, FaultyEngine, faults_for, patched
-from corruptcheck.reference import model as r_model
+from corruptcheck.faults import Fault, FaultyEngine, faults_for
+from corruptcheck.finite import finite_or_none
+from corruptcheck.selftest_html import render_html, write_html
+from corruptcheck.variant_engine import VariantEngine, partnered
 
 SELFTEST_SCHEMA = 1
 PRECISIONS = ("float32", "bfloat16")
 BF16_FLOOR_RATIO = 3.0  # faults above 3x the bf16 noise must be caught in bf16 (docs/faults.md)
 LOCALIZATION_TARGET = 0.95  # exact localization wanted for >= 95% of float32 pairs
 
-
-# ---------------------------------------------------------------------------------------------
-# benign variants: honest engines that must never be flagged
-
-@dataclass(frozen=True)
-class Benign:
-    name: str
-    description: str
-    precision: str
-    engines: tuple[str, ...]
-    install: Callable | None = None  # engine name -> context manager active during the run
-    options: dict = field(default_factory=dict)  # extra engine options
-    batch_partner: bool = False  # run each sequence in a batch next to a partner sequence
-
-
-def _split_k_linear(parts: int):
-    """nn.Linear.forward summing its reduction in `parts` partial products, last one first, in
-    fp32 (fp64 for fp64 inputs), rounded once: another honest reduction order."""
-    def forward(self, x):
-        k = x.shape[-1]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        w = self.weight.to(x.dtype)
-        out = None
-        for idx in reversed(torch.arange(k).tensor_split(parts)):
-            lo, hi = int(idx[0]), int(idx[-1]) + 1
-            y = torch.nn.functional.linear(x[..., lo:hi].to(acc), w[:, lo:hi].to(acc))
-            out = y if out is None else out + y
-        out = out.to(x.dtype)
-        return out if self.bias is None else out + self.bias.to(x.dtype)
-    return forward
-
-
-@contextmanager
-def _split_k(engine: str):
-    with patched() as p:
-        if engine == "hf":
-            p.set(torch.nn.Linear, "forward", _split_k_linear(4))
-        else:  # the reference sums every Linear in `split_k` partial products (noise model: 2, 3)
-            p.wrap(r_model, "precision_of", lambda orig: lambda prec: dataclasses.replace(orig(prec), split_k=4))
-        yield
-
-
-ONLINE_SOFTMAX = "corruptcheck_online_softmax"
-
-
-def online_softmax_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, block=64,
-                             **kwargs):
-    """Flash-style attention for transformers' DeepSeek V4: keys in blocks of `block`, a
-    running max and sum (online softmax) with the per-head sink as the starting logit, in fp32.
-    The same function as eager attention, another order of operations."""
-    b, h, s, _ = query.shape
-    q = query.float()
-    m = module.sinks.float().reshape(1, h, 1, 1).expand(b, h, s, 1)
-    denom = torch.ones_like(m)  # exp(sink - m) with m = sink
-    acc = torch.zeros(b, h, s, value.shape[-1], dtype=torch.float32)
-    for j in range(0, key.shape[2], block):
-        k = key[:, :, j:j + block].float()
-        logits = torch.matmul(q, k.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            logits = logits + attention_mask[..., j:j + block].float()
-        m_new = torch.maximum(m, logits.amax(-1, keepdim=True))
-        decay = torch.exp(m - m_new)
-        p = torch.exp(logits - m_new)
-        denom = denom * decay + p.sum(-1, keepdim=True)
-        acc = acc * decay + torch.matmul(p, value[:, :, j:j + block].float())
-        m = m_new
-    out = (acc / denom).to(value.dtype)
-    return out.transpose(1, 2).contiguous(), None
-
-
-@contextmanager
-def _online_softmax(engine: str):
-    """Register the attention function, and eager's additive mask for it (transformers builds
-    no mask at all for an implementation its mask registry does not know)."""
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    masks = AttentionMaskInterface._global_mapping
-    ALL_ATTENTION_FUNCTIONS[ONLINE_SOFTMAX] = online_softmax_attention
-    masks[ONLINE_SOFTMAX] = eager_mask
-    try:
-        yield
-    finally:
-        del ALL_ATTENTION_FUNCTIONS[ONLINE_SOFTMAX]
-        masks.pop(ONLINE_SOFTMAX, None)
-
-
-BENIGN: dict[str, Benign] = {b.name: b for b in (
-    Benign("bf16", "the engine itself at bfloat16", "bfloat16", ("hf", "reference")),
-    Benign("fp32-split-k4", "float32, every Linear summed in 4 partial products, last first", "float32",
-           ("hf", "reference"), install=_split_k),
-    Benign("fp32-online-softmax", "float32, flash-style attention (online softmax over 64-key blocks)",
-           "float32", ("hf",), install=_online_softmax, options={"attn_impl": ONLINE_SOFTMAX}),
-    Benign("fp32-batch2", "float32, each sequence batched with a partner sequence (right-padded batch)",
-           "float32", ("hf",), batch_partner=True, options={"batch": True}),
-    Benign("float64", "transformers in float64 (judged as float32: it computes mHC/norms/RoPE in fp32)",
-           "float64", ("hf",)),
-)}
-
-
-# vLLM: honest engine variants are engine options (VLLMEngine.run's keywords). The engine
-# declares its own precision profile, so its rows run at that one precision.
-VLLM_BENIGN: dict[str, Benign] = {b.name: b for b in (
-    Benign("serving", "the engine itself (FP8 weights, FP8 KV cache, one prefill chunk)", "fp8-serving",
-           ("vllm",)),
-    Benign("chunked-1024", "chunked prefill: max_num_batched_tokens=1024 (chunks end on compressor blocks)",
-           "fp8-serving", ("vllm",), options={"max_num_batched_tokens": 1024}),
-    Benign("chunked-700", "chunked prefill: max_num_batched_tokens=700 (chunks cut CSA/HCA compressor blocks "
-           "and the 128-token window)", "fp8-serving", ("vllm",), options={"max_num_batched_tokens": 700}),
-    Benign("batch2", "each sequence prefilled in one batch next to a partner sequence of the same length",
-           "fp8-serving", ("vllm",), batch_partner=True),
-)}
-# kv_cache_dtype="auto" (a bf16 KV cache) is no variant on vLLM's DeepSeek V4 path: it runs
-# (measured), but `vllm/models/deepseek_v4/attention.py` maps "auto" to "fp8" and every fp8
-# dtype to the fp8_ds_mla layout ("Using DeepSeek's fp8_ds_mla KV cache format"; bf16 raises
-# "fp8_ds_mla layout only supports fp8 kv-cache"), so it computes what `serving` computes;
-# chunked-700 stands in for it.
-VLLM_NO_BF16_KV = ("kv_cache_dtype='auto' is mapped to fp8 / the fp8_ds_mla KV-cache layout by vLLM's DeepSeek V4 "
-                   "attention (models/deepseek_v4/attention.py): no bf16 KV cache exists on this path")
 
 # Every engine row runs with these options: vLLM as shipped ignores the routed experts' SwiGLU
 # clamp (a real defect, docs/engines.md), so faults are judged on an engine with that fixed.
@@ -172,52 +50,6 @@ def default_cases(engine: str) -> list[str]:
     """The engine cases (FP8-exact, real-engine kernel limits) for vllm, the others elsewhere."""
     engine_case = engine == "vllm"
     return [name for name, c in CASES.items() if (c.weight_format == "fp8") == engine_case]
-
-
-def benign_for(engine: str) -> dict[str, Benign]:
-    return VLLM_BENIGN if engine == "vllm" else BENIGN
-
-
-@contextmanager
-def _variant_patches(variant: Benign, engine: str):
-    if variant.install is None:
-        yield
-    else:
-        with variant.install(engine):
-            yield
-
-
-def partnered(case: Case) -> Case:
-    """The case with every sequence followed, in the same batch, by a partner of the same
-    length: seeded sequences come in order, so the first ones are exactly the case's own."""
-    return Case(f"{case.name}+partners", case.description, case.config, case.seed, case.seq_lens + case.seq_lens)
-
-
-def _own_rows(points: dict, case: Case) -> dict:
-    """Rows of the case's own sequences out of a partnered capture."""
-    return leading_sequences(points, case.config, case.seq_lens)
-
-
-class VariantEngine(Engine):
-    """`inner` run as the benign variant (patches installed around the run only)."""
-
-    def __init__(self, inner: Engine, variant: Benign):
-        self.inner, self.variant = inner, variant
-        self.name = f"{inner.name}~{variant.name}"
-        self.extra = inner.extra
-
-    def available(self) -> tuple[bool, str]:
-        return self.inner.available()
-
-    def run(self, case: Case, precision: str, **options) -> Capture:
-        options = {**options, **self.variant.options}
-        run_case = partnered(case) if self.variant.batch_partner else case
-        with _variant_patches(self.variant, self.inner.name):
-            cap = self.inner.run(run_case, precision, **options)
-        if self.variant.batch_partner:
-            cap.points = _own_rows(cap.points, case)
-        cap.meta = {**cap.meta, "benign_variant": self.variant.name}
-        return cap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,10 +120,6 @@ def _effect_point(expected: str, order: list, points: dict) -> str | None:
                 None)
 
 
-def _finite(v):
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
-
-
 def _timed_compare(row, case: Case, engine: str, precision: str, runner: Engine):
     """compare() with a faulty or variant engine, timed into the row; a crash is recorded on the
     row (status `error`) as a finding, not raised, and gives None."""
@@ -322,20 +150,40 @@ def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow
     if res is None:
         return row
     st = faulty.state
-    row.fired, row.where, row.layers = st.fired, st.where, list(st.layers)
-    comp = res.comparison
-    row.verdict = res.verdict
-    row.first = comp.first_divergence["name"] if comp.first_divergence else None
-    row.culprit = res.culprit["name"] if res.culprit else None
-    row.culprit_local_ratio = _finite(res.culprit.get("local_ratio")) if res.culprit else None
+    _record_run(row, res, st)
     if st.fired == 0:
         row.note = f"did not fire on this case ({fault.trigger})"
         if res.verdict == "fail":
             row.note += "; compare failed anyway: first " + str(row.first)
         return row
+    comp = res.comparison
     points = {p.name: p for p in comp.points}
     row.expected = expected_point(fault, st.where, points)
     row.status = "detected" if res.verdict == "fail" else "missed"
+    _judge_localization(row, fault, st)
+    if row.expected:
+        _measure_effect(row, fault, st, [p.name for p in comp.points], points)
+    else:
+        row.note = "the engine exposes none of the fault's strike points"
+    if row.status == "missed":
+        worst = _worst(comp.points)
+        if worst is not None:
+            row.note = f"worst err/tol {worst.ratio:.3g} at {worst.name}"
+    return row
+
+
+def _record_run(row: FaultRow, res, st) -> None:
+    """Where the fault fired, the compare's verdict, first failing point and culprit."""
+    row.fired, row.where, row.layers = st.fired, st.where, list(st.layers)
+    comp = res.comparison
+    row.verdict = res.verdict
+    row.first = comp.first_divergence["name"] if comp.first_divergence else None
+    row.culprit = res.culprit["name"] if res.culprit else None
+    row.culprit_local_ratio = finite_or_none(res.culprit.get("local_ratio")) if res.culprit else None
+
+
+def _judge_localization(row: FaultRow, fault: Fault, st) -> None:
+    """Localized: detected, with the culprit at the expected point or a documented equivalent."""
     accepted = fault.accepted(row.expected, st.where, st.layers) if row.expected else []
     row.localized = row.status == "detected" and row.culprit is not None and row.culprit in accepted
     if row.localized and row.culprit != row.expected:
@@ -344,25 +192,19 @@ def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow
         row.note = (f"first failing point {row.first}, culprit {row.culprit}" if row.culprit else
                     f"first failing point {row.first}; no culprit: every failing point is within its local "
                     f"(teacher-forced) tolerance")
-    if row.expected:
-        # the fault's own error: at each strike point of the first layer where it fired (the
-        # expected point and its documented equivalents), its rel_l2 against the honest noise
-        order = [p.name for p in comp.points]
-        for cand in fault.accepted(row.expected, st.where, [st.where]):
-            ep = _effect_point(cand, order, points) if _exposed(points, cand) else None
-            if ep and ep not in row.strikes:
-                row.strikes[ep] = [_finite(points[ep].metrics.get("rel_l2")),
-                                   (points[ep].tolerance or {}).get("noise_rel_l2")]
-        best = _strongest(row.strikes)
-        if best:
-            row.effect_point, (row.effect, row.noise) = best, row.strikes[best]
-    else:
-        row.note = "the engine exposes none of the fault's strike points"
-    if row.status == "missed":
-        worst = _worst(comp.points)
-        if worst is not None:
-            row.note = f"worst err/tol {worst.ratio:.3g} at {worst.name}"
-    return row
+
+
+def _measure_effect(row: FaultRow, fault: Fault, st, order: list, points: dict) -> None:
+    """The fault's own error: at each strike point of the first layer where it fired (the
+    expected point and its documented equivalents), its rel_l2 against the honest noise."""
+    for cand in fault.accepted(row.expected, st.where, [st.where]):
+        ep = _effect_point(cand, order, points) if _exposed(points, cand) else None
+        if ep and ep not in row.strikes:
+            row.strikes[ep] = [finite_or_none(points[ep].metrics.get("rel_l2")),
+                               (points[ep].tolerance or {}).get("noise_rel_l2")]
+    best = _strongest(row.strikes)
+    if best:
+        row.effect_point, (row.effect, row.noise) = best, row.strikes[best]
 
 
 def _strongest(strikes: dict) -> str | None:
@@ -510,58 +352,6 @@ def run_selftest(engine: str = "hf", cases=None, precisions=PRECISIONS, faults=N
     return res
 
 
-# ---------------------------------------------------------------------------------------------
-# HTML page
-
-_CSS = ("body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}th{background:#f2f2f2}"
-        ".detected,.pass,.yes{color:#11772d}.missed,.flagged,.error,.no{color:#b00020;font-weight:bold}"
-        ".not-exercised{color:#0b6b8a}code{font-size:12px}")
-
-
-def _cell(v, cls: str = "") -> str:
-    text = "-" if v is None or v == "" else (f"{v:.3g}" if isinstance(v, float) else str(v))
-    return f'<td class="{cls}">{html_escape(text)}</td>'
-
-
-def render_html(res: SelftestResult) -> str:
-    t = res.totals()
-    effects = {(e["fault"], e["case"]): e["effect_over_noise"] for e in res.bf16_effects()}
-    rows = []
-    for r in res.faults:
-        ratio = effects.get((r.fault, r.case)) if r.precision == "bfloat16" else (
-            r.effect / r.noise if r.effect is not None and r.noise else None)
-        loc = None if r.localized is None else ("yes" if r.localized else "no")
-        rows.append("<tr>" + "".join([
-            _cell(r.fault), _cell(r.klass), _cell(r.case), _cell(r.precision),
-            _cell(r.status, r.status.replace(" ", "-")), _cell(r.first), _cell(r.culprit), _cell(r.expected),
-            _cell(loc, loc or ""), _cell(ratio), _cell(r.note)]) + "</tr>")
-    benign = ["<tr>" + "".join([_cell(r.variant), _cell(r.case), _cell(r.precision), _cell(r.status, r.status),
-                                _cell(r.worst_ratio), _cell(r.worst), _cell(r.note)]) + "</tr>" for r in res.benign]
-    summary = []
-    for prec in res.precisions:
-        b = t[prec]
-        summary.append(f"<li>{prec}: {b['detected']}/{b['exercised']} detected, {b['localized']}/{b['exercised']} "
-                       f"localized ({b['localized_at_expected']} at the expected point), "
-                       f"{b['not_exercised']} not exercised</li>")
-    summary.append(f"<li>benign: {t['benign']['false_positives']} false positives in {t['benign']['runs']} runs</li>")
-    head = ("<tr><th>fault</th><th>class</th><th>case</th><th>dtype</th><th>status</th><th>first failing point</th>"
-            "<th>culprit</th><th>expected</th><th>loc</th><th>effect/noise</th><th>note</th></tr>")
-    bhead = ("<tr><th>variant</th><th>case</th><th>dtype</th><th>status</th><th>worst err/tol</th><th>at</th>"
-             "<th>note</th></tr>")
-    verdict = '<span class="pass">PASS</span>' if res.ok else '<span class="flagged">FAIL</span>'
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>corruptcheck selftest</title>"
-            f"<style>{_CSS}</style></head><body><h1>corruptcheck selftest · engine {html_escape(res.engine)} · "
-            f"{verdict}</h1><ul>{''.join(summary)}</ul><h2>faults</h2><table>{head}{''.join(rows)}</table>"
-            f"<h2>benign variants</h2><table>{bhead}{''.join(benign)}</table></body></html>")
-
-
-def write_html(res: SelftestResult, path: str) -> None:
-    from corruptcheck.report import _atomic_write
-
-    _atomic_write(path, render_html(res))
-
-
-__all__ = ["BENIGN", "VLLM_BENIGN", "ENGINE_OPTIONS", "benign_for", "Benign", "BenignRow", "FaultRow",
+__all__ = ["BENIGN", "VLLM_BENIGN", "VLLM_NO_BF16_KV", "ENGINE_OPTIONS", "benign_for", "Benign", "BenignRow", "FaultRow",
            "SelftestResult", "VariantEngine", "run_selftest", "run_fault", "run_benign", "partnered",
            "online_softmax_attention", "render_html", "write_html"]

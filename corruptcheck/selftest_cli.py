@@ -2,7 +2,6 @@
 group in cli.py."""
 from __future__ import annotations
 
-import math
 import sys
 
 import click
@@ -10,12 +9,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from corruptcheck.finite import fmt_number
+from corruptcheck.cli_common import fail
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
-
-
-def _fail(msg: str) -> None:
-    click.echo(f"corruptcheck: error: {msg}", err=True)
-    sys.exit(2)
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -29,7 +25,7 @@ def _console() -> Console:
 
 
 def _num(v, spec=".3g") -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+    return fmt_number(v, spec)
 
 
 def _pct(v) -> str:
@@ -131,7 +127,8 @@ def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, j
             click.echo(f.describe())
         return
     from corruptcheck.report import write_json
-    from corruptcheck.selftest import run_selftest, write_html
+    from corruptcheck.selftest import run_selftest
+    from corruptcheck.selftest_html import write_html
 
     console = _console()
     progress = None if quiet else (lambda row: click.echo(_progress_line(row), err=True))
@@ -139,9 +136,9 @@ def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, j
         res = run_selftest(engine_name, cases=_names(cases), precisions=tuple(_names(dtypes) or ()),
                            faults=_names(faults), benign=() if no_benign else _names(benign), progress=progress)
     except KeyError as exc:
-        _fail(exc.args[0])
+        fail(exc.args[0])
     except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     print_matrix(res, console)
     writers = ((json_path, lambda p: write_json(res.to_json(), p)), (html_path, lambda p: write_html(res, p)))
     for path, writer in writers:
@@ -149,7 +146,7 @@ def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, j
             try:
                 writer(path)
             except OSError as exc:
-                _fail(f"cannot write {path}: {exc}")
+                fail(f"cannot write {path}: {exc}")
     sys.exit(0 if res.ok else 1)
 
 
@@ -174,13 +171,13 @@ def sweep(engine_name, hidden, fault_name, precision, json_path):
         fault = get_fault(fault_name) if fault_name else None
         rows = run_sweep(engine_name, sizes, fault, precision, progress=lambda r: click.echo(r.line(fault)))
     except KeyError as exc:
-        _fail(exc.args[0])
+        fail(exc.args[0])
     except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     doc = to_json(rows, engine_name, fault, precision)
     if json_path:
         try:
             write_json(doc, json_path)
         except OSError as exc:
-            _fail(f"cannot write {json_path}: {exc}")
+            fail(f"cannot write {json_path}: {exc}")
     sys.exit({"pass": 0, "fail": 1}.get(doc["verdict"], 2))

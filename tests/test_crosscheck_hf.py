@@ -28,7 +28,7 @@ def _assert_agrees(res, bound=BOUND):
 
 
 def test_tiny_float32_agrees_at_every_point(tiny, tiny_ref, tiny_hf32):
-    from corruptcheck.golden import reference_for
+    from corruptcheck.reference_data import reference_for
 
     points, cov = tiny_ref
     noise = reference_for(tiny).noise["float32"]

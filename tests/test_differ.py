@@ -60,7 +60,7 @@ def test_set_disagreement_tie_logic():
 
 
 def test_compare_points_verdicts(tiny, tiny_ref):
-    from corruptcheck.golden import reference_for
+    from corruptcheck.reference_data import reference_for
 
     points, cov = tiny_ref
     noise = reference_for(tiny).noise["float32"]  # fp32 rounding of the values is honest noise

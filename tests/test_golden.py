@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from corruptcheck import golden
+from corruptcheck import golden, reference_data
 
 
 @pytest.fixture()
@@ -16,7 +16,7 @@ def tiny_golden(tmp_path, tiny, tiny_ref):
 
 
 def test_committed_tiny_golden_verifies(tiny):
-    r = golden.verify(tiny)
+    r = reference_data.verify(tiny)
     assert r.points >= 100
     assert r.worst_rel <= golden.SKETCH_RTOL and r.regenerated_vs_tensors <= golden.SKETCH_RTOL
 
@@ -38,7 +38,7 @@ def test_sketch_pins_small_relative_changes(tiny_ref):
 
 
 def _run_verify(root, tiny):
-    return golden.verify(tiny, root)
+    return reference_data.verify(tiny, root)
 
 
 def test_flipped_byte_in_tensor_file_names_file_and_point(tiny_golden, tiny):
@@ -101,7 +101,7 @@ def test_missing_or_corrupt_files(tiny_golden, tiny, damage):
 
 
 def test_drift_of_one_point_exits_1_naming_it(tiny_golden, tiny, monkeypatch):
-    real = golden.regenerate
+    real = reference_data.regenerate
 
     def drifted(case):
         points, cov = real(case)
@@ -109,7 +109,7 @@ def test_drift_of_one_point_exits_1_naming_it(tiny_golden, tiny, monkeypatch):
         points["layers.2.attn.out"] = points["layers.2.attn.out"] * (1 + 1e-9)
         return points, cov
 
-    monkeypatch.setattr(golden, "regenerate", drifted)
+    monkeypatch.setattr(reference_data, "regenerate", drifted)
     with pytest.raises(golden.GoldenDrift) as exc:
         _run_verify(tiny_golden, tiny)
     assert exc.value.point == "layers.2.attn.out" and 1e-10 < exc.value.rel < 1e-8
@@ -126,29 +126,29 @@ def test_cache_roundtrip_for_uncommitted_case(tmp_path, monkeypatch, tiny, tiny_
     monkeypatch.setenv("CORRUPTCHECK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(golden, "COMMITTED_TENSORS", set())
     root = tmp_path / "g"
-    golden.generate(tiny, root)
+    reference_data.generate(tiny, root)
     assert not (root / "tiny" / golden.TENSOR_FILE).exists()
     calls = []
-    real = golden.regenerate
-    monkeypatch.setattr(golden, "regenerate", lambda c: calls.append(1) or real(c))
-    first = golden.reference_for(tiny, root)
+    real = reference_data.regenerate
+    monkeypatch.setattr(reference_data, "regenerate", lambda c: calls.append(1) or real(c))
+    first = reference_data.reference_for(tiny, root)
     assert first.source.startswith("golden (cache)")  # generate() already filled the cache
     assert not calls
     for f in (tmp_path / "cache").rglob("*.safetensors"):
         f.unlink()
-    second = golden.reference_for(tiny, root)
+    second = reference_data.reference_for(tiny, root)
     assert second.source == "golden (regenerated into the cache)" and calls
-    third = golden.reference_for(tiny, root)
+    third = reference_data.reference_for(tiny, root)
     assert third.source == "golden (cache)"
     points, _ = tiny_ref
     assert torch.equal(third.points["logits"], points["logits"])
 
 
 def test_compare_uses_golden_and_falls_back(tmp_path, monkeypatch, tiny):
-    ref = golden.reference_for(tiny)
+    ref = reference_data.reference_for(tiny)
     assert ref.source == "golden (committed)"
     monkeypatch.setenv("CORRUPTCHECK_GOLDEN_DIR", str(tmp_path))
-    assert golden.reference_for(tiny).source == "computed (no golden for this case)"
+    assert reference_data.reference_for(tiny).source == "computed (no golden for this case)"
 
 
 @pytest.mark.slow

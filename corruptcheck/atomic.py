@@ -1,0 +1,34 @@
+"""Atomic file writes: a failed run never leaves a half-written file over a good one (reports,
+goldens, caches, summaries)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_replace(path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which then replaces `path` in one step
+    (with the permissions a plain open() would give); on any failure the temporary is removed
+    and `path` is untouched. Missing parent directories are created."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".corruptcheck-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path, text: str) -> None:
+    """Write `text` to `path` atomically (see atomic_replace)."""
+    atomic_replace(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,41 @@
+"""Typed results (results.py): the report document round-trips through Report, and every
+renderer gives the same bytes from the Report as from its JSON document."""
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from corruptcheck.compare import compare
+from corruptcheck.html_report import render
+from corruptcheck.report import junit_xml, print_table, to_json
+from corruptcheck.results import Culprit, Phase, Point, Report, Summary
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _terminal(doc) -> str:
+    buf = io.StringIO()
+    print_table(doc, Console(file=buf, width=160, force_terminal=True))
+    return buf.getvalue()
+
+
+def test_report_round_trips_and_renders_the_same(tiny):
+    res = compare(tiny, "reference", "float64")
+    rep = Report.from_result(res)
+    doc = to_json(res)
+    assert rep.to_json() == doc
+    again = Report.from_json(json.loads(json.dumps(doc)))
+    assert json.dumps(again.to_json()) == json.dumps(doc)
+    assert all(isinstance(p, Point) for p in again.points) and isinstance(again.summary, Summary)
+    for renderer in (render, junit_xml, _terminal):
+        assert renderer(rep) == renderer(doc)
+
+
+def test_optional_keys_are_written_only_with_a_value():
+    c = Culprit("layers.1.attn.out", 1, 3.0, 0.1, 1.0, "why")
+    assert "phase" not in c.to_json()
+    assert Culprit.from_json({**c.to_json(), "phase": {"phase": "decode", "step": 2, "chunk": None}}).phase["step"] == 2
+    p = Phase("decode", 2, None, 3, "pass", 0.5, "embed", 30, None)
+    assert list(p.to_json()) == ["phase", "step", "chunk", "tokens", "verdict", "worst_ratio", "worst_point", "pairs",
+                                 "first_divergence"]
