@@ -1,12 +1,17 @@
-"""Error metrics between an engine tensor and the reference, computed in float64 one chunk of
-tokens at a time (no float64 copy of a whole large tensor is made).
+"""Error metrics between an engine tensor and the reference.
 
-Sums of squares are kept relative to a running power-of-two scale S (the largest finite
-magnitude seen so far, rounded up to a power of two), as LAPACK's `dnrm2` does: a chunk is
-divided by its own scale s, summed, and the running sums are rescaled by (S/s)^2 when s grows.
-Dividing by a power of two is exact, so for ordinary data the numbers are bit-identical to the
-unscaled sums, and values near the float64 range (1e200, 1e-200) neither overflow to inf nor
-underflow to 0 — an exact copy of a huge tensor still has norm ratio 1.
+Float metrics come from one pass over both tensors (`row_sums.py`, compiled, both cores):
+per row, float64 sums of e², r², (e-r)², e·r and max |e-r| over the elements finite on both
+sides, with NaN/Inf parity counts. Rows are read in place (float32 / float64 memory, a
+memory-mapped file included); other float dtypes are widened to float32 one chunk of rows at a
+time (exact), so no float64 copy of a tensor is ever made.
+
+Each row's sums come in units of a power-of-two scale s_t² (s_t = 1 for ordinary rows; a row
+with values near the float64 range is scaled by its own s_t, as LAPACK's `dnrm2` does); each
+total Σ_t sum_t · s_t² is kept as a mantissa and a binary exponent (`_total`), so no total
+overflows or underflows whatever the rows' magnitudes, and the metrics are ratios of totals.
+Shifts by powers of two are exact: an exact copy of a huge tensor still has norm ratio exactly 1
+(e² and r² are summed in the same order).
 
 NaN/Inf parity compares the class of every element (finite, NaN, +Inf, -Inf): an engine value
 that is non-finite where the reference is finite (`nonfinite_new`), finite where the reference
@@ -17,21 +22,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-CHUNK_ELEMENTS = 1 << 22
+from corruptcheck import row_sums as _kernel
+
+CHUNK_ELEMENTS = 1 << 22  # rows widened to float32 at a time (bf16 / fp16 / fp8 engines)
+_NATIVE = (torch.float32, torch.float64)  # dtypes the kernel reads as they are
 
 
-def _pow2_scale(amax: float) -> float:
-    """Smallest power of two >= amax (1.0 for 0)."""
-    if amax <= 0.0:
-        return 1.0
-    return math.ldexp(1.0, math.frexp(amax)[1])
-
-
-def _class(x: torch.Tensor) -> torch.Tensor:
-    """0 finite, 1 NaN, 2 +Inf, 3 -Inf."""
-    return torch.isnan(x).to(torch.int8) + 2 * torch.isposinf(x).to(torch.int8) + 3 * torch.isneginf(x).to(torch.int8)
+def _rows(x: torch.Tensor, per_tok: int) -> np.ndarray:
+    """x as a [rows, per_tok] float32 / float64 array, in place when it already is one."""
+    x = x.detach()
+    if x.dtype not in _NATIVE:
+        x = x.to(torch.float32)  # bf16, fp16, fp8 widen exactly
+    return x.contiguous().reshape(-1, per_tok).numpy()
 
 
 def float_metrics(engine: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -42,84 +47,67 @@ def float_metrics(engine: torch.Tensor, ref: torch.Tensor) -> dict:
         engine, ref = engine.reshape(1), ref.reshape(1)
     t = ref.shape[0]
     per_tok = math.prod(ref.shape[1:])
-    acc = _Running()
-    step = max(1, CHUNK_ELEMENTS // max(per_tok, 1))
-    for start in range(0, t if per_tok else 0, step):
-        e = engine[start:start + step].to(torch.float64).reshape(-1, per_tok)
-        r = ref[start:start + step].to(torch.float64).reshape(-1, per_tok)
-        ok = acc.parity(e, r, start)
-        acc.add(torch.where(ok, e, 0.0), torch.where(ok, r, 0.0), start)
-    return acc.result(t)
+    n = t if per_tok else 0
+    sums, counts = np.zeros((n, _kernel.N_SUMS)), np.zeros((n, _kernel.N_COUNTS), dtype=np.int64)
+    _kernel.set_threads(torch.get_num_threads())
+    native = engine.dtype in _NATIVE and ref.dtype in _NATIVE  # read in place: one call, no copy
+    step = n if native else max(1, CHUNK_ELEMENTS // max(per_tok, 1))
+    for a in range(0, n, max(step, 1)):
+        b = min(a + step, n)
+        _kernel.row_sums(_rows(engine[a:b], per_tok), _rows(ref[a:b], per_tok), sums[a:b], counts[a:b])
+    return _combine(sums, counts, t)
 
 
-class _Running:
-    """float_metrics' sums over chunks of rows: the four sums in units of a running power-of-two
-    scale S^2 (0 before the first chunk), the worst token, NaN/Inf parity counts."""
+def _total(q: np.ndarray, k: np.ndarray) -> tuple[float, int]:
+    """Σ_t q_t · 2^(2 k_t) as (m, K) with the value m · 2^K: terms are shifted to the largest
+    one's binary exponent K, so no total overflows or underflows whatever the rows' scales (a term
+    below 2^-1074 of the largest is below float64 resolution of the total)."""
+    nz = q != 0
+    if not nz.any():
+        return 0.0, 0
+    big = int((np.frexp(q[nz])[1] + 2 * k[nz]).max())
+    return float(np.ldexp(q, 2 * k - big).sum()), big
 
-    def __init__(self):
-        self.scale = 0.0
-        self.e2 = self.r2 = self.d2 = self.dot = 0.0
-        self.max_abs = 0.0
-        self.worst_tok, self.worst_rel = -1, -1.0
-        self.worst_norm_dev = 0.0  # max over tokens of | ||e_t|| / ||r_t|| - 1 | (bounds it for any subset of tokens)
-        self.new = self.lost = self.kind = self.nonfinite_ref = self.compared = 0
-        self.first_nonfinite = None
 
-    def parity(self, e: torch.Tensor, r: torch.Tensor, start: int) -> torch.Tensor:
-        """Count the chunk's non-finite mismatches; the mask of values finite on both sides."""
-        fe, fr = torch.isfinite(e), torch.isfinite(r)
-        ok = fe & fr
-        n_new, n_lost = int((~fe & fr).sum()), int((fe & ~fr).sum())
-        n_kind = int(((~fe & ~fr) & (_class(e) != _class(r))).sum())
-        if (n_new or n_lost or n_kind) and self.first_nonfinite is None:
-            bad_rows = ((fe != fr) | ((~fe & ~fr) & (_class(e) != _class(r)))).any(1)
-            self.first_nonfinite = start + int(bad_rows.nonzero()[0, 0])
-        self.new, self.lost, self.kind = self.new + n_new, self.lost + n_lost, self.kind + n_kind
-        self.nonfinite_ref += int((~fr).sum())
-        self.compared += int(ok.sum())
-        return ok
+def _sqrt_ratio(a: tuple, b: tuple) -> float:
+    """sqrt(a / b) for totals (m, K) (b > 0)."""
+    (ma, ka), (mb, kb) = a, b
+    shift = ka - kb
+    return math.ldexp(math.sqrt(ma / mb * (2.0 if shift % 2 else 1.0)), (shift - shift % 2) // 2)
 
-    def add(self, e: torch.Tensor, r: torch.Tensor, start: int) -> None:
-        """Add a chunk of finite rows (non-finite entries zeroed)."""
-        s = _pow2_scale(max(float(e.abs().max()), float(r.abs().max())))
-        e, r = e / s, r / s
-        d = e - r
-        # the same reduction for e and r, so an exact copy has norm ratio exactly 1
-        dn, rn, en = d.square().sum(1), r.square().sum(1), e.square().sum(1)
-        sums = (float(en.sum()), float(rn.sum()), float(dn.sum()), float((e * r).sum()))
-        if s > self.scale:  # bring the running sums to the new scale
-            f = (self.scale / s) ** 2  # 0 before the first chunk
-            self.e2, self.r2, self.d2, self.dot = self.e2 * f, self.r2 * f, self.d2 * f, self.dot * f
-            self.scale = s
-        f = (s / self.scale) ** 2
-        self.e2, self.r2 = self.e2 + sums[0] * f, self.r2 + sums[1] * f
-        self.d2, self.dot = self.d2 + sums[2] * f, self.dot + sums[3] * f
-        self.max_abs = max(self.max_abs, float(d.abs().max()) * s)  # inf when the true value exceeds float64
-        rel_tok = torch.where(rn > 0, (dn / rn).sqrt(), torch.where(dn > 0, math.inf, 0.0))
-        dev_tok = torch.where(rn > 0, ((en / rn).sqrt() - 1).abs(), torch.where(en > 0, math.inf, 0.0))
-        self.worst_norm_dev = max(self.worst_norm_dev, float(dev_tok.max()))
-        i = int(rel_tok.argmax())
-        if float(rel_tok[i]) > self.worst_rel:
-            self.worst_rel, self.worst_tok = float(rel_tok[i]), start + i
 
-    def result(self, rows: int) -> dict:
-        e2, r2, d2, dot = self.e2, self.r2, self.d2, self.dot
-        return {
-            "rel_l2": math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf),
-            "max_abs": self.max_abs,
-            "norm_ratio": math.sqrt(e2 / r2) if r2 > 0 else (1.0 if e2 == 0 else math.inf),
-            "cosine": max(-1.0, min(1.0, dot / math.sqrt(e2) / math.sqrt(r2))) if e2 > 0 and r2 > 0 else (1.0 if e2 == r2 else 0.0),
-            "worst_token": self.worst_tok,
-            "worst_token_rel": self.worst_rel,
-            "worst_token_norm_dev": self.worst_norm_dev,
-            "compared_values": self.compared,
-            "rows": rows,
-            "nonfinite_new": self.new,
-            "nonfinite_lost": self.lost,
-            "nonfinite_kind": self.kind,
-            "nonfinite_ref": self.nonfinite_ref,
-            "first_nonfinite_token": self.first_nonfinite,
-        }
+def _combine(sums: np.ndarray, counts: np.ndarray, rows: int) -> dict:
+    """The metrics from per-row sums [n, 6] and counts [n, 5] (row_sums.py)."""
+    k = np.frexp(sums[:, 5])[1].astype(np.int64) - 1  # row scale s_t = 2^k_t
+    e2, r2, d2, dot = (_total(sums[:, i], k) for i in range(4))
+    en, rn, dn = sums[:, 0], sums[:, 1], sums[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_tok = np.where(rn > 0, np.sqrt(dn / rn), np.where(dn > 0, math.inf, 0.0))
+        dev_tok = np.where(rn > 0, np.abs(np.sqrt(en / rn) - 1), np.where(en > 0, math.inf, 0.0))
+    worst = int(rel_tok.argmax()) if len(rel_tok) else -1
+    bad = np.flatnonzero(counts[:, :3].sum(1))
+    new, lost, kind, nref, compared = (int(c) for c in counts.sum(0)) if len(counts) else (0,) * 5
+    if e2[0] > 0 and r2[0] > 0:  # dot / (|e| |r|) = sign(dot) · sqrt(dot² / (e² r²))
+        cos = math.copysign(_sqrt_ratio((dot[0] ** 2, 2 * dot[1]), (e2[0] * r2[0], e2[1] + r2[1])), dot[0])
+        cosine = max(-1.0, min(1.0, cos))
+    else:
+        cosine = 1.0 if e2[0] == r2[0] else 0.0
+    return {
+        "rel_l2": _sqrt_ratio(d2, r2) if r2[0] > 0 else (0.0 if d2[0] == 0 else math.inf),
+        "max_abs": float(sums[:, 4].max()) if len(sums) else 0.0,
+        "norm_ratio": _sqrt_ratio(e2, r2) if r2[0] > 0 else (1.0 if e2[0] == 0 else math.inf),
+        "cosine": cosine,
+        "worst_token": worst,
+        "worst_token_rel": float(rel_tok[worst]) if len(rel_tok) else -1.0,
+        "worst_token_norm_dev": float(dev_tok.max()) if len(dev_tok) else 0.0,
+        "compared_values": compared,
+        "rows": rows,
+        "nonfinite_new": new,
+        "nonfinite_lost": lost,
+        "nonfinite_kind": kind,
+        "nonfinite_ref": nref,
+        "first_nonfinite_token": int(bad[0]) if len(bad) else None,
+    }
 
 
 def _unique_members(ids: torch.Tensor, other_sorted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -331,3 +331,81 @@ def test_compare_points_gives_every_point_a_verdict(data):
             assert p.verdict == "fail"
     if t == 0 or not engine:
         assert comp.verdict != "pass"
+
+
+@st.composite
+def adversarial_rows(draw):
+    """Rows wider than the kernel's block (row_sums.BLOCK), built to hurt a summation: values
+    spread over 2^-600..2^600 inside one row, an engine that cancels the reference, sprinkled
+    NaN / Inf, zero and subnormal rows."""
+    rows, width = draw(st.integers(1, 4)), draw(st.sampled_from([1, 511, 513, 1300]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    lo, hi = sorted((draw(st.integers(-600, 600)), draw(st.integers(-600, 600))))
+    exps = torch.randint(lo, hi + 1, (rows, width), generator=g).double()
+    r = torch.randn(rows, width, generator=g, dtype=torch.float64) * torch.pow(2.0, exps)
+    kind = draw(st.sampled_from(["near", "cancel", "independent", "scaled"]))
+    if kind == "near":
+        e = r * (1 + 1e-6 * torch.randn(rows, width, generator=g, dtype=torch.float64))
+    elif kind == "cancel":  # e ≈ -r: e·r cancels nothing but d = 2r; e + r cancels to the noise
+        e = -r * (1 + 1e-12 * torch.randn(rows, width, generator=g, dtype=torch.float64))
+    elif kind == "scaled":
+        e = r * draw(st.sampled_from([2.0 ** -300, 1.0 + 2.0 ** -40, 2.0 ** 300]))
+    else:
+        e = torch.randn(rows, width, generator=g, dtype=torch.float64) * torch.pow(2.0, exps)
+    special = draw(st.sampled_from(["none", "zero-row", "subnormal-row", "nonfinite"]))
+    if special == "zero-row":
+        r[0], e[0] = 0.0, 0.0 if draw(st.booleans()) else e[0]
+    elif special == "subnormal-row":
+        r[0], e[0] = r[0].sign() * 2.0 ** -1070, e[0].sign() * 2.0 ** -1072
+    elif special == "nonfinite":
+        m = torch.rand(rows, width, generator=g)
+        e = torch.where(m < 0.01, math.nan, torch.where(m < 0.02, math.inf, e))
+        r = torch.where((m > 0.5) & (m < 0.51), -math.inf, r)
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    return e.to(dtype) if dtype == torch.float64 or (lo > -120 and hi < 120) else e, r
+
+
+def exact_cosine(e: torch.Tensor, r: torch.Tensor) -> float | None:
+    dot = e2 = r2 = Fraction(0)
+    for a, b in zip(e.double().flatten().tolist(), r.double().flatten().tolist()):
+        if math.isfinite(a) and math.isfinite(b):
+            dot, e2, r2 = dot + Fraction(a) * Fraction(b), e2 + Fraction(a) ** 2, r2 + Fraction(b) ** 2
+    if not e2 or not r2:
+        return None
+    return float(dot / e2) * math.sqrt(float(e2 / r2))  # dot / (|e| |r|) = (dot / e2) * |e| / |r|
+
+
+@fuzz_settings(40)
+@given(adversarial_rows())
+def test_float_metrics_accuracy_on_adversarial_rows(er):
+    """The one-pass kernel (row_sums.py) against exact rational arithmetic: rel_l2 and the norm
+    ratio within 1e-13 relative, the cosine within 1e-13, on rows built to break summation."""
+    e, r = er
+    m = float_metrics(e, r)
+    x = exact(e, r)
+    if x["r2"] > 0:
+        assert m["rel_l2"] == pytest.approx(_sqrt_ratio(x["d2"], x["r2"]), rel=1e-13, abs=1e-300)
+        assert m["norm_ratio"] == pytest.approx(_sqrt_ratio(x["e2"], x["r2"]), rel=1e-13, abs=1e-300)
+    cos = exact_cosine(e, r)
+    if cos is not None:
+        assert abs(m["cosine"] - max(-1.0, min(1.0, cos))) <= 1e-13
+    fe, fr = torch.isfinite(e.double()), torch.isfinite(r.double())
+    assert m["compared_values"] == int((fe & fr).sum())
+
+
+def test_float_metrics_do_not_depend_on_the_thread_count():
+    """Rows are summed independently, so one thread and two give bit-identical numbers."""
+    from corruptcheck import row_sums
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(257, 1300, generator=g, dtype=torch.float64)
+    e = (r * (1 + 1e-4 * torch.randn(257, 1300, generator=g, dtype=torch.float64))).float()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = float_metrics(e, r)
+        torch.set_num_threads(2)
+        two = float_metrics(e, r)
+    finally:
+        torch.set_num_threads(threads)
+        row_sums.set_threads(threads)
+    assert one == two
