@@ -35,14 +35,19 @@ def expert_weights(p: dict, prefix: str, dtype) -> tuple:
 
 
 def _per_tile(tok: torch.Tensor, fn) -> tuple:
-    """fn(rows) on fixed-size tiles of the token indices `tok` (the last tile padded with
-    token 0, whose results are dropped); fn returns a tuple of per-row tensors, concatenated.
-    Every GEMM then has ROW_TILE rows whatever the number of tokens: a row's result does not
-    depend on how many other rows an expert received."""
+    """fn(rows) on the token indices `tok` padded to a multiple of ROW_TILE rows (with token 0,
+    whose results are dropped), in one call; fn returns a tuple of per-row tensors.
+
+    Batch invariance: a row's result must not depend on how many other rows an expert received.
+    Every GEMM here has a multiple of ROW_TILE rows, and for such shapes the CPU GEMM computes
+    each row with the same kernel and the same reduction order over K whatever the row count
+    (tests/test_invariants.py checks it bit for bit on the shapes the cases use, in float32 and
+    float64, one and two threads), so one GEMM over all of an expert's rows gives exactly the
+    rows that ROW_TILE-row tiles would: the routed work is read once per expert, not once per
+    tile. Shapes below ROW_TILE rows (GEMV paths) and odd row counts are what the padding avoids."""
     n = tok.numel()
     padded = torch.cat([tok, tok.new_zeros(-n % ROW_TILE)])
-    parts = [fn(rows) for rows in padded.split(ROW_TILE)]
-    return tuple(torch.cat(col)[:n] for col in zip(*parts))
+    return tuple(col[:n] for col in fn(padded))
 
 
 def swiglu_hidden(y, w1, w3, limit: float, acc, split_k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

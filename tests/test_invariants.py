@@ -403,6 +403,34 @@ def test_moe_row_independent_of_other_tokens_routing():
             assert torch.equal(out[keep], base[keep]), f"token {j}'s routing moved other rows"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_gemm_rows_do_not_depend_on_a_multiple_of_row_tile(dtype):
+    """The premise of reference/moe.py `_per_tile`: on the expert shapes of every case (hidden x
+    moe_inter_dim both ways), a GEMM over any multiple of ROW_TILE rows computes each row
+    bit-identically to ROW_TILE-row tiles, with one thread or two, at any row offset. (Odd row
+    counts and fewer than ROW_TILE rows do not: the padding exists for them.)"""
+    from corruptcheck.cases import CASES
+    from corruptcheck.reference.moe import ROW_TILE
+
+    shapes = sorted({(c.config.hidden_size, c.config.moe_inter_dim) for c in CASES.values()})
+    g = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for d, i in shapes:
+                for k, n in ((d, i), (i, d)):
+                    w = torch.randn(n, k, generator=g, dtype=dtype)
+                    x = torch.randn(1125, k, generator=g, dtype=dtype)
+                    for m in (3 * ROW_TILE, 70 * ROW_TILE):  # a decode step's few rows, a prefill's many
+                        for off in (0, 5):
+                            one = torch.nn.functional.linear(x[off:off + m], w)
+                            shifted = torch.cat([torch.nn.functional.linear(t, w) for t in x[off:off + m].split(ROW_TILE)])
+                            assert torch.equal(one, shifted), (n_threads, k, n, m, off)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ============================================================================ 4. visibility
 @HYP
 @given(st.integers(1, 80), st.sampled_from([1, 2, 3, 4, 5, 8, 16, 128]), st.integers(1, 40))
