@@ -46,7 +46,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not engine"
 
 bench: install
-	$(BIN)/python bench/run.py
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-report.json demo-report.html

@@ -1,46 +1,45 @@
-"""`make bench`: wall time of the reference and of transformers on the same case, in one run,
-and their ratio. Numbers only; no assertion (speed goals live here, not in tests)."""
+"""`make bench`: speed and memory of corruptcheck beside its peers, measured in one run on this
+machine. Numbers only, no assertions (goals live here, not in tests):
+
+- differ: GB/s against memcpy, a naive float64 norm, torch.testing.assert_close and Polygraphy's
+  CompareFunc.simple (optional: `pip install polygraphy`) on the same tensors;
+- reference: fp32 wall time against transformers on every case;
+- compare: one compare's wall time split into engine / reference / noise / diff / localization
+  (with a real engine's start and run time where one is installed), the peak RSS of a dump
+  compare against its largest tensor, one teacher-forced layer at V4-Pro width.
+"""
 from __future__ import annotations
 
 import argparse
-import time
+import importlib.util
+import platform
 
 import torch
 
-from corruptcheck.cases import get_case
-from corruptcheck.reference import run
+from bench import compare_bench, differ_bench, reference_bench
+
+SECTIONS = ("differ", "reference", "compare")
 
 
-def _time(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default="tiny,flash-slice")
-    ap.add_argument("--repeat", type=int, default=2)
-    args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'case':12s} {'ref fp64 s':>11s} {'ref fp32 s':>11s} {'hf fp32 s':>10s} {'ref64/hf32':>11s}")
-    for name in args.cases.split(","):
-        case = get_case(name)
-        case.params()
-        t64 = _time(lambda: run(case.config, case.params(), case.sequences(), "float64"), args.repeat)
-        t32 = _time(lambda: run(case.config, case.params(), case.sequences(), "float32"), args.repeat)
-        try:
-            from corruptcheck.engines.hf import build_model, run_hf
-
-            model = build_model(case, "float32")
-            thf = _time(lambda: run_hf(case, "float32", model=model), args.repeat)
-        except Exception as exc:  # transformers missing: report, don't fail
-            print(f"  hf unavailable: {exc}")
-            thf = float("nan")
-        print(f"{name:12s} {t64:11.3f} {t32:11.3f} {thf:10.3f} {t64 / thf:11.2f}")
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
+    ap.add_argument("--cases", default=",".join(reference_bench.ALL_CASES), help="cases for the reference section")
+    ap.add_argument("--megabytes", type=int, default=256, help="size of the differ's engine tensor")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--engines", default="auto", help="real engines for the compare split (auto: vllm if installed)")
+    args = ap.parse_args(argv)
+    sections = args.sections.split(",")
+    print(f"corruptcheck bench · torch {torch.__version__} · {torch.get_num_threads()} threads · "
+          f"{platform.processor() or platform.machine()}")
+    if "differ" in sections:
+        differ_bench.report(args.megabytes, args.repeat)
+    if "reference" in sections:
+        reference_bench.report(args.cases.split(","), max(1, args.repeat - 1))
+    if "compare" in sections:
+        engines = args.engines.split(",") if args.engines not in ("auto", "") else (
+            ["vllm"] if args.engines == "auto" and importlib.util.find_spec("vllm") else [])
+        compare_bench.report(engines)
 
 
 if __name__ == "__main__":

@@ -77,17 +77,19 @@ def _compare_prefill(case: Case, engine_name: str, engine, precision, use_golden
     t3 = time.perf_counter()
     comp = compare_points(capture_points(case.config), ref.points, cap.points, tol_prec, ref.coverage, noise,
                           cap.meta.get("capture", {}).get("skipped"))
+    t4 = time.perf_counter()
     culprit, tf = None, "not run"
     if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == "fail"):
         culprit = attach(comp, teacher_force(case, cap.points, tol_prec, noise))
         tf = "run"
-    t4 = time.perf_counter()
+    t5 = time.perf_counter()
     return CompareResult(
         case=case, engine=engine_name, precision=tol_prec, comparison=comp, coverage=ref.coverage,
         reference={"version": REFERENCE_VERSION, "precision": "float64", "source": ref.source,
                    "golden_digest": ref.digest},
         engine_meta=cap.meta,
-        timings={"engine_s": t1 - t0, "reference_s": t2 - t1, "noise_s": t3 - t2, "diff_s": t4 - t3},
+        timings={"engine_s": t1 - t0, "reference_s": t2 - t1, "noise_s": t3 - t2, "diff_s": t4 - t3,
+                 "localize_s": t5 - t4},
         tolerance_precision=tol_prec, noise_source=noise_source, culprit=culprit, teacher_forcing=tf,
     )
 

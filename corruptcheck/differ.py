@@ -116,6 +116,7 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
                                               f"{r.shape[0]}", ratio=math.inf))
             continue
         _check_shape(spec.name, e, r)
+        del e, r  # with lazily read points (dump.py, golden cache) one point is held at a time
         res = judge_point(spec, engine, ref, precision, free, "free")
         if spec.kind != "index":
             res = _weights_without_rows(res, results)

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from corruptcheck.batch_layout import fits_batch, unpad
 from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
 from corruptcheck.jsonio import loads_finite
+from corruptcheck.lazy_points import LazyPoints, file_tensors, read_tensor
 from corruptcheck.reference import Precision
 from corruptcheck.shards import CONCAT, SUM, MergeRule, ShardError, merge_shards
 
@@ -134,8 +135,12 @@ def _unbatch(key: str, t: torch.Tensor, seq_lens) -> torch.Tensor:
     return unpad(t, seq_lens)
 
 
-def load_dump(path: str | Path, case: Case) -> tuple[dict, dict]:
-    """(points, manifest) of a dump, merged across ranks and flattened to [T, ...]."""
+def load_dump(path: str | Path, case: Case) -> tuple[LazyPoints, dict]:
+    """(points, manifest) of a dump, merged across ranks and flattened to [T, ...].
+
+    Everything is validated here from the files' headers (merge rules, shapes, batch layout,
+    dtypes; no tensor data is read); each point's data is read when it is used (LazyPoints), so
+    a compare holds about one point of the dump in memory, not the dump."""
     root = Path(path)
     manifest = read_manifest(root)
     _check_case(manifest, case, root)
@@ -145,32 +150,36 @@ def load_dump(path: str | Path, case: Case) -> tuple[dict, dict]:
     layout = manifest.get("layout") or {}
     if not isinstance(layout, dict):
         raise BadInput(f"{root / MANIFEST}: 'layout' must be a table")
-    per_key: dict[str, list] = {}
+    sources: dict[str, list] = {}  # key -> [(file, shape-only tensor)] in rank order
     for name in files:
         full = _safe_file(root, name)
-        try:
-            tensors = load_file(str(full))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise BadInput(f"dump file {full} is corrupt or truncated ({exc})") from None
-        for key, t in tensors.items():
-            per_key.setdefault(key, []).append(t)
-    if not per_key:
+        for key, t in file_tensors(full).items():
+            sources.setdefault(key, []).append((full, torch.empty(t.shape, dtype=t.dtype, device="meta")))
+    if not sources:
         raise BadInput(f"dump {root} contains no tensors")
-    points = {}
-    for key, parts in per_key.items():
+    loaders = {}
+    for key, parts in sources.items():
         spec = layout.get(key, {})
         if not isinstance(spec, dict):
             raise BadInput(f"{root / MANIFEST}: layout of {key} must be a table")
-        points[key] = _merge(key, parts, spec)
-        tokens = spec.get("tokens", "flat")
-        if tokens == "batch":
-            points[key] = _unbatch(key, points[key], case.seq_lens)
-        elif tokens != "flat":
-            raise BadInput(f"{root / MANIFEST}: layout of {key}: tokens must be 'flat' or 'batch', not {tokens!r}")
-    for key, t in points.items():
-        if t.dtype == torch.bool or t.is_complex():
-            raise BadInput(f"point {key}: unsupported dtype {t.dtype}")
-    return points, manifest
+        if spec.get("tokens", "flat") not in ("flat", "batch"):
+            raise BadInput(f"{root / MANIFEST}: layout of {key}: tokens must be 'flat' or 'batch', "
+                           f"not {spec.get('tokens')!r}")
+        shape_only = _assemble(key, [m for _, m in parts], spec, case.seq_lens)
+        if shape_only.dtype == torch.bool or shape_only.is_complex():
+            raise BadInput(f"point {key}: unsupported dtype {shape_only.dtype}")
+        loaders[key] = partial(_read_point, key, [f for f, _ in parts], spec, tuple(case.seq_lens))
+    return LazyPoints(loaders), manifest
+
+
+def _assemble(key: str, parts: list, spec: dict, seq_lens) -> torch.Tensor:
+    """The rank pieces of a point merged and, for a batch layout, flattened to [T, ...]."""
+    t = _merge(key, parts, spec)
+    return _unbatch(key, t, seq_lens) if spec.get("tokens", "flat") == "batch" else t
+
+
+def _read_point(key: str, files: list, spec: dict, seq_lens) -> torch.Tensor:
+    return _assemble(key, [read_tensor(f, key) for f in files], spec, seq_lens)
 
 
 def _merge(key: str, parts: list, spec: dict) -> torch.Tensor:

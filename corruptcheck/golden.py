@@ -29,6 +29,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from corruptcheck.atomic import atomic_replace, atomic_write
 from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
 from corruptcheck.jsonio import loads_finite
+from corruptcheck.lazy_points import LazyPoints, file_tensors, read_tensor
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION
 
@@ -450,8 +452,11 @@ def read_cache(g: Golden) -> dict | None:
     if not path.exists() or not keys_path.exists():
         return None
     try:
-        stored = load_file(str(path))
+        stored = file_tensors(path)  # headers only: each point's data is read when it is used
         keys = json.loads(keys_path.read_text())
-        return {name: stored[keys[name]] for name in g.points}
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError):
+        sources = {name: keys[name] for name in g.points}
+        if any(k not in stored for k in sources.values()):
+            return None
+    except (BadInput, OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         return None  # a damaged cache is simply rebuilt
+    return LazyPoints({name: partial(read_tensor, path, key) for name, key in sources.items()})
