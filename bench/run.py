@@ -27,7 +27,7 @@ def main(argv=None):
     ap.add_argument("--cases", default=",".join(reference_bench.ALL_CASES), help="cases for the reference section")
     ap.add_argument("--megabytes", type=int, default=256, help="size of the differ's engine tensor")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--engines", default="auto", help="real engines for the compare split (auto: vllm if installed)")
+    ap.add_argument("--engines", default="auto", help="real engines for the compare split (auto: vllm if installed; none)")
     args = ap.parse_args(argv)
     sections = args.sections.split(",")
     print(f"corruptcheck bench · torch {torch.__version__} · {torch.get_num_threads()} threads · "
@@ -37,8 +37,10 @@ def main(argv=None):
     if "reference" in sections:
         reference_bench.report(args.cases.split(","), max(1, args.repeat - 1))
     if "compare" in sections:
-        engines = args.engines.split(",") if args.engines not in ("auto", "") else (
-            ["vllm"] if args.engines == "auto" and importlib.util.find_spec("vllm") else [])
+        if args.engines == "auto":
+            engines = ["vllm"] if importlib.util.find_spec("vllm") else []
+        else:
+            engines = [e for e in args.engines.split(",") if e and e != "none"]
         compare_bench.report(engines)
 
 

@@ -57,7 +57,7 @@ def write_dump(points: dict, case: Case, out_dir: str | Path, *, engine: dict, p
     names = ["points.safetensors"] if shards is None else [f"rank{r}.safetensors" for r in range(len(parts))]
     for name, part in zip(names, parts):
         tmp = out / f".{name}.tmp"
-        save_file({k: v.contiguous() for k, v in part.items()}, str(tmp))
+        save_file(_unshared(part), str(tmp))
         os.replace(tmp, out / name)
     manifest = {
         "format": DUMP_FORMAT, "version": DUMP_VERSION, "case": case.name, "config": case.config.to_dict(),
@@ -67,6 +67,18 @@ def write_dump(points: dict, case: Case, out_dir: str | Path, *, engine: dict, p
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False))
     os.replace(tmp, out / MANIFEST)
+    return out
+
+
+def _unshared(points) -> dict:
+    """Contiguous tensors, each with its own memory: an engine may hand the same tensor under two
+    names (layers.{i-1}.out is layers.i.attn_hc.in), which safetensors refuses to store twice."""
+    out, seen = {}, set()
+    for k, v in points.items():
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
     return out
 
 

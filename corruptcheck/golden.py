@@ -46,6 +46,7 @@ from corruptcheck.reference import REFERENCE_VERSION
 
 GOLDEN_FORMAT = 1
 SKETCH_PROJECTIONS = 8
+SKETCH_BLOCK = 1 << 20  # elements of a point sketched at a time
 # regenerations must agree with the committed sketch to this relative error
 SKETCH_RTOL = 1e-12
 # cases whose full float64 tensors are committed (the rest regenerate into the cache)
@@ -130,9 +131,15 @@ def sketch(name: str, t: torch.Tensor) -> torch.Tensor:
     """[R, 1 + K] float64 sketch of a float point; discrete points are kept exactly."""
     if not t.is_floating_point():
         return t.to(torch.int64).clone()
-    x = t.to(torch.float64).reshape(t.shape[0], -1) if t.dim() else t.to(torch.float64).reshape(1, 1)
-    x = torch.where(torch.isfinite(x), x, 0.0)
-    return torch.cat([x.norm(dim=1, keepdim=True), x @ _projection(name, x.shape[1])], 1)
+    x = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+    proj = _projection(name, x.shape[1])
+    rows = max(1, SKETCH_BLOCK // max(x.shape[1], 1))  # a block of rows at a time: no float64 copy of t
+    parts = []
+    for block in x.split(rows):
+        b = block.to(torch.float64)
+        b = torch.where(torch.isfinite(b), b, 0.0)
+        parts.append(torch.cat([b.norm(dim=1, keepdim=True), b @ proj], 1))
+    return torch.cat(parts) if parts else torch.zeros(0, 1 + SKETCH_PROJECTIONS, dtype=torch.float64)
 
 
 def sketch_error(new: torch.Tensor, old: torch.Tensor) -> float:

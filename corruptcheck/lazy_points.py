@@ -2,11 +2,11 @@
 
 A dump of a wide model, or the float64 reference of a wide case, is many times larger than any
 one of its tensors. `LazyPoints` maps point names to loaders: each access memory-maps the file
-(safetensors reads no data up front), builds the tensor and forgets it again, except the one
-point accessed last (a point is usually read a few times in a row: its value, its rows, its
-tie scores). Once the caller drops a tensor its pages leave the process, so the differ's memory
-follows the largest point rather than the whole dump. It is a mutable mapping: a stored tensor
-replaces a loader.
+(safetensors reads no data up front) and builds the tensor; nothing is kept. Once the caller
+drops a tensor its pages leave the process, so the differ's memory follows the largest point
+(its engine and reference tensors) rather than the whole dump. A point read twice is mapped
+twice (from the page cache): callers hold a point once. It is a mutable mapping: a stored
+tensor replaces a loader.
 """
 from __future__ import annotations
 
@@ -40,28 +40,16 @@ def file_tensors(path: Path) -> dict[str, torch.Tensor]:
 class LazyPoints(MutableMapping):
     def __init__(self, loaders: dict[str, Callable[[], torch.Tensor]]):
         self._items: dict = dict(loaders)
-        self._last: tuple[str, torch.Tensor] | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         item = self._items[name]
-        if isinstance(item, torch.Tensor):
-            return item
-        if self._last is not None and self._last[0] == name:
-            return self._last[1]
-        self._last = None  # let the previous point go before the next one is read
-        t = item()
-        self._last = (name, t)
-        return t
+        return item if isinstance(item, torch.Tensor) else item()
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         self._items[name] = value
-        if self._last is not None and self._last[0] == name:
-            self._last = None
 
     def __delitem__(self, name: str) -> None:
         del self._items[name]
-        if self._last is not None and self._last[0] == name:
-            self._last = None
 
     def __iter__(self):
         return iter(self._items)
@@ -71,7 +59,3 @@ class LazyPoints(MutableMapping):
 
     def __contains__(self, name) -> bool:
         return name in self._items
-
-    def forget(self) -> None:
-        """Drop the point accessed last (the caller is done with it)."""
-        self._last = None

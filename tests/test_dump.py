@@ -208,3 +208,12 @@ def test_hf_batch_of_two_equals_one_at_a_time(tiny):
     """Benign: the case's two sequences as one right-padded batch pass like one at a time."""
     res = compare(tiny, "hf", "float32", batch=True)
     assert res.verdict == "pass" and res.engine_meta["batch"] == "right-padded"
+
+
+def test_reference_dump_with_shared_tensors_round_trips(tmp_path, tiny):
+    """The reference hands layers.{i-1}.out and layers.i.attn_hc.in as one tensor; the dump
+    stores both (safetensors refuses shared memory) and a compare of it passes."""
+    r = _cc("dump", "--engine", "reference", "--case", "tiny", "--dtype", "float32", "--out", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    r = _cc("compare", "--engine", "dump", "--path", str(tmp_path / "d"), "--quiet")
+    assert r.returncode == 0 and r.stdout.startswith("pass: 113 compared"), r.stdout + r.stderr
