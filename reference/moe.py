@@ -34,9 +34,8 @@ def expert_weights(p: dict, prefix: str, dtype) -> tuple:
     return tuple(p[f"{prefix}.{w}.weight"].to(dtype) for w in ("w1", "w3", "w2"))
 
 
-def _per_tile(tok: torch.Tensor, fn) -> tuple:
-    """fn(rows) on the token indices `tok` padded to a multiple of ROW_TILE rows (with token 0,
-    whose results are dropped), in one call; fn returns a tuple of per-row tensors.
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """x with zero rows appended up to a multiple of ROW_TILE rows.
 
     Batch invariance: a row's result must not depend on how many other rows an expert received.
     Every GEMM here has a multiple of ROW_TILE rows, and for such shapes the CPU GEMM computes
@@ -44,10 +43,9 @@ def _per_tile(tok: torch.Tensor, fn) -> tuple:
     (tests/test_invariants.py checks it bit for bit on the shapes the cases use, in float32 and
     float64, one and two threads), so one GEMM over all of an expert's rows gives exactly the
     rows that ROW_TILE-row tiles would: the routed work is read once per expert, not once per
-    tile. Shapes below ROW_TILE rows (GEMV paths) and odd row counts are what the padding avoids."""
-    n = tok.numel()
-    padded = torch.cat([tok, tok.new_zeros(-n % ROW_TILE)])
-    return tuple(col[:n] for col in fn(padded))
+    tile. Fewer than ROW_TILE rows (GEMV paths) and odd row counts are what the padding avoids;
+    padded rows (token 0, weight 0) are dropped."""
+    return torch.cat([x, x.new_zeros((-x.shape[0] % ROW_TILE,) + tuple(x.shape[1:]))])
 
 
 def swiglu_hidden(y, w1, w3, limit: float, acc, split_k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +67,20 @@ def expert_down(h, w2, weight, prec: Precision) -> torch.Tensor:
 
 
 def _expert_rows(idx: torch.Tensor, w: torch.Tensor | None = None):
-    """(expert e, its tokens [R], its routing weight per token [T, 1] or None) per used expert,
-    in expert-id order."""
-    for e in torch.unique(idx).tolist():
-        chosen = idx == e
-        tok = torch.where(chosen.any(-1))[0]
-        yield e, tok, None if w is None else (w * chosen).sum(-1, keepdim=True)
+    """(expert e, its tokens [R] ascending, their routing weights [R, 1] or None) per used
+    expert, in expert-id order. A token naming an expert twice is one row with the weights
+    summed (in routing-slot order)."""
+    t = idx.shape[0]
+    key = (idx.long() * t + torch.arange(t).unsqueeze(1)).reshape(-1)  # expert-major, then token
+    pairs, inverse = torch.unique(key, return_inverse=True)
+    weights = None
+    if w is not None:
+        weights = torch.zeros(pairs.shape[0], dtype=w.dtype).index_add_(0, inverse, w.reshape(-1)).unsqueeze(1)
+    experts, counts = torch.unique_consecutive(pairs // t, return_counts=True)
+    start = 0
+    for e, n in zip(experts.tolist(), counts.tolist()):
+        yield e, pairs[start:start + n] % t, None if weights is None else weights[start:start + n]
+        start += n
 
 
 def shared_expert(y, p: dict, cfg: ModelConfig, prec: Precision) -> torch.Tensor:
@@ -88,7 +94,7 @@ def shared_expert(y, p: dict, cfg: ModelConfig, prec: Precision) -> torch.Tensor
 def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec):
     """y: [T, D] FFN input after ffn_norm; ids: [T] token ids. Returns [T, D].
 
-    Each used expert runs only on its own tokens, in fixed-shape row tiles (`_per_tile`), and
+    Each used expert runs only on its own tokens, padded to whole row tiles (`_padded`), and
     a token adds its experts in expert-id order: a token's result is independent of which
     other tokens chose which experts (batch-invariant), so causality checks can demand bit
     equality, and the cost follows the routed work."""
@@ -100,12 +106,8 @@ def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec):
     out = torch.zeros(y.shape[0], y.shape[1], dtype=pol.moe_sum)
     for e, tok, weight in _expert_rows(idx, w):
         w1, w3, w2 = expert_weights(p, f"experts.{e}", prec.act)
-
-        def expert(rows, w1=w1, w3=w3, w2=w2, weight=weight):
-            h, _ = swiglu_hidden(y[rows], w1, w3, cfg.swiglu_limit, pol.swiglu, pol.split_k)
-            return (expert_down(h, w2, weight[rows], prec),)
-
-        out[tok] += _per_tile(tok, expert)[0]
+        h, _ = swiglu_hidden(y[_padded(tok)], w1, w3, cfg.swiglu_limit, pol.swiglu, pol.split_k)
+        out[tok] += expert_down(h, w2, _padded(weight), prec)[: tok.numel()]
     out += shared_expert(y, p, cfg, prec)
     return out.to(prec.act)
 
@@ -117,11 +119,7 @@ def clamp_hits(y, experts, p: dict, cfg: ModelConfig, prec: Precision) -> int:
     hits = 0
     for e, tok, _ in _expert_rows(experts):
         w1, w3, _ = expert_weights(p, f"experts.{e}", prec.act)
-
-        def count(rows, w1=w1, w3=w3):
-            return (swiglu_hidden(y[rows], w1, w3, cfg.swiglu_limit, pol.swiglu, pol.split_k)[1],)
-
-        hits += int(_per_tile(tok, count)[0].sum())
+        hits += int(swiglu_hidden(y[_padded(tok)], w1, w3, cfg.swiglu_limit, pol.swiglu, pol.split_k)[1][: tok.numel()].sum())
     _, h = swiglu_hidden(y, p["shared_experts.w1.weight"], p["shared_experts.w3.weight"], cfg.swiglu_limit,
                          pol.swiglu, pol.split_k)
     return hits + int(h.sum())
