@@ -10,7 +10,8 @@ from corruptcheck.cases import CASES, get_case
 from corruptcheck.reference import run
 
 
-def report(cases: list[str], repeat: int = 2) -> None:
+def report(cases: list[str], repeat: int = 2, fp64: bool = False) -> None:
+    """fp64: also time the float64 forward (a float64 copy of the weights: ~15 GB for pro-engine)."""
     print(f"\n== reference vs transformers {_hf_version()} (fp32, best of {repeat}, {torch.get_num_threads()} threads)")
     print(f"  {'case':13s} {'tokens':>6s} {'experts':>7s} {'ref fp32':>9s} {'hf fp32':>8s} {'hf/ref':>7s} "
           f"{'ref+MTP':>8s} {'ref fp64':>9s}")
@@ -19,11 +20,12 @@ def report(cases: list[str], repeat: int = 2) -> None:
         cfg, params, seqs = case.config, case.params(), case.sequences()
         ref32 = best_of(lambda: run(cfg, params, seqs, "float32", mtp=False), repeat)
         ref_mtp = best_of(lambda: run(cfg, params, seqs, "float32"), 1)
-        ref64 = best_of(lambda: run(cfg, params, seqs, "float64", mtp=False), 1)
         hf = _hf_time(case, repeat)
+        ref64 = best_of(lambda: run(cfg, params, seqs, "float64", mtp=False), 1) if fp64 else float("nan")
         ratio = f"{hf / ref32:7.2f}" if hf == hf else "    n/a"
         print(f"  {name:13s} {case.num_tokens:6d} {cfg.n_routed_experts:4d}/{cfg.experts_per_tok:<2d} {ref32:9.3f} "
               f"{hf:8.3f} {ratio} {ref_mtp:8.3f} {ref64:9.3f}", flush=True)
+        del params
 
 
 def _hf_version() -> str:

@@ -25,6 +25,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
     ap.add_argument("--cases", default=",".join(reference_bench.ALL_CASES), help="cases for the reference section")
+    ap.add_argument("--fp64", action="store_true", help="reference section: also the float64 forward (memory-heavy)")
     ap.add_argument("--megabytes", type=int, default=256, help="size of the differ's engine tensor")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--engines", default="auto", help="real engines for the compare split (auto: vllm if installed; none)")
@@ -35,7 +36,7 @@ def main(argv=None):
     if "differ" in sections:
         differ_bench.report(args.megabytes, args.repeat)
     if "reference" in sections:
-        reference_bench.report(args.cases.split(","), max(1, args.repeat - 1))
+        reference_bench.report(args.cases.split(","), max(1, args.repeat - 1), args.fp64)
     if "compare" in sections:
         if args.engines == "auto":
             engines = ["vllm"] if importlib.util.find_spec("vllm") else []

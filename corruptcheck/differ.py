@@ -17,6 +17,7 @@ import torch
 from corruptcheck.coverage import exercised
 from corruptcheck.errors import BadInput
 from corruptcheck.finite import finite_values
+from corruptcheck.lazy_points import shape_of, source_of
 from corruptcheck.metrics import float_metrics, set_disagreements
 from corruptcheck.points import PointSpec, agreeing_rows, experts_of, tie_scores_name
 from corruptcheck.reference.model import ENTRY_POINTS  # rows are compressed entries, not tokens
@@ -109,14 +110,13 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
                 results.append(PointResult(spec.name, "skipped", spec.layer, spec.kind,
                                            reason="finer point the engine does not expose"))
             continue
-        e, r = engine[spec.name], ref[spec.name]
+        e, r = shape_of(engine, spec.name), shape_of(ref, spec.name)  # shapes and dtypes: no data read
         if _entry_count_differs(spec.name, e, r):  # a compressor that closed other blocks: wrong, not malformed
             results.append(PointResult(spec.name, "fail", spec.layer, spec.kind, {"entries": int(e.shape[0])},
                                        reason=f"engine has {e.shape[0]} compressed entries, the reference "
                                               f"{r.shape[0]}", ratio=math.inf))
             continue
         _check_shape(spec.name, e, r)
-        del e, r  # with lazily read points (dump.py, golden cache) one point is held at a time
         res = judge_point(spec, engine, ref, precision, free, "free")
         if spec.kind != "index":
             res = _weights_without_rows(res, results)
@@ -134,12 +134,13 @@ def judge_point(spec: PointSpec, engine: dict, ref: dict, precision: str, noise:
     """One point of `engine` against `ref` (dicts holding it): discrete choices by set
     comparison with the tie margin of their scores, float points against the `scope` ("free" or
     "local") tolerance from `noise` ({point: measured noise})."""
-    e, r = engine[spec.name], ref[spec.name]
     if spec.kind == "index":
         scores_name = tie_scores_name(spec.name)
-        return compare_index(spec, e, r, ref.get(scores_name), precision,
+        return compare_index(spec, engine[spec.name], ref[spec.name], ref.get(scores_name), precision,
                              noise.get(scores_name, {}).get("score_noise") if scores_name else None)
-    return compare_float(spec, e, r, float_tolerance(noise.get(spec.name), precision, scope), engine, ref)
+    # float points are streamed from their files when they can be (lazy_points.RowSource)
+    return compare_float(spec, source_of(engine, spec.name), source_of(ref, spec.name),
+                         float_tolerance(noise.get(spec.name), precision, scope), engine, ref)
 
 
 def _weights_without_rows(res: PointResult, earlier: list) -> PointResult:
@@ -159,13 +160,18 @@ def _weights_without_rows(res: PointResult, earlier: list) -> PointResult:
     return res
 
 
+def _whole(x) -> torch.Tensor:
+    """A point as one tensor (a row source is read whole)."""
+    return x.rows(0, x.shape[0]) if hasattr(x, "rows") else x
+
+
 def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> PointResult:
     """Every outcome is a verdict: a point that cannot be compared numerically (no rows, no
     value finite on both sides) fails with the reason, it never passes."""
     rows = agreeing_rows(spec.name, engine, ref)
-    total_rows = r.shape[0] if r.dim() else 1
+    total_rows = r.shape[0] if len(r.shape) else 1
     if rows is not None:
-        e, r = e[rows], r[rows]
+        e, r = _whole(e)[rows], _whole(r)[rows]
     m = finite_values(float_metrics(e, r))
     if rows is not None:
         m["rows_compared"] = int(rows.sum())
@@ -185,7 +191,7 @@ def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> PointResult
         reason = f"no token chose the reference's experts (0 of {total_rows} rows agree), nothing to compare"
     elif m["compared_values"] == 0:
         verdict, ratio = "fail", math.inf
-        reason = ("no values to compare (empty tensor)" if not e.numel()
+        reason = ("no values to compare (empty tensor)" if not math.prod(e.shape)
                   else "no value is finite in both the engine and the reference")
     elif rl2 > rel:
         verdict, reason = "fail", f"rel_l2 {rl2:.3g} > tolerance {rel:.3g} (worst token {m['worst_token']})"

@@ -32,7 +32,7 @@ from corruptcheck.batch_layout import fits_batch, unpad
 from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
 from corruptcheck.jsonio import loads_finite
-from corruptcheck.lazy_points import LazyPoints, file_tensors, read_tensor
+from corruptcheck.lazy_points import LazyPoints, RowSource, file_tensors, read_tensor
 from corruptcheck.reference import Precision
 from corruptcheck.shards import CONCAT, SUM, MergeRule, ShardError, merge_shards
 
@@ -169,7 +169,7 @@ def load_dump(path: str | Path, case: Case) -> tuple[LazyPoints, dict]:
             sources.setdefault(key, []).append((full, torch.empty(t.shape, dtype=t.dtype, device="meta")))
     if not sources:
         raise BadInput(f"dump {root} contains no tensors")
-    loaders = {}
+    loaders, shapes, streams = {}, {}, {}
     for key, parts in sources.items():
         spec = layout.get(key, {})
         if not isinstance(spec, dict):
@@ -181,7 +181,10 @@ def load_dump(path: str | Path, case: Case) -> tuple[LazyPoints, dict]:
         if shape_only.dtype == torch.bool or shape_only.is_complex():
             raise BadInput(f"point {key}: unsupported dtype {shape_only.dtype}")
         loaders[key] = partial(_read_point, key, [f for f, _ in parts], spec, tuple(case.seq_lens))
-    return LazyPoints(loaders), manifest
+        shapes[key] = shape_only
+        if len(parts) == 1 and spec.get("tokens", "flat") == "flat" and shape_only.dim():  # stored as compared
+            streams[key] = RowSource(parts[0][0], key, shape_only.shape, shape_only.dtype)
+    return LazyPoints(loaders, shapes, streams), manifest
 
 
 def _assemble(key: str, parts: list, spec: dict, seq_lens) -> torch.Tensor:

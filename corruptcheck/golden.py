@@ -40,7 +40,7 @@ from corruptcheck.atomic import atomic_replace, atomic_write
 from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
 from corruptcheck.jsonio import loads_finite
-from corruptcheck.lazy_points import LazyPoints, file_tensors, read_tensor
+from corruptcheck.lazy_points import LazyPoints, RowSource, file_tensors, read_tensor
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION
 
@@ -466,4 +466,7 @@ def read_cache(g: Golden) -> dict | None:
             return None
     except (BadInput, OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         return None  # a damaged cache is simply rebuilt
-    return LazyPoints({name: partial(read_tensor, path, key) for name, key in sources.items()})
+    return LazyPoints({name: partial(read_tensor, path, key) for name, key in sources.items()},
+                      {name: stored[key].to("meta") for name, key in sources.items()},
+                      {name: RowSource(path, key, stored[key].shape, stored[key].dtype)
+                       for name, key in sources.items() if stored[key].dim()})

@@ -11,6 +11,7 @@ tensor replaces a loader.
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,19 +38,57 @@ def file_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise BadInput(f"file {path} is corrupt or truncated ({exc})") from None
 
 
+@dataclass(frozen=True)
+class RowSource:
+    """A point stored whole in one file, read a block of rows at a time (`rows(a, b)`): the
+    differ streams it (metrics.float_metrics) instead of holding it."""
+    path: Path
+    key: str
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                return f.get_slice(self.key)[a:b]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise BadInput(f"file {self.path} is corrupt or truncated ({exc})") from None
+
+
 class LazyPoints(MutableMapping):
-    def __init__(self, loaders: dict[str, Callable[[], torch.Tensor]]):
+    """`loaders`: {name: () -> tensor}; `sources`: {name: RowSource} for the points that can be
+    streamed; `shapes`: {name: tensor on the meta device} (shape and dtype without data)."""
+
+    def __init__(self, loaders: dict[str, Callable[[], torch.Tensor]], shapes: dict | None = None,
+                 sources: dict | None = None):
         self._items: dict = dict(loaders)
+        self._shapes = dict(shapes or {})
+        self._sources = dict(sources or {})
 
     def __getitem__(self, name: str) -> torch.Tensor:
         item = self._items[name]
         return item if isinstance(item, torch.Tensor) else item()
+
+    def shape_of(self, name: str) -> torch.Tensor:
+        """The point's shape and dtype as a meta tensor (reads no data)."""
+        item = self._items[name]
+        if isinstance(item, torch.Tensor):
+            return item
+        meta = self._shapes.get(name)
+        return meta if meta is not None else item().to("meta")
+
+    def source(self, name: str):
+        """A RowSource when the point can be streamed, else the tensor."""
+        item = self._items[name]
+        return item if isinstance(item, torch.Tensor) else self._sources.get(name) or item()
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         self._items[name] = value
 
     def __delitem__(self, name: str) -> None:
         del self._items[name]
+        self._shapes.pop(name, None)
+        self._sources.pop(name, None)
 
     def __iter__(self):
         return iter(self._items)
@@ -59,3 +98,13 @@ class LazyPoints(MutableMapping):
 
     def __contains__(self, name) -> bool:
         return name in self._items
+
+
+def shape_of(points, name: str) -> torch.Tensor:
+    """Shape and dtype of a point of any mapping (a LazyPoints reads no data for it)."""
+    return points.shape_of(name) if isinstance(points, LazyPoints) else points[name]
+
+
+def source_of(points, name: str):
+    """What the differ reads a point from: a RowSource when it can stream it, else the tensor."""
+    return points.source(name) if isinstance(points, LazyPoints) else points[name]

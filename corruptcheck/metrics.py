@@ -27,34 +27,38 @@ import torch
 
 from corruptcheck import row_sums as _kernel
 
-CHUNK_ELEMENTS = 1 << 22  # rows widened to float32 at a time (bf16 / fp16 / fp8 engines)
+CHUNK_ELEMENTS = 1 << 22  # rows read from a file / widened to float32 at a time
 _NATIVE = (torch.float32, torch.float64)  # dtypes the kernel reads as they are
 
 
-def _rows(x: torch.Tensor, per_tok: int) -> np.ndarray:
-    """x as a [rows, per_tok] float32 / float64 array, in place when it already is one."""
-    x = x.detach()
+def _rows(x, a: int, b: int, per_tok: int) -> np.ndarray:
+    """Rows a..b of x (a tensor, or a source with `rows(a, b)` that reads them from a file) as a
+    [rows, per_tok] float32 / float64 array, in place when it already is one."""
+    x = x.rows(a, b) if hasattr(x, "rows") else x[a:b].detach()
     if x.dtype not in _NATIVE:
         x = x.to(torch.float32)  # bf16, fp16, fp8 widen exactly
     return x.contiguous().reshape(-1, per_tok).numpy()
 
 
-def float_metrics(engine: torch.Tensor, ref: torch.Tensor) -> dict:
-    """rel_l2, max_abs, norm_ratio, cosine, worst token (by relative error), NaN/Inf parity."""
-    if engine.shape != ref.shape:
+def float_metrics(engine, ref) -> dict:
+    """rel_l2, max_abs, norm_ratio, cosine, worst token (by relative error), NaN/Inf parity.
+    engine, ref: tensors, or row sources (lazy_points.RowSource) streamed a block of rows at a
+    time — then neither is ever held whole."""
+    if tuple(engine.shape) != tuple(ref.shape):
         raise ValueError(f"float_metrics: shapes {tuple(engine.shape)} and {tuple(ref.shape)} differ")
-    if ref.dim() == 0:
+    if len(ref.shape) == 0:
         engine, ref = engine.reshape(1), ref.reshape(1)
     t = ref.shape[0]
     per_tok = math.prod(ref.shape[1:])
     n = t if per_tok else 0
     sums, counts = np.zeros((n, _kernel.N_SUMS)), np.zeros((n, _kernel.N_COUNTS), dtype=np.int64)
     _kernel.set_threads(torch.get_num_threads())
-    native = engine.dtype in _NATIVE and ref.dtype in _NATIVE  # read in place: one call, no copy
+    in_memory = not (hasattr(engine, "rows") or hasattr(ref, "rows"))
+    native = in_memory and engine.dtype in _NATIVE and ref.dtype in _NATIVE  # read in place: one call
     step = n if native else max(1, CHUNK_ELEMENTS // max(per_tok, 1))
     for a in range(0, n, max(step, 1)):
         b = min(a + step, n)
-        _kernel.row_sums(_rows(engine[a:b], per_tok), _rows(ref[a:b], per_tok), sums[a:b], counts[a:b])
+        _kernel.row_sums(_rows(engine, a, b, per_tok), _rows(ref, a, b, per_tok), sums[a:b], counts[a:b])
     return _combine(sums, counts, t)
 
 
