@@ -24,7 +24,7 @@ SECTIONS = ("differ", "reference", "compare")
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
-    ap.add_argument("--cases", default=",".join(reference_bench.ALL_CASES), help="cases for the reference section")
+    ap.add_argument("--cases", default=",".join(reference_bench.DEFAULT_CASES), help="cases for the reference section")
     ap.add_argument("--fp64", action="store_true", help="reference section: also the float64 forward (memory-heavy)")
     ap.add_argument("--megabytes", type=int, default=256, help="size of the differ's engine tensor")
     ap.add_argument("--repeat", type=int, default=3)
