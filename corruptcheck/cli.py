@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from corruptcheck.cli_common import fail
+from corruptcheck.cli_common import check_store as _check_store, fail, record as _record
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable, one_line
 from corruptcheck.tolerance import FLOOR
 
@@ -183,14 +183,18 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
               show_default=True, help="serve the case's schedule (chunked prefill + greedy decode, judged by phase) "
                                       "when the engine can; prefill-only: one forward per sequence")
 @click.option("--quiet", is_flag=True, help="print only the summary line")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False),
+              help="also record the run (a crash too) in this SQLite results store (corruptcheck history)")
 def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch, json_path, junit_path, html_path,
-                attn_impl, teacher_forcing, no_golden, engine_option, schedule_choice, quiet):
+                attn_impl, teacher_forcing, no_golden, engine_option, schedule_choice, quiet, record_path):
     """Compare an engine against the reference, point by point. Exit 0 pass, 1 fail or
     incomplete (required points missing), 2 error."""
     from corruptcheck.compare import compare
     from corruptcheck.html_report import write_html
     from corruptcheck.report import print_table, to_json, write_json, write_junit
 
+    if record_path:
+        _check_store(record_path)  # refuse a bad store before the engine runs
     if precision is None and engine_name != "dump":
         precision = "float32"
     options = {"attn_impl": attn_impl, "batch": batch} if engine_name == "hf" else {}
@@ -206,7 +210,10 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
                       schedule="prefill-only" if batch else schedule_choice, **options)
     except KeyError as exc:
         fail(exc.args[0])
-    except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
+    except EngineFailed as exc:
+        _record_crash(record_path, engine_name, case_name, precision, str(exc))
+        fail(str(exc))
+    except (BadInput, EngineUnavailable, ValueError) as exc:
         fail(str(exc))
     doc = to_json(res)
     if quiet:
@@ -220,11 +227,18 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
                 writer(doc, path)
             except OSError as exc:
                 fail(f"cannot write {path}: {exc}")
+    if record_path:
+        _record(record_path, lambda store: store.record_report(record_path, doc, "compare"))
     if doc["unknown_names"]:
         fail(f"engine produced unknown point name(s): {', '.join(doc['unknown_names'][:5])}")
     if doc["verdict"] == "error":
         fail("nothing was compared")
     sys.exit(EXIT_CODES.get(doc["verdict"], 2))
+
+
+def _record_crash(path, engine_name, case_name, precision, reason: str) -> None:
+    if path:
+        _record(path, lambda store: store.record_crash(path, "compare", engine_name, case_name, precision, reason))
 
 
 @main.command("gate")
@@ -233,7 +247,9 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
 @click.option("--out", "out_dir", default="corruptcheck-gate", show_default=True, type=click.Path(file_okay=False),
               help="directory for the per-run JSON / JUnit / HTML reports and summary.json")
 @click.option("--show-policy", is_flag=True, help="print the default policy and exit")
-def gate_cmd(engine_name, policy_path, out_dir, show_policy):
+@click.option("--record", "record_path", type=click.Path(dir_okay=False),
+              help="also record every run (errors too) in this SQLite results store (corruptcheck history)")
+def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path):
     """Pre-deploy gate: run a policy's suite, exit 0 pass, 1 fail, 2 error."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -242,6 +258,8 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy):
     if show_policy:
         click.echo(gate.default_policy_text())
         return
+    if record_path:
+        _check_store(record_path)
     try:
         policy = gate.load_policy(policy_path)
     except BadInput as exc:
@@ -265,6 +283,13 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy):
             fail(f"cannot write reports to {out}: {exc}")
         progress.update(task, completed=len(policy.runs), description="done")
     summary = gate.write_summary(engine_name, policy, outcomes, out)
+    if record_path:
+        for o in outcomes:
+            if o.report is not None:
+                _record(record_path, lambda store, o=o: store.record_report(record_path, o.report.to_json(), "gate"))
+            else:
+                _record(record_path, lambda store, o=o: store.record_crash(
+                    record_path, "gate", engine_name, o.run.case.name, o.run.precision, "; ".join(o.reasons)))
     table = Table(title=f"gate · engine={engine_name} · policy={policy.name}", title_justify="left")
     for col in ("run", "verdict", "worst err/tol", "culprit / first divergence", "reasons"):
         table.add_column(col, no_wrap=col != "reasons")
@@ -367,7 +392,8 @@ def golden_show(case_name):
                       f"{layer['clamp_hits']} clamp hits, {layer['experts_used']}/{layer['experts_total']} experts")
 
 
+from corruptcheck.history_cli import history, releases  # noqa: E402
 from corruptcheck.selftest_cli import selftest, sweep  # noqa: E402
-main.add_command(selftest); main.add_command(sweep)  # noqa: E702
+main.add_command(selftest); main.add_command(sweep); main.add_command(history); main.add_command(releases)  # noqa: E702
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -38,6 +38,9 @@ def pytest_addoption(parser):
                     help="precision the engine runs in: float64, float32 (default), bfloat16")
     group.addoption("--corruptcheck-report", metavar="DIR",
                     help="write DIR/CASE.json and DIR/CASE.html for every case that ran")
+    group.addoption("--corruptcheck-record", metavar="PATH",
+                    help="record every case's compare (a crash too) in this SQLite results store "
+                         "(corruptcheck history)")
     group.addoption("--corruptcheck-engine-option", action="append", metavar="KEY=VALUE",
                     help="option passed to the engine's run() (repeatable); VALUE is JSON or a string, "
                          "'{case}' in it becomes the case name, e.g. path=dumps/{case}")
@@ -85,6 +88,7 @@ class _Runner:
                  engine_options: dict):
         self.engine, self.cases, self.precision = engine, cases, precision
         self.report_dir, self.engine_options = report_dir, engine_options
+        self.record_path: Path | None = None  # --corruptcheck-record
         self._results: dict = {}  # case -> CheckResult | the exception the engine raised
 
     @classmethod
@@ -93,6 +97,7 @@ class _Runner:
         given = [flag for flag, dest in (("--corruptcheck-case", "corruptcheck_case"),
                                          ("--corruptcheck-precision", "corruptcheck_precision"),
                                          ("--corruptcheck-report", "corruptcheck_report"),
+                                         ("--corruptcheck-record", "corruptcheck_record"),
                                          ("--corruptcheck-engine-option", "corruptcheck_engine_option"))
                  if config.getoption(dest)]
         if not engine:
@@ -105,7 +110,18 @@ class _Runner:
         report_dir = Path(config.invocation_params.dir, report).resolve() if report else None
         options = _parse_options(config.getoption("corruptcheck_engine_option") or [])
         _validate(engine, cases, precision, options)
-        return cls(engine, cases, precision, report_dir, options)
+        record = config.getoption("corruptcheck_record")
+        runner = cls(engine, cases, precision, report_dir, options)
+        if record:
+            from corruptcheck import store
+            from corruptcheck.errors import BadInput
+
+            runner.record_path = Path(config.invocation_params.dir, record).resolve()
+            try:
+                store.check(runner.record_path)
+            except BadInput as exc:
+                raise pytest.UsageError(str(exc)) from None
+        return runner
 
     def options_for(self, case: str) -> dict:
         return {k: v.replace("{case}", case) if isinstance(v, str) else v for k, v in self.engine_options.items()}
@@ -123,10 +139,18 @@ class _Runner:
 
                 # an engine crash: name what the engine itself raised (the wrapper is the tool's)
                 self._results[case] = exc.__cause__ if isinstance(exc, EngineFailed) and exc.__cause__ else exc
+                if self.record_path and isinstance(exc, EngineFailed):
+                    from corruptcheck import store
+
+                    store.record_crash(self.record_path, "pytest", self.engine, case, self.precision, str(exc))
             else:
                 self._results[case] = res
                 if self.report_dir:
                     res.write_reports(self.report_dir)
+                if self.record_path:
+                    from corruptcheck import store
+
+                    store.record_report(self.record_path, res.to_json(), "pytest")
         out = self._results[case]
         if isinstance(out, Exception):
             raise CaseNotCompared(f"corruptcheck could not compare engine {self.engine!r} on case {case!r}: "

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from corruptcheck.finite import fmt_number
-from corruptcheck.cli_common import fail
+from corruptcheck.cli_common import check_store, fail, record
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
 
 
@@ -116,7 +116,10 @@ def print_totals(res, console: Console) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the matrix as JSON")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="write the matrix as an HTML page")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, json_path, html_path, quiet):
+@click.option("--record", "record_path", type=click.Path(dir_okay=False),
+              help="also record the matrix in this SQLite results store (corruptcheck history)")
+def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, json_path, html_path, quiet,
+             record_path):
     """Re-enact real silent-corruption bugs and check that they are caught and located, and
     that honest variants are not flagged. Exit 0 pass, 1 a fault missed at float32 or a benign
     variant flagged, 2 error."""
@@ -126,6 +129,8 @@ def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, j
         for f in faults_for(engine_name).values():
             click.echo(f.describe())
         return
+    if record_path:
+        check_store(record_path)
     from corruptcheck.report import write_json
     from corruptcheck.selftest import run_selftest
     from corruptcheck.selftest_html import write_html
@@ -147,6 +152,8 @@ def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, j
                 writer(path)
             except OSError as exc:
                 fail(f"cannot write {path}: {exc}")
+    if record_path:
+        record(record_path, lambda store: store.record_selftest(record_path, res.to_json()))
     sys.exit(0 if res.ok else 1)
 
 

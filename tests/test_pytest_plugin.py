@@ -107,7 +107,7 @@ def test_clean_engine_all_items_pass_under_xdist_with_junit_and_reports(clean, p
     junit = pytester.path / "junit.xml"
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-n", "2", "-v", "--corruptcheck-engine", "hf", "--corruptcheck-case", "tiny",
-        f"--junitxml={junit}", "--corruptcheck-report", "reports")
+        f"--junitxml={junit}", "--corruptcheck-report", "reports", "--corruptcheck-record", "runs.sqlite")
     judged = [p for p in expected.points if p.verdict not in NOT_JUDGED]
     assert all(p.verdict == "pass" for p in judged)
     result.assert_outcomes(passed=len(judged) + 3, skipped=len(expected.points) - len(judged))
@@ -126,6 +126,10 @@ def test_clean_engine_all_items_pass_under_xdist_with_junit_and_reports(clean, p
     assert cases["corruptcheck[tiny::mtp.0.logits]"][1] == "skipped: finer point the engine does not expose"
     assert json.loads((pytester.path / "reports" / "tiny.json").read_text())["verdict"] == "pass"
     assert (pytester.path / "reports" / "tiny.html").stat().st_size > 1000
+    from corruptcheck.store import list_runs  # each xdist worker that ran the case recorded its run
+    runs = list_runs(pytester.path / "runs.sqlite")
+    assert 1 <= len(runs) <= 2 and {(r["kind"], r["engine"], r["case_name"], r["verdict"]) for r in runs} == {
+        ("pytest", "hf", "tiny", "pass")}
 
 
 def test_fault_fails_exactly_the_failing_points_and_names_the_culprit(faulty, pytester, engines_file, monkeypatch):
