@@ -146,7 +146,9 @@ def _host() -> dict:
 def row_of_report(doc: dict, kind: str) -> tuple[dict, list]:
     """(run row, point rows) of a compare report (report.to_json)."""
     info = doc.get("engine_info") or {}
-    ranked = [p["ratio"] for p in doc.get("points", []) if p.get("ratio") is not None]
+    # a failing point without a finite ratio (NaN/Inf parity, nothing comparable) is infinitely over
+    ranked = [p["ratio"] if p.get("ratio") is not None else float("inf") for p in doc.get("points", [])
+              if p.get("ratio") is not None or p.get("verdict") == "fail"]
     culprit = doc.get("culprit") or {}
     row = {
         "kind": kind, "engine": doc["engine"], "engine_version": info.get("version"),

@@ -203,3 +203,14 @@ def test_builds_that_do_not_run_are_crash_rows(tmp_path):
     out = tmp_path / "t.html"
     assert _cc("history", "timeline", "--db", str(db), "--engine", "vllm", "--case", "tiny", "--html", str(out)).returncode == 0
     assert out.read_text().count('class="v crash">crash<') == 2
+
+
+def test_a_failure_without_a_finite_ratio_is_the_worst(tmp_path, report):
+    """A NaN/Inf parity failure has no finite err/tol: the run's worst is infinite, never the
+    largest finite ratio of its passing points."""
+    d = _release(report, "0.30.0")
+    p = next(p for p in d["points"] if p["name"] == "layers.0.attn.out")
+    p["verdict"], p["ratio"], d["verdict"] = "fail", None, "fail"
+    db = tmp_path / "r.sqlite"
+    store.record_report(db, d)
+    assert store.list_runs(db)[0]["worst_ratio"] == float("inf")
