@@ -20,22 +20,23 @@ from safetensors import SafetensorError, safe_open
 from corruptcheck.errors import BadInput
 
 
-def read_tensor(path: Path, key: str) -> torch.Tensor:
-    """One tensor of a safetensors file, memory-mapped; a damaged file is BadInput."""
+def _read(path: Path, fn):
+    """fn(open safetensors file), memory-mapped; a damaged file is BadInput."""
     try:
         with safe_open(str(path), "pt") as f:
-            return f.get_tensor(key)
+            return fn(f)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BadInput(f"file {path} is corrupt or truncated ({exc})") from None
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file."""
+    return _read(path, lambda f: f.get_tensor(key))
 
 
 def file_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a file, memory-mapped (no data is read until a tensor is used)."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise BadInput(f"file {path} is corrupt or truncated ({exc})") from None
+    """Every tensor of a file (no data is read until a tensor is used)."""
+    return _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,7 @@ class RowSource:
     dtype: torch.dtype
 
     def rows(self, a: int, b: int) -> torch.Tensor:
-        try:
-            with safe_open(str(self.path), "pt") as f:
-                return f.get_slice(self.key)[a:b]
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise BadInput(f"file {self.path} is corrupt or truncated ({exc})") from None
+        return _read(self.path, lambda f: f.get_slice(self.key)[a:b])
 
 
 class LazyPoints(MutableMapping):

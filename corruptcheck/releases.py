@@ -80,7 +80,6 @@ class Outcome:
     build: Build
     case: str
     exit_code: int | None
-    recorded: bool
     note: str
 
 
@@ -114,13 +113,13 @@ def run_releases(engine: str, builds: list[Build], cases: list[str], db: Path, v
         except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
             for case in cases:
                 store.record(db, *store.crash_row("compare", engine, build.label, case, None, f"install failed: {exc}"))
-                outcomes.append(Outcome(build, case, None, True, f"install failed: {exc}"))
+                outcomes.append(Outcome(build, case, None, f"install failed: {exc}"))
             progress(f"{build.label}: install failed: {exc}")
             continue
         for case in cases:
             code, recorded, reason = run_case(venv, engine, case, db, out / build.label, list(options), timeout)
             if not recorded:  # the compare could not even record a crash (import error, timeout, ...)
                 store.record(db, *store.crash_row("compare", engine, build.label, case, None, reason or f"exit {code}"))
-            outcomes.append(Outcome(build, case, code, True, reason))
+            outcomes.append(Outcome(build, case, code, reason))
             progress(f"{build.label} {case}: exit {code}" + (f" ({reason})" if code not in (0, 1) else ""))
     return outcomes
