@@ -8,7 +8,7 @@ import torch
 
 from corruptcheck.reference import ModelConfig
 from corruptcheck.schedule import Schedule
-from corruptcheck.weights import fp8_exact, generate_params
+from corruptcheck.weights import fp8_exact, generate_params, release_exact
 
 CASE_FORMAT_VERSION = 1
 
@@ -21,10 +21,12 @@ class Case:
     seed: int
     seq_lens: tuple[int, ...]  # the batch: one sequence per entry, each from position 0
     # "fp8": every FP8 linear is generated FP8-exact (e4m3 x ue8m0 128x128 block scales), so an
-    # engine loading the case's FP8 checkpoint runs the reference's very numbers
+    # engine loading the case's FP8 checkpoint runs the reference's very numbers; "release":
+    # also the routed experts MXFP4-exact, as a V4 release stores them (release_writer.py)
     weight_format: str = "bf16"
     schedule: Schedule | None = None  # how a server would feed it (decode, chunks, batch); None = prefill only
     tokens: tuple | None = None  # explicit token ids per sequence (a decoded case); None = seeded
+    tokens_note: str = "engine-decoded (prompts + greedy tokens)"  # what `tokens` are, for the spec
 
     def params(self) -> dict[str, torch.Tensor]:
         # keyed by what the weights depend on: a served or decoded variant shares its case's weights
@@ -45,14 +47,15 @@ class Case:
         if self.schedule is not None:
             spec["schedule"] = self.schedule.to_dict()
         if self.tokens is not None:  # a decoded case: the engine's own tokens
-            spec["tokens"] = "engine-decoded (prompts + greedy tokens)"
+            spec["tokens"] = self.tokens_note
         return spec
 
 
 @functools.lru_cache(maxsize=2)
 def _params(config: ModelConfig, seed: int, weight_format: str) -> dict:
     params = generate_params(config, seed)
-    return fp8_exact(params) if weight_format == "fp8" else params
+    exact = {"fp8": fp8_exact, "release": release_exact}.get(weight_format)
+    return exact(params) if exact else params
 
 
 @functools.lru_cache(maxsize=8)
@@ -153,7 +156,35 @@ PRO_ENGINE = Case(
     schedule=ENGINE_SCHEDULE,
 )
 
-CASES = {c.name: c for c in (TINY, FLASH_SLICE, PRO_SLICE, FLASH_ENGINE, PRO_ENGINE)}
+# Release-format cases (`corruptcheck checkpoint`, `corruptcheck check`): weights exactly as a V4
+# release stores them (FP8 linears, MXFP4 routed experts), so a checkpoint written in that format
+# holds the reference's numbers and a dump of the case checks clean against it.
+TINY_RELEASE = Case(
+    name="tiny-release",
+    description="tiny's model with release-exact weights (FP8 linears, MXFP4 experts): the checkpoint "
+                "reader and `check` at test size",
+    config=TINY.config.replace(name="tiny-release"),
+    seed=20260601,
+    seq_lens=(64, 41),
+    weight_format="release",
+)
+
+PRO_RELEASE = Case(
+    name="pro-release",
+    description="V4-Pro's real layer shapes (hidden 7168, 128 heads, q_lora 1536, 16 output groups, indexer "
+                "64 x 128, experts 3072 wide), release-exact weights; 3 layers (HCA, HCA, CSA), 8 routed "
+                "experts top-6 and a 8192-token vocabulary so it fits one machine; 512 tokens",
+    config=ModelConfig(
+        name="pro-release", vocab_size=8192, hidden_size=7168, num_layers=3, num_heads=128, q_lora_rank=1536,
+        o_groups=16, o_lora_rank=1024, compress_ratios=(128, 128, 4, 0), n_routed_experts=8, moe_inter_dim=3072,
+        route_scale=2.5, index_n_heads=64, index_topk=1024, num_hash_layers=2, num_mtp_layers=0,
+    ),
+    seed=20260602,
+    seq_lens=(512,),
+    weight_format="release",
+)
+
+CASES = {c.name: c for c in (TINY, FLASH_SLICE, PRO_SLICE, FLASH_ENGINE, PRO_ENGINE, TINY_RELEASE, PRO_RELEASE)}
 DEFAULT_CASE = "tiny"
 
 

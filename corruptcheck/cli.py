@@ -190,8 +190,7 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
     """Compare an engine against the reference, point by point. Exit 0 pass, 1 fail or
     incomplete (required points missing), 2 error."""
     from corruptcheck.compare import compare
-    from corruptcheck.html_report import write_html
-    from corruptcheck.report import print_table, to_json, write_json, write_junit
+    from corruptcheck.report import to_json
 
     if record_path:
         _check_store(record_path)  # refuse a bad store before the engine runs
@@ -215,7 +214,15 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
         fail(str(exc))
     except (BadInput, EngineUnavailable, ValueError) as exc:
         fail(str(exc))
-    doc = to_json(res)
+    emit_report(to_json(res), quiet, json_path, junit_path, html_path, record_path, "compare")
+
+
+def emit_report(doc: dict, quiet: bool, json_path, junit_path, html_path, record_path, kind: str) -> None:
+    """Print a report (table, or one line with --quiet), write its JSON / JUnit / HTML, record
+    it, and exit 0 / 1 / 2 by its verdict."""
+    from corruptcheck.html_report import write_html
+    from corruptcheck.report import print_table, write_json, write_junit
+
     if quiet:
         s = doc["summary"]
         click.echo(f"{doc['verdict']}: {s['compared']} compared, {s['failed']} failed, {s['missing']} missing")
@@ -228,7 +235,7 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
             except OSError as exc:
                 fail(f"cannot write {path}: {exc}")
     if record_path:
-        _record(record_path, lambda store: store.record_report(record_path, doc, "compare"))
+        _record(record_path, lambda store: store.record_report(record_path, doc, kind))
     if doc["unknown_names"]:
         fail(f"engine produced unknown point name(s): {', '.join(doc['unknown_names'][:5])}")
     if doc["verdict"] == "error":
@@ -392,8 +399,10 @@ def golden_show(case_name):
                       f"{layer['clamp_hits']} clamp hits, {layer['experts_used']}/{layer['experts_total']} experts")
 
 
+from corruptcheck.check_cli import check, checkpoint  # noqa: E402
 from corruptcheck.history_cli import history, releases  # noqa: E402
 from corruptcheck.selftest_cli import selftest, sweep  # noqa: E402
-main.add_command(selftest); main.add_command(sweep); main.add_command(history); main.add_command(releases)  # noqa: E702
+for _command in (selftest, sweep, history, releases, checkpoint, check):
+    main.add_command(_command)
 if __name__ == "__main__":  # pragma: no cover
     main()

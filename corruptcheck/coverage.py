@@ -59,8 +59,9 @@ def _clamp_hits(cfg: ModelConfig, p: dict, pre: str, points: dict, rows: list[in
         return sum(clamp_hits(y, e, lp, cfg, _FLOAT64) for y, e in zip(ys, experts))
 
 
-def layer_coverage(cfg: ModelConfig, key, points: dict, seq_lens, p: dict) -> tuple[dict, dict]:
-    """(one layer's entry of the report, its indexer counts) (`p`: float64-cast parameters)."""
+def layer_coverage(cfg: ModelConfig, key, points: dict, seq_lens, p: dict | None) -> dict:
+    """One layer's entry of the report (`p`: float64-cast parameters; None: SwiGLU clamp hits
+    are not recounted, `clamp_hits` is None). The indexer counts ride along under "_indexer"."""
     pre, idx = _prefix(key), cfg.num_layers if key == "mtp.0" else key
     rows = _rows(key, seq_lens)
     tokens = points[f"{pre}.out"].shape[0]
@@ -75,18 +76,26 @@ def layer_coverage(cfg: ModelConfig, key, points: dict, seq_lens, p: dict) -> tu
         "compressed_entries": kv.shape[0] if kv is not None else 0,
         "indexer_pruning_queries": ix.get("pruning_queries", 0),
         "indexer_pruning_fraction": (ix["dropped"] / ix["available"]) if ix["available"] else 0.0,
-        "clamp_hits": _clamp_hits(cfg, p, pre, points, rows),
+        "clamp_hits": _clamp_hits(cfg, p, pre, points, rows) if p is not None else None,
         "experts_used": len(set(torch.unique(points[f"{pre}.moe.experts"]).tolist())),
         "experts_total": cfg.n_routed_experts,
         "mhc_offdiag_mass": _offdiag_mass(points[f"{pre}.ffn_hc.comb"], rows, cfg.hc_mult) / max(tokens, 1),
-    }, ix
+        "_indexer": ix,
+    }
 
 
 def coverage(cfg: ModelConfig, points: dict, seq_lens, params: dict) -> dict:
     """The coverage report of a float64 reference run's `points` on a case's sequences
     (`seq_lens`) and parameters."""
     p = cast_params(params, _FLOAT64)
-    layers, indexer = zip(*(layer_coverage(cfg, key, points, seq_lens, p) for key in _layer_keys(cfg, points)))
+    return summarize(cfg, [layer_coverage(cfg, key, points, seq_lens, p) for key in _layer_keys(cfg, points)], seq_lens)
+
+
+def summarize(cfg: ModelConfig, entries: list, seq_lens) -> dict:
+    """The coverage report from its layers' entries (layer_coverage)."""
+    indexer = [e.get("_indexer") or {"available": 0, "dropped": 0} for e in entries]
+    layers = [{k: v for k, v in e.items() if k != "_indexer"} for e in entries]
+    clamps = [e["clamp_hits"] for e in layers if e["clamp_hits"] is not None]
     avail = sum(ix["available"] for ix in indexer)
     dropped = sum(ix["dropped"] for ix in indexer)
     main = [entry for entry in layers if entry["layer"] != "mtp.0"]
@@ -97,12 +106,23 @@ def coverage(cfg: ModelConfig, points: dict, seq_lens, params: dict) -> dict:
         "window": cfg.window,
         "compressed_entries": sum(entry["compressed_entries"] for entry in main),
         "indexer_pruning_fraction": dropped / avail if avail else 0.0,
-        "clamp_hits": sum(entry["clamp_hits"] for entry in layers),
+        "clamp_hits": sum(clamps) if clamps or not layers else None,
         "attention_types": sorted({entry["attention"] for entry in main}),
         "routing_types": sorted({entry["routing"] for entry in main}),
         "min_expert_fraction": min((entry["experts_used"] / entry["experts_total"] for entry in layers), default=0.0),
-        "layers": list(layers),
+        "layers": layers,
     }
+
+
+def coverage_sentence(cov: dict) -> str:
+    """The coverage report in one line (terminal and HTML reports)."""
+    if "tokens" not in cov:
+        return "no layer was run, nothing to say what the inputs exercised"
+    clamps = "uncounted" if cov["clamp_hits"] is None else cov["clamp_hits"]
+    return (f"{cov['tokens']} tokens in {cov['sequences']} sequence(s), {cov['tokens_beyond_window']} beyond the "
+            f"{cov['window']}-token window; {cov['compressed_entries']} compressed entries; indexer pruned "
+            f"{cov['indexer_pruning_fraction']:.0%} of available entries; {clamps} SwiGLU clamp hits; "
+            f"attention {'/'.join(cov['attention_types'])}; routing {'/'.join(cov['routing_types'])}")
 
 
 def exercised(cov: dict, layer_key: str, mechanism: str | None) -> bool:

@@ -27,7 +27,7 @@ from corruptcheck.tolerance import float_tolerance, tie_margin
 @dataclass
 class PointResult:
     name: str
-    verdict: str  # pass | fail | missing | not-exercised | skipped
+    verdict: str  # pass | fail | missing | not-exercised | skipped | unchecked (check.py)
     layer: int | None
     kind: str
     metrics: dict = field(default_factory=dict)
@@ -53,7 +53,9 @@ class Comparison:
 
     @property
     def missing(self) -> list:
-        return [p for p in self.points if p.verdict == "missing"]
+        """Points not compared that should have been: missing from the engine, or `unchecked`
+        (their unit of `corruptcheck check` could not run)."""
+        return [p for p in self.points if p.verdict in ("missing", "unchecked")]
 
     @property
     def verdict(self) -> str:
@@ -71,7 +73,7 @@ class Comparison:
         return {"name": f[0].name, "layer": f[0].layer} if f else None
 
 
-def _layer_key(spec: PointSpec) -> str:
+def layer_key(spec: PointSpec) -> str:
     return "mtp.0" if spec.name.startswith("mtp.") else f"layers.{spec.layer}"
 
 
@@ -120,7 +122,7 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
         res = judge_point(spec, engine, ref, precision, free, "free")
         if spec.kind != "index":
             res = _weights_without_rows(res, results)
-        if res.verdict == "pass" and spec.layer is not None and not exercised(coverage, _layer_key(spec), spec.mechanism):
+        if res.verdict == "pass" and spec.layer is not None and not exercised(coverage, layer_key(spec), spec.mechanism):
             res.verdict = "not-exercised"
             res.reason = f"the case did not exercise {spec.mechanism} here"
         results.append(res)

@@ -6,12 +6,13 @@ import html
 import math
 
 from corruptcheck.atomic import atomic_write
+from corruptcheck.coverage import coverage_sentence
 from corruptcheck.finite import fmt_number
 from corruptcheck.phases import phase_words
 from corruptcheck.results import Report, as_report
 
 _COLOR = {"pass": "#2e7d32", "fail": "#c62828", "not-exercised": "#00838f", "missing": "#f9a825",
-          "skipped": "#9e9e9e", "error": "#c62828", "incomplete": "#f9a825"}
+          "skipped": "#9e9e9e", "error": "#c62828", "incomplete": "#f9a825", "unchecked": "#f9a825"}
 LO = -3.0  # log10 of the lowest error/tolerance drawn; the top follows the worst point
 
 
@@ -51,7 +52,7 @@ class _Axes:
 
 
 def _plot(rep: Report) -> str:
-    pts = [p for p in rep.points if p.verdict in ("pass", "fail", "not-exercised", "missing")]
+    pts = [p for p in rep.points if p.verdict in ("pass", "fail", "not-exercised", "missing", "unchecked")]
     if not pts:
         return "<p>No point was compared.</p>"
     ax = _Axes(pts)
@@ -104,7 +105,7 @@ def _marks(p, x: float, ax: _Axes, culprit, first) -> list:
     """One point's marks: a dot (float) or square (discrete), its teacher-forced ring, the
     culprit / first-divergence highlight; a triangle on the axis when missing."""
     tip = f"{p.name}: {p.verdict}, err/tol {_fmt(p.ratio)}" + (f" — {p.reason}" if p.reason else "")
-    if p.verdict == "missing":
+    if p.verdict in ("missing", "unchecked"):  # not compared: a triangle on the axis
         y = ax.top + ax.ph - 4
         return [f'<path d="M{x:.1f},{y - 7:.1f} l5,9 l-10,0 z" fill="{_COLOR["missing"]}"><title>{_esc(tip)}</title></path>']
     y = ax.y(p.ratio)
@@ -209,13 +210,6 @@ def _point_row(p) -> str:
             f'<td>{_esc(role)}</td><td>{_esc(p.reason)}</td></tr>')
 
 
-def _coverage_line(cov: dict) -> str:
-    return (f'{cov["tokens"]} tokens in {cov["sequences"]} sequence(s); {cov["tokens_beyond_window"]} beyond the '
-            f'{cov["window"]}-token window; {cov["compressed_entries"]} compressed entries; indexer pruned '
-            f'{cov["indexer_pruning_fraction"]:.0%}; {cov["clamp_hits"]} SwiGLU clamp hits; attention '
-            f'{"/".join(cov["attention_types"])}; routing {"/".join(cov["routing_types"])}')
-
-
 def render(doc) -> str:
     """The page of a Report (or its JSON document)."""
     rep = as_report(doc)
@@ -245,7 +239,7 @@ reference float64 ({_esc(rep.reference["source"])}) · tolerances from the {_esc
 <table><tr><th>point</th><th>verdict</th><th>err/tol</th><th>error</th><th>tolerance</th><th>norm ratio</th><th>teacher forcing</th><th>note</th></tr>
 {"".join(_point_row(p) for p in _by_severity(rep.points))}</table>
 {_phases(rep)}
-<h2 style="font-size:16px">Coverage</h2><p class="meta">{_esc(_coverage_line(rep.coverage))}</p>
+<h2 style="font-size:16px">Coverage</h2><p class="meta">{_esc(coverage_sentence(rep.coverage))}</p>
 </body></html>
 """
 

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from corruptcheck.errors import BadInput
 
 
-def _read(path: Path, fn):
+def read_safetensors(path: Path, fn):
     """fn(open safetensors file), memory-mapped; a damaged file is BadInput."""
     try:
         with safe_open(str(path), "pt") as f:
@@ -31,12 +31,12 @@ def _read(path: Path, fn):
 
 def read_tensor(path: Path, key: str) -> torch.Tensor:
     """One tensor of a safetensors file."""
-    return _read(path, lambda f: f.get_tensor(key))
+    return read_safetensors(path, lambda f: f.get_tensor(key))
 
 
 def file_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a file (no data is read until a tensor is used)."""
-    return _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+    return read_safetensors(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class RowSource:
     dtype: torch.dtype
 
     def rows(self, a: int, b: int) -> torch.Tensor:
-        return _read(self.path, lambda f: f.get_slice(self.key)[a:b])
+        return read_safetensors(self.path, lambda f: f.get_slice(self.key)[a:b])
 
 
 class LazyPoints(MutableMapping):

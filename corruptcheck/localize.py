@@ -19,7 +19,7 @@ from corruptcheck.phases import per_token_bound
 from corruptcheck.points import capture_points
 
 
-def _prev_out(cfg, name: str) -> str | None:
+def prev_out(cfg, name: str) -> str | None:
     """layers.i.attn_hc.in is the stream layers.{i-1}.out (same tensor)."""
     if name.startswith("layers.") and name.endswith(".attn_hc.in"):
         i = int(name.split(".")[1])
@@ -59,7 +59,7 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
                          "rel_l2": res.metrics.get("rel_l2"), "norm_ratio": res.metrics.get("norm_ratio"),
                          "genuine": res.metrics.get("genuine"), "reason": res.reason}
     for name in specs:
-        prev = _prev_out(case.config, name)
+        prev = prev_out(case.config, name)
         if prev and prev in out:
             out[name] = dict(out[prev], alias=prev)
     return out

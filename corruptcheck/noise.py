@@ -70,6 +70,11 @@ def _merge(into: dict, name: str, noise: dict | None) -> None:
         cur[k] = max(cur.get(k, 0.0), v)
 
 
+def merge_point_noise(into: dict, name: str, new, ref, new_all: dict, ref_all: dict) -> None:
+    """Fold one honest run's error at a point (new vs the float64 ref) into `into`'s worst case."""
+    _merge(into, name, _point_noise(name, new, ref, new_all, ref_all))
+
+
 def sub_blocks(case: Case):
     """(part, layer, input point, output prefix) for every teacher-forcible sub-block."""
     cfg = case.config
@@ -104,21 +109,21 @@ def measure(case: Case, ref_points: dict, precision: str, groups: dict | None = 
         pts = run(case.config, case.params(), case.sequences(), prec).points
         for name, ref in ref_points.items():
             if name in pts:
-                _merge(free, name, _point_noise(name, pts[name], ref, pts, ref_points))
+                merge_point_noise(free, name, pts[name], ref, pts, ref_points)
         for g, rows_of in (groups or {}).items():
             for name, rows in rows_of.items():
                 if name in pts and name in ref_points and ref_points[name].is_floating_point():
                     pair = (name, experts_of(name) or name)  # moe.weights with the expert ids it is judged by
                     sub = {n: pts[n][rows] for n in pair if n in pts}
                     sub_ref = {n: ref_points[n][rows] for n in pair if n in ref_points}
-                    _merge(by_group[g], name, _point_noise(name, sub[name], sub_ref[name], sub, sub_ref))
+                    merge_point_noise(by_group[g], name, sub[name], sub_ref[name], sub, sub_ref)
         for part, layer, inp in sub_blocks(case):
             if inp not in ref_points:
                 continue
             loc = local_points(case, part, layer, ref_points[inp], prec)
             for name, val in loc.items():
                 if name in ref_points:
-                    _merge(local, name, _point_noise(name, val, ref_points[name], loc, ref_points))
+                    merge_point_noise(local, name, val, ref_points[name], loc, ref_points)
     out = {"format": NOISE_FORMAT, "precision": Precision.of(precision).name, "variants": labels,
            "free": free, "local": local}
     if groups:

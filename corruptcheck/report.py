@@ -11,11 +11,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from corruptcheck.atomic import atomic_write
+from corruptcheck.coverage import coverage_sentence
 from corruptcheck.phases import phase_words, summarize
 from corruptcheck.results import REPORT_SCHEMA, Report, as_report  # noqa: F401 (REPORT_SCHEMA: re-exported)
 
 _STYLE = {"pass": "green", "fail": "bold red", "missing": "yellow", "not-exercised": "cyan",
-          "skipped": "dim", "error": "bold red", "incomplete": "bold yellow"}
+          "skipped": "dim", "error": "bold red", "incomplete": "bold yellow", "unchecked": "yellow"}
 
 
 def to_json(res) -> dict:
@@ -90,11 +91,7 @@ def _print_skipped(rep: Report, console: Console) -> None:
 
 def _print_coverage(rep: Report, console: Console) -> None:
     cov = rep.coverage
-    console.print(
-        f"coverage: {cov['tokens']} tokens in {cov['sequences']} sequence(s), {cov['tokens_beyond_window']} beyond "
-        f"the {cov['window']}-token window; {cov['compressed_entries']} compressed entries; indexer pruned "
-        f"{cov['indexer_pruning_fraction']:.0%} of available entries; {cov['clamp_hits']} SwiGLU clamp hits; "
-        f"attention {'/'.join(cov['attention_types'])}; routing {'/'.join(cov['routing_types'])}")
+    console.print(f"coverage: {coverage_sentence(cov)}")
     console.print(f"reference: float64, {rep.reference['source']}; tolerances: {rep.tolerance_precision} "
                   f"noise model ({rep.noise_model})", style="dim")
 

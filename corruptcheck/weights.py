@@ -14,7 +14,7 @@ import hashlib
 import torch
 
 from corruptcheck.reference import ModelConfig
-from corruptcheck.reference.quant import fp8_block_quantize, fp8_dequantize
+from corruptcheck.reference.quant import fp8_block_quantize, fp8_dequantize, mxfp4_dequantize, mxfp4_quantize
 
 # SwiGLU gate/up pre-activations get a std of about this, so |x| > swiglu_limit (10) happens
 # for a few tokens in every expert.
@@ -125,19 +125,33 @@ def is_fp8_linear(name: str, t: torch.Tensor) -> bool:
             and not any(p in name for p in _BF16_PARTS) and not name.startswith("mtp."))
 
 
+def is_routed_expert(name: str) -> bool:
+    return ".experts." in name and name.endswith(".weight")
+
+
 def fp8_exact(params: dict) -> dict:
     """Every FP8 linear (`is_fp8_linear`) replaced by its own e4m3 x ue8m0-block-scale value, so an
     FP8 checkpoint of these weights holds exactly the numbers the reference uses (no quantisation
-    error hides in a comparison). e4m3 values times powers of two are bf16-representable."""
-    out = dict(params)
-    for name, t in params.items():
+    error hides in a comparison). e4m3 values times powers of two are bf16-representable.
+    Replaces in place (a wide case's weights are not held twice) and returns `params`."""
+    for name, t in list(params.items()):
         if t.is_floating_point() and is_fp8_linear(name, t):
-            out[name] = fp8_dequantize(*fp8_block_quantize(t))
-    return out
+            params[name] = fp8_dequantize(*fp8_block_quantize(t))
+    return params
 
 
-def generate_params(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    b = _Builder(seed)
+def release_exact(params: dict) -> dict:
+    """The weights a V4 release stores: routed experts MXFP4 (e2m1 x one E8M0 scale per 32
+    columns), every other FP8 linear e4m3 x 128x128 E8M0 block scales; each replaced in place
+    by its exact value, so a release-format checkpoint holds the reference's very numbers
+    (e2m1 values times powers of two are bf16-representable too)."""
+    for name, t in list(params.items()):
+        if t.is_floating_point() and is_routed_expert(name):
+            params[name] = mxfp4_dequantize(*mxfp4_quantize(t))
+    return fp8_exact(params)
+
+
+def _generate(cfg: ModelConfig, b: _Builder) -> dict:
     d = cfg.hidden_size
     b.normal("embed.weight", (cfg.vocab_size, d), 1.0)
     b.linear("head.weight", cfg.vocab_size, d)
@@ -154,3 +168,23 @@ def generate_params(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
         _hc(b, f"{m}.hc_head_", cfg, cfg.hc_mult)
         _block(b, m, cfg, cfg.num_layers)
     return b.params
+
+
+def generate_params(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    return _generate(cfg, _Builder(seed))
+
+
+class _ShapeBuilder(_Builder):
+    """Records the large tensors on the meta device (shape and dtype, no data)."""
+
+    def normal(self, name, shape, std, mean=0.0):
+        self.params[name] = torch.empty(shape, device="meta")
+
+    def uniform(self, name, shape, lo, hi):
+        self.params[name] = torch.empty(shape, device="meta")
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple, bool]]:
+    """{name: (shape, is floating point)} of every parameter of a model with this config, in
+    DeepSeek's naming: what a checkpoint of it must hold (release_checkpoint.py)."""
+    return {n: (tuple(t.shape), t.is_floating_point()) for n, t in _generate(cfg, _ShapeBuilder(0)).items()}

@@ -49,7 +49,8 @@ def cast_params(params: dict, prec: Precision) -> dict:
     """Matrices to the activation dtype, fp32-held tensors (mHC, sinks, ape, biases, norms) to
     acc; integer tables untouched. Exact for the generated cases (bf16-representable). Routed
     experts stay as given: the MoE casts one expert at a time (`moe.expert_weights`), so a
-    float64 run does not hold a float64 copy of every expert."""
+    float64 run does not hold a float64 copy of every expert; an expert may be anything with
+    `.to(dtype)` and `.is_floating_point()` (a checkpoint's expert, dequantized when cast)."""
     out = {}
     for name, t in params.items():
         if not t.is_floating_point() or ".experts." in name:
@@ -233,6 +234,6 @@ def run_part(cfg: ModelConfig, params: dict, part: str, layer, inputs: torch.Ten
         for ids, x in zip(id_list, _split(inputs.to(prec.act), [len(i) for i in id_list])):
             store: dict = {}
             rec = Recorder(store, f"{prefix}." if (mtp or part != "head") else "")
-            _run_one_part(part, x, ids, lp, p["head.weight"], layer_id, cfg, tables, prec, sims, rec)
+            _run_one_part(part, x, ids, lp, p.get("head.weight"), layer_id, cfg, tables, prec, sims, rec)
             per_seq.append(store)
     return {n: _concat([s[n] for s in per_seq]) for n in per_seq[0]}

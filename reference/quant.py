@@ -108,3 +108,43 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK)
     rows, cols = q.shape
     s = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
     return q.float() * s
+
+
+# --- MXFP4 (routed experts of V4 releases): e2m1 values, one E8M0 scale per 32 columns -------
+
+MXFP4_BLOCK = 32
+
+
+def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
+    """e2m1 values (exactly on the grid, |q| <= 6) -> 4-bit codes: sign bit 3, magnitude index
+    bits 0-2 (index into 0, 0.5, 1, 1.5, 2, 3, 4, 6). -0.0 keeps its sign bit."""
+    grid = _FP4_GRID.to(q.device)
+    idx = (q.abs().float()[..., None] == grid).to(torch.uint8).argmax(-1)
+    return idx.to(torch.uint8) | (torch.signbit(q).to(torch.uint8) << 3)
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes -> their e2m1 values (fp32)."""
+    mag = _FP4_GRID.to(codes.device)[(codes & 7).long()]
+    return torch.where((codes & 8).bool(), -mag, mag)
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[O, I] -> (packed int8 [O, I/2]: element 2k in the low nibble of byte k, 2k+1 in the high
+    one; E8M0 scales [O, I/32] as float8_e8m0fnu), so that w ~= e2m1 x scale per 32 columns."""
+    rows, cols = w.shape
+    if cols % MXFP4_BLOCK:
+        raise ValueError(f"MXFP4 needs a multiple of {MXFP4_BLOCK} columns, not {cols}")
+    xb = w.float().reshape(rows, cols // MXFP4_BLOCK, MXFP4_BLOCK)
+    amax = xb.abs().amax(-1, keepdim=True).clamp_min(FP4_MAX * 2.0**-126)
+    scale = ue8m0_scale(amax, FP4_MAX)
+    codes = e2m1_codes(_round_e2m1((xb / scale).clamp(-FP4_MAX, FP4_MAX))).reshape(rows, cols)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return packed.view(torch.int8), scale.squeeze(-1).to(torch.float8_e8m0fnu)
+
+
+def mxfp4_dequantize(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(packed int8/uint8 [O, I/2], scales [O, I/32]) -> fp32 [O, I] = e2m1 x scale."""
+    b = packed.view(torch.uint8)
+    codes = torch.stack([b & 15, b >> 4], -1).reshape(b.shape[0], 2 * b.shape[1])
+    return e2m1_values(codes) * scale.float().repeat_interleave(MXFP4_BLOCK, 1)
