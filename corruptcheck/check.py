@@ -148,8 +148,12 @@ def assemble(cfg: ModelConfig, engine_names, results: dict, selected: list[str],
         else:
             out.append(PointResult(spec.name, "skipped", spec.layer, spec.kind,
                                    reason="no teacher-forced sub-block computes this point"))
+    # a name no capture point has and no checked unit's reference recorded is bad input (as in
+    # compare); names of units not selected or not run are not looked at
     known = {s.name for s in capture_points(cfg)} | {n for r in results.values() for n in r.produced}
-    return Comparison(out, precision, sorted(set(engine_names) - known)), coverage
+    ran = {u for u, r in results.items() if not r.error}
+    unknown = sorted(n for n in set(engine_names) - known if unit_of(n) in ran)
+    return Comparison(out, precision, unknown), coverage
 
 
 def check(checkpoint: str, dump: str, layers: str | None = None, ray: str | None = None, progress=None):

@@ -129,13 +129,15 @@ def run_unit(ckpt: ReleaseCheckpoint, unit: str, engine: dict, sequences, precis
         if inp not in engine:
             res.notes.append(f"{part} sub-block not run: the engine did not capture {inp}")
             continue
-        x = engine[inp].to(torch.float64)
-        local = run_part(cfg, params, part, layer, x, sequences, "float64")
+        # a fresh copy: SIMD kernels sum in an order that can depend on the address alignment, and
+        # the same tensor arrives memory-mapped from a dump file here and from Ray's object store there
+        given = engine[inp].clone()
+        local = run_part(cfg, params, part, layer, given.to(torch.float64), sequences, "float64")
         local.pop(inp, None)
         noise: dict = {}
         if precision != "float64":
             for prec in variants(precision):
-                honest = run_part(cfg, params, part, layer, engine[inp], sequences, prec)
+                honest = run_part(cfg, params, part, layer, given, sequences, prec)
                 for name in local:
                     if name in honest:
                         merge_point_noise(noise, name, honest[name], local[name], honest, local)
@@ -151,12 +153,22 @@ def run_unit(ckpt: ReleaseCheckpoint, unit: str, engine: dict, sequences, precis
     return res
 
 
+# torch threads a unit computes with, wherever it runs: a CPU GEMM's float64 sums depend on how
+# many threads split it, and a unit's numbers must not depend on the runner (Ray gives each task
+# one CPU); the parallelism is across units
+UNIT_THREADS = 1
+
+
 def check_unit(root: str, unit: str, names: list, sequences, precision: str, *tensors) -> UnitResult:
     """Entry point of a worker (a Ray task or the local loop): open the checkpoint (headers
     only), run the unit on the engine tensors given as `names` / `tensors`. A problem with the
     inputs or the checkpoint makes the unit unchecked, with the one-line reason."""
-    torch.set_grad_enabled(False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(UNIT_THREADS)
     try:
-        return run_unit(ReleaseCheckpoint(root), unit, dict(zip(names, tensors)), sequences, precision)
+        with torch.no_grad():
+            return run_unit(ReleaseCheckpoint(root), unit, dict(zip(names, tensors)), sequences, precision)
     except BadInput as exc:
         return UnitResult(unit, error=str(exc), worker=f"{socket.gethostname()}:{os.getpid()}")
+    finally:
+        torch.set_num_threads(threads)

@@ -52,7 +52,7 @@ def run_on_ray(address: str, root: str, jobs: list, points, sequences, precision
     from ray.exceptions import RayTaskError
 
     cluster = connect(address)
-    task = ray.remote(check_unit).options(num_cpus=1, max_retries=0)
+    task = ray.remote(num_cpus=1, max_retries=0)(check_unit)
     cap = int(cluster["largest_node_memory"] * 0.9) or None
     pending = list(jobs)
     users = Counter(n for job in jobs for n in job.names)  # units still to run that read each tensor

