@@ -7,7 +7,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from corruptcheck.cli_common import check_store, fail
+from corruptcheck.cli_common import check_store, emit_report, fail
 from corruptcheck.errors import BadInput
 
 
@@ -76,7 +76,6 @@ def check(checkpoint_dir, dump_dir, layers, ray_address, json_path, junit_path, 
     """Check an engine dump against a release checkpoint, unit by unit (embedding, each layer,
     head, MTP), teacher-forced, without a full forward. Exit 0 pass, 1 fail or incomplete, 2 error."""
     from corruptcheck.check import check as run_check
-    from corruptcheck.cli import emit_report
     from corruptcheck.report import to_json
 
     if record_path:

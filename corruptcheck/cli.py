@@ -13,13 +13,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from corruptcheck.cli_common import check_store as _check_store, fail, record as _record
+from corruptcheck.cli_common import check_store as _check_store, emit_report, fail, record as _record
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable, one_line
 from corruptcheck.tolerance import FLOOR
 
 PRECISIONS = list(FLOOR)  # every precision with tolerances
-# incomplete (nothing failed, required points missing) is a verdict on the engine, never a pass
-EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 1}
 
 
 def crash_report_path() -> Path:
@@ -215,32 +213,6 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
     except (BadInput, EngineUnavailable, ValueError) as exc:
         fail(str(exc))
     emit_report(to_json(res), quiet, json_path, junit_path, html_path, record_path, "compare")
-
-
-def emit_report(doc: dict, quiet: bool, json_path, junit_path, html_path, record_path, kind: str) -> None:
-    """Print a report (table, or one line with --quiet), write its JSON / JUnit / HTML, record
-    it, and exit 0 / 1 / 2 by its verdict."""
-    from corruptcheck.html_report import write_html
-    from corruptcheck.report import print_table, write_json, write_junit
-
-    if quiet:
-        s = doc["summary"]
-        click.echo(f"{doc['verdict']}: {s['compared']} compared, {s['failed']} failed, {s['missing']} missing")
-    else:
-        print_table(doc, Console(width=max(Console().width, 120)))
-    for path, writer in ((json_path, write_json), (junit_path, write_junit), (html_path, write_html)):
-        if path:
-            try:
-                writer(doc, path)
-            except OSError as exc:
-                fail(f"cannot write {path}: {exc}")
-    if record_path:
-        _record(record_path, lambda store: store.record_report(record_path, doc, kind))
-    if doc["unknown_names"]:
-        fail(f"engine produced unknown point name(s): {', '.join(doc['unknown_names'][:5])}")
-    if doc["verdict"] == "error":
-        fail("nothing was compared")
-    sys.exit(EXIT_CODES.get(doc["verdict"], 2))
 
 
 def _record_crash(path, engine_name, case_name, precision, reason: str) -> None:

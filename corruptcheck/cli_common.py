@@ -1,10 +1,14 @@
-"""What every command shares: the one-line error that ends a run with exit 2, and recording a run
-in the results store."""
+"""What every command shares: the one-line error that ends a run with exit 2, recording a run in
+the results store, and printing / writing / exiting by a report."""
 from __future__ import annotations
 
 import sys
 
 import click
+from rich.console import Console
+
+# incomplete (nothing failed, required points missing) is a verdict on the engine, never a pass
+EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 1}
 
 
 def fail(msg: str) -> None:
@@ -35,3 +39,29 @@ def check_store(path: str) -> None:
         store.check(path)
     except BadInput as exc:
         fail(str(exc))
+
+
+def emit_report(doc: dict, quiet: bool, json_path, junit_path, html_path, record_path, kind: str) -> None:
+    """Print a report (table, or one line with --quiet), write its JSON / JUnit / HTML, record
+    it, and exit 0 / 1 / 2 by its verdict."""
+    from corruptcheck.html_report import write_html
+    from corruptcheck.report import print_table, write_json, write_junit
+
+    if quiet:
+        s = doc["summary"]
+        click.echo(f"{doc['verdict']}: {s['compared']} compared, {s['failed']} failed, {s['missing']} missing")
+    else:
+        print_table(doc, Console(width=max(Console().width, 120)))
+    for path, writer in ((json_path, write_json), (junit_path, write_junit), (html_path, write_html)):
+        if path:
+            try:
+                writer(doc, path)
+            except OSError as exc:
+                fail(f"cannot write {path}: {exc}")
+    if record_path:
+        record(record_path, lambda store: store.record_report(record_path, doc, kind))
+    if doc["unknown_names"]:
+        fail(f"engine produced unknown point name(s): {', '.join(doc['unknown_names'][:5])}")
+    if doc["verdict"] == "error":
+        fail("nothing was compared")
+    sys.exit(EXIT_CODES.get(doc["verdict"], 2))
