@@ -66,6 +66,10 @@ def _chart(rows: list[dict]) -> str:
              f'<line x1="{_PAD}" x2="{_W - _PAD}" y1="{_y(1, lo, hi):.1f}" y2="{_y(1, lo, hi):.1f}" '
              'stroke="#c62828" stroke-dasharray="4 3"/>',
              f'<text x="{_W - _PAD + 4}" y="{_y(1, lo, hi) + 4:.1f}" font-size="11" fill="#c62828">tolerance</text>']
+    for d in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1):  # decade ticks: the scale readable
+        y = _y(10.0 ** d, lo, hi)
+        parts.append(f'<line x1="{_PAD}" x2="{_W - _PAD}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
+                     f'<text x="{_PAD - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end" fill="#777">{10.0 ** d:g}</text>')
     pts = []
     for x, r in zip(xs, rows):
         label = html.escape(r["engine_version"] or "?")
@@ -77,7 +81,8 @@ def _chart(rows: list[dict]) -> str:
         y = _y(r["worst_ratio"] if math.isfinite(r["worst_ratio"]) else hi, lo, hi)
         pts.append(f"{x:.1f},{y:.1f}")
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{_colour(r["worst_ratio"])}">'
-                     f'<title>{label}: worst err/tol {r["worst_ratio"]:.3g}</title></circle>')
+                     f'<title>{label}: worst err/tol {r["worst_ratio"]:.3g}</title></circle>'
+                     f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" font-size="11">{r["worst_ratio"]:.3g}</text>')
     if len(pts) > 1:
         parts.insert(3, f'<polyline points="{" ".join(pts)}" fill="none" stroke="#1565c0" stroke-width="2"/>')
     parts.append("</svg>")
