@@ -201,3 +201,28 @@ def test_cli_check_on_ray_exit_codes_and_reports(setup, tmp_path):
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["culprit"]["name"] == f"layers.{FAULT_LAYER}.moe.out"
     assert "<failure" in (tmp_path / "r.xml").read_text() and "moe.out" in (tmp_path / "r.html").read_text()
+
+
+def test_dump_split_over_ranks_checks_like_one_file(setup, clean_local, tmp_path):
+    """Every float point of the layers split in two along its last dim over two rank files (as
+    tensor-parallel shards), the rest replicated in rank 0: the same numbers as the one-file dump."""
+    from corruptcheck.dump import load_dump
+    from corruptcheck.check import _dump_case
+    from corruptcheck.release_checkpoint import ReleaseCheckpoint
+    from corruptcheck.dump import read_manifest
+
+    case = _dump_case(read_manifest(setup["clean"]), ReleaseCheckpoint(setup["ckpt"]), "x")
+    points, _ = load_dump(setup["clean"], case)
+    rank0, rank1, layout = {}, {}, {}
+    for name in points:
+        t = points[name]
+        if name.startswith("layers.") and t.is_floating_point() and t.shape[-1] % 2 == 0:
+            a, b = t.chunk(2, -1)
+            rank0[name], rank1[name] = a.contiguous(), b.contiguous()
+            layout[name] = {"merge": "concat", "dim": -1}
+        else:
+            rank0[name] = t
+    split = write_dump({}, get_case(CASE), tmp_path / "split", engine={"name": "reference", "version": "test"},
+                       precision="float32", layout=layout, shards=[rank0, rank1])
+    doc = to_json(check(setup["ckpt"], split))
+    assert doc["verdict"] == "pass" and _points(doc) == _points(clean_local)
