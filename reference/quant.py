@@ -49,17 +49,24 @@ def fp8_sim(x: torch.Tensor, block: int) -> torch.Tensor:
     return _unblock(q * scale, x)
 
 
+# midpoints between neighbouring e2m1 magnitudes; at a midpoint the even code wins: rounding
+# goes up where the upper neighbour's code is even (0.75 -> 1.0, 1.75 -> 2, 3.5 -> 4)
+_FP4_MIDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+_TIE_UP = torch.tensor([False, True, False, True, False, True, False])
+
+
+def _magnitude_codes(mag: torch.Tensor) -> torch.Tensor:
+    """|v| (<= FP4_MAX) -> the index of the nearest e2m1 magnitude, ties to the even index."""
+    mids = _FP4_MIDS.to(mag.device, mag.dtype)
+    code = torch.bucketize(mag, mids)  # the number of midpoints below |v|: a tie lands on the lower side
+    at = code.clamp(max=len(mids) - 1)
+    return code + (_TIE_UP.to(mag.device)[at] & (mag == mids[at]))
+
+
 def _round_e2m1(v: torch.Tensor) -> torch.Tensor:
     # round to nearest e2m1 magnitude, ties to even code (docs/v4-spec.md §11: round-half-even assumed)
     grid = _FP4_GRID.to(v.device, torch.float32)
-    mag = v.abs().clamp(max=FP4_MAX)
-    d = (mag[..., None] - grid).abs()
-    best = d.min(-1, keepdim=True).values
-    # among equally near grid points prefer the even code index
-    idx = torch.arange(grid.numel(), device=v.device)
-    cand = (d == best) & ((idx % 2 == 0) | ((d == best).sum(-1, keepdim=True) == 1))
-    code = torch.where(cand, idx, grid.numel()).amin(-1)
-    return grid[code] * torch.sign(v)
+    return grid[_magnitude_codes(v.abs().clamp(max=FP4_MAX))] * torch.sign(v)
 
 
 def fp4_sim(x: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -118,8 +125,7 @@ MXFP4_BLOCK = 32
 def e2m1_codes(q: torch.Tensor) -> torch.Tensor:
     """e2m1 values (exactly on the grid, |q| <= 6) -> 4-bit codes: sign bit 3, magnitude index
     bits 0-2 (index into 0, 0.5, 1, 1.5, 2, 3, 4, 6). -0.0 keeps its sign bit."""
-    grid = _FP4_GRID.to(q.device)
-    idx = (q.abs().float()[..., None] == grid).to(torch.uint8).argmax(-1)
+    idx = _magnitude_codes(q.abs().float())
     return idx.to(torch.uint8) | (torch.signbit(q).to(torch.uint8) << 3)
 
 

@@ -214,3 +214,13 @@ def test_cli_checkpoint_then_damage_exits_2_with_one_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "corrupt or truncated" in r.stderr
+
+
+def test_e2m1_ties_go_to_the_even_code():
+    from corruptcheck.reference.quant import _round_e2m1
+
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    assert _round_e2m1(mids).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+    assert _round_e2m1(-mids).tolist() == [-0.0, -1.0, -1.0, -2.0, -2.0, -4.0, -4.0]
+    above = torch.nextafter(mids, torch.tensor(9.0))
+    assert _round_e2m1(above).tolist() == [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
