@@ -104,6 +104,9 @@ def write_release_checkpoint(case, out_dir, experts: str = "fp4", shards: int = 
         (build / CONFIG).write_text(json.dumps(conf, indent=1))
         (build / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         worst = max_difference(ReleaseCheckpoint(build), params)
+        build.chmod(0o755)  # mkdtemp makes it private; a checkpoint is read by every worker
+        for f in build.iterdir():
+            f.chmod(0o644)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, trash / out.name)

@@ -134,7 +134,8 @@ def fp8_exact(params: dict) -> dict:
     FP8 checkpoint of these weights holds exactly the numbers the reference uses (no quantisation
     error hides in a comparison). e4m3 values times powers of two are bf16-representable.
     Replaces in place (a wide case's weights are not held twice) and returns `params`."""
-    for name, t in list(params.items()):
+    for name in list(params):  # names only: the replaced tensor is freed as we go
+        t = params[name]
         if t.is_floating_point() and is_fp8_linear(name, t):
             params[name] = fp8_dequantize(*fp8_block_quantize(t))
     return params
@@ -145,9 +146,9 @@ def release_exact(params: dict) -> dict:
     columns), every other FP8 linear e4m3 x 128x128 E8M0 block scales; each replaced in place
     by its exact value, so a release-format checkpoint holds the reference's very numbers
     (e2m1 values times powers of two are bf16-representable too)."""
-    for name, t in list(params.items()):
-        if t.is_floating_point() and is_routed_expert(name):
-            params[name] = mxfp4_dequantize(*mxfp4_quantize(t))
+    for name in list(params):
+        if params[name].is_floating_point() and is_routed_expert(name):
+            params[name] = mxfp4_dequantize(*mxfp4_quantize(params[name]))
     return fp8_exact(params)
 
 
