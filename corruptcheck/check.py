@@ -78,9 +78,11 @@ def select_units(cfg: ModelConfig, layers: str | None) -> list[str]:
 def memory_estimate(ckpt: ReleaseCheckpoint, unit: str, input_bytes: int) -> int:
     """Bytes a unit needs: its dense weights in fp32 and their float64 copy (12 bytes per
     parameter), one routed expert in float64 twice over (one in use, the next being cast), its
-    engine tensors six times (as read, in float64, the float64 and honest outputs beside them),
-    and 512 MiB for the process. Calibrated on pro-release: layer units measured 7.2-7.7 GiB
-    peak against 8.7 GiB estimated, the head 1.56 against 1.75 (docs/checkpoints.md §5)."""
+    engine tensors seven times (as read, in float64, the float64 and honest outputs beside them;
+    on Ray the object store's pages of the inputs count in the worker too) and 1 GiB for the
+    worker process itself. Calibrated on pro-release (docs/checkpoints.md §5): peak RSS of a
+    layer unit 7.2-7.7 GiB in one process, 8.0-8.7 GiB on a Ray worker, against 9.7-10.0 GiB
+    estimated; the head 1.6 / 2.2 against 2.3."""
     dense = experts = 0
     for n in ckpt.unit_names(unit):
         count = 1
@@ -90,7 +92,7 @@ def memory_estimate(ckpt: ReleaseCheckpoint, unit: str, input_bytes: int) -> int
             experts = max(experts, count * 3)  # w1, w3, w2 of one expert
         else:
             dense += count
-    return dense * 12 + experts * 16 + input_bytes * 6 + (512 << 20)
+    return dense * 12 + experts * 16 + input_bytes * 7 + (1 << 30)
 
 
 def plan(ckpt: ReleaseCheckpoint, points, selected: list[str]) -> list[Job]:
@@ -139,7 +141,7 @@ def assemble(cfg: ModelConfig, engine_names, results: dict, selected: list[str],
                             p.reason if p.name == spec.name else f"the same tensor as {prev}", p.ratio)
             if p.verdict == "pass" and spec.layer is not None and not exercised(coverage, layer_key(spec), spec.mechanism):
                 p.verdict, p.reason = "not-exercised", f"the case did not exercise {spec.mechanism} here"
-            p.local = {"verdict": p.verdict, "ratio": p.ratio, "tolerance": p.tolerance,
+            p.local = {"verdict": p.verdict, "ratio": p.ratio, "tolerance": p.tolerance, "reason": p.reason,
                        "rel_l2": p.metrics.get("rel_l2"), "norm_ratio": p.metrics.get("norm_ratio")}
             out.append(p)
         elif spec.name not in engine_names:

@@ -112,6 +112,16 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _fp8_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q [O, I] times its 128x128 block scales (ragged edge blocks are partial)."""
+    rows, cols = q.shape
+    if rows % FP8_BLOCK == 0 and cols % FP8_BLOCK == 0:  # broadcast, no expanded copy of the scales
+        tiles = q.view(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
+        return (tiles * scale[:, None, :, None]).view(rows, cols)
+    s = scale.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+    return q * s
+
+
 class ExpertWeight:
     """A routed expert's weight, dequantized when the reference casts it (`.to(dtype)`)."""
 
@@ -220,24 +230,20 @@ class ReleaseCheckpoint:
             return raw.long()
         if dtype in PLAIN_FLOAT:
             out = raw.float()
-        else:
-            sname = self._scale(name)[0]
-            scale = self._raw(sname)
-            s = scale.float()
-            if not torch.isfinite(s).all() or (s <= 0).any():
-                raise BadInput(f"{sname} in {self.stored[sname][2].name}: scale NaN, infinite or not positive "
-                               "(E8M0 byte 0xFF is NaN): corrupt shard")
-            if dtype == E4M3:
-                q = raw.float()
-                if not torch.isfinite(q).all():
-                    raise BadInput(f"{name} in {self.stored[name][2].name}: e4m3 NaN bytes: corrupt shard")
-                s = s.repeat_interleave(FP8_BLOCK, 0)[: q.shape[0]].repeat_interleave(FP8_BLOCK, 1)[:, : q.shape[1]]
-                out = q * s
-            else:
-                out = mxfp4_dequantize(raw.view(torch.uint8), scale)
-        if not torch.isfinite(out).all():
-            raise BadInput(f"{name} in {self.stored[name][2].name}: non-finite values: corrupt shard")
-        return out
+            if not torch.isfinite(out).all():
+                raise BadInput(f"{name} in {self.stored[name][2].name}: non-finite values: corrupt shard")
+            return out
+        sname = self._scale(name)[0]
+        scale = self._raw(sname).float()
+        if not torch.isfinite(scale).all() or (scale <= 0).any():
+            raise BadInput(f"{sname} in {self.stored[sname][2].name}: scale NaN, infinite or not positive "
+                           "(E8M0 byte 0xFF is NaN): corrupt shard")
+        if dtype != E4M3:  # MXFP4: every e2m1 code is a finite value
+            return mxfp4_dequantize(raw.view(torch.uint8), scale)
+        q = raw.float()
+        if not torch.isfinite(q).all():
+            raise BadInput(f"{name} in {self.stored[name][2].name}: e4m3 NaN bytes: corrupt shard")
+        return _fp8_blocks(q, scale)
 
     def unit_names(self, unit: str) -> list[str]:
         """Parameters of a unit: 'embed', 'head', 'layers.<i>' or 'mtp.0' (its head included)."""

@@ -149,8 +149,19 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.view(torch.int8), scale.squeeze(-1).to(torch.float8_e8m0fnu)
 
 
+def _byte_values() -> torch.Tensor:
+    """[256, 2]: the two e2m1 values of every byte, low nibble first."""
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    return torch.stack([e2m1_values(b & 15), e2m1_values(b >> 4)], -1)
+
+
+_BYTE_VALUES = _byte_values()
+
+
 def mxfp4_dequantize(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(packed int8/uint8 [O, I/2], scales [O, I/32]) -> fp32 [O, I] = e2m1 x scale."""
+    """(packed int8/uint8 [O, I/2], scales [O, I/32]) -> fp32 [O, I] = e2m1 x scale (one table
+    lookup per byte, the scale broadcast over its 32 columns)."""
     b = packed.view(torch.uint8)
-    codes = torch.stack([b & 15, b >> 4], -1).reshape(b.shape[0], 2 * b.shape[1])
-    return e2m1_values(codes) * scale.float().repeat_interleave(MXFP4_BLOCK, 1)
+    rows, cols = b.shape[0], 2 * b.shape[1]
+    vals = _BYTE_VALUES.to(b.device)[b.to(torch.int32)].reshape(rows, cols // MXFP4_BLOCK, MXFP4_BLOCK)
+    return (vals * scale.float()[..., None]).reshape(rows, cols)
