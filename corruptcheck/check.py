@@ -12,6 +12,7 @@ checked leaves its points `unchecked` with the reason — never passed.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -83,15 +84,9 @@ def memory_estimate(ckpt: ReleaseCheckpoint, unit: str, input_bytes: int) -> int
     worker process itself. Calibrated on pro-release (docs/checkpoints.md §5): peak RSS of a
     layer unit 7.2-7.7 GiB in one process, 8.0-8.7 GiB on a Ray worker, against 9.7-10.0 GiB
     estimated; the head 1.6 / 2.2 against 2.3."""
-    dense = experts = 0
-    for n in ckpt.unit_names(unit):
-        count = 1
-        for d in ckpt.shapes[n]:
-            count *= d
-        if ".experts." in n:
-            experts = max(experts, count * 3)  # w1, w3, w2 of one expert
-        else:
-            dense += count
+    names = ckpt.unit_names(unit)
+    dense = sum(math.prod(ckpt.shapes[n]) for n in names if ".experts." not in n)
+    experts = 3 * max((math.prod(ckpt.shapes[n]) for n in names if ".experts." in n), default=0)  # w1, w3, w2
     return dense * 12 + experts * 16 + input_bytes * 7 + (1 << 30)
 
 

@@ -32,7 +32,7 @@ from corruptcheck.batch_layout import fits_batch, unpad
 from corruptcheck.cases import Case
 from corruptcheck.errors import BadInput
 from corruptcheck.jsonio import loads_finite
-from corruptcheck.lazy_points import LazyPoints, RowSource, file_tensors, read_tensor
+from corruptcheck.lazy_points import LazyPoints, RowSource, file_tensors, read_tensor, safetensors_file
 from corruptcheck.reference import Precision
 from corruptcheck.shards import CONCAT, SUM, MergeRule, ShardError, merge_shards
 
@@ -112,22 +112,6 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def _safe_file(root: Path, name) -> Path:
-    if not isinstance(name, str) or not name:
-        raise BadInput(f"{root / MANIFEST}: file entries must be non-empty strings")
-    p = Path(name)
-    if p.is_absolute() or ".." in p.parts:
-        raise BadInput(f"{root / MANIFEST}: file {name!r} is outside the dump")
-    full = (root / p)
-    if not full.resolve().is_relative_to(root.resolve()):
-        raise BadInput(f"{root / MANIFEST}: file {name!r} resolves outside the dump")
-    if full.suffix != ".safetensors":
-        raise BadInput(f"{root / MANIFEST}: file {name!r} is not a .safetensors file (pickles are not read)")
-    if not full.is_file():
-        raise BadInput(f"dump file {full} is missing")
-    return full
-
-
 def _check_case(manifest: dict, case: Case, root: Path) -> None:
     where = root / MANIFEST
     if manifest["case"] != case.name:
@@ -164,7 +148,7 @@ def load_dump(path: str | Path, case: Case) -> tuple[LazyPoints, dict]:
         raise BadInput(f"{root / MANIFEST}: 'layout' must be a table")
     sources: dict[str, list] = {}  # key -> [(file, shape-only tensor)] in rank order
     for name in files:
-        full = _safe_file(root, name)
+        full = safetensors_file(root, name, root / MANIFEST, "dump file")
         for key, t in file_tensors(full).items():
             sources.setdefault(key, []).append((full, torch.empty(t.shape, dtype=t.dtype, device="meta")))
     if not sources:

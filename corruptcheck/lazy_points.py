@@ -29,6 +29,26 @@ def read_safetensors(path: Path, fn):
         raise BadInput(f"file {path} is corrupt or truncated ({exc})") from None
 
 
+def safetensors_file(root: Path, name, listing: Path, kind: str) -> Path:
+    """The file `name` that `listing` (a manifest or index) names inside `root`, checked: a
+    non-empty relative path that stays inside root, a .safetensors file (pickles are never
+    read), present. `kind`: "dump file", "checkpoint shard" (the words of the messages)."""
+    owner, noun = kind.split()
+    if not isinstance(name, str) or not name:
+        raise BadInput(f"{listing}: {noun} entries must be non-empty strings")
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts:
+        raise BadInput(f"{listing}: {noun} {name!r} is outside the {owner}")
+    full = root / p
+    if not full.resolve().is_relative_to(root.resolve()):
+        raise BadInput(f"{listing}: {noun} {name!r} resolves outside the {owner}")
+    if full.suffix != ".safetensors":
+        raise BadInput(f"{listing}: {noun} {name!r} is not a .safetensors file (pickles are not read)")
+    if not full.is_file():
+        raise BadInput(f"{kind} {full} is missing")
+    return full
+
+
 def read_tensor(path: Path, key: str) -> torch.Tensor:
     """One tensor of a safetensors file."""
     return read_safetensors(path, lambda f: f.get_tensor(key))

@@ -25,15 +25,16 @@ expert, never all of them. Every problem is one `BadInput` line.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from corruptcheck.errors import BadInput
 from corruptcheck.jsonio import loads_finite
-from corruptcheck.lazy_points import read_safetensors, read_tensor
+from corruptcheck.lazy_points import read_safetensors, read_tensor, safetensors_file
 from corruptcheck.reference import ModelConfig
-from corruptcheck.reference.quant import FP8_BLOCK, MXFP4_BLOCK, mxfp4_dequantize
+from corruptcheck.reference.quant import FP8_BLOCK, MXFP4_BLOCK, fp8_dequantize, mxfp4_dequantize
 from corruptcheck.weights import param_shapes
 
 INDEX = "model.safetensors.index.json"
@@ -89,17 +90,6 @@ def _json(path: Path) -> dict:
     return doc
 
 
-def _shard_path(root: Path, name) -> Path:
-    if not isinstance(name, str) or not name.endswith(".safetensors"):
-        raise BadInput(f"{root / INDEX}: shard {name!r} is not a .safetensors file")
-    p = root / name
-    if Path(name).is_absolute() or ".." in Path(name).parts or not p.resolve().is_relative_to(root.resolve()):
-        raise BadInput(f"{root / INDEX}: shard {name!r} is outside the checkpoint")
-    if not p.is_file():
-        raise BadInput(f"checkpoint shard {p} is missing")
-    return p
-
-
 def _header(path: Path) -> dict:
     """{tensor: (stored dtype, shape)} from a shard's header (safetensors checks the header and
     the file's length against it when it opens the file: a truncated shard fails here)."""
@@ -110,16 +100,6 @@ def _header(path: Path) -> dict:
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _fp8_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """q [O, I] times its 128x128 block scales (ragged edge blocks are partial)."""
-    rows, cols = q.shape
-    if rows % FP8_BLOCK == 0 and cols % FP8_BLOCK == 0:  # broadcast, no expanded copy of the scales
-        tiles = q.view(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
-        return (tiles * scale[:, None, :, None]).view(rows, cols)
-    s = scale.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
-    return q * s
 
 
 class ExpertWeight:
@@ -150,7 +130,8 @@ class ReleaseCheckpoint:
         if not isinstance(weight_map, dict) or not weight_map:
             raise BadInput(f"{self.root / INDEX}: no weight_map")
         self.weight_map = weight_map
-        headers = {name: _header(_shard_path(self.root, name)) for name in sorted(set(weight_map.values()))}
+        headers = {name: _header(safetensors_file(self.root, name, self.root / INDEX, "checkpoint shard"))
+                   for name in sorted(set(weight_map.values()))}
         self.stored: dict[str, tuple[str, tuple, Path]] = {}
         for tensor, shard in weight_map.items():
             if tensor not in headers[shard]:
@@ -240,10 +221,9 @@ class ReleaseCheckpoint:
                            "(E8M0 byte 0xFF is NaN): corrupt shard")
         if dtype != E4M3:  # MXFP4: every e2m1 code is a finite value
             return mxfp4_dequantize(raw.view(torch.uint8), scale)
-        q = raw.float()
-        if not torch.isfinite(q).all():
+        if ((raw.view(torch.uint8) & 0x7F) == 0x7F).any():  # e4m3fn's only NaN codes: S.1111.111
             raise BadInput(f"{name} in {self.stored[name][2].name}: e4m3 NaN bytes: corrupt shard")
-        return _fp8_blocks(q, scale)
+        return fp8_dequantize(raw, scale)
 
     def unit_names(self, unit: str) -> list[str]:
         """Parameters of a unit: 'embed', 'head', 'layers.<i>' or 'mtp.0' (its head included)."""
@@ -261,14 +241,6 @@ class ReleaseCheckpoint:
     def stored_bytes(self, names) -> int:
         """Bytes the named tensors (and their scales) occupy on disk."""
         size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E8M0": 1,
-                "I8": 1, "U8": 1}
-        total = 0
-        for n in names:
-            for key in (n, self._scale(n)[0]):
-                if key in self.stored:
-                    dtype, shape, _ = self.stored[key]
-                    count = 1
-                    for d in shape:
-                        count *= d
-                    total += count // 2 if dtype == "F4" else count * size[dtype]
-        return total
+                "I8": 1, "U8": 1, "F4": 0.5}
+        keys = {k for n in names for k in (n, self._scale(n)[0]) if k in self.stored}
+        return int(sum(math.prod(self.stored[k][1]) * size[self.stored[k][0]] for k in keys))

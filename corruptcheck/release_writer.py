@@ -34,30 +34,35 @@ def _scale_name(name: str) -> str:
     return name[: -len(".weight")] + ".scale"
 
 
+def stored_format(name: str, t: torch.Tensor, experts: str) -> str:
+    """How the release stores a parameter (module docstring): int64, mxfp4, fp8 (E8M0 scales),
+    fp8-f32 (F32 scales: the Base releases' FP8 experts), bf16 or f32."""
+    if not t.is_floating_point():
+        return "int64"
+    if is_routed_expert(name):
+        return "mxfp4" if experts == "fp4" else "fp8-f32"
+    if is_fp8_linear(name, t):
+        return "fp8"
+    return "bf16" if name.endswith(".weight") else "f32"
+
+
+# bytes per value of each format, scales included (planning only)
+BYTES_PER_VALUE = {"int64": 8, "mxfp4": 0.5 + 1 / 32, "fp8": 1, "fp8-f32": 1, "bf16": 2, "f32": 4}
+
+
 def encode(name: str, t: torch.Tensor, experts: str) -> dict[str, torch.Tensor]:
     """The stored tensors of one parameter (the weight and, quantized, its scale)."""
-    if not t.is_floating_point():
+    fmt = stored_format(name, t, experts)
+    if fmt == "int64":
         return {name: t.to(torch.int64).contiguous()}
-    if is_routed_expert(name) and experts == "fp4":
+    if fmt == "mxfp4":
         packed, scale = mxfp4_quantize(t)
         return {name: packed.contiguous(), _scale_name(name): scale.contiguous()}
-    if is_fp8_linear(name, t):
+    if fmt in ("fp8", "fp8-f32"):
         q, scale = fp8_block_quantize(t)
-        stored_scale = scale if is_routed_expert(name) else scale.to(torch.float8_e8m0fnu)  # fp8 experts: F32
+        stored_scale = scale if fmt == "fp8-f32" else scale.to(torch.float8_e8m0fnu)
         return {name: q, _scale_name(name): stored_scale.contiguous()}
-    if name.endswith(".weight"):
-        return {name: t.to(torch.bfloat16).contiguous()}
-    return {name: t.to(torch.float32).contiguous()}
-
-
-def _stored_size(name: str, t: torch.Tensor, experts: str) -> int:
-    if not t.is_floating_point():
-        return t.numel() * 8
-    if is_routed_expert(name) and experts == "fp4":
-        return t.numel() // 2 + t.numel() // 32
-    if is_fp8_linear(name, t):
-        return t.numel()
-    return t.numel() * (2 if name.endswith(".weight") else 4)
+    return {name: t.to(torch.bfloat16 if fmt == "bf16" else torch.float32).contiguous()}
 
 
 def plan_shards(sizes: list[tuple[str, int]], shards: int) -> list[list[str]]:
@@ -84,7 +89,8 @@ def write_release_checkpoint(case, out_dir, experts: str = "fp4", shards: int = 
         raise BadInput(f"--experts must be one of {', '.join(EXPERT_FORMATS)}, not {experts!r}")
     params = case.params()
     names = list(params)
-    plan = plan_shards([(n, _stored_size(n, params[n], experts)) for n in names], shards)
+    plan = plan_shards([(n, params[n].numel() * BYTES_PER_VALUE[stored_format(n, params[n], experts)])
+                        for n in names], shards)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

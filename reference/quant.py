@@ -111,10 +111,15 @@ def fp8_block_quantize(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.T
 
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """q * scale, each scale spread over its block x block tile (fp32)."""
+    """q * scale, each scale spread over its block x block tile (fp32; ragged edge tiles are
+    partial). Whole tiles broadcast the scales instead of expanding them."""
     rows, cols = q.shape
+    qf, scale = q.float(), scale.float()
+    if rows % block == 0 and cols % block == 0:
+        tiles = qf.view(rows // block, block, cols // block, block)
+        return (tiles * scale[:, None, :, None]).view(rows, cols)
     s = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
-    return q.float() * s
+    return qf * s
 
 
 # --- MXFP4 (routed experts of V4 releases): e2m1 values, one E8M0 scale per 32 columns -------
