@@ -24,7 +24,6 @@ expert, never all of them. Every problem is one `BadInput` line.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
