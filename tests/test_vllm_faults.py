@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from corruptcheck.engines import vllm_cpu
 from corruptcheck.cases import get_case
 from corruptcheck.errors import BadInput
 from corruptcheck.faults import FAULTS, FaultState, faults_for, get_fault
@@ -106,6 +107,10 @@ def _routing(**kw):
     return R._sqrtsoftplus_bias_topk(**base)
 
 
+needs_kernels = pytest.mark.skipif(vllm_cpu.missing_kernels() is not None, reason=str(vllm_cpu.missing_kernels()))
+
+
+@needs_kernels
 def test_routed_scaling_ignored_changes_the_weights():
     w, ids = _routing()
     state = FaultState()
@@ -120,6 +125,7 @@ def test_routed_scaling_ignored_changes_the_weights():
     assert torch.equal(w3, w)
 
 
+@needs_kernels
 def test_hash_routing_off_by_one_uses_the_next_row():
     g = torch.Generator().manual_seed(1)
     table = torch.randint(0, 64, (100, 6), generator=g, dtype=torch.int32)
@@ -223,6 +229,7 @@ def test_selftest_wiring_for_vllm(monkeypatch):
         raise RuntimeError("stub")
 
     monkeypatch.setattr(st, "compare", fake_compare)
+    monkeypatch.setattr(vllm_cpu, "missing_kernels", lambda: None)  # the engine never starts here
     res = st.run_selftest("vllm", cases=["flash-engine"])
     assert res.precisions == ["fp8-serving"]
     assert [r.fault for r in res.faults] == list(VLLM_FAULTS)

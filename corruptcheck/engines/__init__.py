@@ -52,7 +52,8 @@ def get_engine(name: str) -> Engine:
     engine = engine_class(name)()
     ok, why = engine.available()
     if not ok:
-        hint = f"; install it with: pip install 'corruptcheck[{engine.extra}]'" if engine.extra else ""
+        installed = getattr(engine, "installed", lambda: False)()  # installed, but cannot run here
+        hint = f"; install it with: pip install 'corruptcheck[{engine.extra}]'" if engine.extra and not installed else ""
         raise EngineUnavailable(f"engine {name!r} is not available: {why}{hint}")
     return engine
 

