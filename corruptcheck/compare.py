@@ -183,7 +183,8 @@ def _localize_served(dcase: Case, engine_points: dict, precision: str, noise, co
     first = first_failing_phase(phases)
     if first is not None:
         culprit = attach(comp, teacher_force(dcase, engine_points, precision, noise,
-                                             rows=rows_by_phase[phase_label(first)]))
+                                             rows=rows_by_phase[phase_label(first)],
+                                             group=label_key(phase_label(first))))
         if culprit is not None:
             culprit["phase"] = {k: first[k] for k in ("phase", "step", "chunk")}
             return culprit, "run"

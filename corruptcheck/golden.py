@@ -359,7 +359,7 @@ def _structure_problem(m: dict) -> str | None:
     for precision, model in m["tolerances"].items():
         if not isinstance(model, dict) or not all(isinstance(model.get(s, {}), dict) for s in ("free", "local")):
             return f"noise model {precision} is not a table of free / local points"
-        for scope in ("free", "local"):
+        for scope in ("free", "local", "local_own_choice"):
             for point, noise in model.get(scope, {}).items():
                 if not isinstance(noise, dict) or not all(
                         isinstance(v, _NUMBER) and not isinstance(v, bool) for v in noise.values()):

@@ -132,12 +132,15 @@ def run_unit(ckpt: ReleaseCheckpoint, unit: str, engine: dict, sequences, precis
         # a fresh copy: SIMD kernels sum in an order that can depend on the address alignment, and
         # the same tensor arrives memory-mapped from a dump file here and from Ray's object store there
         given = engine[inp].clone()
-        local = run_part(cfg, params, part, layer, given.to(torch.float64), sequences, "float64")
+        # the engine's own expert ids where it exposes them, for the float64 run and the honest
+        # ones alike: the output is judged on arithmetic, the choice at moe.experts (localize.py)
+        experts = engine.get(f"{'mtp.0' if layer == 'mtp.0' else f'layers.{layer}'}.moe.experts") if part == "ffn" else None
+        local = run_part(cfg, params, part, layer, given.to(torch.float64), sequences, "float64", experts=experts)
         local.pop(inp, None)
         noise: dict = {}
         if precision != "float64":
             for prec in variants(precision):
-                honest = run_part(cfg, params, part, layer, given, sequences, prec)
+                honest = run_part(cfg, params, part, layer, given, sequences, prec, experts=experts)
                 for name in local:
                     if name in honest:
                         merge_point_noise(noise, name, honest[name], local[name], honest, local)

@@ -14,8 +14,8 @@ import torch
 from corruptcheck.cases import Case
 from corruptcheck.differ import Comparison, judge_point
 from corruptcheck.finite import finite_or_none
-from corruptcheck.noise import local_points, sub_blocks
-from corruptcheck.phases import per_token_bound
+from corruptcheck.noise import choice_dependent, local_points, sub_blocks
+from corruptcheck.phases import per_token_bound, phase_local_noise
 from corruptcheck.points import capture_points
 
 
@@ -27,25 +27,38 @@ def prev_out(cfg, name: str) -> str | None:
     return None
 
 
-def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, rows: dict | None = None) -> dict:
+def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, rows: dict | None = None,
+                  group: str | None = None) -> dict:
     """{point: local result} for every point a teacher-forced sub-block produces. A local
     result is {"rel_l2", "norm_ratio", "ratio", "tolerance", "verdict"} or
     {"verdict": "unavailable", "reason"} when the engine lacks the sub-block's input.
 
-    `rows` ({point: row indices}, a served run's phase: phases.phase_rows): the sub-blocks
-    still run on every token (causality), but each point is judged on those rows only, against
-    the run's honest per-token worst cases (phases.per_token_bound), so the culprit is named
-    within the step where the divergence appeared."""
-    local_noise = (noise or {}).get("local", {})
+    An FFN sub-block runs the engine's own expert ids where the engine exposes them
+    (`reference.moe.given_choices`): its output is then judged on arithmetic against the local
+    noise of honest runs on the reference's own choices, while the choice itself is judged
+    against the router's (a genuine wrong choice fails at `moe.experts`, a near-tie resolved the
+    other way is no error downstream). Without them, against the noise of honest runs making
+    their own choices (`local_own_choice`).
+
+    `rows` ({point: row indices}, a served run's phase `group`: phases.phase_rows): the
+    sub-blocks still run on every token (causality), but each point is judged on those rows only,
+    against the local noise measured on the phase's rows (phases.phase_local_noise), so the
+    culprit is named within the step where the divergence appeared."""
+    base = (noise or {}).get("local", {})
+    own = {**base, **{n: _worse(base.get(n), v) for n, v in (noise or {}).get("local_own_choice", {}).items()}}
     if rows is not None:
-        local_noise = per_token_bound(local_noise)
+        tokens = len(rows.get("embed", ()))
+        base, own = phase_local_noise(noise, base, group, tokens), per_token_bound(own)
     specs = {s.name: s for s in capture_points(case.config)}
     out: dict = {}
     for part, layer, inp in sub_blocks(case):
         if inp not in engine:
             out[f"__{part}:{layer}"] = {"verdict": "unavailable", "reason": f"engine did not capture {inp}"}
             continue
-        loc = local_points(case, part, layer, engine[inp].to(torch.float64), "float64")
+        conditioned = choice_dependent(case, part, layer) and _experts_name(layer) in engine
+        loc = local_points(case, part, layer, engine[inp].to(torch.float64), "float64",
+                           choices=engine if conditioned else None)
+        local_noise = base if conditioned or not choice_dependent(case, part, layer) else own
         if rows is not None:
             loc, eng = _rows_of(loc, rows), _rows_of({n: engine[n] for n in loc if n in engine}, rows)
         else:
@@ -57,12 +70,22 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
             res = judge_point(spec, eng, loc, precision, local_noise, "local")
             out[name] = {"verdict": res.verdict, "ratio": res.ratio, "tolerance": res.tolerance,
                          "rel_l2": res.metrics.get("rel_l2"), "norm_ratio": res.metrics.get("norm_ratio"),
-                         "genuine": res.metrics.get("genuine"), "reason": res.reason}
+                         "genuine": res.metrics.get("genuine"), "reason": res.reason,
+                         **({"on_engine_choices": True} if conditioned else {})}
     for name in specs:
         prev = prev_out(case.config, name)
         if prev and prev in out:
             out[name] = dict(out[prev], alias=prev)
     return out
+
+
+def _experts_name(layer) -> str:
+    return f"{'mtp.0' if layer == 'mtp.0' else f'layers.{layer}'}.moe.experts"
+
+
+def _worse(a: dict | None, b: dict) -> dict:
+    """Per metric the larger of two noise entries."""
+    return {k: max((a or {}).get(k, 0.0), v) for k, v in b.items()} | {k: v for k, v in (a or {}).items() if k not in b}
 
 
 def _rows_of(points: dict, rows: dict) -> dict:

@@ -25,7 +25,7 @@ from corruptcheck.points import agreeing_rows, experts_of
 from corruptcheck.reference import Precision, run
 from corruptcheck.reference.model import run_part
 
-NOISE_FORMAT = 1
+NOISE_FORMAT = 2  # 2: local noise on the reference's expert choices, + local_own_choice, groups_local
 
 
 def variants(precision: str) -> list[Precision]:
@@ -88,21 +88,52 @@ def sub_blocks(case: Case):
         yield "head", "mtp.0", "mtp.0.out"
 
 
-def local_points(case: Case, part: str, layer, inputs: torch.Tensor, precision) -> dict:
-    """Teacher-forced outputs of one sub-block on `inputs`, without the input point itself."""
-    out = run_part(case.config, case.params(), part, layer, inputs, case.sequences(), precision)
+def local_points(case: Case, part: str, layer, inputs: torch.Tensor, precision, choices: dict | None = None) -> dict:
+    """Teacher-forced outputs of one sub-block on `inputs`, without the input point itself.
+    `choices` (a dict of points holding the layer's `moe.experts`): the expert ids an FFN
+    sub-block runs instead of its router's own (`reference.moe.given_choices`)."""
     pre = "mtp.0" if layer == "mtp.0" else f"layers.{layer}"
+    experts = (choices or {}).get(f"{pre}.moe.experts") if part == "ffn" else None
+    out = run_part(case.config, case.params(), part, layer, inputs, case.sequences(), precision,
+                   experts=experts if isinstance(experts, torch.Tensor) else None)
     out.pop(f"{pre}.attn_hc.in" if part == "attn" else f"{pre}.ffn_hc.in", None)
     return out
 
 
+def choice_dependent(case: Case, part: str, layer) -> bool:
+    """Does the sub-block's output depend on a learned expert choice (an FFN sub-block of a
+    learned-routing layer)? There an honest run may pick another of two near-equal experts."""
+    if part != "ffn":
+        return False
+    cfg = case.config
+    return not cfg.is_hash_layer(cfg.num_layers if layer == "mtp.0" else layer)
+
+
+def _merge_rows(into: dict, rows_of: dict, pts: dict, ref_points: dict) -> None:
+    """Fold one honest run's error on a group's rows ({point: row indices}) into `into`."""
+    for name, rows in rows_of.items():
+        if name in pts and name in ref_points and ref_points[name].is_floating_point():
+            pair = (name, experts_of(name) or name)  # moe.weights with the expert ids it is judged by
+            sub = {n: pts[n][rows] for n in pair if n in pts}
+            sub_ref = {n: ref_points[n][rows] for n in pair if n in ref_points}
+            merge_point_noise(into, name, sub[name], sub_ref[name], sub, sub_ref)
+
+
 def measure(case: Case, ref_points: dict, precision: str, groups: dict | None = None) -> dict:
     """Noise of honest `precision` implementations at every point (see module docstring).
-    `groups` ({group: {point: row indices}}, e.g. the phases of a served run) adds the free
-    noise measured on each group's rows alone: `result["groups"][group][point]`."""
+
+    Local runs of an FFN sub-block run the float64 reference's own expert choices
+    (`local`: what teacher forcing on an engine's own choices is judged against); where the
+    choice is learned they are also measured on their own choices (`local_own_choice`: for an
+    engine that does not expose its expert ids, so a near-tie it resolved the other way is
+    honest). `groups` ({group: {point: row indices}}, e.g. the phases of a served run) adds the
+    free and local noise measured on each group's rows alone: `result["groups"][group][point]`,
+    `result["groups_local"][group][point]`."""
     free: dict = {}
     local: dict = {}
+    own_choice: dict = {}
     by_group: dict = {g: {} for g in groups or {}}
+    by_group_local: dict = {g: {} for g in groups or {}}
     labels = []
     for prec in variants(precision):
         labels.append(prec.label)
@@ -111,21 +142,24 @@ def measure(case: Case, ref_points: dict, precision: str, groups: dict | None = 
             if name in pts:
                 merge_point_noise(free, name, pts[name], ref, pts, ref_points)
         for g, rows_of in (groups or {}).items():
-            for name, rows in rows_of.items():
-                if name in pts and name in ref_points and ref_points[name].is_floating_point():
-                    pair = (name, experts_of(name) or name)  # moe.weights with the expert ids it is judged by
-                    sub = {n: pts[n][rows] for n in pair if n in pts}
-                    sub_ref = {n: ref_points[n][rows] for n in pair if n in ref_points}
-                    merge_point_noise(by_group[g], name, sub[name], sub_ref[name], sub, sub_ref)
+            _merge_rows(by_group[g], rows_of, pts, ref_points)
         for part, layer, inp in sub_blocks(case):
             if inp not in ref_points:
                 continue
-            loc = local_points(case, part, layer, ref_points[inp], prec)
+            loc = local_points(case, part, layer, ref_points[inp], prec, choices=ref_points)
             for name, val in loc.items():
                 if name in ref_points:
                     merge_point_noise(local, name, val, ref_points[name], loc, ref_points)
+            for g, rows_of in (groups or {}).items():
+                _merge_rows(by_group_local[g], {n: r for n, r in rows_of.items() if n in loc}, loc, ref_points)
+            if choice_dependent(case, part, layer):
+                own = local_points(case, part, layer, ref_points[inp], prec)
+                for name, val in own.items():
+                    if name in ref_points:
+                        merge_point_noise(own_choice, name, val, ref_points[name], own, ref_points)
     out = {"format": NOISE_FORMAT, "precision": Precision.of(precision).name, "variants": labels,
-           "free": free, "local": local}
+           "free": free, "local": local, "local_own_choice": own_choice}
     if groups:
         out["groups"] = by_group
+        out["groups_local"] = by_group_local
     return out

@@ -81,12 +81,25 @@ def phase_noise(noise: dict | None, label, tokens: int) -> dict | None:
     if noise is None:
         return None
     group = (noise.get("groups") or {}).get(label_key(label)) if tokens >= MIN_MEASURED_TOKENS else None
+    return {**noise, "free": _phase_scope(noise.get("free", {}), group)}
+
+
+def phase_local_noise(noise: dict | None, local: dict, group_key: str | None, tokens: int) -> dict:
+    """The local (teacher-forced) noise entries `local` for judging one phase's rows: as
+    `phase_noise`, from the local noise measured on the phase's own rows when the phase has
+    >= MIN_MEASURED_TOKENS tokens, else the run's honest per-token worst cases."""
+    groups = (noise or {}).get("groups_local") or {}
+    group = groups.get(group_key) if group_key is not None and tokens >= MIN_MEASURED_TOKENS else None
+    return _phase_scope(local, group)
+
+
+def _phase_scope(whole: dict, group: dict | None) -> dict:
+    """Per point the larger of the whole run's and the phase's measured noise, or without a
+    measured phase the run's per-token worst cases."""
     if group is None:
-        return {**noise, "free": per_token_bound(noise.get("free", {}))}
-    free = {}
-    for name, n in noise.get("free", {}).items():  # every key the whole run has, the larger of the two
-        free[name] = {k: max(v, group[name].get(k, 0.0)) for k, v in n.items()} if name in group else n
-    return {**noise, "free": free}
+        return per_token_bound(whole)
+    return {name: {k: max(v, group[name].get(k, 0.0)) for k, v in n.items()} if name in group else n
+            for name, n in whole.items()}  # every key the whole run has
 
 
 def per_token_bound(entries: dict) -> dict:

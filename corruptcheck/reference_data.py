@@ -12,7 +12,7 @@ from corruptcheck.coverage import coverage
 from corruptcheck.golden import (GoldenDrift, GoldenTampered, build_golden, check_against_sketches, check_against_tensors,
                                  commits_tensors, golden_root, load_committed_tensors, load_manifest,
                                  load_sketches, read_cache, write_cache)
-from corruptcheck.noise import measure
+from corruptcheck.noise import NOISE_FORMAT, measure
 from corruptcheck.reference import run
 
 NOISE_PRECISIONS = ("float32", "bfloat16")
@@ -49,9 +49,15 @@ def noise_for(case: Case, ref: ReferenceData, precision: str) -> tuple[dict | No
     """The noise model for `precision`: from the golden, else measured now (slower)."""
     if precision == "float64":
         return None, "float64: floor tolerance (exact engine)"
-    if precision in ref.noise:
-        return ref.noise[precision], "golden"
-    return measure(case, ref.points, precision), "measured now (no golden noise model)"
+    stored = ref.noise.get(precision)
+    if stored is not None and stored.get("format") == NOISE_FORMAT:
+        return stored, "golden"
+    if stored is not None and stored.get("format") == 1:
+        # format 1 measured local runs on their own expert choices only: that is the
+        # `local_own_choice` of format 2, and an upper bound for `local`
+        return {**stored, "local_own_choice": stored.get("local", {})}, "golden (format 1: local noise on own choices)"
+    why = "no golden noise model" if stored is None else f"the golden's noise model is format {stored.get('format')}"
+    return measure(case, ref.points, precision), f"measured now ({why})"
 
 
 def generate(case: Case, root: Path | None = None, with_noise: bool = True) -> dict:

@@ -102,14 +102,15 @@ def attention_sublayer(x, p, layer, cfg, tables, prec, sims, rec, attend=None):
     return hc_post(a, x, *_merge_dtype(post, comb, prec))
 
 
-def ffn_sublayer(x, ids, p, layer, cfg, prec, rec):
-    """mHC pre -> ffn_norm -> MoE -> mHC post. x: [S, n, D] streams, ids: [S]."""
+def ffn_sublayer(x, ids, p, layer, cfg, prec, rec, given=None):
+    """mHC pre -> ffn_norm -> MoE -> mHC post. x: [S, n, D] streams, ids: [S]; `given`: expert
+    ids [S, k] the MoE runs instead of its router's own (`moe.given_choices`)."""
     rec("ffn_hc.in", x)
     u, post, comb = hc_pre(x, *_hc_params(p, "ffn"), **_hc_args(cfg, prec))  # [S, D], [S, n], [S, n, n]
     _record_hc(rec.child("ffn_hc"), post, comb, u)
     yn = rms_norm(u, p["ffn_norm.weight"], cfg.rms_eps, prec.acc)
     rec("ffn_norm", yn)
-    f = moe(yn, ids, sub(p, "ffn"), layer, cfg, prec, rec.child("moe"))  # [S, D]
+    f = moe(yn, ids, sub(p, "ffn"), layer, cfg, prec, rec.child("moe"), given)  # [S, D]
     rec("moe.out", f)
     x = hc_post(f, x, *_merge_dtype(post, comb, prec))
     rec("out", x)
@@ -201,12 +202,12 @@ def _split(t: torch.Tensor, lens) -> list:
     return list(torch.split(t, list(lens), 0))
 
 
-def _run_one_part(part: str, x, ids, lp: dict, head_w, layer_id, cfg, tables, prec, sims, rec) -> None:
+def _run_one_part(part: str, x, ids, lp: dict, head_w, layer_id, cfg, tables, prec, sims, rec, given=None) -> None:
     """One sequence's sub-block `part` on its input x (streams [S, n, D]), recorded into rec."""
     if part == "attn":
         rec("ffn_hc.in", attention_sublayer(x, lp, layer_id, cfg, tables, prec, sims, rec))
     elif part == "ffn":
-        ffn_sublayer(x, ids, lp, layer_id, cfg, prec, rec)
+        ffn_sublayer(x, ids, lp, layer_id, cfg, prec, rec, given)
     elif part == "head":
         head(x, {**lp, "head.weight": head_w}, "", cfg, prec, rec)
     else:
@@ -214,13 +215,15 @@ def _run_one_part(part: str, x, ids, lp: dict, head_w, layer_id, cfg, tables, pr
 
 
 def run_part(cfg: ModelConfig, params: dict, part: str, layer, inputs: torch.Tensor, sequences,
-             precision="float64", *, sims=False) -> dict:
+             precision="float64", *, sims=False, experts: torch.Tensor | None = None) -> dict:
     """Teacher forcing: run one part of the reference on given (engine-captured) inputs.
 
     part: "attn" (input: the layer's attn_hc.in streams), "ffn" (input: ffn_hc.in) or "head"
     (input: the last layer's streams); `layer` is a main layer index or "mtp.0". `inputs` is
     flattened over the batch's tokens ([T, n, D]; for mtp.0, sequences contribute S-1 rows).
-    Returns the points that part records, flattened, under their canonical names."""
+    `experts` ([T, k], flattened like `inputs`): for "ffn", the expert ids the MoE runs instead
+    of its router's own (`moe.given_choices`). Returns the points that part records, flattened,
+    under their canonical names."""
     prec = precision_of(precision)
     p = cast_params(params, prec)
     tables = rope_tables(cfg)
@@ -230,10 +233,12 @@ def run_part(cfg: ModelConfig, params: dict, part: str, layer, inputs: torch.Ten
     layer_id = cfg.num_layers if mtp else layer
     id_list = [torch.as_tensor(s, dtype=torch.long)[1 if mtp else 0:] for s in sequences]
     per_seq = []
+    lens = [len(i) for i in id_list]
+    given = _split(experts, lens) if experts is not None and experts.shape[0] == sum(lens) else [None] * len(lens)
     with torch.no_grad():
-        for ids, x in zip(id_list, _split(inputs.to(prec.act), [len(i) for i in id_list])):
+        for ids, x, g in zip(id_list, _split(inputs.to(prec.act), lens), given):
             store: dict = {}
             rec = Recorder(store, f"{prefix}." if (mtp or part != "head") else "")
-            _run_one_part(part, x, ids, lp, p.get("head.weight"), layer_id, cfg, tables, prec, sims, rec)
+            _run_one_part(part, x, ids, lp, p.get("head.weight"), layer_id, cfg, tables, prec, sims, rec, g)
             per_seq.append(store)
     return {n: _concat([s[n] for s in per_seq]) for n in per_seq[0]}

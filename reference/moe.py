@@ -21,9 +21,34 @@ def route(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec):
         biased = scores.to(prec.acc) + p["gate.bias"].to(prec.acc)  # bias affects the selection only
         rec("selection_scores", biased)
         idx = biased.topk(cfg.experts_per_tok, dim=-1).indices
+    return idx, routing_weights(scores, idx, cfg, prec)
+
+
+def routing_weights(scores, idx, cfg: ModelConfig, prec: Precision) -> torch.Tensor:
+    """The chosen experts' scores normalised over the token's choice, times route_scale (in acc)."""
     w = scores.gather(1, idx)
-    w = (w / w.sum(-1, keepdim=True) * cfg.route_scale).to(prec.acc)
-    return idx, w
+    return (w / w.sum(-1, keepdim=True) * cfg.route_scale).to(prec.acc)
+
+
+def given_choices(y, idx, w, given, p: dict, layer: int, cfg: ModelConfig, prec: Precision) -> tuple:
+    """(ids, weights) to run the experts with when the choice is given (teacher forcing on an
+    engine's own expert ids, or the noise model's honest runs on the float64 reference's): on a
+    learned-routing layer every row of `given` [T, k] that names k distinct valid experts
+    replaces the router's own choice, its weights recomputed from this router's scores; hash
+    layers, malformed rows and a `given` of another shape keep the router's own. The router's
+    own choice is what `moe` records: the choice itself is judged against it, while everything
+    after the choice is computed on the given one (docs/tolerances.md, Discrete points)."""
+    if given is None or cfg.is_hash_layer(layer) or tuple(given.shape) != tuple(idx.shape):
+        return idx, w
+    g = given.long()
+    valid = ((g >= 0) & (g < cfg.n_routed_experts)).all(-1)
+    distinct = (g.sort(-1).values.diff(dim=-1) != 0).all(-1)
+    ok = valid & distinct
+    if not bool(ok.any()):
+        return idx, w
+    logits = gemm(y, p["gate.weight"], prec.policy.router)
+    chosen = torch.where(ok[:, None], g.clamp(0, cfg.n_routed_experts - 1), idx)
+    return chosen, routing_weights(F.softplus(logits).sqrt(), chosen, cfg, prec)
 
 
 ROW_TILE = 16
@@ -91,8 +116,9 @@ def shared_expert(y, p: dict, cfg: ModelConfig, prec: Precision) -> torch.Tensor
     return linear(h.to(pol.act), p["shared_experts.w2.weight"], pol.split_k).to(pol.moe_sum)
 
 
-def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec):
-    """y: [T, D] FFN input after ffn_norm; ids: [T] token ids. Returns [T, D].
+def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec, given=None):
+    """y: [T, D] FFN input after ffn_norm; ids: [T] token ids; `given`: expert ids [T, k] to run
+    instead of the router's own (`given_choices`). Returns [T, D].
 
     Each used expert runs only on its own tokens, padded to whole row tiles (`_padded`), and
     a token adds its experts in expert-id order: a token's result is independent of which
@@ -103,6 +129,7 @@ def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec):
     order = torch.sort(idx, dim=-1)
     rec("experts", order.values)
     rec("weights", w.gather(1, order.indices))
+    idx, w = given_choices(y, idx, w, given, p, layer, cfg, prec)
     out = torch.zeros(y.shape[0], y.shape[1], dtype=pol.moe_sum)
     for e, tok, weight in _expert_rows(idx, w):
         w1, w3, w2 = expert_weights(p, f"experts.{e}", prec.act)
