@@ -80,7 +80,7 @@ def _compare_prefill(case: Case, engine_name: str, engine, precision, use_golden
     t4 = time.perf_counter()
     culprit, tf = None, "not run"
     if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == "fail"):
-        culprit = attach(comp, teacher_force(case, cap.points, tol_prec, noise))
+        culprit = attach(comp, teacher_force(case, cap.points, tol_prec, noise), judge=teacher_forcing == "always")
         tf = "run"
     t5 = time.perf_counter()
     return CompareResult(

@@ -180,7 +180,9 @@ def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> PointResult
     rel, band = tol["value"], tol["norm_ratio_band"]
     nr = m["norm_ratio"] if m["norm_ratio"] is not None else math.inf
     rl2 = m["rel_l2"] if m["rel_l2"] is not None else math.inf
-    ratio = max(rl2 / rel, abs(nr - 1) / band)
+    tok = m.get("worst_token_rel")
+    tok_ratio = tok / tol["token_value"] if tol.get("token_value") and tok is not None and tok >= 0 else 0.0
+    ratio = max(rl2 / rel, abs(nr - 1) / band, tok_ratio)
     verdict, reason = "pass", ""
     parity = m["nonfinite_new"] + m["nonfinite_lost"] + m["nonfinite_kind"]
     if parity:
@@ -199,6 +201,9 @@ def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> PointResult
         verdict, reason = "fail", f"rel_l2 {rl2:.3g} > tolerance {rel:.3g} (worst token {m['worst_token']})"
     elif abs(nr - 1) > band:
         verdict, reason = "fail", f"norm ratio {nr:.5g}: scale off by {nr - 1:+.3g}, band {band:.3g}"
+    elif tok_ratio > 1:
+        verdict, reason = "fail", (f"token {m['worst_token']}: rel error {tok:.3g} > per-token tolerance "
+                                   f"{tol['token_value']:.3g}")
     return PointResult(spec.name, verdict, spec.layer, spec.kind, m, tol, reason, ratio)
 
 

@@ -93,8 +93,15 @@ def _rows_of(points: dict, rows: dict) -> dict:
     return {n: t[rows[n]] for n, t in points.items() if n in rows and t.dim() and t.shape[0] > int(rows[n].max())}
 
 
-def attach(comp: Comparison, local: dict) -> dict | None:
-    """Put local results on the points, mark roles, and return the culprit (or None)."""
+def attach(comp: Comparison, local: dict, judge: bool = False) -> dict | None:
+    """Put local results on the points, mark roles, and return the culprit (or None).
+
+    `judge` (teacher forcing `always` on a one-forward compare): a point within its free
+    tolerance whose own sub-block exceeds the local tolerance fails too. Honest drift cannot do
+    that (the local reference runs on the engine's own input), so an error smaller than the
+    drift accumulated upstream is still seen where it is made (docs/tolerances.md)."""
+    if judge:
+        _fail_local_excess(comp, local)
     culprit = None
     for p in comp.points:
         if p.name == "embed" and p.verdict in ("pass", "fail"):  # no input: local == global
@@ -125,6 +132,14 @@ def attach(comp: Comparison, local: dict) -> dict | None:
     return {"name": culprit.name, "layer": culprit.layer, "local_ratio": finite_or_none(lr.get("ratio")),
             "local_rel_l2": lr.get("rel_l2"), "local_norm_ratio": lr.get("norm_ratio"),
             "reason": lr.get("reason", "")}
+
+
+def _fail_local_excess(comp: Comparison, local: dict) -> None:
+    for p in comp.points:
+        lr = local.get(p.name)
+        if p.verdict in ("pass", "not-exercised") and lr is not None and lr.get("verdict") == "fail":
+            p.verdict, p.ratio = "fail", lr.get("ratio")
+            p.reason = f"teacher-forced: {lr.get('reason') or 'beyond the local tolerance'} (free-running within tolerance)"
 
 
 def _sub_block(name: str) -> str:

@@ -2,7 +2,8 @@
 
     tolerance(point) = max(SAFETY x worst honest error at that point, FLOOR[precision])
 
-for the relative L2 error, and for the scale check
+for the relative L2 error (teacher-forced points also per token: worst token's relative error
+<= max(SAFETY x worst honest per-token relative error, FLOOR)), and for the scale check
 
     norm band(point) = max(SAFETY x max(worst honest |norm ratio - 1|,
                                         NORM_SHARE x worst honest rel L2), FLOOR[precision])
@@ -31,8 +32,15 @@ def float_tolerance(noise: dict | None, precision: str, scope: str) -> dict:
     value = max(SAFETY * rel, floor)
     band = max(SAFETY * max(dev, NORM_SHARE * rel), floor)
     how = (f"max({SAFETY:g} x worst {scope} rel_l2 of honest {precision} runs ({rel:.3g}), floor {floor:g})")
-    return {"metric": "rel_l2", "value": value, "norm_ratio_band": band, "noise_rel_l2": rel,
-            "noise_norm_dev": dev, "safety": SAFETY, "floor": floor, "derivation": how}
+    out = {"metric": "rel_l2", "value": value, "norm_ratio_band": band, "noise_rel_l2": rel,
+           "noise_norm_dev": dev, "safety": SAFETY, "floor": floor, "derivation": how}
+    if scope == "local" and noise.get("token_rel"):
+        # teacher-forced: no near-tie flips left (the engine's own expert choices), so the honest
+        # per-token worst case bounds every token: an error confined to a few tokens is seen
+        tok = noise["token_rel"]
+        out["token_value"] = max(SAFETY * tok, floor)
+        out["derivation"] += f"; per token max({SAFETY:g} x worst honest per-token rel error ({tok:.3g}), floor {floor:g})"
+    return out
 
 
 def tie_margin(score_noise: float | None, precision: str) -> tuple[float, str]:
