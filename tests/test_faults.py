@@ -139,8 +139,14 @@ def test_teacher_forcing_and_golden_stay_honest(transformers):
 def test_hf_and_reference_reenact_the_same_fault(tiny_clean, tiny_faulty):
     """At the layer where it strikes, the hf fault and the reference fault give the same
     numbers up to float32 noise (2% of the fault's own effect)."""
+    _same_in_both_engines(tiny_clean, tiny_faulty)
+
+
+def _same_in_both_engines(tiny_clean, faulty):
     for name in FAULTS:
-        (h, hs), (r, rs) = tiny_faulty[name, "hf"], tiny_faulty[name, "reference"]
+        if (name, "hf") not in faulty:
+            continue
+        (h, hs), (r, rs) = faulty[name, "hf"], faulty[name, "reference"]
         assert hs.where == rs.where, name
         if hs.where is None:
             continue
@@ -153,7 +159,8 @@ def test_hf_and_reference_reenact_the_same_fault(tiny_clean, tiny_faulty):
                 assert torch.equal(t, r[n]), n
                 continue
             effect = (r[n].double() - clean[n].double()).norm()
-            if effect <= 1e-5 * r[n].double().norm():
+            if effect <= 1e-5 * r[n].double().norm():  # no strike here, and none in hf either
+                assert (t.double() - tiny_clean["hf"][n].double()).norm() <= 1e-5 * t.double().norm(), (name, n)
                 continue
             assert (t.double() - r[n].double()).norm() <= 0.02 * effect, (name, n)
             compared += 1
@@ -250,6 +257,11 @@ def test_effect_grows_with_the_magnitude(tiny_clean, tiny_knobs, engine):
         assert point, name
         effect = [float_metrics(runs[m][0][point], tiny_clean[engine][point])["rel_l2"] for m in (0.1, 0.3, 1.0)]
         assert effect[2] > 0 and effect == sorted(effect), (name, point, effect)
+
+
+def test_hf_and_reference_agree_below_magnitude_one(tiny_clean, tiny_knobs):
+    """At m = 0.3 too, the hf knob and the reference knob are the same fault."""
+    _same_in_both_engines(tiny_clean, {key: runs[0.3] for key, runs in tiny_knobs.items()})
 
 
 def test_lerp_and_affected():

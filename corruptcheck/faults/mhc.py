@@ -176,17 +176,11 @@ class MhcCombTransposed(Fault):
     knob = "the mixing matrix blended: M + m·(Mᵀ − M)"
 
     def _mix(self, comb):
+        """The matrix the post mix is handed, where it reads M[j, k] for output stream k: M + m·(Mᵀ − M)."""
         return lerp(comb, comb.transpose(-1, -2), self.magnitude)
 
     def hf(self, p, state, cfg):
         M = hf_module()
-        if self.magnitude != 1:  # the layer consumes the (blended) matrix transposed, as it should
-            def blended(out, *args, **kwargs):
-                state.hit()
-                post, comb, collapsed = out
-                return post, self._mix(comb), collapsed
-            p.map_output(M.DeepseekV4HyperConnection, "forward", blended)
-            return
 
         def forward(self_l, hidden_states, input_ids=None, **kwargs):  # transformers' layer, M not M^T
             state.layer = f"layers.{self_l.layer_idx}"
@@ -195,10 +189,11 @@ class MhcCombTransposed(Fault):
             post, comb, collapsed = self_l.attn_hc(hidden_states)
             attn_output, _ = self_l.self_attn(self_l.input_layernorm(collapsed), **kwargs)
             hidden_states = post.to(dtype).unsqueeze(-1) * attn_output.unsqueeze(-2) + torch.matmul(
-                comb.to(dtype), hidden_states)
+                self._mix(comb).transpose(-1, -2).to(dtype), hidden_states)
             post, comb, collapsed = self_l.ffn_hc(hidden_states)
             mlp_output = self_l.mlp(self_l.post_attention_layernorm(collapsed), input_ids=input_ids)
-            return post.to(dtype).unsqueeze(-1) * mlp_output.unsqueeze(-2) + torch.matmul(comb.to(dtype), hidden_states)
+            return post.to(dtype).unsqueeze(-1) * mlp_output.unsqueeze(-2) + torch.matmul(
+                self._mix(comb).transpose(-1, -2).to(dtype), hidden_states)
         p.set(M.DeepseekV4DecoderLayer, "forward", forward)
 
     def reference(self, p, state, cfg):
