@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from corruptcheck.benign import benign_for
 from corruptcheck.cases import Case, get_case
 from corruptcheck.compare import compare
-from corruptcheck.engines import Capture, Engine, get_engine
+from corruptcheck.engines import Capture, get_engine
+from corruptcheck.engines.base import EngineWrapper
 from corruptcheck.errors import BadInput
 from corruptcheck.faults import Fault, faults_for
 from corruptcheck.finite import finite_or_none
@@ -46,20 +47,11 @@ STEPS = 7  # bisection steps: the bracket [M_LO, 1] narrows to a factor 10^(4/2^
 JUDGED_AS = {"float64": "float32"}
 
 
-class _Recording(Engine):
+class _Recording(EngineWrapper):
     """`inner`, keeping the points of its last capture (the effect is taken against the clean
     capture). Same name as `inner`, so a fault patches it as it patches `inner`."""
 
-    def __init__(self, inner: Engine):
-        self.inner, self.name, self.extra = inner, inner.name, inner.extra
-        self.points: dict | None = None
-
-    def available(self) -> tuple[bool, str]:
-        return self.inner.available()
-
-    @property
-    def serves(self) -> bool:
-        return getattr(self.inner, "serves", False)
+    points: dict | None = None
 
     def run(self, case, precision: str, **options) -> Capture:
         cap = self.inner.run(case, precision, **options)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from corruptcheck.engines.base import Capture, Engine
+from corruptcheck.engines.base import Capture, Engine, EngineWrapper
 from corruptcheck.errors import BadInput
 from corruptcheck.reference import ModelConfig
 from corruptcheck.reference import model as r_model
@@ -328,24 +328,16 @@ def _has_layer(cfg: ModelConfig, kinds, engine: str, mtp: bool = True) -> bool:
 # ---------------------------------------------------------------------------------------------
 # the engine wrapper
 
-class FaultyEngine(Engine):
+class FaultyEngine(EngineWrapper):
     """`inner` with `fault` active during its run only (pass it to `compare(..., engine=)`), at
     the fault's magnitude (`fault.at(m)`; a registry fault is m = 1). After a run, `state` says
     whether and where the fault fired."""
 
     def __init__(self, inner: Engine, fault: Fault):
-        self.inner, self.fault = inner, fault
         at = "" if fault.magnitude == 1 else f"@{fault.magnitude:.3g}"
-        self.name = f"{inner.name}+{fault.name}{at}"
-        self.extra = inner.extra
+        super().__init__(inner, f"{inner.name}+{fault.name}{at}")
+        self.fault = fault
         self.state: FaultState | None = None
-
-    def available(self) -> tuple[bool, str]:
-        return self.inner.available()
-
-    @property
-    def serves(self) -> bool:
-        return getattr(self.inner, "serves", False)
 
     def run(self, case, precision: str, **options) -> Capture:
         state = FaultState()
