@@ -374,8 +374,8 @@ def golden_show(case_name):
 
 from corruptcheck.check_cli import check, checkpoint  # noqa: E402
 from corruptcheck.history_cli import history, releases  # noqa: E402
-from corruptcheck.selftest_cli import selftest, sweep  # noqa: E402
-for _command in (selftest, sweep, history, releases, checkpoint, check):
+from corruptcheck.selftest_cli import selftest, sensitivity, sweep  # noqa: E402
+for _command in (selftest, sweep, sensitivity, history, releases, checkpoint, check):
     main.add_command(_command)
 if __name__ == "__main__":  # pragma: no cover
     main()

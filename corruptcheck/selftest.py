@@ -141,21 +141,27 @@ def _worst(points):
 
 
 def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow:
+    return fault_run(case, engine, fault, precision)[0]
+
+
+def fault_run(case: Case, engine: str, fault: Fault, precision: str, inner: Engine | None = None):
+    """(row, the compare's result or None): `fault` (at its magnitude) around `inner` (default:
+    the registered engine), compared and judged as a self-test row."""
     row = FaultRow(fault.name, fault.klass, case.name, precision, "not exercised")
     if fault.triggered(case.config, case.seq_lens, engine) is False:
         row.note = f"trigger never fires here: {fault.trigger}"
-        return row
-    faulty = FaultyEngine(get_engine(engine), fault)
+        return row, None
+    faulty = FaultyEngine(inner or get_engine(engine), fault)
     res = _timed_compare(row, case, engine, precision, faulty)
     if res is None:
-        return row
+        return row, None
     st = faulty.state
     _record_run(row, res, st)
     if st.fired == 0:
         row.note = f"did not fire on this case ({fault.trigger})"
         if res.verdict == "fail":
             row.note += "; compare failed anyway: first " + str(row.first)
-        return row
+        return row, res
     comp = res.comparison
     points = {p.name: p for p in comp.points}
     row.expected = expected_point(fault, st.where, points)
@@ -169,7 +175,7 @@ def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow
         worst = _worst(comp.points)
         if worst is not None:
             row.note = f"worst err/tol {worst.ratio:.3g} at {worst.name}"
-    return row
+    return row, res
 
 
 def _record_run(row: FaultRow, res, st) -> None:
@@ -309,7 +315,8 @@ class SelftestResult:
                 "ok": self.ok, "totals": self.totals(), "bf16_effects": self.bf16_effects(),
                 "faults": [asdict(r) for r in self.faults], "benign": [asdict(r) for r in self.benign],
                 "fault_catalog": [{"name": f.name, "class": f.klass, "catalog": f.catalog, "summary": f.summary,
-                                   "points": list(f.points), "also": list(f.also), "trigger": f.trigger}
+                                   "points": list(f.points), "also": list(f.also), "trigger": f.trigger,
+                                   "knob": f.knob}
                                   for f in faults_for(self.engine).values()]}
 
 

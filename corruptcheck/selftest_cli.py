@@ -1,8 +1,9 @@
-"""Commands `corruptcheck selftest` and `corruptcheck sweep` (docs/faults.md); registered on the main
-group in cli.py."""
+"""Commands `corruptcheck selftest`, `corruptcheck sweep` and `corruptcheck sensitivity`
+(docs/faults.md); registered on the main group in cli.py."""
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 import click
 from rich.console import Console
@@ -18,6 +19,28 @@ def _names(text: str | None) -> list[str] | None:
     if text is None:
         return None
     return [s for s in text.replace(" ", "").split(",") if s]
+
+
+@contextmanager
+def _one_line_errors():
+    """Bad input (an unknown case, fault, engine or precision; an engine that cannot run) ends
+    the command with one line and exit 2."""
+    try:
+        yield
+    except KeyError as exc:
+        fail(exc.args[0])
+    except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
+        fail(str(exc))
+
+
+def _write(outputs) -> None:
+    """Run each (path, writer) whose path was given; one that cannot be written ends with exit 2."""
+    for path, writer in outputs:
+        if path:
+            try:
+                writer(path)
+            except OSError as exc:
+                fail(f"cannot write {path}: {exc}")
 
 
 def _console() -> Console:
@@ -137,21 +160,11 @@ def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, j
 
     console = _console()
     progress = None if quiet else (lambda row: click.echo(_progress_line(row), err=True))
-    try:
+    with _one_line_errors():
         res = run_selftest(engine_name, cases=_names(cases), precisions=tuple(_names(dtypes) or ()),
                            faults=_names(faults), benign=() if no_benign else _names(benign), progress=progress)
-    except KeyError as exc:
-        fail(exc.args[0])
-    except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
-        fail(str(exc))
     print_matrix(res, console)
-    writers = ((json_path, lambda p: write_json(res.to_json(), p)), (html_path, lambda p: write_html(res, p)))
-    for path, writer in writers:
-        if path:
-            try:
-                writer(path)
-            except OSError as exc:
-                fail(f"cannot write {path}: {exc}")
+    _write(((json_path, lambda p: write_json(res.to_json(), p)), (html_path, lambda p: write_html(res, p))))
     if record_path:
         record(record_path, lambda store: store.record_selftest(record_path, res.to_json()))
     sys.exit(0 if res.ok else 1)
@@ -173,18 +186,67 @@ def sweep(engine_name, hidden, fault_name, precision, json_path):
     from corruptcheck.report import write_json
     from corruptcheck.sweep import parse_hidden, run_sweep, to_json
 
-    try:
+    with _one_line_errors():
         sizes = parse_hidden(hidden)
         fault = get_fault(fault_name) if fault_name else None
         rows = run_sweep(engine_name, sizes, fault, precision, progress=lambda r: click.echo(r.line(fault)))
-    except KeyError as exc:
-        fail(exc.args[0])
-    except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
-        fail(str(exc))
     doc = to_json(rows, engine_name, fault, precision)
-    if json_path:
-        try:
-            write_json(doc, json_path)
-        except OSError as exc:
-            fail(f"cannot write {json_path}: {exc}")
+    _write(((json_path, lambda p: write_json(doc, p)),))
     sys.exit({"pass": 0, "fail": 1}.get(doc["verdict"], 2))
+
+
+def _step_line(fam, step) -> str:
+    if step is None:
+        return f"  {fam.family}: {fam.note}"
+    what = "detected" if step.localized else ("flagged, not localized" if step.flagged else "not detected")
+    return f"  {fam.family} at m={step.m:.3g}: {what} ({step.seconds:.1f} s)"
+
+
+def print_sensitivity(res, console: Console) -> None:
+    table = Table(title=f"corruptcheck sensitivity · engine={res.engine} · case={res.case} · {res.precision}",
+                  title_justify="left")
+    for col in ("family", "class", "point", "detected at m", "flagged at m", "effect", "noise", "MDE (noise units)",
+                "loc", "note"):
+        table.add_column(col, overflow="fold", no_wrap=col not in ("point", "note"))
+    for f in res.families:
+        loc = "[green]yes[/]" if f.localized else ("[bold red]no[/]" if f.point else "-")
+        table.add_row(f.family, f.klass, escape(f.point or "-"), _num(f.detected_at), _num(f.flagged_at),
+                      _num(f.effect), _num(f.noise), _num(f.mde_noise_units), loc, escape(f.note))
+    console.print(table)
+    ht = Table(title="honest runs (must pass)", title_justify="left")
+    for col in ("variant", "worst err/tol", "at", "note"):
+        ht.add_column(col, no_wrap=col != "note")
+    for h in res.honest:
+        ht.add_row(h.variant, _num(h.worst_ratio), escape(h.worst_point or "-"), escape(h.note))
+    console.print(ht)
+    found = [f for f in res.families if f.mde_noise_units is not None]
+    console.print(f"{len(found)}/{len(res.families)} families detected and localized; honest max err/tol "
+                  f"{_num(res.honest_max_ratio)}; {res.seconds:.1f} s")
+
+
+@click.command("sensitivity")
+@click.option("--engine", "engine_name", required=True, help="engine to measure (hf, reference, vllm)")
+@click.option("--case", "case_name", required=True, help="built-in case")
+@click.option("--dtype", "precision", default="float32", show_default=True, help="precision: float32 or bfloat16")
+@click.option("--faults", "faults", default=None, help="comma-separated fault families [default: all of the engine]")
+@click.option("--steps", "steps", default="7", show_default=True, help="bisection steps in log space over [1e-4, 1]")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the result as JSON")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="write an HTML page: the table and each family's bisection curve")
+@click.option("--quiet", is_flag=True, help="no progress lines")
+def sensitivity(engine_name, case_name, precision, faults, steps, json_path, html_path, quiet):
+    """Minimum detectable effect of each fault family on a case: the smallest magnitude of its
+    knob that compare still flags and localizes, and its effect there in units of the honest
+    noise at the strike point (docs/faults.md). Exit 0 when it ran, 2 on bad input."""
+    from corruptcheck.report import write_json
+    from corruptcheck.sensitivity import run_sensitivity
+    from corruptcheck.sensitivity_html import write_html
+
+    if not steps.isdigit() or int(steps) < 1:
+        fail(f"--steps must be a positive integer, not {steps!r}")
+    progress = None if quiet else (lambda fam, step: click.echo(_step_line(fam, step), err=True))
+    with _one_line_errors():
+        res = run_sensitivity(engine_name, case_name, precision, faults=_names(faults), steps=int(steps),
+                              progress=progress)
+    print_sensitivity(res, _console())
+    _write(((json_path, lambda p: write_json(res.to_json(), p)), (html_path, lambda p: write_html(res, p))))

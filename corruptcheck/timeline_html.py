@@ -56,20 +56,30 @@ def _y(r: float, lo: float, hi: float) -> float:
     return _PAD + (_H - 2 * _PAD) * (1 - (math.log10(r) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)))
 
 
-def _chart(rows: list[dict]) -> str:
-    vals = [r["worst_ratio"] for r in rows if r["worst_ratio"] is not None and math.isfinite(r["worst_ratio"])]
-    lo = min([0.1, *vals]) / 2
-    hi = max([10.0, *vals]) * 2
-    n = max(len(rows), 2)
-    xs = [_PAD + (_W - 2 * _PAD) * i / (n - 1) for i in range(len(rows))]
-    parts = [f'<svg width="{_W}" height="{_H}" role="img" aria-label="worst err/tol per release">',
-             f'<line x1="{_PAD}" x2="{_W - _PAD}" y1="{_y(1, lo, hi):.1f}" y2="{_y(1, lo, hi):.1f}" '
+def ratio_range(vals) -> tuple[float, float]:
+    """The err/tol axis for `vals`: at least 0.05 .. 20, a factor 2 beyond the data."""
+    vals = [v for v in vals if v is not None and math.isfinite(v) and v > 0]
+    return min([0.1, *vals]) / 2, max([10.0, *vals]) * 2
+
+
+def ratio_axis(lo: float, hi: float) -> list[str]:
+    """SVG parts of a log err/tol axis: the dashed tolerance line at 1 and the decade grid."""
+    parts = [f'<line x1="{_PAD}" x2="{_W - _PAD}" y1="{_y(1, lo, hi):.1f}" y2="{_y(1, lo, hi):.1f}" '
              'stroke="#c62828" stroke-dasharray="4 3"/>',
              f'<text x="{_W - _PAD + 4}" y="{_y(1, lo, hi) + 4:.1f}" font-size="11" fill="#c62828">tolerance</text>']
     for d in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1):  # decade ticks: the scale readable
         y = _y(10.0 ** d, lo, hi)
         parts.append(f'<line x1="{_PAD}" x2="{_W - _PAD}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
                      f'<text x="{_PAD - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end" fill="#777">{10.0 ** d:g}</text>')
+    return parts
+
+
+def _chart(rows: list[dict]) -> str:
+    lo, hi = ratio_range(r["worst_ratio"] for r in rows)
+    n = max(len(rows), 2)
+    xs = [_PAD + (_W - 2 * _PAD) * i / (n - 1) for i in range(len(rows))]
+    parts = [f'<svg width="{_W}" height="{_H}" role="img" aria-label="worst err/tol per release">',
+             *ratio_axis(lo, hi)]
     pts = []
     for x, r in zip(xs, rows):
         label = html.escape(r["engine_version"] or "?")

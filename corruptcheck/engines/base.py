@@ -36,3 +36,18 @@ class Engine:
 
     def run(self, case: Case, precision: str, **options) -> Capture:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class EngineWrapper(Engine):
+    """An engine that runs `inner` with something around it (a fault, a recorder): `inner`'s
+    extra, availability and serving, and `inner`'s name unless given another."""
+
+    def __init__(self, inner: Engine, name: str | None = None):
+        self.inner, self.name, self.extra = inner, name or inner.name, inner.extra
+
+    def available(self) -> tuple[bool, str]:
+        return self.inner.available()
+
+    @property
+    def serves(self) -> bool:
+        return getattr(self.inner, "serves", False)

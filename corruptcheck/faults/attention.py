@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import torch
 
-from corruptcheck.faults.base import Fault, Patcher, _has_layer, hf_module, patched
+from corruptcheck.errors import BadInput
+from corruptcheck.faults.base import Fault, Patcher, _has_layer, affected, hf_module, lerp, patched
 from corruptcheck.reference import ModelConfig
 from corruptcheck.reference import attention as r_attn
 from corruptcheck.reference import compressor as r_comp
@@ -45,6 +46,20 @@ def half_split(rope, width):
     return rotate
 
 
+def _blended(clean, faulty, m: float):
+    """The function lerp(clean(...), faulty(...), m) of two pure functions; `faulty` itself at m = 1."""
+    if m == 1:
+        return faulty
+    return lambda *args, **kwargs: lerp(clean(*args, **kwargs), faulty(*args, **kwargs), m)
+
+
+def _rows_where(rows: torch.Tensor, faulty: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """`faulty` in the query rows selected by `rows` ([B, S] over a [B, 1, S, K] mask / bias, or
+    [S] over an [S, K] one), `clean` in the others."""
+    sel = rows[:, None, :, None] if faulty.dim() == 4 else rows[:, None]
+    return torch.where(sel, faulty, clean)
+
+
 def _yarn_main(cfg: ModelConfig) -> torch.Tensor:
     """The main (theta = rope_theta) table with the compressed layers' YaRN applied."""
     return rope_frequencies(cfg.rope_dim, cfg.rope_theta, cfg.yarn_factor, cfg.yarn_original_max_pos,
@@ -72,15 +87,19 @@ class YarnOnSliding(Fault):
     summary = "sliding-window layers rotate with the YaRN-scaled table"
     trigger = "a sliding-window-only layer (the reference also counts the MTP block)"
     points = ("attn.q", "attn.kv", "attn.core")
+    knob = "the sliding layers' RoPE frequencies blended: plain + m·(YaRN − plain)"
 
     def triggered(self, cfg, seq_lens, engine):
         return _has_layer(cfg, ("sliding",), engine) and max(seq_lens) > 1
 
     def hf(self, p, state, cfg):
-        inv = _yarn_main(cfg)
+        m = self.magnitude
+        inv = lerp(rope_frequencies(cfg.rope_dim, cfg.rope_theta), _yarn_main(cfg), m)
 
         def yarn_table(self_a, hidden_states, position_embeddings=None, position_ids=None, **kwargs):
-            if self_a.rope_layer_type == "main":
+            if self_a.rope_layer_type == "main" and m == 0:
+                state.hit()
+            elif self_a.rope_layer_type == "main":
                 cos, _ = position_embeddings["main"]
                 ang = position_ids[..., None].float() * inv.to(torch.float32)
                 position_embeddings = {**position_embeddings,
@@ -95,7 +114,7 @@ class YarnOnSliding(Fault):
 
         def inner(p2, x, layer, c, tables):
             state.hit()
-            return {**tables, "main": inv}
+            return {**tables, "main": lerp(tables["main"], inv, self.magnitude)}
         _wrap_reference_attention(p, ("sliding",), inner)
 
 
@@ -116,25 +135,41 @@ class CsaPrevWindowLost(Fault):
     summary = "CSA compressor drops the previous window's overlap half (8 -> 4 tokens pooled)"
     trigger = "a CSA layer and a sequence of at least 2 x csa_ratio tokens"
     points = ("attn.compressed_kv",)
+    knob = "the previous block's overlap half keeps weight (1−m) in the pooling (gate logit + log(1−m))"
 
     def triggered(self, cfg, seq_lens, engine):
         return _has_layer(cfg, ("csa",), engine, mtp=False) and max(seq_lens) >= 2 * cfg.csa_ratio
 
+    def _fills(self):
+        """(value, gate logit) the previous half gets: dropped at m = 1, else its logit shifted
+        by log(1 − m) (None: left as it is)."""
+        m = self.magnitude
+        return (0.0, float("-inf")) if m == 1 else (None, math.log1p(-m) if m else None)
+
     def hf(self, p, state, cfg):
+        value, logit = self._fills()
+
         def make(orig):
             def forward(self_c, hidden_states, *args, **kwargs):
                 d = self_c.head_dim
                 if hidden_states.shape[1] // self_c.compress_rate >= 2:
                     state.hit()
 
-                def drop(fill):
+                def edit(fill=None, by=None):  # the previous ("a") half of the projection's output
                     def hook(_m, _a, out):
                         out = out.clone()
-                        out[..., :d] = fill
+                        if fill is not None:
+                            out[..., :d] = fill
+                        else:
+                            out[..., :d] += by
                         return out
                     return hook
-                handles = [self_c.kv_proj.register_forward_hook(drop(0.0)),
-                           self_c.gate_proj.register_forward_hook(drop(float("-inf")))]
+                handles = []
+                if value is not None:  # m = 1: dropped
+                    handles = [self_c.kv_proj.register_forward_hook(edit(fill=value)),
+                               self_c.gate_proj.register_forward_hook(edit(fill=logit))]
+                elif logit is not None:
+                    handles = [self_c.gate_proj.register_forward_hook(edit(by=logit))]
                 try:
                     return orig(self_c, hidden_states, *args, **kwargs)
                 finally:
@@ -144,12 +179,19 @@ class CsaPrevWindowLost(Fault):
         p.wrap(hf_module().DeepseekV4CSACompressor, "forward", make)
 
     def reference(self, p, state, cfg):
+        value, logit = self._fills()
+
         def without_prev(a, z, overlap, prev_a=None, prev_z=None):
             dc = a.shape[-1] // 2
             a, z = a.clone(), z.clone()
-            a[..., :dc] = 0
-            z[..., :dc] = float("-inf")
-            return (a, z, overlap, None, None), {}
+            if value is not None:  # m = 1: dropped, and no carried state read
+                a[..., :dc] = value
+                z[..., :dc] = logit
+                return (a, z, overlap, None, None), {}
+            if logit is not None:
+                z[..., :dc] += logit
+                prev_z = None if prev_z is None else prev_z + logit
+            return (a, z, overlap, prev_a, prev_z), {}
 
         def inner(p2, x, layer, c, tables):
             if x.shape[0] // c.csa_ratio >= 2:
@@ -185,13 +227,16 @@ class IndexerRopeLayout(Fault):
     summary = "indexer q/k RoPE with half-split (NeoX) pairs instead of interleaved"
     trigger = "the indexer prunes: seq_len // csa_ratio > index_topk"
     points = ("attn.indexer_topk",)
+    knob = "the indexer's q/k rotation blended: interleaved + m·(half-split − interleaved)"
 
     def triggered(self, cfg, seq_lens, engine):
         return _has_layer(cfg, ("csa",), engine, mtp=False) and max(seq_lens) // cfg.csa_ratio > cfg.index_topk
 
     def hf(self, p, state, cfg):
         M = hf_module()
-        neox = half_split(M.apply_rotary_pos_emb, lambda x, cos, sin, *args, **kwargs: 2 * cos.shape[-1])
+        rope = M.apply_rotary_pos_emb
+        neox = _blended(rope, half_split(rope, lambda x, cos, sin, *args, **kwargs: 2 * cos.shape[-1]),
+                        self.magnitude)
 
         def install(p2, self_i, hidden_states, *args, **kwargs):
             if hidden_states.shape[1] // self_i.compress_rate > self_i.index_topk:
@@ -200,7 +245,8 @@ class IndexerRopeLayout(Fault):
         p.during(M.DeepseekV4Indexer, "forward", install)
 
     def reference(self, p, state, cfg):
-        neox = half_split(apply_rope, lambda x, angles, rope_dim, *args, **kwargs: rope_dim)
+        neox = _blended(apply_rope, half_split(apply_rope, lambda x, angles, rope_dim, *args, **kwargs: rope_dim),
+                        self.magnitude)
 
         def install(p2, x, qr, params, c, *args, **kwargs):
             if x.shape[0] // c.csa_ratio > c.index_topk:
@@ -225,24 +271,49 @@ class WindowOffByOne(Fault):
     summary = "sliding window attends W+1 keys"
     trigger = "a sequence longer than the sliding window"
     points = ("attn.core",)
+    knob = "the fraction m of query tokens that attend W+1 keys"
 
     def triggered(self, cfg, seq_lens, engine):
         return max(seq_lens) > cfg.window
 
     def hf(self, p, state, cfg):
+        m = self.magnitude
+
         def install(p2, *args, config=None, inputs_embeds=None, **kwargs):
             if inputs_embeds is not None and inputs_embeds.shape[1] > config.sliding_window:
                 for i in range(config.num_hidden_layers):  # one mask, used by every layer
                     state.hit(where=f"layers.{i}")
             p2.set(config, "sliding_window", config.sliding_window + 1)
-        p.during(hf_module(), "create_sliding_window_causal_mask", install)
+        if m == 1:
+            p.during(hf_module(), "create_sliding_window_causal_mask", install)
+            return
+
+        def make(orig):  # building a mask writes nothing: build both, take the wide one's selected rows
+            def create(*args, **kwargs):
+                with patched() as p2:
+                    install(p2, *args, **kwargs)
+                    wide = orig(*args, **kwargs)
+                narrow = orig(*args, **kwargs)
+                if not isinstance(wide, torch.Tensor) or not isinstance(narrow, torch.Tensor):
+                    raise BadInput(f"{self.name} below magnitude 1 needs a tensor attention mask (eager attention)")
+                pos = kwargs.get("position_ids")
+                if pos is None:
+                    pos = torch.arange(wide.shape[-2])[None]
+                return _rows_where(affected(pos, m), wide, narrow)
+            return create
+        p.wrap(hf_module(), "create_sliding_window_causal_mask", make)
 
     def reference(self, p, state, cfg):
-        def wider(s, window):
-            if s > window:
-                state.hit()
-            return (s, window + 1), {}
-        p.map_args(r_attn, "window_mask", wider)
+        m = self.magnitude
+
+        def make(orig):
+            def window_mask(s, window):
+                if s > window:
+                    state.hit()
+                wide = orig(s, window + 1)
+                return wide if m == 1 else _rows_where(affected(torch.arange(s), m), wide, orig(s, window))
+            return window_mask
+        p.wrap(r_attn, "window_mask", make)
 
 
 class YarnMscaleSoftmax(Fault):
@@ -261,12 +332,16 @@ class YarnMscaleSoftmax(Fault):
     summary = "softmax scale x YaRN mscale^2 on the CSA/HCA layers"
     trigger = "a CSA or HCA layer"
     points = ("attn.core",)
+    knob = "the softmax scale error times m: scale × (1 + m·(mscale² − 1))"
 
     def triggered(self, cfg, seq_lens, engine):
         return _has_layer(cfg, ("csa", "hca"), engine, mtp=False)
 
+    def _factor(self, cfg) -> float:
+        return lerp(1.0, yarn_mscale(cfg.yarn_factor) ** 2, self.magnitude)
+
     def hf(self, p, state, cfg):
-        m2 = yarn_mscale(cfg.yarn_factor) ** 2
+        m2 = self._factor(cfg)
 
         def install(p2, self_a, *args, **kwargs):
             if self_a.rope_layer_type != "compress":
@@ -276,7 +351,7 @@ class YarnMscaleSoftmax(Fault):
         p.during(hf_module().DeepseekV4Attention, "forward", install)
 
     def reference(self, p, state, cfg):
-        m2 = yarn_mscale(cfg.yarn_factor) ** 2
+        m2 = self._factor(cfg)
 
         def inner(p2, x, layer, c, tables):
             state.hit()
@@ -303,12 +378,15 @@ class HcaCausalOffByOne(Fault):
     summary = "HCA compressed-entry causality off by one: sees its own unfinished block"
     trigger = "an HCA layer and a sequence of at least m (its ratio) tokens"
     points = ("attn.core",)
+    knob = "the fraction m of query tokens that see their own unfinished HCA block"
 
     def triggered(self, cfg, seq_lens, engine):
         return any(cfg.layer_type(i) == "hca" and max(seq_lens) >= cfg.compress_ratio(i)
                    for i in range(cfg.num_layers))
 
     def hf(self, p, state, cfg):
+        m = self.magnitude
+
         def leak(out, self_c, hidden_states, q_residual, position_ids, *args, **kwargs):
             compressed_kv, bias = out
             if bias is None:
@@ -317,16 +395,22 @@ class HcaCausalOffByOne(Fault):
             n = compressed_kv.shape[2]
             visible = (position_ids + 1) // self_c.compress_rate + 1  # [B, S]
             hide = torch.arange(n).view(1, 1, 1, -1) >= visible[:, None, :, None]
-            return compressed_kv, torch.zeros_like(bias).masked_fill(hide, float("-inf"))
+            leaky = torch.zeros_like(bias).masked_fill(hide, float("-inf"))
+            return compressed_kv, leaky if m == 1 else _rows_where(affected(position_ids, m), leaky, bias)
         p.map_output(hf_module().DeepseekV4HCACompressor, "forward", leak)
 
     def reference(self, p, state, cfg):
-        def available(s, n, ratio):
-            return torch.arange(n)[None, :] < ((torch.arange(s) + 1) // ratio + 1)[:, None]
+        m = self.magnitude
+
+        def make(orig):
+            def available(s, n, ratio):
+                leaky = torch.arange(n)[None, :] < ((torch.arange(s) + 1) // ratio + 1)[:, None]
+                return leaky if m == 1 else _rows_where(affected(torch.arange(s), m), leaky, orig(s, n, ratio))
+            return available
 
         def inner(p2, x, layer, c, tables):
             if x.shape[0] >= c.compress_ratio(layer):
                 state.hit()
-            p2.set(r_attn, "available", available)
+            p2.wrap(r_attn, "available", make)
             return tables
         _wrap_reference_attention(p, ("hca",), inner)

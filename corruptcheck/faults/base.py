@@ -13,18 +13,29 @@ honest. For the `hf` engine the patches wrap methods of transformers' DeepSeek V
 module-level helpers, looked up where they are called); for the `reference` engine they wrap
 functions of `corruptcheck.reference.*` in the module that calls them.
 
-Every patch counts when it actually changed something (`FaultState.hit`) and records the
-layers where it did: a (fault, case) pair whose fault never fired is *not exercised*.
+Every patch counts when it took the defect's path (`FaultState.hit`) and records the layers
+where it did: a (fault, case) pair whose fault never fired is *not exercised*.
+
+Magnitude (docs/faults.md §Magnitude knobs): every fault has a knob `m` in [0, 1], named by its
+`knob` line. m = 1 (the default) is the re-enacted bug bit for bit, m = 0 changes nothing (the
+patches still run and count firings, but compute the clean result); `fault.at(m)` is a copy at
+magnitude m. A knob either blends the output of a pure function (`lerp`, `Patcher.blend`:
+clean + m·(faulty − clean)), scales the defect's own parameter inside the patch, or applies the
+defect to a fraction m of rows (`affected`).
 `Fault.triggered(cfg, seq_lens, engine)` states the same condition statically (None when it
 depends on activations), so a runner can skip runs that cannot fire.
 """
 from __future__ import annotations
 
+import copy
 import importlib
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from corruptcheck.engines.base import Capture, Engine
+import torch
+
+from corruptcheck.engines.base import Capture, Engine, EngineWrapper
 from corruptcheck.errors import BadInput
 from corruptcheck.reference import ModelConfig
 from corruptcheck.reference import model as r_model
@@ -35,6 +46,43 @@ ENGINES = ("hf", "reference", "vllm")  # vllm: corruptcheck.faults.vllm
 
 def hf_module():
     return importlib.import_module(HF_MODULE)
+
+
+# ---------------------------------------------------------------------------------------------
+# magnitude
+
+def lerp(clean, faulty, m: float):
+    """clean + m·(faulty − clean): exactly `clean` at m = 0 and exactly `faulty` at m = 1 (the
+    ends are returned as they are, never recomputed). Tensors blend in float32 (float64 for
+    float64) and come back in clean's dtype; tuples and lists blend element by element; numbers
+    blend as numbers."""
+    if m == 0:
+        return clean
+    if m == 1:
+        return faulty
+    if isinstance(clean, (tuple, list)):
+        return type(clean)(lerp(c, f, m) for c, f in zip(clean, faulty, strict=True))
+    if isinstance(clean, torch.Tensor):
+        if not clean.is_floating_point():
+            raise TypeError(f"cannot blend a {clean.dtype} tensor (a discrete result): give the fault another knob")
+        acc = torch.float64 if clean.dtype == torch.float64 else torch.float32
+        c = clean.to(acc)
+        return (c + m * (faulty.to(acc) - c)).to(clean.dtype)
+    if clean is None:
+        return None
+    return clean + m * (faulty - clean)
+
+
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def affected(index: torch.Tensor, m: float) -> torch.Tensor:
+    """Which of the rows numbered `index` (token positions, entry or vocabulary ids) a fault
+    applied to a fraction m of rows touches: row i iff frac((i + 1)·φ⁻¹) < m. Evenly spread at
+    every m, nested (the rows at m are among those at any larger m), all at m = 1, none at 0."""
+    if m >= 1:
+        return torch.ones(index.shape, dtype=torch.bool)
+    return torch.remainder((index.to(torch.float64) + 1) * _GOLDEN, 1.0) < m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +145,18 @@ class Patcher:
             return wrapper
         self.wrap(obj, name, make)
 
+    def blend(self, obj, name: str, m: float, faulty) -> None:
+        """`obj.name`, a pure function (it writes no state), returns clean + m·(faulty − clean)
+        (`lerp`), faulty being `faulty(original, *args, **kwargs)` (`under`, `mapped`): the
+        faulty result alone at m = 1, both in between; at m = 0 the faulty call still runs (it
+        counts the firing) and the clean result is returned."""
+        def make(orig):
+            def wrapper(*args, **kwargs):
+                bad = faulty(orig, *args, **kwargs)
+                return bad if m == 1 else lerp(orig(*args, **kwargs), bad, m)
+            return wrapper
+        self.wrap(obj, name, make)
+
     def restore(self) -> None:
         while self._undo:
             obj, name, old = self._undo.pop()
@@ -104,6 +164,25 @@ class Patcher:
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
+
+
+def under(install):
+    """A `Patcher.blend` faulty call: the original with `install(p2, *args, **kwargs)`'s patches
+    active (as `Patcher.during`)."""
+    def faulty(orig, *args, **kwargs):
+        with patched() as p2:
+            install(p2, *args, **kwargs)
+            return orig(*args, **kwargs)
+    return faulty
+
+
+def mapped(fn):
+    """A `Patcher.blend` faulty call: the original on `fn(*args, **kwargs)` -> (args, kwargs)
+    (as `Patcher.map_args`)."""
+    def faulty(orig, *args, **kwargs):
+        args, kwargs = fn(*args, **kwargs)
+        return orig(*args, **kwargs)
+    return faulty
 
 
 @contextmanager
@@ -118,7 +197,7 @@ def patched():
 @dataclass
 class FaultState:
     """What a fault did during one engine run."""
-    fired: int = 0  # how many times a patch changed something
+    fired: int = 0  # how many times a patch took the defect's path (at any magnitude)
     where: str | None = None  # first layer key where it fired: "layers.i" or "mtp.0"
     layers: list = field(default_factory=list)  # every layer key where it fired, in order
     layer: str | None = None  # the layer running now (set by the layer trackers)
@@ -170,6 +249,20 @@ class Fault:
     # (documented per fault; empty for most)
     also: tuple[str, ...] = ()
     engines: tuple[str, ...] = ("hf", "reference")  # engines it is implemented for
+    knob: str = ""  # one line: what the magnitude m scales (m = 1: the bug, m = 0: no effect)
+    magnitude: float = 1.0
+
+    def at(self, m: float) -> "Fault":
+        """A copy of this fault at magnitude m in [0, 1] (docs/faults.md §Magnitude knobs)."""
+        try:
+            m = float(m)
+        except (TypeError, ValueError):
+            raise BadInput(f"fault magnitude {m!r} is not a number") from None
+        if not 0.0 <= m <= 1.0:
+            raise BadInput(f"fault magnitude {m!r} is outside [0, 1]")
+        out = copy.copy(self)
+        out.magnitude = m
+        return out
 
     def triggered(self, cfg: ModelConfig, seq_lens, engine: str) -> bool | None:
         """Can the fault fire on this case and engine? None: depends on activations."""
@@ -222,7 +315,7 @@ class Fault:
         """One line: name first (`selftest --list`)."""
         also = f" (or {'|'.join(self.also)})" if self.also else ""
         return (f"{self.name}\t{self.klass}\t{self.catalog}\tstrikes {'|'.join(self.points)}{also}\t"
-                f"trigger: {self.trigger}\t{self.summary}")
+                f"trigger: {self.trigger}\t{self.summary}\tknob m: {self.knob}")
 
 
 def _has_layer(cfg: ModelConfig, kinds, engine: str, mtp: bool = True) -> bool:
@@ -235,27 +328,22 @@ def _has_layer(cfg: ModelConfig, kinds, engine: str, mtp: bool = True) -> bool:
 # ---------------------------------------------------------------------------------------------
 # the engine wrapper
 
-class FaultyEngine(Engine):
-    """`inner` with `fault` active during its run only (pass it to `compare(..., engine=)`).
-    After a run, `state` says whether and where the fault fired."""
+class FaultyEngine(EngineWrapper):
+    """`inner` with `fault` active during its run only (pass it to `compare(..., engine=)`), at
+    the fault's magnitude (`fault.at(m)`; a registry fault is m = 1). After a run, `state` says
+    whether and where the fault fired."""
 
     def __init__(self, inner: Engine, fault: Fault):
-        self.inner, self.fault = inner, fault
-        self.name = f"{inner.name}+{fault.name}"
-        self.extra = inner.extra
+        at = "" if fault.magnitude == 1 else f"@{fault.magnitude:.3g}"
+        super().__init__(inner, f"{inner.name}+{fault.name}{at}")
+        self.fault = fault
         self.state: FaultState | None = None
-
-    def available(self) -> tuple[bool, str]:
-        return self.inner.available()
-
-    @property
-    def serves(self) -> bool:
-        return getattr(self.inner, "serves", False)
 
     def run(self, case, precision: str, **options) -> Capture:
         state = FaultState()
         with self.fault.active(self.inner.name, case.config, state):
             cap = self.inner.run(case, precision, **options)
         self.state = state
-        cap.meta = {**cap.meta, "fault": self.fault.name, "fault_fired": state.fired, "fault_where": state.where}
+        cap.meta = {**cap.meta, "fault": self.fault.name, "fault_magnitude": self.fault.magnitude,
+                    "fault_fired": state.fired, "fault_where": state.where}
         return cap

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from corruptcheck.faults.base import Fault, hf_module
+from corruptcheck.faults.base import Fault, hf_module, lerp, mapped, under
 from corruptcheck.reference import mhc as r_mhc
 from corruptcheck.reference import model as r_model
 
@@ -29,6 +29,7 @@ class MhcPreHiddenGuard(Fault):
     summary = "mHC pre GEMM + RMS square-sum reduce over 4096 of hidden channels per stream"
     trigger = "hidden_size > 4096 (kernel compiled for 4096)"
     points = ("attn_hc.post", "attn_hc.comb", "attn_hc.collapsed")
+    knob = "mHC pre's outputs blended: clean + m·(4096-channel kernel − clean)"
     compiled_hidden = 4096
 
     def triggered(self, cfg, seq_lens, engine):
@@ -50,7 +51,7 @@ class MhcPreHiddenGuard(Fault):
                 return torch.cat([head * rho, torch.zeros_like(x[..., k:])], -1).reshape(flat.shape)
             state.hit()
             p2.set(self_hc.input_norm, "forward", input_norm)
-        p.during(hf_module().DeepseekV4HyperConnection, "forward", install)
+        p.blend(hf_module().DeepseekV4HyperConnection, "forward", self.magnitude, under(install))
 
     def reference(self, p, state, cfg):
         k = self.compiled_hidden
@@ -63,7 +64,7 @@ class MhcPreHiddenGuard(Fault):
             state.hit()
             fn_k = fn.view(fn.shape[0], n, d)[..., :k].reshape(fn.shape[0], n * k)
             return (x[..., :k], fn_k, scale, base), kw
-        p.map_args(r_mhc, "hc_coefficients", narrow)
+        p.blend(r_mhc, "hc_coefficients", self.magnitude, mapped(narrow))
 
 
 class MhcNormSqrt2(Fault):
@@ -81,6 +82,7 @@ class MhcNormSqrt2(Fault):
     klass = "A7"
     summary = "block-input RMSNorm sums squares over half the lanes, divides by all: x sqrt(2)"
     points = ("attn_norm",)
+    knob = "the norm's scale error times m: output clean + m·(half-lane − clean)"
 
     @staticmethod
     def _half_lane_rsqrt(xf, eps):
@@ -88,14 +90,15 @@ class MhcNormSqrt2(Fault):
         return torch.rsqrt(xf[..., : d // 2].square().sum(-1, keepdim=True) / d + eps)
 
     def hf(self, p, state, cfg):
-        fault = self
+        fault, m = self, self.magnitude
 
         def norm_forward(mod):
             def forward(hidden_states):
                 state.hit()
                 xf = hidden_states.to(torch.float32)
                 xf = xf * fault._half_lane_rsqrt(xf, mod.variance_epsilon)
-                return (mod.weight * xf).to(hidden_states.dtype)
+                out = (mod.weight * xf).to(hidden_states.dtype)
+                return out if m == 1 else lerp(type(mod).forward(mod, hidden_states), out, m)
             return forward
 
         def install(p2, self_l, *args, **kwargs):
@@ -104,14 +107,19 @@ class MhcNormSqrt2(Fault):
         p.during(hf_module().DeepseekV4DecoderLayer, "forward", install)
 
     def reference(self, p, state, cfg):
-        def rms_norm(x, weight, eps, acc):
-            state.hit()
-            xf = x.to(acc)
-            xf = xf * self._half_lane_rsqrt(xf, eps)
-            return (weight.to(acc) * xf).to(x.dtype)
+        m = self.magnitude
+
+        def half_lane(orig):
+            def rms_norm(x, weight, eps, acc):
+                state.hit()
+                xf = x.to(acc)
+                xf = xf * self._half_lane_rsqrt(xf, eps)
+                out = (weight.to(acc) * xf).to(x.dtype)
+                return out if m == 1 else lerp(orig(x, weight, eps, acc), out, m)
+            return rms_norm
 
         def install(p2, *args, **kwargs):  # inside the sub-layer functions, model.rms_norm is the block-input norm
-            p2.set(r_model, "rms_norm", rms_norm)
+            p2.wrap(r_model, "rms_norm", half_lane)
         p.during(r_model, "attention_sublayer", install)
         p.during(r_model, "ffn_sublayer", install)
 
@@ -129,6 +137,7 @@ class SinkhornShort(Fault):
     klass = "A5"
     summary = "mHC Sinkhorn runs 19 instead of 20 iterations"
     points = ("attn_hc.comb",)
+    knob = "the Sinkhorn matrix blended: 20 iterations + m·(19 iterations − 20)"
 
     def triggered(self, cfg, seq_lens, engine):
         return cfg.hc_sinkhorn_iters > 1
@@ -137,13 +146,13 @@ class SinkhornShort(Fault):
         def install(p2, self_hc, hidden_streams):
             state.hit()
             p2.set(self_hc, "hc_sinkhorn_iters", self_hc.hc_sinkhorn_iters - 1)
-        p.during(hf_module().DeepseekV4HyperConnection, "forward", install)
+        p.blend(hf_module().DeepseekV4HyperConnection, "forward", self.magnitude, under(install))
 
     def reference(self, p, state, cfg):
         def one_fewer(logits, iters, eps):
             state.hit()
             return (logits, iters - 1, eps), {}
-        p.map_args(r_mhc, "sinkhorn", one_fewer)
+        p.blend(r_mhc, "sinkhorn", self.magnitude, mapped(one_fewer))
 
 
 class MhcCombTransposed(Fault):
@@ -164,6 +173,11 @@ class MhcCombTransposed(Fault):
     summary = "mHC post mixes streams with the transposed Sinkhorn matrix"
     points = ("ffn_hc.in",)
     also = ("out",)
+    knob = "the mixing matrix blended: M + m·(Mᵀ − M)"
+
+    def _mix(self, comb):
+        """The matrix the post mix is handed, where it reads M[j, k] for output stream k: M + m·(Mᵀ − M)."""
+        return lerp(comb, comb.transpose(-1, -2), self.magnitude)
 
     def hf(self, p, state, cfg):
         M = hf_module()
@@ -175,14 +189,15 @@ class MhcCombTransposed(Fault):
             post, comb, collapsed = self_l.attn_hc(hidden_states)
             attn_output, _ = self_l.self_attn(self_l.input_layernorm(collapsed), **kwargs)
             hidden_states = post.to(dtype).unsqueeze(-1) * attn_output.unsqueeze(-2) + torch.matmul(
-                comb.to(dtype), hidden_states)
+                self._mix(comb).transpose(-1, -2).to(dtype), hidden_states)
             post, comb, collapsed = self_l.ffn_hc(hidden_states)
             mlp_output = self_l.mlp(self_l.post_attention_layernorm(collapsed), input_ids=input_ids)
-            return post.to(dtype).unsqueeze(-1) * mlp_output.unsqueeze(-2) + torch.matmul(comb.to(dtype), hidden_states)
+            return post.to(dtype).unsqueeze(-1) * mlp_output.unsqueeze(-2) + torch.matmul(
+                self._mix(comb).transpose(-1, -2).to(dtype), hidden_states)
         p.set(M.DeepseekV4DecoderLayer, "forward", forward)
 
     def reference(self, p, state, cfg):
         def transpose(f, x, post, comb):
             state.hit()
-            return (f, x, post, comb.transpose(-1, -2)), {}
+            return (f, x, post, self._mix(comb)), {}
         p.map_args(r_model, "hc_post", transpose)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from corruptcheck.faults.base import Fault, hf_module
+from corruptcheck.faults.base import Fault, hf_module, lerp
 from corruptcheck.reference import model as r_model
 from corruptcheck.reference import moe as r_moe
 
@@ -30,6 +30,7 @@ class RouterSplitKTail(Fault):
     summary = "router GEMM split 32 ways over 64-wide K tiles drops the tiles % 32 remainder"
     trigger = "hidden/64 tiles >= 32 and not a multiple of 32 (e.g. 7168: 112 tiles, 16 dropped)"
     points = ("moe.router_logits",)
+    knob = "the dropped K tail restored by (1−m): its channels × (1−m) in the router GEMM"
     block_k, splits = 64, 32
 
     def kept(self, k: int) -> int:
@@ -46,7 +47,9 @@ class RouterSplitKTail(Fault):
         if keep == x.shape[-1]:
             return x
         state.hit()
-        return torch.cat([x[..., :keep], torch.zeros_like(x[..., keep:])], -1)
+        m = self.magnitude
+        tail = torch.zeros_like(x[..., keep:]) if m == 1 else x[..., keep:] * (1 - m)
+        return torch.cat([x[..., :keep], tail], -1)
 
     def hf(self, p, state, cfg):
         M = hf_module()
@@ -79,9 +82,17 @@ class SharedExpertNoClamp(Fault):
     summary = "shared expert SwiGLU runs without swiglu_limit (no clamp)"
     trigger = "a shared-expert gate/up pre-activation exceeds swiglu_limit"
     points = ("moe.out",)
+    knob = "the clamped-away part restored by m: gate min(g, L) + m·(g − min(g, L)), up likewise"
 
     def triggered(self, cfg, seq_lens, engine):
         return None if cfg.swiglu_limit > 0 else False
+
+    def _unclamp(self, gate, up, limit):
+        """gate and up as the shared expert consumes them: unclamped at m = 1, clamped at 0."""
+        m = self.magnitude
+        if m == 1:
+            return gate, up
+        return lerp(gate.clamp(max=limit), gate, m), lerp(up.clamp(min=-limit, max=limit), up, m)
 
     def hf(self, p, state, cfg):
         M = hf_module()
@@ -89,6 +100,7 @@ class SharedExpertNoClamp(Fault):
         def forward(self_m, x):  # DeepseekV4MLP is V4's shared expert
             gate, up = self_m.gate_proj(x), self_m.up_proj(x)
             state.hit(int((gate > self_m.limit).sum() + (up.abs() > self_m.limit).sum()))
+            gate, up = self._unclamp(gate, up, self_m.limit)
             return self_m.down_proj(self_m.act_fn(gate) * up)
         p.set(M.DeepseekV4MLP, "forward", forward)
 
@@ -110,6 +122,7 @@ class SharedExpertNoClamp(Fault):
                 state.hit(int(hits.sum()))
                 g = r_moe.linear(y, w1, split_k).to(acc)
                 u = r_moe.linear(y, w3, split_k).to(acc)
+                g, u = self._unclamp(g, u, limit)
                 return F.silu(g) * u, hits
             return swiglu_hidden
         p.wrap(r_model, "moe", make_moe)
@@ -131,18 +144,21 @@ class RoutingWeightsBiased(Fault):
     summary = "routing weights gathered from the bias-corrected selection scores"
     trigger = "a learned-routing (non-hash) layer"
     points = ("moe.weights",)
+    knob = "routing weights blended: clean + m·(from the biased scores − clean)"
 
     def triggered(self, cfg, seq_lens, engine):
         return any(not cfg.is_hash_layer(i) for i in range(cfg.num_layers)) or (
             engine == "reference" and cfg.num_mtp_layers > 0)
 
     def hf(self, p, state, cfg):
+        m = self.magnitude
+
         def biased_weights(out, self_r, hidden_states):
             logits, weights, indices = out
             biased = (self_r.score_fn(logits) + self_r.e_score_correction_bias).gather(1, indices)
             state.hit()
             biased = biased / (biased.sum(-1, keepdim=True) + 1e-20)
-            return logits, (biased * self_r.routed_scaling_factor).to(weights.dtype), indices
+            return logits, lerp(weights, (biased * self_r.routed_scaling_factor).to(weights.dtype), m), indices
         p.map_output(hf_module().DeepseekV4TopKRouter, "forward", biased_weights)
 
     def reference(self, p, state, cfg):
@@ -158,6 +174,6 @@ class RoutingWeightsBiased(Fault):
                 idx, w = orig(y, ids, params, layer, c, prec, rec2)
                 state.hit()
                 wb = seen["selection_scores"].gather(1, idx)
-                return idx, (wb / wb.sum(-1, keepdim=True) * c.route_scale).to(w.dtype)
+                return idx, lerp(w, (wb / wb.sum(-1, keepdim=True) * c.route_scale).to(w.dtype), self.magnitude)
             return route
         p.wrap(r_moe, "route", make)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from corruptcheck.faults.base import Fault, hf_module, patched
+from corruptcheck.faults.base import Fault, affected, hf_module, lerp, patched
 
 
 class ServingFault(Fault):
@@ -49,6 +49,41 @@ def _step_start(positions: torch.Tensor, req_idx: torch.Tensor) -> torch.Tensor:
     return first[req_idx.long()]
 
 
+# the knobs' arithmetic (docs/faults.md §Magnitude knobs): these patch stateful cache code, so
+# each scales what it writes or how many rows it touches inside its own patch
+
+def drop_oldest(buffered: torch.Tensor, m: float) -> torch.Tensor | None:
+    """The compressor's open block [B, n, ...] after losing its oldest round(m·n) tokens (None at
+    m = 1: all of it)."""
+    if m == 1:
+        return None
+    return buffered[:, int(round(m * buffered.shape[1])):]
+
+
+def restarted_positions(positions: torch.Tensor, start: torch.Tensor, shift: torch.Tensor, m: float) -> torch.Tensor:
+    """Positions of the `shift` tokens counted from round(m·start) before their chunk's start
+    (from the chunk start itself at m = 1)."""
+    back = start if m == 1 else torch.round(m * start.to(torch.float64)).to(start.dtype)
+    return torch.where(shift, positions - back, positions)
+
+
+def wrapped_oldest(keys: torch.Tensor, m: float) -> torch.Tensor:
+    """The window's key rows [B, H, W, D] with the oldest (row 0) overwritten by
+    old + m·(newest − old) (by the newest at m = 1)."""
+    keys = keys.clone()
+    keys[:, :, 0] = lerp(keys[:, :, 0], keys[:, :, -1], m)
+    return keys
+
+
+def row_scaled(out: torch.Tensor, o: torch.Tensor, n: int, m: float) -> torch.Tensor:
+    """Decode rows 0..n-1 of `out` rescaled as if dequantized with row 0's activation scale:
+    row i × (1 + m·(amax₀/amaxᵢ − 1)) (amax over the rows of `o`)."""
+    amax = o[:n].float().abs().flatten(1).amax(-1).clamp_min(1e-30)
+    out = out.clone()
+    out[:n] = (out[:n].float() * lerp(torch.ones_like(amax), amax[0] / amax, m)[:, None]).to(out.dtype)
+    return out
+
+
 def _tokens_in_step(req_idx: torch.Tensor) -> torch.Tensor:
     """Per token: how many tokens its request runs in this step (1 = a decode step)."""
     counts = torch.bincount(req_idx.long())
@@ -69,9 +104,11 @@ class CompressorTailLostAtChunk(ServingFault):
     # fewer entries fail `compressed_kv` on their count, so teacher forcing names the attention core;
     # vLLM's compressors run inside its opaque attention op: its output is the first point it shows
     points = ("attn.compressed_kv", "attn.core", "attn.out")
+    knob = "hf: the oldest round(m·n) of the n buffered tokens lost; vLLM: positions restart round(m·start) back"
 
     def hf(self, p, state, cfg):
         M = hf_module()
+        m = self.magnitude
 
         def make(orig):
             def store(self_c, name, kv, gate):
@@ -79,7 +116,8 @@ class CompressorTailLostAtChunk(ServingFault):
                 hca = type(self_c) is M.DeepseekV4HCACache  # (in CSA the indexer would then outnumber it)
                 if hca and kv.shape[1] > 1 and buffered is not None and buffered.shape[1]:
                     state.hit()
-                    self_c.buffer_kv[name] = self_c.buffer_gate[name] = None
+                    self_c.buffer_kv[name] = drop_oldest(buffered, m)
+                    self_c.buffer_gate[name] = drop_oldest(self_c.buffer_gate[name], m)
                 return orig(self_c, name, kv, gate)
             return store
         p.wrap(M.DeepseekV4HCACache, "store_compression_weights", make)
@@ -105,7 +143,7 @@ class CompressorTailLostAtChunk(ServingFault):
                 if not bool(shift.any()):
                     return orig(self_c, kv_score, positions, rotary_emb)
                 state.hit()
-                return orig(self_c, kv_score, torch.where(shift, positions - start, positions), rotary_emb)
+                return orig(self_c, kv_score, restarted_positions(positions, start, shift, self.magnitude), rotary_emb)
             return forward
         p.wrap(C.DeepseekV4CPUCompressor, "forward", make)
 
@@ -121,6 +159,7 @@ class WindowWrapsEarly(ServingFault):
     summary = "sliding-window KV ring buffer wraps one slot early"
     trigger = "a later prefill chunk or a decode step beyond the window"
     points = ("attn.core", "attn.out")
+    knob = "hf: the oldest key becomes old + m·(newest − old); vLLM: the fraction m of queries (by position) misread"
 
     def hf(self, p, state, cfg):
         M = hf_module()
@@ -129,8 +168,7 @@ class WindowWrapsEarly(ServingFault):
             def update(self_c, key_states, value_states, *args, **kwargs):
                 full, _ = orig(self_c, key_states, value_states, *args, **kwargs)
                 if self_c.keys.shape[-2] >= self_c.sliding_window - 1:
-                    keys = self_c.keys.clone()
-                    keys[:, :, 0] = keys[:, :, -1]
+                    keys = wrapped_oldest(self_c.keys, self.magnitude)
                     self_c.keys = self_c.values = keys
                     state.hit()
                 return full, full
@@ -155,6 +193,8 @@ class WindowWrapsEarly(ServingFault):
                 if len(calls) > 1 or local.shape[-1] != window:  # the second call maps compressed entries
                     return slots
                 hit = (local[:, 0] >= 0) & (local[:, 0] < start)
+                if self.magnitude != 1:  # the query's own position closes its window
+                    hit &= affected(local[:, -1], self.magnitude)
                 if bool(hit.any()):
                     state.hit()
                     slots = slots.clone()
@@ -185,9 +225,11 @@ class StaleIndexerRows(ServingFault):
     summary = "indexer key cache not updated by decode steps"
     trigger = "a decode step that closes a CSA block"
     points = ("attn.indexer_topk",)
+    knob = "the fraction m of decode-closed indexer entries left out (hf: by entry index; vLLM: by position)"
 
     def hf(self, p, state, cfg):
         M = hf_module()
+        m = self.magnitude
         fed: dict = {}
 
         def make_store(orig):
@@ -200,8 +242,13 @@ class StaleIndexerRows(ServingFault):
             def update(self_c, name, compressed):
                 if name == "indexer" and fed.get((id(self_c), name)) == 1 and compressed.shape[1] > 0:
                     state.hit()
-                    self_c.entry_count[name] += compressed.shape[1]
-                    return self_c.compressed_kv[name]
+                    n = compressed.shape[1]
+                    if m == 1:
+                        self_c.entry_count[name] += n
+                        return self_c.compressed_kv[name]
+                    kept = compressed[:, ~affected(self_c.entry_count[name] + torch.arange(n), m)]
+                    self_c.entry_count[name] += n - kept.shape[1]  # the lost ones are counted all the same
+                    return orig(self_c, name, kept)
                 return orig(self_c, name, compressed)
             return update
         p.wrap(M.DeepseekV4HCACache, "store_compression_weights", make_store)
@@ -223,7 +270,10 @@ class StaleIndexerRows(ServingFault):
 
         def skip_decode_rows(orig_store, decode, positions, ratio):
             def store(state_cache, gather, pos, k_slots, *rest):
-                drop = decode[: k_slots.shape[0]] & ((positions[: k_slots.shape[0]] + 1) % ratio == 0) & (k_slots >= 0)
+                pos = positions[: k_slots.shape[0]]
+                drop = decode[: k_slots.shape[0]] & ((pos + 1) % ratio == 0) & (k_slots >= 0)
+                if self.magnitude != 1:
+                    drop &= affected(pos, self.magnitude)
                 if bool(drop.any()):
                     state.hit()
                     k_slots = torch.where(drop, torch.full_like(k_slots, -1), k_slots)
@@ -261,6 +311,11 @@ class DecodeKernelScale(ServingFault):
     summary = "decode-only attention kernel output scaled by 1.05"
     trigger = "a decode step (one token per sequence)"
     points = ("attn.out",)
+    knob = "the decode kernel's scale error times m: output × (1 + m·0.05)"
+
+    @property
+    def factor(self) -> float:
+        return lerp(1.0, DECODE_KERNEL_SCALE, self.magnitude)
 
     def hf(self, p, state, cfg):
         M = hf_module()
@@ -270,7 +325,7 @@ class DecodeKernelScale(ServingFault):
                 out = orig(self_a, hidden_states, *args, **kwargs)
                 if hidden_states.shape[1] == 1 and self_a.layer_idx == 0:
                     state.hit()
-                    return (out[0] * DECODE_KERNEL_SCALE, *out[1:])
+                    return (out[0] * self.factor, *out[1:])
                 return out
             return forward
         p.wrap(M.DeepseekV4Attention, "forward", make)
@@ -288,7 +343,7 @@ class DecodeKernelScale(ServingFault):
                 if md is not None and md.num_prefills == 0 and md.num_decodes > 0 and \
                         V.layer_index(self_a.prefix) == 0:
                     state.hit()
-                    return out * DECODE_KERNEL_SCALE
+                    return out * self.factor
                 return out
             return _o_proj
         p.wrap(S.DeepseekV4CPUAttention, "_o_proj", make)
@@ -307,6 +362,7 @@ class DecodeBatchRowScale(ServingFault):
     trigger = "a decode step holding >= 2 sequences"
     points = ("attn.out",)
     engines = ("vllm",)
+    knob = "the row-scale error times m: decode row i × (1 + m·(amax₀/amaxᵢ − 1))"
 
     def triggered(self, cfg, seq_lens, engine):
         return cfg.num_layers > 1 and len(seq_lens) > 1
@@ -323,10 +379,7 @@ class DecodeBatchRowScale(ServingFault):
                 if n < 2 or md.num_decodes < 2 or V.layer_index(self_a.prefix) != 1:
                     return out
                 state.hit()
-                amax = o[:n].float().abs().flatten(1).amax(-1).clamp_min(1e-30)
-                out = out.clone()
-                out[:n] = (out[:n].float() * (amax[0] / amax)[:, None]).to(out.dtype)
-                return out
+                return row_scaled(out, o, n, self.magnitude)
             return _o_proj
         p.wrap(S.DeepseekV4CPUAttention, "_o_proj", make)
 

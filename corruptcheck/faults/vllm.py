@@ -25,7 +25,7 @@ import sys
 import torch
 
 from corruptcheck.engines import vllm_cpu
-from corruptcheck.faults.base import Fault, FaultState, Patcher, patched
+from corruptcheck.faults.base import Fault, FaultState, Patcher, affected, lerp, patched
 
 CPU_MODEL = "vllm.models.deepseek_v4.cpu.model"
 CPU_SPARSE = "vllm.models.deepseek_v4.cpu.cpu_sparse"
@@ -88,6 +88,42 @@ def _first_layer(cfg, kinds) -> int | None:
     return next((i for i in range(cfg.num_layers) if cfg.layer_type(i) in kinds), None)
 
 
+# the knobs' arithmetic (docs/faults.md §Magnitude knobs), on plain tensors
+
+def geometric_blend(good: torch.Tensor, bad: torch.Tensor, m: float) -> torch.Tensor:
+    """A misread scale at magnitude m: good·(bad/good)^m, the log-scale error times m (`bad` at
+    m = 1, `good` at 0), in good's dtype; where either is not positive, good + m·(bad − good)."""
+    if m in (0, 1):
+        return lerp(good, bad, m)
+    g, b = good.to(torch.float64), bad.to(torch.float64)
+    pos = (g > 0) & (b > 0)
+    geo = g * torch.exp(m * (torch.log(b.clamp_min(1e-300)) - torch.log(g.clamp_min(1e-300))))
+    return torch.where(pos, geo, g + m * (b - g)).to(good.dtype)
+
+
+def rolled_table(table: torch.Tensor, m: float) -> torch.Tensor:
+    """The hash-routing table [V, k] rolled by one row (row t reads row t+1) for the fraction m
+    of token ids (`affected`), as it is for the others."""
+    rolled = torch.roll(table, -1, 0)
+    if m == 1:
+        return rolled.contiguous()
+    return torch.where(affected(torch.arange(table.shape[0]), m)[:, None], rolled, table).contiguous()
+
+
+def guard_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, k: int, m: float) -> torch.Tensor:
+    """The width-guarded RMSNorm at magnitude m: the 4096-channel kernel's output (the first `k`
+    channels normalized over themselves, the rest passed through) blended with a full-width
+    RMSNorm: clean + m·(guarded − clean)."""
+    head = x[..., :k].float()
+    head = head * torch.rsqrt(head.square().mean(-1, keepdim=True) + eps)
+    guarded = torch.cat([(head * weight[:k].float()).to(x.dtype), x[..., k:]], -1)
+    if m == 1:
+        return guarded
+    xf = x.float()
+    clean = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return lerp(clean, guarded, m)
+
+
 def ue8m0_bytes_as_values(scale: torch.Tensor) -> torch.Tensor:
     """The ue8m0 encoding of power-of-two scales (byte = log2(s) + 127) consumed as the scale
     value itself: 2^-8 becomes 119.0."""
@@ -115,6 +151,7 @@ class Fp8ScaleUe8m0AsValue(VLLMFault):
     summary = "layer-1 wo_b FP8 GEMM reads its ue8m0 block-scale bytes as the scale values"
     trigger = "a layer 1 (its FP8 wo_b)"
     points = ("attn.out",)
+    knob = "the misread scale's log-error times m: scale·(bytes/scale)^m"
     target_layer = 1
 
     def triggered(self, cfg, seq_lens, engine):
@@ -137,7 +174,7 @@ class Fp8ScaleUe8m0AsValue(VLLMFault):
                     return orig(self_a, o, positions)
                 good = scale.data
                 state.hit(where=f"layers.{target}")
-                scale.data = ue8m0_bytes_as_values(good)
+                scale.data = geometric_blend(good, ue8m0_bytes_as_values(good), self.magnitude)
                 try:
                     return orig(self_a, o, positions)
                 finally:
@@ -166,14 +203,16 @@ class CompressorPrevWindowLost(VLLMFault):
     summary = "CSA main compressor reads no state for the previous block: pools 4 tokens, not 8"
     trigger = "a CSA layer and a sequence of >= 2 x csa_ratio tokens"
     points = ("attn.out",)
+    knob = "the fraction m of tokens (by position) whose compressor window loses the previous block"
 
     def triggered(self, cfg, seq_lens, engine):
         return _first_layer(cfg, ("csa",)) is not None and max(seq_lens) >= 2 * cfg.csa_ratio
 
     def vllm(self, p, state, cfg):
         C = vllm_module(CPU_COMPRESSOR)
+        m = self.magnitude
 
-        def drop_previous(orig_map, ratio):
+        def drop_previous(orig_map, ratio, positions):
             def map_slots(local, req_idx, block_table, block_size):
                 slots = orig_map(local, req_idx, block_table, block_size)
                 if slots.shape[-1] != 2 * ratio:
@@ -181,7 +220,11 @@ class CompressorPrevWindowLost(VLLMFault):
                 prev = slots[:, :ratio]
                 state.hit(int((prev >= 0).any(-1).sum()) and 1)
                 slots = slots.clone()
-                slots[:, :ratio] = -1
+                if m == 1:
+                    slots[:, :ratio] = -1
+                else:
+                    rows = affected(positions[: slots.shape[0]], m)
+                    slots[rows, :ratio] = -1
                 return slots
             return map_slots
 
@@ -191,7 +234,7 @@ class CompressorPrevWindowLost(VLLMFault):
                     return orig(self_c, kv_score, positions, rotary_emb)
                 with patched() as p2:
                     p2.wrap(C, "map_local_to_global_slots_cpu",
-                            lambda o: drop_previous(o, self_c.compress_ratio))
+                            lambda o: drop_previous(o, self_c.compress_ratio, positions))
                     return orig(self_c, kv_score, positions, rotary_emb)
             return forward
         p.wrap(C.DeepseekV4CPUCompressor, "forward", make)
@@ -213,6 +256,7 @@ class HashRoutingOffByOne(VLLMFault):
     summary = "hash layers route with tid2eid[input_ids + 1]"
     trigger = "a hash-routed layer (num_hash_layers > 0)"
     points = ("moe.experts", "moe.weights")
+    knob = "the fraction m of token ids (table rows) read from the next row"
 
     def triggered(self, cfg, seq_lens, engine):
         return cfg.num_hash_layers > 0
@@ -225,7 +269,7 @@ class HashRoutingOffByOne(VLLMFault):
                 table = kwargs.get("hash_indices_table")
                 if table is not None:
                     state.hit()
-                    kwargs["hash_indices_table"] = torch.roll(table, -1, 0).contiguous()
+                    kwargs["hash_indices_table"] = rolled_table(table, self.magnitude)
                 return orig(*args, **kwargs)
             return topk
         p.wrap(R, "_sqrtsoftplus_bias_topk", make)
@@ -248,6 +292,7 @@ class RoutedScalingIgnored(VLLMFault):
     summary = "learned router returns weights without routed_scaling_factor"
     trigger = "a learned-routing layer and routed_scaling_factor != 1"
     points = ("moe.weights",)
+    knob = "the lost factor's deviation times m: routed_scaling_factor + m·(1 − factor)"
 
     def triggered(self, cfg, seq_lens, engine):
         return cfg.route_scale != 1.0 and any(not cfg.is_hash_layer(i) for i in range(cfg.num_layers))
@@ -259,7 +304,7 @@ class RoutedScalingIgnored(VLLMFault):
             def topk(*args, **kwargs):
                 if kwargs.get("hash_indices_table") is None and kwargs.get("routed_scaling_factor", 1.0) != 1.0:
                     state.hit()
-                    kwargs["routed_scaling_factor"] = 1.0
+                    kwargs["routed_scaling_factor"] = lerp(kwargs["routed_scaling_factor"], 1.0, self.magnitude)
                 return orig(*args, **kwargs)
             return topk
         p.wrap(R, "_sqrtsoftplus_bias_topk", make)
@@ -284,6 +329,7 @@ class IndexerKeyScaleMisread(VLLMFault):
     summary = "indexer scores key j with the FP8 scale of key j+1 (scale slice off by one)"
     trigger = "the indexer prunes: seq_len // csa_ratio > index_topk"
     points = ("attn.indexer_topk",)
+    knob = "the misread per-key scales' log-error times m: scale·(misread/scale)^m"
 
     def triggered(self, cfg, seq_lens, engine):
         return _first_layer(cfg, ("csa",)) is not None and max(seq_lens) // cfg.csa_ratio > cfg.index_topk
@@ -306,6 +352,8 @@ class IndexerKeyScaleMisread(VLLMFault):
                 if int(max_seq_len) > topk:
                     state.hit()
                 self.misread(scales, good)
+                if self.magnitude != 1:
+                    scales.copy_(geometric_blend(good, scales, self.magnitude))
                 try:
                     return orig(q, kv, weights, seq_lens, page_table, block_size, max_seq_len, *rest)
                 finally:
@@ -356,6 +404,7 @@ class NormHiddenGuard(VLLMFault):
     summary = "RMSNorm over hidden[:4096] only; channels 4096.. passed through unnormalized"
     trigger = "hidden_size > 4096 (kernel compiled for 4096)"
     points = ("attn_norm",)
+    knob = "the norm's output blended: full-width RMSNorm + m·(4096-channel kernel − full-width)"
     compiled_hidden = 4096
 
     def triggered(self, cfg, seq_lens, engine):
@@ -370,10 +419,9 @@ class NormHiddenGuard(VLLMFault):
                 if residual is not None or x.shape[-1] <= k or getattr(self_n, "weight", None) is None:
                     return orig(self_n, x, residual, *args, **kwargs)
                 state.hit()
-                head = x[..., :k].float()
-                head = head * torch.rsqrt(head.square().mean(-1, keepdim=True) + self_n.variance_epsilon)
-                head = (head * self_n.weight[:k].float()).to(x.dtype)
-                return torch.cat([head, x[..., k:]], -1)
+                if self.magnitude == 0:
+                    return orig(self_n, x, residual, *args, **kwargs)
+                return guard_norm(x, self_n.weight, self_n.variance_epsilon, k, self.magnitude)
             return forward
         p.wrap(N.RMSNorm, "forward", make)
 
