@@ -120,12 +120,13 @@ def _effect_point(expected: str, order: list, points: dict) -> str | None:
                 None)
 
 
-def _timed_compare(row, case: Case, engine: str, precision: str, runner: Engine):
+def _timed_compare(row, case: Case, engine: str, precision: str, runner: Engine, teacher_forcing: str = "on-fail"):
     """compare() with a faulty or variant engine, timed into the row; a crash is recorded on the
     row (status `error`) as a finding, not raised, and gives None."""
     t0 = time.perf_counter()
     try:
-        return compare(case, engine, precision, engine=runner, **ENGINE_OPTIONS.get(engine, {}))
+        return compare(case, engine, precision, engine=runner, teacher_forcing=teacher_forcing,
+                       **ENGINE_OPTIONS.get(engine, {}))
     except Exception as exc:
         row.status, row.note = "error", f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
@@ -144,15 +145,16 @@ def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow
     return fault_run(case, engine, fault, precision)[0]
 
 
-def fault_run(case: Case, engine: str, fault: Fault, precision: str, inner: Engine | None = None):
+def fault_run(case: Case, engine: str, fault: Fault, precision: str, inner: Engine | None = None,
+              teacher_forcing: str = "on-fail"):
     """(row, the compare's result or None): `fault` (at its magnitude) around `inner` (default:
-    the registered engine), compared and judged as a self-test row."""
+    the registered engine), compared (with `teacher_forcing`) and judged as a self-test row."""
     row = FaultRow(fault.name, fault.klass, case.name, precision, "not exercised")
     if fault.triggered(case.config, case.seq_lens, engine) is False:
         row.note = f"trigger never fires here: {fault.trigger}"
         return row, None
     faulty = FaultyEngine(inner or get_engine(engine), fault)
-    res = _timed_compare(row, case, engine, precision, faulty)
+    res = _timed_compare(row, case, engine, precision, faulty, teacher_forcing)
     if res is None:
         return row, None
     st = faulty.state
@@ -221,9 +223,10 @@ def _strongest(strikes: dict) -> str | None:
     return max(strikes, key=ratio, default=None)
 
 
-def run_benign(case: Case, engine: str, variant: Benign) -> BenignRow:
+def run_benign(case: Case, engine: str, variant: Benign, teacher_forcing: str = "on-fail") -> BenignRow:
     row = BenignRow(variant.name, case.name, variant.precision, "pass")
-    res = _timed_compare(row, case, engine, variant.precision, VariantEngine(get_engine(engine), variant))
+    res = _timed_compare(row, case, engine, variant.precision, VariantEngine(get_engine(engine), variant),
+                         teacher_forcing)
     if res is None:
         return row
     comp = res.comparison

@@ -233,8 +233,10 @@ def print_sensitivity(res, console: Console) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the result as JSON")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False),
               help="write an HTML page: the table and each family's bisection curve")
+@click.option("--teacher-forcing", type=click.Choice(["on-fail", "always"]), default="on-fail", show_default=True,
+              help="how each compare judges: always also fails a point on its teacher-forced local excess")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def sensitivity(engine_name, case_name, precision, faults, steps, json_path, html_path, quiet):
+def sensitivity(engine_name, case_name, precision, faults, steps, json_path, html_path, teacher_forcing, quiet):
     """Minimum detectable effect of each fault family on a case: the smallest magnitude of its
     knob that compare still flags and localizes, and its effect there in units of the honest
     noise at the strike point (docs/faults.md). Exit 0 when it ran, 2 on bad input."""
@@ -247,6 +249,6 @@ def sensitivity(engine_name, case_name, precision, faults, steps, json_path, htm
     progress = None if quiet else (lambda fam, step: click.echo(_step_line(fam, step), err=True))
     with _one_line_errors():
         res = run_sensitivity(engine_name, case_name, precision, faults=_names(faults), steps=int(steps),
-                              progress=progress)
+                              progress=progress, teacher_forcing=teacher_forcing)
     print_sensitivity(res, _console())
     _write(((json_path, lambda p: write_json(res.to_json(), p)), (html_path, lambda p: write_html(res, p))))

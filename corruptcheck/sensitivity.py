@@ -116,6 +116,7 @@ class SensitivityResult:
     families: list = field(default_factory=list)  # Family
     honest: list = field(default_factory=list)  # Honest
     seconds: float = 0.0
+    teacher_forcing: str = "on-fail"  # how each compare judged
 
     @property
     def honest_max_ratio(self) -> float | None:
@@ -124,17 +125,19 @@ class SensitivityResult:
 
     def to_json(self) -> dict:
         return {"schema": SENSITIVITY_SCHEMA, "engine": self.engine, "case": self.case, "precision": self.precision,
-                "m_lo": M_LO, "steps": self.steps, "families": [f.to_json() for f in self.families],
+                "m_lo": M_LO, "steps": self.steps, "teacher_forcing": self.teacher_forcing,
+                "families": [f.to_json() for f in self.families],
                 "honest_max_ratio": finite_or_none(self.honest_max_ratio),
                 "honest": [{k: finite_or_none(v) for k, v in asdict(h).items()} for h in self.honest],
                 "seconds": self.seconds}
 
 
-def _step(case: Case, engine: str, fault: Fault, precision: str, m: float, rec: _Recording, clean: dict):
+def _step(case: Case, engine: str, fault: Fault, precision: str, m: float, rec: _Recording, clean: dict,
+          teacher_forcing: str = "on-fail"):
     """(Step, the self-test row) of the fault at magnitude m: its effect and err/tol at every
     strike point the self-test accepts, at every layer where it fired."""
     t0 = time.perf_counter()
-    row, res = fault_run(case, engine, fault.at(m), precision, inner=rec)
+    row, res = fault_run(case, engine, fault.at(m), precision, inner=rec, teacher_forcing=teacher_forcing)
     step = Step(m, row.verdict, row.verdict == "fail", bool(row.localized), row.culprit, None, None, None, None)
     if res is not None:
         points = {p.name: p for p in res.comparison.points}
@@ -153,12 +156,13 @@ def _step(case: Case, engine: str, fault: Fault, precision: str, m: float, rec: 
 
 
 def measure_family(case: Case, engine: str, fault: Fault, precision: str, rec: _Recording, clean: dict,
-                   noise: dict, steps: int = STEPS, progress: Callable | None = None) -> Family:
+                   noise: dict, steps: int = STEPS, progress: Callable | None = None,
+                   teacher_forcing: str = "on-fail") -> Family:
     """The family's MDE: m = 1, then `steps` bisection steps in log space over [M_LO, 1]."""
     fam = Family(fault.name, fault.klass, fault.knob)
 
     def run(m):
-        step, row = _step(case, engine, fault, precision, m, rec, clean)
+        step, row = _step(case, engine, fault, precision, m, rec, clean, teacher_forcing)
         if row.status in ("not exercised", "error"):  # nothing to judge: no step
             fam.note, step = row.note or row.status, None
         else:
@@ -204,7 +208,7 @@ def measure_family(case: Case, engine: str, fault: Fault, precision: str, rec: _
     return fam
 
 
-def _honest(case: Case, engine: str, precision: str, clean_res) -> list[Honest]:
+def _honest(case: Case, engine: str, precision: str, clean_res, teacher_forcing: str = "on-fail") -> list[Honest]:
     """The clean run and every benign variant of the engine judged at `precision` (a variant
     that is the clean engine itself is the clean run, not run twice)."""
     worst = _worst(clean_res.comparison.points)
@@ -216,15 +220,19 @@ def _honest(case: Case, engine: str, precision: str, clean_res) -> list[Honest]:
         if v.install is None and not v.options and not v.batch_partner and v.precision == precision:
             clean.variant = v.name
             continue
-        row = run_benign(case, engine, v)
+        row = run_benign(case, engine, v, teacher_forcing)
         out.append(Honest(v.name, row.worst_ratio, row.worst, row.note if row.status != "pass" else ""))
     return [clean, *out]
 
 
 def run_sensitivity(engine: str, case: str, precision: str = "float32", faults=None, steps: int = STEPS,
-                    progress: Callable | None = None) -> SensitivityResult:
+                    progress: Callable | None = None, teacher_forcing: str = "on-fail") -> SensitivityResult:
     """faults: names (None = every fault of the engine). `progress(family, step)` after each run
-    (step None: the family was not exercised, `family.note` says why)."""
+    (step None: the family was not exercised, `family.note` says why). `teacher_forcing`: how
+    every compare (clean, faulty, honest) judges; "always" fails a point on its local excess
+    too (docs/tolerances.md, Localization)."""
+    if teacher_forcing not in ("on-fail", "always"):
+        raise BadInput(f"teacher forcing must be on-fail or always here, not {teacher_forcing!r}")
     t0 = time.perf_counter()
     case_obj = get_case(case)
     if engine in ENGINE_PRECISIONS:  # the engine declares its precision
@@ -235,12 +243,14 @@ def run_sensitivity(engine: str, case: str, precision: str = "float32", faults=N
         raise BadInput(f"--steps must be a positive integer, not {steps!r}")
     fault_objs = resolve(faults, faults_for(engine), "fault")
     rec = _Recording(get_engine(engine))
-    clean_res = compare(case_obj, engine, precision, engine=rec, **ENGINE_OPTIONS.get(engine, {}))
+    clean_res = compare(case_obj, engine, precision, engine=rec, teacher_forcing=teacher_forcing,
+                        **ENGINE_OPTIONS.get(engine, {}))
     clean = rec.points
     noise = {p.name: finite_or_none(p.metrics.get("rel_l2")) for p in clean_res.comparison.points if p.kind == "float"}
-    res = SensitivityResult(engine, case_obj.name, clean_res.precision, steps)
+    res = SensitivityResult(engine, case_obj.name, clean_res.precision, steps, teacher_forcing=teacher_forcing)
     for fault in fault_objs:
-        res.families.append(measure_family(case_obj, engine, fault, precision, rec, clean, noise, steps, progress))
-    res.honest = _honest(case_obj, engine, precision, clean_res)
+        res.families.append(measure_family(case_obj, engine, fault, precision, rec, clean, noise, steps, progress,
+                                           teacher_forcing))
+    res.honest = _honest(case_obj, engine, precision, clean_res, teacher_forcing)
     res.seconds = time.perf_counter() - t0
     return res
