@@ -33,9 +33,10 @@ def routing_weights(scores, idx, cfg: ModelConfig, prec: Precision) -> torch.Ten
 def given_choices(y, idx, w, given, p: dict, layer: int, cfg: ModelConfig, prec: Precision) -> tuple:
     """(ids, weights) to run the experts with when the choice is given (teacher forcing on an
     engine's own expert ids, or the noise model's honest runs on the float64 reference's): on a
-    learned-routing layer every row of `given` [T, k] that names k distinct valid experts
-    replaces the router's own choice, its weights recomputed from this router's scores; hash
-    layers, malformed rows and a `given` of another shape keep the router's own. The router's
+    learned-routing layer every row of `given` [T, k] that names k distinct valid experts other
+    than the router's own set replaces the router's choice, its weights recomputed from this
+    router's scores; hash layers, malformed rows, rows naming the router's own set and a `given`
+    of another shape keep the router's own (bit for bit). The router's
     own choice is what `moe` records: the choice itself is judged against it, while everything
     after the choice is computed on the given one (docs/tolerances.md, Discrete points)."""
     if given is None or cfg.is_hash_layer(layer) or tuple(given.shape) != tuple(idx.shape):
@@ -43,7 +44,8 @@ def given_choices(y, idx, w, given, p: dict, layer: int, cfg: ModelConfig, prec:
     g = given.long()
     valid = ((g >= 0) & (g < cfg.n_routed_experts)).all(-1)
     distinct = (g.sort(-1).values.diff(dim=-1) != 0).all(-1)
-    ok = valid & distinct
+    same = (g.sort(-1).values == idx.sort(-1).values).all(-1)  # the router's own set: its own order and sums
+    ok = valid & distinct & ~same
     if not bool(ok.any()):
         return idx, w
     logits = gemm(y, p["gate.weight"], prec.policy.router)
