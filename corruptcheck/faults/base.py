@@ -15,6 +15,8 @@ functions of `corruptcheck.reference.*` in the module that calls them.
 
 Every patch counts when it took the defect's path (`FaultState.hit`) and records the layers
 where it did: a (fault, case) pair whose fault never fired is *not exercised*.
+`Fault.triggered(cfg, seq_lens, engine)` states the same condition statically (None when it
+depends on activations), so a runner can skip runs that cannot fire.
 
 Magnitude (docs/faults.md §Magnitude knobs): every fault has a knob `m` in [0, 1], named by its
 `knob` line. m = 1 (the default) is the re-enacted bug bit for bit, m = 0 changes nothing (the
@@ -22,8 +24,6 @@ patches still run and count firings, but compute the clean result); `fault.at(m)
 magnitude m. A knob either blends the output of a pure function (`lerp`, `Patcher.blend`:
 clean + m·(faulty − clean)), scales the defect's own parameter inside the patch, or applies the
 defect to a fraction m of rows (`affected`).
-`Fault.triggered(cfg, seq_lens, engine)` states the same condition statically (None when it
-depends on activations), so a runner can skip runs that cannot fire.
 """
 from __future__ import annotations
 
