@@ -224,7 +224,8 @@ def test_selftest_wiring_for_vllm(monkeypatch):
 
     calls = []
 
-    def fake_compare(case, engine_name, precision, engine=None, **options):
+    def fake_compare(case, engine_name, precision, engine=None, teacher_forcing=None, **options):
+        assert teacher_forcing == "on-fail"  # the self-test judges as compare does by default
         calls.append((type(engine).__name__, getattr(engine, "name", ""), precision, options))
         raise RuntimeError("stub")
 
