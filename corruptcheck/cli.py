@@ -111,7 +111,7 @@ def _resolve_case(case_name, engine_name, path):
 @main.command("engines")
 def engines_cmd():
     """List the engines and whether each can run here."""
-    from corruptcheck.engines import engine_class, engines
+    from corruptcheck.engines import engine_class, engines, install_hint
 
     table = Table(title="engines (entry-point group corruptcheck.engines)", title_justify="left")
     for col in ("engine", "available", "provided by", "note"):
@@ -122,8 +122,8 @@ def engines_cmd():
             engine = cls()
             ok, why = engine.available()
             note = why if not ok else ""
-            if not ok and cls.extra and not getattr(engine, "installed", lambda: False)():
-                note += f"; pip install 'corruptcheck[{cls.extra}]'"
+            if not ok and install_hint(engine):
+                note += f"; {install_hint(engine)}"
         except BadInput as exc:
             ok, note = False, str(exc)
         table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", target, escape(note))

@@ -21,7 +21,7 @@ import torch
 from corruptcheck.coverage import layer_coverage
 from corruptcheck.differ import judge_point
 from corruptcheck.errors import BadInput
-from corruptcheck.noise import merge_point_noise, variants
+from corruptcheck.noise import experts_point, merge_point_noise, variants
 from corruptcheck.points import capture_points
 from corruptcheck.reference import ModelConfig
 from corruptcheck.reference.model import run_part
@@ -134,7 +134,7 @@ def run_unit(ckpt: ReleaseCheckpoint, unit: str, engine: dict, sequences, precis
         given = engine[inp].clone()
         # the engine's own expert ids where it exposes them, for the float64 run and the honest
         # ones alike: the output is judged on arithmetic, the choice at moe.experts (localize.py)
-        experts = engine.get(f"{'mtp.0' if layer == 'mtp.0' else f'layers.{layer}'}.moe.experts") if part == "ffn" else None
+        experts = engine.get(experts_point(layer)) if part == "ffn" else None
         local = run_part(cfg, params, part, layer, given.to(torch.float64), sequences, "float64", experts=experts)
         local.pop(inp, None)
         noise: dict = {}

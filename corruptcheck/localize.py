@@ -14,8 +14,8 @@ import torch
 from corruptcheck.cases import Case
 from corruptcheck.differ import Comparison, judge_point
 from corruptcheck.finite import finite_or_none
-from corruptcheck.noise import choice_dependent, local_points, sub_blocks
-from corruptcheck.phases import per_token_bound, phase_local_noise
+from corruptcheck.noise import choice_dependent, experts_point, local_points, sub_blocks
+from corruptcheck.phases import larger_noise, per_token_bound, phase_local_noise
 from corruptcheck.points import capture_points
 
 
@@ -45,7 +45,7 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
     against the local noise measured on the phase's rows (phases.phase_local_noise), so the
     culprit is named within the step where the divergence appeared."""
     base = (noise or {}).get("local", {})
-    own = {**base, **{n: _worse(base.get(n), v) for n, v in (noise or {}).get("local_own_choice", {}).items()}}
+    own = {**base, **{n: larger_noise(base.get(n), v) for n, v in (noise or {}).get("local_own_choice", {}).items()}}
     if rows is not None:
         tokens = len(rows.get("embed", ()))
         base, own = phase_local_noise(noise, base, group, tokens), per_token_bound(own)
@@ -55,10 +55,11 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
         if inp not in engine:
             out[f"__{part}:{layer}"] = {"verdict": "unavailable", "reason": f"engine did not capture {inp}"}
             continue
-        conditioned = choice_dependent(case, part, layer) and _experts_name(layer) in engine
+        dependent = choice_dependent(case, part, layer)
+        conditioned = dependent and experts_point(layer) in engine
         loc = local_points(case, part, layer, engine[inp].to(torch.float64), "float64",
                            choices=engine if conditioned else None)
-        local_noise = base if conditioned or not choice_dependent(case, part, layer) else own
+        local_noise = own if dependent and not conditioned else base
         if rows is not None:
             loc, eng = _rows_of(loc, rows), _rows_of({n: engine[n] for n in loc if n in engine}, rows)
         else:
@@ -77,15 +78,6 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
         if prev and prev in out:
             out[name] = dict(out[prev], alias=prev)
     return out
-
-
-def _experts_name(layer) -> str:
-    return f"{'mtp.0' if layer == 'mtp.0' else f'layers.{layer}'}.moe.experts"
-
-
-def _worse(a: dict | None, b: dict) -> dict:
-    """Per metric the larger of two noise entries."""
-    return {k: max((a or {}).get(k, 0.0), v) for k, v in b.items()} | {k: v for k, v in (a or {}).items() if k not in b}
 
 
 def _rows_of(points: dict, rows: dict) -> dict:

@@ -88,12 +88,17 @@ def sub_blocks(case: Case):
         yield "head", "mtp.0", "mtp.0.out"
 
 
+def experts_point(layer) -> str:
+    """The point holding a layer's (main index or "mtp.0") chosen expert ids."""
+    return f"{'mtp.0' if layer == 'mtp.0' else f'layers.{layer}'}.moe.experts"
+
+
 def local_points(case: Case, part: str, layer, inputs: torch.Tensor, precision, choices: dict | None = None) -> dict:
     """Teacher-forced outputs of one sub-block on `inputs`, without the input point itself.
     `choices` (a dict of points holding the layer's `moe.experts`): the expert ids an FFN
     sub-block runs instead of its router's own (`reference.moe.given_choices`)."""
     pre = "mtp.0" if layer == "mtp.0" else f"layers.{layer}"
-    experts = (choices or {}).get(f"{pre}.moe.experts") if part == "ffn" else None
+    experts = (choices or {}).get(experts_point(layer)) if part == "ffn" else None
     out = run_part(case.config, case.params(), part, layer, inputs, case.sequences(), precision,
                    experts=experts if isinstance(experts, torch.Tensor) else None)
     out.pop(f"{pre}.attn_hc.in" if part == "attn" else f"{pre}.ffn_hc.in", None)

@@ -98,8 +98,13 @@ def _phase_scope(whole: dict, group: dict | None) -> dict:
     measured phase the run's per-token worst cases."""
     if group is None:
         return per_token_bound(whole)
-    return {name: {k: max(v, group[name].get(k, 0.0)) for k, v in n.items()} if name in group else n
-            for name, n in whole.items()}  # every key the whole run has
+    return {name: larger_noise(n, group[name]) if name in group else n for name, n in whole.items()}
+
+
+def larger_noise(a: dict | None, b: dict | None) -> dict:
+    """Per metric the larger of two noise entries of one point."""
+    a, b = a or {}, b or {}
+    return {k: max(a.get(k, 0.0), b.get(k, 0.0)) for k in {**a, **b}}
 
 
 def per_token_bound(entries: dict) -> dict:

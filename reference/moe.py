@@ -36,9 +36,11 @@ def given_choices(y, idx, w, given, p: dict, layer: int, cfg: ModelConfig, prec:
     learned-routing layer every row of `given` [T, k] that names k distinct valid experts other
     than the router's own set replaces the router's choice, its weights recomputed from this
     router's scores; hash layers, malformed rows, rows naming the router's own set and a `given`
-    of another shape keep the router's own (bit for bit). The router's
-    own choice is what `moe` records: the choice itself is judged against it, while everything
-    after the choice is computed on the given one (docs/tolerances.md, Discrete points)."""
+    of another shape keep the router's own (bit for bit). The router's own choice is what `moe`
+    records: the choice itself is judged against it, while everything after the choice is
+    computed on the given one (docs/tolerances.md, Localization). The router GEMM runs again
+    here (T x D x E, small beside the experts) only when a row is replaced, so `route`, which
+    faults patch, keeps its signature."""
     if given is None or cfg.is_hash_layer(layer) or tuple(given.shape) != tuple(idx.shape):
         return idx, w
     g = given.long()

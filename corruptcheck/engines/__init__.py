@@ -48,14 +48,19 @@ def engine_class(name: str):
     raise BadInput(f"unknown engine {name!r}; known engines: {', '.join(registry)}")
 
 
+def install_hint(engine: Engine) -> str:
+    """The pip command that would make an unavailable engine available, or "" (no extra, or
+    installed already and unable to run here)."""
+    return f"pip install 'corruptcheck[{engine.extra}]'" if engine.extra and not engine.installed() else ""
+
+
 def get_engine(name: str) -> Engine:
     engine = engine_class(name)()
     ok, why = engine.available()
     if not ok:
-        installed = getattr(engine, "installed", lambda: False)()  # installed, but cannot run here
-        hint = f"; install it with: pip install 'corruptcheck[{engine.extra}]'" if engine.extra and not installed else ""
-        raise EngineUnavailable(f"engine {name!r} is not available: {why}{hint}")
+        hint = install_hint(engine)
+        raise EngineUnavailable(f"engine {name!r} is not available: {why}" + (f"; install it with: {hint}" if hint else ""))
     return engine
 
 
-__all__ = ["Capture", "Engine", "engines", "engine_class", "get_engine", "GROUP"]
+__all__ = ["Capture", "Engine", "engines", "engine_class", "get_engine", "install_hint", "GROUP"]

@@ -34,6 +34,10 @@ class Engine:
     def available(self) -> tuple[bool, str]:
         return True, ""
 
+    def installed(self) -> bool:
+        """Installed, even where it cannot run (then installing its extra would not help)."""
+        return False
+
     def run(self, case: Case, precision: str, **options) -> Capture:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -47,6 +51,9 @@ class EngineWrapper(Engine):
 
     def available(self) -> tuple[bool, str]:
         return self.inner.available()
+
+    def installed(self) -> bool:
+        return self.inner.installed()
 
     @property
     def serves(self) -> bool:
