@@ -68,7 +68,7 @@ def dump_memory(case: str) -> None:
 import json
 from corruptcheck.cases import get_case
 from corruptcheck.compare import compare
-from corruptcheck.reference_data import reference_for
+from corruptcheck.judge.reference_data import reference_for
 
 def status(field):
     line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
@@ -79,7 +79,7 @@ ref = reference_for(case)  # builds the golden cache once, outside the measureme
 largest_ref = max(ref.points[n].numel() * ref.points[n].element_size() for n in ref.points)
 del ref
 import torch
-from corruptcheck.metrics import float_metrics
+from corruptcheck.judge.metrics import float_metrics
 float_metrics(torch.ones(2, 2), torch.ones(2, 2))  # the compiled kernel's code is loaded: not data
 base = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
@@ -101,8 +101,8 @@ print(json.dumps({{"verdict": res.verdict, "base": base, "peak": status("VmHWM")
 def teacher_forced_layer(case_name: str = "pro-engine", tokens: int = 512, layer: int = 1) -> None:
     """One layer's teacher-forced check (attention + FFN halves, float64, judged) on `tokens`."""
     from corruptcheck.cases import get_case
-    from corruptcheck.differ import judge_point
-    from corruptcheck.noise import local_points
+    from corruptcheck.judge.differ import judge_point
+    from corruptcheck.judge.noise import local_points
     from corruptcheck.points import capture_points
     from corruptcheck.reference import run
     from corruptcheck.schedule import decoded_case

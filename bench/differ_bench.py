@@ -8,7 +8,7 @@ import logging
 import torch
 
 from bench.common import best_of
-from corruptcheck.metrics import float_metrics
+from corruptcheck.judge.metrics import float_metrics
 
 
 def _polygraphy():

@@ -1,3 +1,3 @@
-from corruptcheck.cli import main
+from corruptcheck.cli.app import main
 
 main()

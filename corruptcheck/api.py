@@ -14,12 +14,12 @@ from pathlib import Path
 
 from corruptcheck.cases import Case, get_case
 from corruptcheck.compare import TEACHER_FORCING, CompareResult, compare
-from corruptcheck.differ import PointResult
+from corruptcheck.judge.differ import PointResult
 from corruptcheck.engines import Engine, get_engine
 from corruptcheck.errors import BadInput, EngineUnavailable
 from corruptcheck.finite import fmt_number
 from corruptcheck.reference import Precision
-from corruptcheck.tolerance import NORM_SHARE
+from corruptcheck.judge.tolerance import NORM_SHARE
 
 # point verdicts that are neither a pass nor a failure (never counted as passes)
 NOT_JUDGED = ("missing", "not-exercised", "skipped")
@@ -159,7 +159,7 @@ class CheckResult:
     # -- reports
     @cached_property
     def _doc(self) -> dict:
-        from corruptcheck.report import to_json
+        from corruptcheck.reports.render import to_json
 
         return to_json(self.result)
 
@@ -169,8 +169,8 @@ class CheckResult:
 
     def write_reports(self, directory: str | Path) -> dict[str, Path]:
         """Write DIRECTORY/<case>.json and DIRECTORY/<case>.html; returns their paths."""
-        from corruptcheck.html_report import write_html
-        from corruptcheck.report import write_json
+        from corruptcheck.reports.html import write_html
+        from corruptcheck.reports.render import write_json
 
         out = Path(directory)
         paths = {"json": out / f"{self.case}.json", "html": out / f"{self.case}.html"}
@@ -180,7 +180,7 @@ class CheckResult:
 
     def write_junit(self, path: str | Path) -> None:
         """JUnit XML with one test case per point (outside pytest; the plugin uses pytest's own)."""
-        from corruptcheck.report import write_junit
+        from corruptcheck.reports.render import write_junit
 
         write_junit(self._doc, str(path))
 

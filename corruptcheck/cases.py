@@ -22,7 +22,7 @@ class Case:
     seq_lens: tuple[int, ...]  # the batch: one sequence per entry, each from position 0
     # "fp8": every FP8 linear is generated FP8-exact (e4m3 x ue8m0 128x128 block scales), so an
     # engine loading the case's FP8 checkpoint runs the reference's very numbers; "release":
-    # also the routed experts MXFP4-exact, as a V4 release stores them (release_writer.py)
+    # also the routed experts MXFP4-exact, as a V4 release stores them (release/writer.py)
     weight_format: str = "bf16"
     schedule: Schedule | None = None  # how a server would feed it (decode, chunks, batch); None = prefill only
     tokens: tuple | None = None  # explicit token ids per sequence (a decoded case); None = seeded

@@ -7,16 +7,16 @@ import time
 from dataclasses import dataclass, field
 
 from corruptcheck.cases import Case
-from corruptcheck.differ import Comparison, compare_points
+from corruptcheck.judge.differ import Comparison, compare_points
 from corruptcheck.engines import Capture, get_engine
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable, one_line
-from corruptcheck.localize import attach, teacher_force
-from corruptcheck.noise import measure
-from corruptcheck.phases import (MIN_MEASURED_TOKENS, fail_by_phase, first_failing_phase, judge_phases, label_key,
+from corruptcheck.judge.localize import attach, teacher_force
+from corruptcheck.judge.noise import measure
+from corruptcheck.judge.phases import (MIN_MEASURED_TOKENS, fail_by_phase, first_failing_phase, judge_phases, label_key,
                                  pairs_by_phase, phase_label, phase_rows)
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION, Precision
-from corruptcheck.reference_data import ReferenceData, noise_for, reference_for, reference_run  # noqa: F401 (re-exported)
+from corruptcheck.judge.reference_data import ReferenceData, noise_for, reference_for, reference_run  # noqa: F401 (re-exported)
 from corruptcheck.schedule import check_prompts, decoded_case, prompt_case
 
 TEACHER_FORCING = ("on-fail", "always", "never")
@@ -207,7 +207,7 @@ def greedy_choices(logits, sequences, schedule, token_rel: float | None) -> dict
     the reference's margin, and an honest engine moves a pair by at most sqrt(2) x its per-token
     logits error (<= token_rel x ||row||, measured); so within SAFETY x that it is a near-tie,
     beyond it a real disagreement (float64: any swap beyond 1e-12 of the row). Never re-aligned."""
-    from corruptcheck.tolerance import SAFETY
+    from corruptcheck.judge.tolerance import SAFETY
 
     out = {"steps": 0, "agree": 0, "near_ties": 0, "disagreements": [],
            "tie_bound": "exact (float64)" if token_rel is None else

@@ -11,12 +11,12 @@ from importlib import resources
 from itertools import product
 from pathlib import Path
 
-from corruptcheck.atomic import atomic_write
+from corruptcheck.storage.atomic import atomic_write
 from corruptcheck.cases import Case, get_case
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
-from corruptcheck.results import Report
+from corruptcheck.reports.results import Report
 from corruptcheck.schedule import Schedule
-from corruptcheck.tolerance import FLOOR
+from corruptcheck.judge.tolerance import FLOOR
 
 DEFAULT_KEYS = {"teacher_forcing", "allowed_missing"}
 PRECISIONS = tuple(FLOOR)  # every precision an engine may declare has tolerances
@@ -260,8 +260,8 @@ def judge(run: GateRun, rep: Report, policy: Policy) -> RunOutcome:
 
 def run_gate(engine_name: str, policy: Policy, out_dir: Path, progress=None, engine=None) -> list[RunOutcome]:
     from corruptcheck.compare import compare
-    from corruptcheck.html_report import write_html
-    from corruptcheck.report import write_json, write_junit
+    from corruptcheck.reports.html import write_html
+    from corruptcheck.reports.render import write_json, write_junit
 
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []

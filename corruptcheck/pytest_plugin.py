@@ -113,7 +113,7 @@ class _Runner:
         record = config.getoption("corruptcheck_record")
         runner = cls(engine, cases, precision, report_dir, options)
         if record:
-            from corruptcheck import store
+            from corruptcheck.history import store
             from corruptcheck.errors import BadInput
 
             runner.record_path = Path(config.invocation_params.dir, record).resolve()
@@ -140,16 +140,14 @@ class _Runner:
                 # an engine crash: name what the engine itself raised (the wrapper is the tool's)
                 self._results[case] = exc.__cause__ if isinstance(exc, EngineFailed) and exc.__cause__ else exc
                 if self.record_path and isinstance(exc, EngineFailed):
-                    from corruptcheck import store
-
+                    from corruptcheck.history import store
                     store.record_crash(self.record_path, "pytest", self.engine, case, self.precision, str(exc))
             else:
                 self._results[case] = res
                 if self.report_dir:
                     res.write_reports(self.report_dir)
                 if self.record_path:
-                    from corruptcheck import store
-
+                    from corruptcheck.history import store
                     store.record_report(self.record_path, res.to_json(), "pytest")
         out = self._results[case]
         if isinstance(out, Exception):

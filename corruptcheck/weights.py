@@ -187,5 +187,5 @@ class _ShapeBuilder(_Builder):
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple, bool]]:
     """{name: (shape, is floating point)} of every parameter of a model with this config, in
-    DeepSeek's naming: what a checkpoint of it must hold (release_checkpoint.py)."""
+    DeepSeek's naming: what a checkpoint of it must hold (release/reader.py)."""
     return {n: (tuple(t.shape), t.is_floating_point()) for n, t in _generate(cfg, _ShapeBuilder(0)).items()}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from corruptcheck.cases import get_case
-from corruptcheck.reference_data import reference_run
+from corruptcheck.judge.reference_data import reference_run
 
 # two pytest-xdist workers on two cores: one BLAS thread each
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from corruptcheck.tolerance import SAFETY
+from corruptcheck.judge.tolerance import SAFETY
 
 from corruptcheck.api import (CheckResult, CorruptionDetected, MissingPoints, NothingCompared, check,
                               check_dump)
@@ -140,7 +140,7 @@ def test_bad_input_raises(kwargs, error, text):
 @pytest.mark.skipif("dump" not in engines(), reason="the dump engine is not registered in this checkout")
 def test_check_dump(tmp_path):
     from corruptcheck.cases import get_case
-    from corruptcheck.dump import write_dump
+    from corruptcheck.storage.dump import write_dump
 
     case = get_case("tiny")
     cap = ReferenceEngine().run(case, "float32")

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from corruptcheck.cases import get_case
-from corruptcheck.check import check, select_units
-from corruptcheck.dump import write_dump
+from corruptcheck.release.check import check, select_units
+from corruptcheck.storage.dump import write_dump
 from corruptcheck.errors import BadInput
-from corruptcheck.release_writer import write_release_checkpoint
-from corruptcheck.report import to_json
+from corruptcheck.release.writer import write_release_checkpoint
+from corruptcheck.reports.render import to_json
 
 CASE = "tiny-release"
 FAULT_LAYER = 2
@@ -206,10 +206,10 @@ def test_cli_check_on_ray_exit_codes_and_reports(setup, tmp_path):
 def test_dump_split_over_ranks_checks_like_one_file(setup, clean_local, tmp_path):
     """Every float point of the layers split in two along its last dim over two rank files (as
     tensor-parallel shards), the rest replicated in rank 0: the same numbers as the one-file dump."""
-    from corruptcheck.dump import load_dump
-    from corruptcheck.check import _dump_case
-    from corruptcheck.release_checkpoint import ReleaseCheckpoint
-    from corruptcheck.dump import read_manifest
+    from corruptcheck.storage.dump import load_dump
+    from corruptcheck.release.check import _dump_case
+    from corruptcheck.release.reader import ReleaseCheckpoint
+    from corruptcheck.storage.dump import read_manifest
 
     case = _dump_case(read_manifest(setup["clean"]), ReleaseCheckpoint(setup["ckpt"]), "x")
     points, _ = load_dump(setup["clean"], case)

@@ -6,8 +6,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from corruptcheck import cli
-
+from corruptcheck.cli import app as cli
 pytest.importorskip("transformers")
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from corruptcheck.cases import get_case
 from corruptcheck.compare import compare
-from corruptcheck.differ import compare_points
+from corruptcheck.judge.differ import compare_points
 from corruptcheck.points import capture_points
 
 pytest.importorskip("transformers")
@@ -28,7 +28,7 @@ def _assert_agrees(res, bound=BOUND):
 
 
 def test_tiny_float32_agrees_at_every_point(tiny, tiny_ref, tiny_hf32):
-    from corruptcheck.reference_data import reference_for
+    from corruptcheck.judge.reference_data import reference_for
 
     points, cov = tiny_ref
     noise = reference_for(tiny).noise["float32"]

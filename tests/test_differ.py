@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from corruptcheck.differ import compare_points
+from corruptcheck.judge.differ import compare_points
 from corruptcheck.errors import BadInput
-from corruptcheck.metrics import float_metrics, set_disagreements
+from corruptcheck.judge.metrics import float_metrics, set_disagreements
 from corruptcheck.points import capture_points
 
 
@@ -26,7 +26,7 @@ def test_metrics_numbers():
 
 
 def test_metrics_chunked_equals_direct(monkeypatch):
-    import corruptcheck.metrics as mm
+    import corruptcheck.judge.metrics as mm
 
     g = torch.Generator().manual_seed(1)
     r = torch.randn(300, 4, 16, generator=g)
@@ -60,7 +60,7 @@ def test_set_disagreement_tie_logic():
 
 
 def test_compare_points_verdicts(tiny, tiny_ref):
-    from corruptcheck.reference_data import reference_for
+    from corruptcheck.judge.reference_data import reference_for
 
     points, cov = tiny_ref
     noise = reference_for(tiny).noise["float32"]  # fp32 rounding of the values is honest noise

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from corruptcheck.reference_data import reference_run
+from corruptcheck.judge.reference_data import reference_run
 from corruptcheck.reference import V4_PRO, run
 
 transformers = pytest.importorskip("transformers")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from corruptcheck.compare import compare
-from corruptcheck.dump import load_dump, write_dump
+from corruptcheck.storage.dump import load_dump, write_dump
 from corruptcheck.errors import BadInput
-from corruptcheck.sglang_dump import load_sglang_dump
+from corruptcheck.storage.sglang_dump import load_sglang_dump
 
 pytest.importorskip("transformers")
 

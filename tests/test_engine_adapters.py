@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import engine_trees as et
-from corruptcheck.differ import compare_points
+from corruptcheck.judge.differ import compare_points
 from corruptcheck.engines import sglang_engine, trtllm_engine, vllm_engine
 from corruptcheck.engines.alignment import align_tokens
 from corruptcheck.engines.canonical import capture_points_from, finalize

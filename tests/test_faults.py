@@ -187,7 +187,7 @@ def _strike_point(fault, where, points, cfg):
     from types import SimpleNamespace
 
     from corruptcheck.points import capture_points
-    from corruptcheck.selftest import _effect_point, expected_point
+    from corruptcheck.selftest.runner import _effect_point, expected_point
 
     specs = capture_points(cfg)
     seen = {s.name: SimpleNamespace(kind=s.kind, verdict="pass" if s.name in points else "missing") for s in specs}
@@ -247,7 +247,7 @@ def test_magnitude_one_is_the_bug_and_zero_the_clean_engine(tiny_clean, tiny_fau
 def test_effect_grows_with_the_magnitude(tiny_clean, tiny_knobs, engine):
     """rel_l2 of the faulty capture against the clean one, at the fault's strike point, is
     non-decreasing over m = 0.1, 0.3, 1 (and positive at m = 1)."""
-    from corruptcheck.metrics import float_metrics
+    from corruptcheck.judge.metrics import float_metrics
 
     cfg = get_case("tiny").config
     for name in FAULTS:

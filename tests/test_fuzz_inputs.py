@@ -16,12 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from corruptcheck import cli, golden
-from corruptcheck.dump import load_dump, write_dump
+from corruptcheck.cli import app as cli
+from corruptcheck.storage import golden
+from corruptcheck.storage.dump import load_dump, write_dump
 from corruptcheck.engines import engine_class
 from corruptcheck.errors import BadInput
 from corruptcheck.gate import parse_policy
-from corruptcheck.sglang_dump import load_sglang_dump
+from corruptcheck.storage.sglang_dump import load_sglang_dump
 
 FUZZ = fuzz_settings(200)
 CLI_FUZZ = fuzz_settings(40)

@@ -5,7 +5,8 @@ import shutil
 import pytest
 import torch
 
-from corruptcheck import golden, reference_data
+from corruptcheck.judge import reference_data
+from corruptcheck.storage import golden
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from corruptcheck.atomic import atomic_replace, atomic_write
+from corruptcheck.storage.atomic import atomic_replace, atomic_write
 from corruptcheck.finite import finite_or_none, finite_values, fmt_number
 
 

@@ -126,9 +126,61 @@ def test_function_level_cycles_are_the_allowed_ones():
     assert {c: ALLOWED_LAZY_CYCLES.get(c, "NOT ALLOWED") for c in cycles(_union(top, lazy))} == ALLOWED_LAZY_CYCLES
 
 
+# the floors of the house (docs/design.md §2): a module imports only from its own floor or below
+FLOORS = [
+    ("ground", {"errors", "finite", "points", "schedule", "weights", "cases", "reference", "policies"}),
+    ("storage", {"storage"}),
+    ("engines", {"engines", "faults"}),
+    ("judging", {"judge"}),
+    ("reports", {"reports", "history"}),
+    ("compare", {"compare"}),
+    ("doors", {"api", "gate", "release", "selftest"}),
+    ("front", {"pytest_plugin", "cli", "__main__"}),
+]
+
+
+def floor_of(module: str) -> int:
+    """The floor of a package module: by its wing (the first name under corruptcheck)."""
+    parts = module.split(".")
+    wing = parts[1] if len(parts) > 1 else ""
+    for i, (_, wings) in enumerate(FLOORS):
+        if wing in wings:
+            return i
+    raise AssertionError(f"{module} is on no floor: add its wing to FLOORS and to docs/design.md §2")
+
+
+def upward_imports(top: dict, lazy: dict) -> list[tuple]:
+    return sorted((m, d) for m, deps in _union(top, lazy).items() for d in deps
+                  if m != "corruptcheck" and floor_of(d) > floor_of(m))
+
+
+def test_every_module_is_on_a_floor():
+    top, _ = import_graph(PACKAGES)
+    for module in top:
+        if module != "corruptcheck":
+            floor_of(module)
+
+
+def test_no_import_climbs_a_floor():
+    top, lazy = import_graph(PACKAGES)
+    assert upward_imports(top, lazy) == []
+
+
+def test_a_planted_upward_import_is_found():
+    top = {"corruptcheck.judge.differ": {"corruptcheck.compare"}, "corruptcheck.compare": set()}
+    assert upward_imports(top, {}) == [("corruptcheck.judge.differ", "corruptcheck.compare")]
+
+
+def test_top_level_listing_is_the_design():
+    """`ls corruptcheck/` shows the floors: the ground floor's modules, the wings, the doors."""
+    listed = {p.stem for p in ROOT.iterdir() if (p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__"))}
+    expected = set().union(*(w for _, w in FLOORS)) - {"reference"} | {"__init__"}
+    assert listed == expected
+
+
 def test_graph_sees_the_package():
     top, lazy = import_graph(PACKAGES)
-    assert "corruptcheck.differ" in top["corruptcheck.compare"]
+    assert "corruptcheck.judge.differ" in top["corruptcheck.compare"]
     assert "corruptcheck.reference" in top["corruptcheck.compare"] or any(
         m.startswith("corruptcheck.reference") for m in top["corruptcheck.compare"])
 

@@ -8,11 +8,11 @@ import torch
 from corruptcheck.cases import get_case
 from corruptcheck.compare import compare
 from corruptcheck.engines.hf import OutputPatch
-from corruptcheck.localize import teacher_force
-from corruptcheck.noise import choice_dependent, measure
+from corruptcheck.judge.localize import teacher_force
+from corruptcheck.judge.noise import choice_dependent, measure
 from corruptcheck.reference import run
 from corruptcheck.reference.model import run_part
-from corruptcheck.reference_data import noise_for, reference_for
+from corruptcheck.judge.reference_data import noise_for, reference_for
 
 LEARNED_FFN = "layers.2"  # tiny: layers 0 and 1 are hash-routed, 2 and 3 learn their routing
 

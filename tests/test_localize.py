@@ -9,8 +9,8 @@ import pytest
 from corruptcheck.cases import get_case
 from corruptcheck.compare import compare
 from corruptcheck.engines.hf import OutputPatch
-from corruptcheck.html_report import render
-from corruptcheck.report import junit_xml, to_json
+from corruptcheck.reports.html import render
+from corruptcheck.reports.render import junit_xml, to_json
 from fault_engines import scale_attn_out
 
 

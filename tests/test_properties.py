@@ -10,11 +10,11 @@ from conftest import fuzz_settings
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from corruptcheck.differ import PointResult, Comparison, compare_float, compare_index, compare_points
-from corruptcheck.localize import attach
-from corruptcheck.metrics import float_metrics, set_disagreements
+from corruptcheck.judge.differ import PointResult, Comparison, compare_float, compare_index, compare_points
+from corruptcheck.judge.localize import attach
+from corruptcheck.judge.metrics import float_metrics, set_disagreements
 from corruptcheck.points import PointSpec
-from corruptcheck.tolerance import FLOOR, TIE_FLOOR, float_tolerance
+from corruptcheck.judge.tolerance import FLOOR, TIE_FLOOR, float_tolerance
 
 PRECISIONS = sorted(FLOOR)
 FLOAT_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -88,7 +88,7 @@ def test_float_metrics_match_exact_oracle(data):
     r = data.draw(tensors(shape))
     e = (r * (1 + data.draw(st.floats(-0.5, 0.5))) + data.draw(tensors(shape))
          * data.draw(st.sampled_from([0.0, 1e-9, 1e-3, 1.0]))) if data.draw(st.booleans()) else data.draw(tensors(shape))
-    import corruptcheck.metrics as mm
+    import corruptcheck.judge.metrics as mm
     chunk = data.draw(st.sampled_from([1, 3, 64, mm.CHUNK_ELEMENTS]))
     old = mm.CHUNK_ELEMENTS
     mm.CHUNK_ELEMENTS = chunk
@@ -395,7 +395,7 @@ def test_float_metrics_accuracy_on_adversarial_rows(er):
 
 def test_float_metrics_do_not_depend_on_the_thread_count():
     """Rows are summed independently, so one thread and two give bit-identical numbers."""
-    from corruptcheck import row_sums
+    from corruptcheck.judge import row_sums
     g = torch.Generator().manual_seed(3)
     r = torch.randn(257, 1300, generator=g, dtype=torch.float64)
     e = (r * (1 + 1e-4 * torch.randn(257, 1300, generator=g, dtype=torch.float64))).float()

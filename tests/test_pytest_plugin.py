@@ -11,7 +11,7 @@ import pytest
 from corruptcheck.api import NOT_JUDGED, check
 from corruptcheck.cases import get_case
 from corruptcheck.points import capture_points
-from corruptcheck.tolerance import SAFETY
+from corruptcheck.judge.tolerance import SAFETY
 
 pytest_plugins = ["pytester"]
 
@@ -100,7 +100,7 @@ def test_clean_engine_all_items_pass_under_xdist_with_junit_and_reports(clean, p
             assert res.point("layers.1.attn.out").verdict == "pass"
 
         def test_fixture_check_uses_the_command_line_engine(corruptcheck):
-            res = corruptcheck.check(case="tiny")
+            res = corruptcheck.release.check(case="tiny")
             assert (res.engine, res.verdict) == ("hf", "pass")
             res.assert_ok()
     ''')
@@ -126,7 +126,7 @@ def test_clean_engine_all_items_pass_under_xdist_with_junit_and_reports(clean, p
     assert cases["corruptcheck[tiny::mtp.0.logits]"][1] == "skipped: finer point the engine does not expose"
     assert json.loads((pytester.path / "reports" / "tiny.json").read_text())["verdict"] == "pass"
     assert (pytester.path / "reports" / "tiny.html").stat().st_size > 1000
-    from corruptcheck.store import list_runs  # each xdist worker that ran the case recorded its run
+    from corruptcheck.history.store import list_runs  # each xdist worker that ran the case recorded its run
     runs = list_runs(pytester.path / "runs.sqlite")
     assert 1 <= len(runs) <= 2 and {(r["kind"], r["engine"], r["case_name"], r["verdict"]) for r in runs} == {
         ("pytest", "hf", "tiny", "pass")}
@@ -178,7 +178,7 @@ def test_inert_without_engine_option(pytester):
             corruptcheck.result()
 
         def test_check_without_an_engine_skips(corruptcheck):
-            corruptcheck.check()
+            corruptcheck.release.check()
     ''')
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-rs")
     result.assert_outcomes(passed=1, skipped=2)

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from corruptcheck.cases import get_case
 from corruptcheck.errors import BadInput
 from corruptcheck.reference.quant import e2m1_values, fp4_sim, mxfp4_dequantize, mxfp4_quantize
-from corruptcheck.release_checkpoint import INDEX, ExpertWeight, ReleaseCheckpoint
-from corruptcheck.release_writer import plan_shards, write_release_checkpoint
+from corruptcheck.release.reader import INDEX, ExpertWeight, ReleaseCheckpoint
+from corruptcheck.release.writer import plan_shards, write_release_checkpoint
 
 
 @pytest.fixture(scope="module")

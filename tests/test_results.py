@@ -7,9 +7,9 @@ import pytest
 from rich.console import Console
 
 from corruptcheck.compare import compare
-from corruptcheck.html_report import render
-from corruptcheck.report import junit_xml, print_table, to_json
-from corruptcheck.results import Culprit, Phase, Point, Report, Summary
+from corruptcheck.reports.html import render
+from corruptcheck.reports.render import junit_xml, print_table, to_json
+from corruptcheck.reports.results import Culprit, Phase, Point, Report, Summary
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

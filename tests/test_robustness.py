@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from corruptcheck import cli
+from corruptcheck.cli import app as cli
 from corruptcheck.engines.base import Capture, Engine
 
 

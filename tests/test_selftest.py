@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from corruptcheck.cases import get_case
-from corruptcheck.cli import main
+from corruptcheck.cli.app import main
 from corruptcheck.engines import get_engine
 from corruptcheck.faults import FAULTS, get_fault
-from corruptcheck.selftest import (BENIGN, FaultRow, SelftestResult, VariantEngine, partnered, render_html,
+from corruptcheck.selftest.runner import (BENIGN, FaultRow, SelftestResult, VariantEngine, partnered, render_html,
                                    run_benign, run_fault, run_selftest)
 
 WIDTH_FAULTS = ("mhc-pre-hidden-guard", "router-split-k-tail")  # fire only above hidden 4096
@@ -152,7 +152,7 @@ def test_cli_selftest_json_html(tmp_path):
 
 
 def test_cli_exit_1_on_a_miss(monkeypatch):
-    import corruptcheck.selftest as st
+    import corruptcheck.selftest.runner as st
 
     bad = SelftestResult("hf", ["tiny"], ["float32"],
                          [FaultRow("mhc-norm-sqrt2", "A7", "tiny", "float32", "missed", fired=1, where="layers.0")], [])
@@ -179,7 +179,7 @@ def test_cli_bad_input_exit_2(args, msg):
 def test_benign_row_flags_a_wrong_engine():
     """The benign machinery itself can fail: a variant that breaks the numbers is flagged."""
     from corruptcheck.engines.hf import OutputPatch
-    from corruptcheck.selftest import Benign
+    from corruptcheck.selftest.runner import Benign
 
     scale = OutputPatch("lm_head", lambda t: t * 1.01, label="logits x 1.01")
     broken = Benign("broken", "scale the logits", "float32", ("hf",), options={"patches": [scale]})

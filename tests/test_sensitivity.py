@@ -1,4 +1,4 @@
-"""`corruptcheck sensitivity` (corruptcheck/sensitivity.py, docs/faults.md §Magnitude knobs and
+"""`corruptcheck sensitivity` (corruptcheck/selftest/sensitivity.py, docs/faults.md §Magnitude knobs and
 minimum detectable effect): the smallest magnitude of each fault's knob that compare still flags
 and localizes, and its effect there in units of the honest noise. The reference engine on tiny
 at float32, a few families and few bisection steps, keep it short."""
@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from corruptcheck.cases import get_case
-from corruptcheck.cli import main
+from corruptcheck.cli.app import main
 from corruptcheck.faults import get_fault
-from corruptcheck.selftest import fault_run
-from corruptcheck.sensitivity import M_LO, run_sensitivity
-from corruptcheck.sensitivity_html import render_html
+from corruptcheck.selftest.runner import fault_run
+from corruptcheck.selftest.sensitivity import M_LO, run_sensitivity
+from corruptcheck.selftest.sensitivity_html import render_html
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,11 +6,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from corruptcheck import cli
+from corruptcheck.cli import app as cli
 from corruptcheck.compare import compare
 from corruptcheck.engines import get_engine
 from corruptcheck.faults import FaultyEngine
-from corruptcheck.phases import point_labels, summarize
+from corruptcheck.judge.phases import point_labels, summarize
 from corruptcheck.schedule import Schedule, row_labels
 from corruptcheck.faults.serving import SERVING_FAULTS
 
@@ -110,7 +110,7 @@ def test_cli_default_schedule_json_and_prefill_only(tmp_path):
 
 
 def test_an_engine_that_cannot_serve_says_what_was_not_checked(tmp_path, tiny):
-    from corruptcheck.dump import write_dump
+    from corruptcheck.storage.dump import write_dump
     from corruptcheck.reference import run
 
     pts = run(tiny.config, tiny.params(), tiny.sequences(), "float32").points
@@ -123,8 +123,8 @@ def test_an_engine_that_cannot_serve_says_what_was_not_checked(tmp_path, tiny):
 def test_a_point_failing_only_in_a_phase_fails_the_run():
     """A decode-only error diluted among the prefill rows passes the whole run; its phase
     verdict decides (phases.fail_by_phase), and the reason says both."""
-    from corruptcheck.differ import Comparison, PointResult
-    from corruptcheck.phases import fail_by_phase
+    from corruptcheck.judge.differ import Comparison, PointResult
+    from corruptcheck.judge.phases import fail_by_phase
 
     comp = Comparison([PointResult("layers.1.attn.out", "pass", 1, "float", ratio=0.6),
                        PointResult("layers.1.out", "pass", 1, "float", ratio=0.3)], "fp8-serving")

@@ -1,12 +1,12 @@
-"""corruptcheck/shards.py (the one TP merge) and corruptcheck/batch_layout.py (right-padded
+"""corruptcheck/storage/shards.py (the one TP merge) and corruptcheck/storage/batch_layout.py (right-padded
 batch <-> flat tokens), on their own."""
 import math
 
 import pytest
 import torch
 
-from corruptcheck.batch_layout import fits_batch, leading_sequences, pad_right, rows_per_sequence, unpad
-from corruptcheck.shards import MergeRule, ShardError, merge_shards, replica_disagreement, sum_partials
+from corruptcheck.storage.batch_layout import fits_batch, leading_sequences, pad_right, rows_per_sequence, unpad
+from corruptcheck.storage.shards import MergeRule, ShardError, merge_shards, replica_disagreement, sum_partials
 
 
 def test_rule_words_round_trip():

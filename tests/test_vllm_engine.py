@@ -108,7 +108,7 @@ def test_unknown_fix_and_option_are_refused():
 def test_selftest_catches_a_fault_in_the_real_engine():
     """The reduced form of `selftest --engine vllm` (all faults: docs/faults.md): one fault
     applied to vLLM's own routing for one run, on vLLM with its MoE defect corrected."""
-    from corruptcheck.selftest import run_selftest
+    from corruptcheck.selftest.runner import run_selftest
 
     res = run_selftest("vllm", cases=[CASE], faults=["vllm-hash-routing-off-by-one"], benign=())
     (row,) = res.faults

@@ -220,7 +220,7 @@ def test_compressor_drops_the_previous_block():
 def test_selftest_wiring_for_vllm(monkeypatch):
     """`selftest --engine vllm` runs the vLLM faults and honest variants at the engine's own
     profile, every run with the routed-SwiGLU-clamp fix (compare stubbed: no engine here)."""
-    import corruptcheck.selftest as st
+    import corruptcheck.selftest.runner as st
 
     calls = []
 
@@ -248,7 +248,7 @@ def test_selftest_wiring_for_vllm(monkeypatch):
 
 
 def test_selftest_rejects_hf_faults_on_vllm():
-    from corruptcheck.selftest import run_selftest
+    from corruptcheck.selftest.runner import run_selftest
 
     with pytest.raises(BadInput, match="unknown fault"):
         run_selftest("vllm", cases=["flash-engine"], faults=["mhc-norm-sqrt2"])

@@ -20,13 +20,13 @@ class DumpEngine(Engine):
         if not path:
             raise BadInput("the dump engine needs --path DIR")
         if format == "sglang":
-            from corruptcheck.sglang_dump import load_sglang_dump
+            from corruptcheck.storage.sglang_dump import load_sglang_dump
 
             points, meta = load_sglang_dump(path, case, precision)
             return Capture(points, self.name, meta["precision"], meta)
         if format != "corruptcheck":
             raise BadInput(f"unknown dump format {format!r} (corruptcheck or sglang)")
-        from corruptcheck.dump import load_dump
+        from corruptcheck.storage.dump import load_dump
 
         points, manifest = load_dump(path, case)
         declared = manifest["precision"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from corruptcheck.batch_layout import is_entry_point, pad_right, rows_per_sequence, unpad
+from corruptcheck.storage.batch_layout import is_entry_point, pad_right, rows_per_sequence, unpad
 from corruptcheck.cases import Case
 from corruptcheck.engines.hf_model import build_model
 from corruptcheck.engines.recorder import Recorder

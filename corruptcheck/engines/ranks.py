@@ -1,5 +1,5 @@
 """Tensor-parallel ranks: the captures of several ranks (same batch, same passes) folded into
-one (docs/engine-capture.md §7.2), each point by its tap's merge rule (corruptcheck/shards.py).
+one (docs/engine-capture.md §7.2), each point by its tap's merge rule (corruptcheck/storage/shards.py).
 Replicated points whose ranks disagree are reported in the notes, never hidden."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from corruptcheck.engines.recorder import RawCapture
 from corruptcheck.engines.taps import CaptureError
-from corruptcheck.shards import REPLICATED, MergeRule, ShardError, merge_shards, replica_disagreement
+from corruptcheck.storage.shards import REPLICATED, MergeRule, ShardError, merge_shards, replica_disagreement
 
 
 def merge_ranks(captures: list[RawCapture]) -> RawCapture:

@@ -58,7 +58,7 @@ class Tap:
     layers "all", "first" (the first layer present) or "rest" (the others): fused ops are
            called a different number of times on the first layer (vLLM, docs/engine-capture.md §1.2).
     when   predicate on the `Call` (e.g. a fused-norm flag in the output).
-    merge  across tensor-parallel ranks, in corruptcheck/shards.py's vocabulary: "replicated",
+    merge  across tensor-parallel ranks, in corruptcheck/storage/shards.py's vocabulary: "replicated",
            "sum" (per-rank partial sums) or "concat:<dim>" (per-rank slices; the dim of the raw
            engine tensor).
     scale  multiply the value by this (an engine convention, e.g. routing weights stored

@@ -1,0 +1,67 @@
+"""What every command shares: the one-line error that ends a run with exit 2, recording a run in
+the results store, and printing / writing / exiting by a report."""
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+
+# incomplete (nothing failed, required points missing) is a verdict on the engine, never a pass
+EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 1}
+
+
+def fail(msg: str) -> None:
+    """Print `corruptcheck: error: msg` to stderr and exit 2 (bad input, engine unavailable)."""
+    click.echo(f"corruptcheck: error: {msg}", err=True)
+    sys.exit(2)
+
+
+def record(path: str, write) -> None:
+    """Record a run in the results store: write(store module) -> (run id, new). One line on
+    stderr; a bad store is one error line and exit 2."""
+    from corruptcheck.history import store
+    from corruptcheck.errors import BadInput
+
+    try:
+        run_id, new = write(store)
+    except BadInput as exc:
+        fail(str(exc))
+    click.echo(f"recorded run {run_id[:10]} in {path}" + ("" if new else " (already there)"), err=True)
+
+
+def check_store(path: str) -> None:
+    """Refuse a results store that cannot be used before any work starts."""
+    from corruptcheck.history import store
+    from corruptcheck.errors import BadInput
+
+    try:
+        store.check(path)
+    except BadInput as exc:
+        fail(str(exc))
+
+
+def emit_report(doc: dict, quiet: bool, json_path, junit_path, html_path, record_path, kind: str) -> None:
+    """Print a report (table, or one line with --quiet), write its JSON / JUnit / HTML, record
+    it, and exit 0 / 1 / 2 by its verdict."""
+    from corruptcheck.reports.html import write_html
+    from corruptcheck.reports.render import print_table, write_json, write_junit
+
+    if quiet:
+        s = doc["summary"]
+        click.echo(f"{doc['verdict']}: {s['compared']} compared, {s['failed']} failed, {s['missing']} missing")
+    else:
+        print_table(doc, Console(width=max(Console().width, 120)))
+    for path, writer in ((json_path, write_json), (junit_path, write_junit), (html_path, write_html)):
+        if path:
+            try:
+                writer(doc, path)
+            except OSError as exc:
+                fail(f"cannot write {path}: {exc}")
+    if record_path:
+        record(record_path, lambda store: store.record_report(record_path, doc, kind))
+    if doc["unknown_names"]:
+        fail(f"engine produced unknown point name(s): {', '.join(doc['unknown_names'][:5])}")
+    if doc["verdict"] == "error":
+        fail("nothing was compared")
+    sys.exit(EXIT_CODES.get(doc["verdict"], 2))

@@ -1,0 +1,1 @@
+"""Storage: the files the tool reads and writes (goldens, dumps, SGLang dumper files, shards, batch layouts), atomically and strictly."""
