@@ -102,7 +102,7 @@ def teacher_forced_layer(case_name: str = "pro-engine", tokens: int = 512, layer
     """One layer's teacher-forced check (attention + FFN halves, float64, judged) on `tokens`."""
     from corruptcheck.cases import get_case
     from corruptcheck.judge.differ import judge_point
-    from corruptcheck.judge.noise import local_points
+    from corruptcheck.judge.teacher_forcing import local_points
     from corruptcheck.points import capture_points
     from corruptcheck.reference import run
     from corruptcheck.schedule import decoded_case

@@ -11,6 +11,46 @@ from dataclasses import dataclass
 from corruptcheck.reference import ModelConfig
 
 
+MTP = "mtp.0"  # the one MTP block's prefix (V4 ships one)
+
+
+def block(layer) -> str:
+    """The prefix of a block's points: `layers.<i>` for a main layer index, `mtp.0` for the MTP
+    block (named by the string "mtp.0" or by its index num_layers where a config is at hand)."""
+    return MTP if layer == MTP else f"layers.{layer}"
+
+
+def point(layer, sub: str) -> str:
+    """A block's point: point(2, "moe.out") == "layers.2.moe.out", point("mtp.0", "out")."""
+    return f"{block(layer)}.{sub}"
+
+
+def parse(name: str) -> tuple:
+    """(block prefix, layer, sub-point) of a point name: ("layers.2", 2, "moe.out"),
+    ("mtp.0", "mtp.0", "out"); (name, None, "") for embed, head.*, logits."""
+    parts = name.split(".")
+    if parts[0] == "layers" and len(parts) > 2 and parts[1].isdigit():
+        return f"layers.{parts[1]}", int(parts[1]), ".".join(parts[2:])
+    if name.startswith(MTP + "."):
+        return MTP, MTP, name[len(MTP) + 1:]
+    return name, None, ""
+
+
+def sub_block_of(name: str) -> str:
+    """The teacher-forced sub-block a point belongs to: "layers.3.attn" / "layers.3.ffn" /
+    "mtp.0.attn" / "head" (and "embed", "logits" for themselves)."""
+    prefix, layer, rest = parse(name)
+    if layer is None:
+        return name.split(".")[0]
+    # ffn_hc.in is the attention half's output (its mHC post)
+    return f"{prefix}.attn" if rest.startswith("attn") or rest == "ffn_hc.in" else f"{prefix}.ffn"
+
+
+def layer_of(name: str):
+    """The layer a point belongs to: its index, "mtp.0", or None (embed, head, logits)."""
+    return parse(name)[1]
+
+
 @dataclass(frozen=True)
 class PointSpec:
     name: str
@@ -42,14 +82,14 @@ def _block_points(prefix: str, layer: int, kind: str, hash_layer: bool, required
 def capture_points(cfg: ModelConfig) -> list[PointSpec]:
     pts = [PointSpec("embed", "float", None, True)]
     for i in range(cfg.num_layers):
-        pts += _block_points(f"layers.{i}", i, cfg.layer_type(i), cfg.is_hash_layer(i), True)
+        pts += _block_points(block(i), i, cfg.layer_type(i), cfg.is_hash_layer(i), True)
     pts += [PointSpec("head.collapsed", "float", None, True), PointSpec("head.norm", "float", None, True),
             PointSpec("logits", "float", None, True)]
     if cfg.num_mtp_layers:
         mtp = cfg.num_layers
-        pts.append(PointSpec("mtp.0.in", "float", mtp, False))
-        pts += _block_points("mtp.0", mtp, "sliding", False, False)
-        pts += [PointSpec(f"mtp.0.{n}", "float", mtp, False) for n in ("head.collapsed", "head.norm", "logits")]
+        pts.append(PointSpec(point(MTP, "in"), "float", mtp, False))
+        pts += _block_points(MTP, mtp, "sliding", False, False)
+        pts += [PointSpec(point(MTP, n), "float", mtp, False) for n in ("head.collapsed", "head.norm", "logits")]
     return pts
 
 

@@ -406,7 +406,7 @@ def test_vllm_cpu_workarounds_are_gated_by_release_and_undone(monkeypatch, versi
     for key in ("TRITON_INTERPRET", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_LOGGING_LEVEL"):
         monkeypatch.setenv(key, "")  # runtime() sets them; restored after the test
     monkeypatch.setattr(vllm_cpu, "installed_version", lambda: version)
-    monkeypatch.setattr(vllm_cpu, "_patch_tile_scheduler", lambda: (lambda: None))
+    monkeypatch.setattr(vllm_cpu, "_patch_tile_scheduler", lambda p: None)
     original = md.version
     with vllm_cpu.runtime(10.0) as applied:
         assert [a for a in applied if a != "amx-reported"] == expected

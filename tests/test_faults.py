@@ -265,7 +265,8 @@ def test_hf_and_reference_agree_below_magnitude_one(tiny_clean, tiny_knobs):
 
 
 def test_lerp_and_affected():
-    from corruptcheck.faults.base import affected, lerp
+    from corruptcheck.engines.patching import lerp
+    from corruptcheck.faults.base import affected
 
     a, b = torch.tensor([1.0, 2.0], dtype=torch.bfloat16), torch.tensor([3.0, -2.0], dtype=torch.bfloat16)
     assert lerp(a, b, 0) is a and lerp(a, b, 1) is b
@@ -310,7 +311,7 @@ def test_serving_knobs_arithmetic():
 
 def test_vllm_knobs_arithmetic():
     """vLLM's faults at a magnitude, on small tensors (vLLM itself is not needed)."""
-    from corruptcheck.faults.base import lerp
+    from corruptcheck.engines.patching import lerp
     from corruptcheck.faults.vllm import geometric_blend, guard_norm, rolled_table, ue8m0_bytes_as_values
 
     good = torch.tensor([2.0 ** -8, 1.0])

@@ -9,7 +9,8 @@ from corruptcheck.cases import get_case
 from corruptcheck.compare import compare
 from corruptcheck.engines.hf import OutputPatch
 from corruptcheck.judge.localize import teacher_force
-from corruptcheck.judge.noise import choice_dependent, measure
+from corruptcheck.judge.noise import measure
+from corruptcheck.judge.teacher_forcing import choice_dependent
 from corruptcheck.reference import run
 from corruptcheck.reference.model import run_part
 from corruptcheck.judge.reference_data import noise_for, reference_for
@@ -58,8 +59,8 @@ def test_malformed_given_rows_keep_the_routers_choice(tiny, ref):
 
 
 def test_hash_layers_never_take_given_choices(tiny, ref):
-    assert not choice_dependent(tiny, "ffn", 0) and not choice_dependent(tiny, "attn", 2)
-    assert choice_dependent(tiny, "ffn", 2) and choice_dependent(tiny, "ffn", "mtp.0")
+    assert not choice_dependent(tiny.config, "ffn", 0) and not choice_dependent(tiny.config, "attn", 2)
+    assert choice_dependent(tiny.config, "ffn", 2) and choice_dependent(tiny.config, "ffn", "mtp.0")
     ids = ref.points["layers.0.moe.experts"].roll(1, 0)
     out = run_part(tiny.config, tiny.params(), "ffn", 0, ref.points["layers.0.ffn_hc.in"], tiny.sequences(),
                    "float64", experts=ids)

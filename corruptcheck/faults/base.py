@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 from corruptcheck.engines.base import Capture, Engine, EngineWrapper
+from corruptcheck.engines.patching import Patcher, patched
 from corruptcheck.errors import BadInput
+from corruptcheck.points import MTP, block
 from corruptcheck.reference import ModelConfig
 from corruptcheck.reference import model as r_model
 
@@ -51,28 +53,6 @@ def hf_module():
 # ---------------------------------------------------------------------------------------------
 # magnitude
 
-def lerp(clean, faulty, m: float):
-    """clean + m·(faulty − clean): exactly `clean` at m = 0 and exactly `faulty` at m = 1 (the
-    ends are returned as they are, never recomputed). Tensors blend in float32 (float64 for
-    float64) and come back in clean's dtype; tuples and lists blend element by element; numbers
-    blend as numbers."""
-    if m == 0:
-        return clean
-    if m == 1:
-        return faulty
-    if isinstance(clean, (tuple, list)):
-        return type(clean)(lerp(c, f, m) for c, f in zip(clean, faulty, strict=True))
-    if isinstance(clean, torch.Tensor):
-        if not clean.is_floating_point():
-            raise TypeError(f"cannot blend a {clean.dtype} tensor (a discrete result): give the fault another knob")
-        acc = torch.float64 if clean.dtype == torch.float64 else torch.float32
-        c = clean.to(acc)
-        return (c + m * (faulty.to(acc) - c)).to(clean.dtype)
-    if clean is None:
-        return None
-    return clean + m * (faulty - clean)
-
-
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
@@ -83,115 +63,6 @@ def affected(index: torch.Tensor, m: float) -> torch.Tensor:
     if m >= 1:
         return torch.ones(index.shape, dtype=torch.bool)
     return torch.remainder((index.to(torch.float64) + 1) * _GOLDEN, 1.0) < m
-
-
-# ---------------------------------------------------------------------------------------------
-# patching
-
-class Patcher:
-    """Sets attributes and puts every one back, last first (`restore`).
-
-    `wrap` replaces a callable by `make(original)`; `before`, `map_args`, `map_output` and
-    `during` are the shapes most patches take, written once."""
-
-    _MISSING = object()
-
-    def __init__(self):
-        self._undo: list = []
-
-    def set(self, obj, name: str, value) -> None:
-        old = vars(obj).get(name, self._MISSING)
-        setattr(obj, name, value)
-        self._undo.append((obj, name, old))
-
-    def wrap(self, obj, name: str, make) -> None:
-        """Replace `obj.name` by `make(original)`."""
-        self.set(obj, name, make(getattr(obj, name)))
-
-    def before(self, obj, name: str, fn) -> None:
-        """Every call of `obj.name` first calls `fn` with the same arguments."""
-        def make(orig):
-            def wrapper(*args, **kwargs):
-                fn(*args, **kwargs)
-                return orig(*args, **kwargs)
-            return wrapper
-        self.wrap(obj, name, make)
-
-    def map_args(self, obj, name: str, fn) -> None:
-        """`obj.name(*args, **kwargs)` runs the original on `fn(*args, **kwargs)` -> (args, kwargs)."""
-        def make(orig):
-            def wrapper(*args, **kwargs):
-                args, kwargs = fn(*args, **kwargs)
-                return orig(*args, **kwargs)
-            return wrapper
-        self.wrap(obj, name, make)
-
-    def map_output(self, obj, name: str, fn) -> None:
-        """`obj.name(*args, **kwargs)` returns `fn(result, *args, **kwargs)` of the original's result."""
-        def make(orig):
-            def wrapper(*args, **kwargs):
-                return fn(orig(*args, **kwargs), *args, **kwargs)
-            return wrapper
-        self.wrap(obj, name, make)
-
-    def during(self, obj, name: str, install) -> None:
-        """Each call of `obj.name` first runs `install(p2, *args, **kwargs)`, which may patch more
-        through `p2`; those patches are undone when the call returns."""
-        def make(orig):
-            def wrapper(*args, **kwargs):
-                with patched() as p2:
-                    install(p2, *args, **kwargs)
-                    return orig(*args, **kwargs)
-            return wrapper
-        self.wrap(obj, name, make)
-
-    def blend(self, obj, name: str, m: float, faulty) -> None:
-        """`obj.name`, a pure function (it writes no state), returns clean + m·(faulty − clean)
-        (`lerp`), faulty being `faulty(original, *args, **kwargs)` (`under`, `mapped`): the
-        faulty result alone at m = 1, both in between; at m = 0 the faulty call still runs (it
-        counts the firing) and the clean result is returned."""
-        def make(orig):
-            def wrapper(*args, **kwargs):
-                bad = faulty(orig, *args, **kwargs)
-                return bad if m == 1 else lerp(orig(*args, **kwargs), bad, m)
-            return wrapper
-        self.wrap(obj, name, make)
-
-    def restore(self) -> None:
-        while self._undo:
-            obj, name, old = self._undo.pop()
-            if old is self._MISSING:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, old)
-
-
-def under(install):
-    """A `Patcher.blend` faulty call: the original with `install(p2, *args, **kwargs)`'s patches
-    active (as `Patcher.during`)."""
-    def faulty(orig, *args, **kwargs):
-        with patched() as p2:
-            install(p2, *args, **kwargs)
-            return orig(*args, **kwargs)
-    return faulty
-
-
-def mapped(fn):
-    """A `Patcher.blend` faulty call: the original on `fn(*args, **kwargs)` -> (args, kwargs)
-    (as `Patcher.map_args`)."""
-    def faulty(orig, *args, **kwargs):
-        args, kwargs = fn(*args, **kwargs)
-        return orig(*args, **kwargs)
-    return faulty
-
-
-@contextmanager
-def patched():
-    p = Patcher()
-    try:
-        yield p
-    finally:
-        p.restore()
 
 
 @dataclass
@@ -215,12 +86,12 @@ class FaultState:
 
 
 def _layer_key(cfg: ModelConfig, layer) -> str:
-    return "mtp.0" if layer == cfg.num_layers else f"layers.{layer}"
+    return block(MTP if layer == cfg.num_layers else layer)
 
 
 def _track_hf_layers(p: Patcher, state: FaultState) -> None:
     def enter(self_l, *args, **kwargs):
-        state.layer = f"layers.{self_l.layer_idx}"
+        state.layer = block(self_l.layer_idx)
     p.before(hf_module().DeepseekV4DecoderLayer, "forward", enter)
 
 
@@ -228,6 +99,12 @@ def _track_reference_layers(p: Patcher, state: FaultState) -> None:
     def enter(x, ids, params, layer, cfg, *rest, **kwargs):
         state.layer = _layer_key(cfg, layer)
     p.before(r_model, "block", enter)
+
+
+# engine -> how a fault run learns which layer is running (`FaultState.layer`); an engine's
+# fault module registers its own (faults/vllm.py registers "vllm" when it is imported, as every
+# vLLM fault is)
+LAYER_TRACKERS = {"hf": _track_hf_layers, "reference": _track_reference_layers}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,17 +161,8 @@ class Fault:
             raise BadInput(f"fault {self.name!r} has no implementation for engine {engine!r}; "
                            f"it applies to: {', '.join(self.engines)}")
         with patched() as p:
-            if engine == "hf":
-                _track_hf_layers(p, state)
-                self.hf(p, state, cfg)
-            elif engine == "vllm":
-                from corruptcheck.faults.vllm import _track_vllm_layers
-
-                _track_vllm_layers(p, state)
-                self.vllm(p, state, cfg)
-            else:
-                _track_reference_layers(p, state)
-                self.reference(p, state, cfg)
+            LAYER_TRACKERS[engine](p, state)
+            getattr(self, engine)(p, state, cfg)
             yield state
 
     def expected_candidates(self, where: str) -> list[str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from corruptcheck.faults.base import Fault, hf_module, lerp, mapped, under
+from corruptcheck.engines.patching import lerp, mapped, under
+from corruptcheck.faults.base import Fault, hf_module
+from corruptcheck.points import block
 from corruptcheck.reference import mhc as r_mhc
 from corruptcheck.reference import model as r_model
 
@@ -183,7 +185,7 @@ class MhcCombTransposed(Fault):
         M = hf_module()
 
         def forward(self_l, hidden_states, input_ids=None, **kwargs):  # transformers' layer, M not M^T
-            state.layer = f"layers.{self_l.layer_idx}"
+            state.layer = block(self_l.layer_idx)
             state.hit()
             dtype = hidden_states.dtype
             post, comb, collapsed = self_l.attn_hc(hidden_states)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from corruptcheck.faults.base import Fault, hf_module, lerp
+from corruptcheck.engines.patching import lerp
+from corruptcheck.faults.base import Fault, hf_module
 from corruptcheck.reference import model as r_model
 from corruptcheck.reference import moe as r_moe
 

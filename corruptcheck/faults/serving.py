@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from corruptcheck.faults.base import Fault, affected, hf_module, lerp, patched
+from corruptcheck.engines.patching import lerp, patched
+from corruptcheck.faults.base import Fault, affected, hf_module
 
 
 class ServingFault(Fault):

@@ -25,7 +25,9 @@ import sys
 import torch
 
 from corruptcheck.engines import vllm_cpu
-from corruptcheck.faults.base import Fault, FaultState, Patcher, affected, lerp, patched
+from corruptcheck.engines.patching import Patcher, lerp, patched
+from corruptcheck.faults.base import LAYER_TRACKERS, Fault, FaultState, affected
+from corruptcheck.points import block
 
 CPU_MODEL = "vllm.models.deepseek_v4.cpu.model"
 CPU_SPARSE = "vllm.models.deepseek_v4.cpu.cpu_sparse"
@@ -68,10 +70,13 @@ def _track_vllm_layers(p: Patcher, state: FaultState) -> None:
         def forward(self, *args, **kwargs):
             i = layer_index(getattr(self.attn, "prefix", ""))
             if i is not None:
-                state.layer = f"layers.{i}"
+                state.layer = block(i)
             return orig(self, *args, **kwargs)
         return forward
     p.wrap(M.DeepseekV4DecoderLayer, "forward", make)
+
+
+LAYER_TRACKERS["vllm"] = _track_vllm_layers
 
 
 class VLLMFault(Fault):
@@ -173,7 +178,7 @@ class Fp8ScaleUe8m0AsValue(VLLMFault):
                 if get_forward_context().attn_metadata is None:  # warmup: zeros either way
                     return orig(self_a, o, positions)
                 good = scale.data
-                state.hit(where=f"layers.{target}")
+                state.hit(where=block(target))
                 scale.data = geometric_blend(good, ue8m0_bytes_as_values(good), self.magnitude)
                 try:
                     return orig(self_a, o, positions)

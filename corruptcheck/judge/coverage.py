@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from corruptcheck.points import MTP, block, point
 from corruptcheck.reference import ModelConfig, Precision
 from corruptcheck.reference.attention import available, sub
 from corruptcheck.reference.model import cast_params
@@ -14,16 +15,12 @@ _FLOAT64 = Precision.of("float64")
 
 def _layer_keys(cfg: ModelConfig, points: dict) -> list:
     """Main layers, then "mtp.0" when the run recorded it (a sequence of >= 2 tokens)."""
-    return [k for k in list(range(cfg.num_layers)) + ["mtp.0"] if f"{_prefix(k)}.ffn_hc.in" in points]
-
-
-def _prefix(key) -> str:
-    return key if isinstance(key, str) else f"layers.{key}"
+    return [k for k in list(range(cfg.num_layers)) + [MTP] if point(k, "ffn_hc.in") in points]
 
 
 def _rows(key, seq_lens) -> list[int]:
     """Rows each sequence contributes to a layer's points (MTP: S-1, sequences of >= 2)."""
-    return [s - 1 for s in seq_lens if s > 1] if key == "mtp.0" else list(seq_lens)
+    return [s - 1 for s in seq_lens if s > 1] if key == MTP else list(seq_lens)
 
 
 def _per_seq(t: torch.Tensor, rows: list[int]) -> list:
@@ -62,7 +59,7 @@ def _clamp_hits(cfg: ModelConfig, p: dict, pre: str, points: dict, rows: list[in
 def layer_coverage(cfg: ModelConfig, key, points: dict, seq_lens, p: dict | None) -> dict:
     """One layer's entry of the report (`p`: float64-cast parameters; None: SwiGLU clamp hits
     are not recounted, `clamp_hits` is None). The indexer counts ride along under "_indexer"."""
-    pre, idx = _prefix(key), cfg.num_layers if key == "mtp.0" else key
+    pre, idx = block(key), cfg.num_layers if key == MTP else key
     rows = _rows(key, seq_lens)
     tokens = points[f"{pre}.out"].shape[0]
     kv = points.get(f"{pre}.attn.compressed_kv")
@@ -98,7 +95,7 @@ def summarize(cfg: ModelConfig, entries: list, seq_lens) -> dict:
     clamps = [e["clamp_hits"] for e in layers if e["clamp_hits"] is not None]
     avail = sum(ix["available"] for ix in indexer)
     dropped = sum(ix["dropped"] for ix in indexer)
-    main = [entry for entry in layers if entry["layer"] != "mtp.0"]
+    main = [entry for entry in layers if entry["layer"] != MTP]
     return {
         "sequences": len(seq_lens),
         "tokens": int(sum(seq_lens)),

@@ -19,7 +19,7 @@ from corruptcheck.errors import BadInput
 from corruptcheck.finite import finite_values
 from corruptcheck.storage.lazy_points import shape_of, source_of
 from corruptcheck.judge.metrics import float_metrics, set_disagreements
-from corruptcheck.points import PointSpec, agreeing_rows, experts_of, tie_scores_name
+from corruptcheck.points import PointSpec, agreeing_rows, experts_of, parse, tie_scores_name
 from corruptcheck.reference.model import ENTRY_POINTS  # rows are compressed entries, not tokens
 from corruptcheck.judge.tolerance import float_tolerance, tie_margin
 
@@ -74,7 +74,8 @@ class Comparison:
 
 
 def layer_key(spec: PointSpec) -> str:
-    return "mtp.0" if spec.name.startswith("mtp.") else f"layers.{spec.layer}"
+    """The block ("layers.<i>" / "mtp.0") whose coverage entry decides a point's mechanism."""
+    return parse(spec.name)[0]
 
 
 def _entry_count_differs(name: str, e: torch.Tensor, r: torch.Tensor) -> bool:

@@ -14,16 +14,16 @@ import torch
 from corruptcheck.cases import Case
 from corruptcheck.judge.differ import Comparison, judge_point
 from corruptcheck.finite import finite_or_none
-from corruptcheck.judge.noise import choice_dependent, experts_point, local_points, sub_blocks
+from corruptcheck.judge.teacher_forcing import choice_dependent, experts_point, local_points, sub_blocks
 from corruptcheck.judge.phases import larger_noise, per_token_bound, phase_local_noise
-from corruptcheck.points import capture_points
+from corruptcheck.points import capture_points, parse, point, sub_block_of
 
 
 def prev_out(cfg, name: str) -> str | None:
     """layers.i.attn_hc.in is the stream layers.{i-1}.out (same tensor)."""
-    if name.startswith("layers.") and name.endswith(".attn_hc.in"):
-        i = int(name.split(".")[1])
-        return f"layers.{i - 1}.out" if i > 0 else None
+    prefix, layer, rest = parse(name)
+    if isinstance(layer, int) and rest == "attn_hc.in":
+        return point(layer - 1, "out") if layer > 0 else None
     return None
 
 
@@ -51,11 +51,11 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
         base, own = phase_local_noise(noise, base, group, tokens), per_token_bound(own)
     specs = {s.name: s for s in capture_points(case.config)}
     out: dict = {}
-    for part, layer, inp in sub_blocks(case):
+    for part, layer, inp in sub_blocks(case.config):
         if inp not in engine:
             out[f"__{part}:{layer}"] = {"verdict": "unavailable", "reason": f"engine did not capture {inp}"}
             continue
-        dependent = choice_dependent(case, part, layer)
+        dependent = choice_dependent(case.config, part, layer)
         conditioned = dependent and experts_point(layer) in engine
         loc = local_points(case, part, layer, engine[inp].to(torch.float64), "float64",
                            choices=engine if conditioned else None)
@@ -105,14 +105,14 @@ def attach(comp: Comparison, local: dict, judge: bool = False) -> dict | None:
         p.local = dict(lr)
         if culprit is None and lr.get("verdict") == "fail":
             culprit = p
-    culprit_sub = _sub_block(culprit.name) if culprit else None
+    culprit_sub = sub_block_of(culprit.name) if culprit else None
     for p in comp.points:
         if p.verdict != "fail":
             continue
         lr = p.local or {}
         if lr.get("verdict") == "fail":
             role = "culprit" if p is culprit else (
-                "culprit sub-block" if _sub_block(p.name) == culprit_sub else "local excess")
+                "culprit sub-block" if sub_block_of(p.name) == culprit_sub else "local excess")
         elif lr.get("verdict") in ("pass", "not-exercised"):
             role = "inherited"
         else:
@@ -134,12 +134,3 @@ def _fail_local_excess(comp: Comparison, local: dict) -> None:
             p.reason = f"teacher-forced: {lr.get('reason') or 'beyond the local tolerance'} (free-running within tolerance)"
 
 
-def _sub_block(name: str) -> str:
-    """'layers.3.attn' / 'layers.3.ffn' / 'head' for a point name."""
-    parts = name.split(".")
-    if parts[0] in ("layers", "mtp"):
-        head = ".".join(parts[:2])
-        rest = ".".join(parts[2:])
-        # ffn_hc.in is the attention half's output (its mHC post)
-        return f"{head}.attn" if rest.startswith("attn") or rest == "ffn_hc.in" else f"{head}.ffn"
-    return parts[0]

@@ -23,7 +23,7 @@ from corruptcheck.cases import Case
 from corruptcheck.judge.metrics import float_metrics
 from corruptcheck.points import agreeing_rows, experts_of
 from corruptcheck.reference import Precision, run
-from corruptcheck.reference.model import run_part
+from corruptcheck.judge.teacher_forcing import choice_dependent, local_points, sub_blocks
 
 NOISE_FORMAT = 2  # 2: local noise on the reference's expert choices, + local_own_choice, groups_local
 
@@ -75,45 +75,6 @@ def merge_point_noise(into: dict, name: str, new, ref, new_all: dict, ref_all: d
     _merge(into, name, _point_noise(name, new, ref, new_all, ref_all))
 
 
-def sub_blocks(case: Case):
-    """(part, layer, input point, output prefix) for every teacher-forcible sub-block."""
-    cfg = case.config
-    layers = list(range(cfg.num_layers)) + (["mtp.0"] if cfg.num_mtp_layers else [])
-    for layer in layers:
-        pre = "mtp.0" if layer == "mtp.0" else f"layers.{layer}"
-        yield "attn", layer, f"{pre}.attn_hc.in"
-        yield "ffn", layer, f"{pre}.ffn_hc.in"
-    yield "head", None, f"layers.{cfg.num_layers - 1}.out"
-    if cfg.num_mtp_layers:
-        yield "head", "mtp.0", "mtp.0.out"
-
-
-def experts_point(layer) -> str:
-    """The point holding a layer's (main index or "mtp.0") chosen expert ids."""
-    return f"{'mtp.0' if layer == 'mtp.0' else f'layers.{layer}'}.moe.experts"
-
-
-def local_points(case: Case, part: str, layer, inputs: torch.Tensor, precision, choices: dict | None = None) -> dict:
-    """Teacher-forced outputs of one sub-block on `inputs`, without the input point itself.
-    `choices` (a dict of points holding the layer's `moe.experts`): the expert ids an FFN
-    sub-block runs instead of its router's own (`reference.moe.given_choices`)."""
-    pre = "mtp.0" if layer == "mtp.0" else f"layers.{layer}"
-    experts = (choices or {}).get(experts_point(layer)) if part == "ffn" else None
-    out = run_part(case.config, case.params(), part, layer, inputs, case.sequences(), precision,
-                   experts=experts if isinstance(experts, torch.Tensor) else None)
-    out.pop(f"{pre}.attn_hc.in" if part == "attn" else f"{pre}.ffn_hc.in", None)
-    return out
-
-
-def choice_dependent(case: Case, part: str, layer) -> bool:
-    """Does the sub-block's output depend on a learned expert choice (an FFN sub-block of a
-    learned-routing layer)? There an honest run may pick another of two near-equal experts."""
-    if part != "ffn":
-        return False
-    cfg = case.config
-    return not cfg.is_hash_layer(cfg.num_layers if layer == "mtp.0" else layer)
-
-
 def _merge_rows(into: dict, rows_of: dict, pts: dict, ref_points: dict) -> None:
     """Fold one honest run's error on a group's rows ({point: row indices}) into `into`."""
     for name, rows in rows_of.items():
@@ -148,7 +109,7 @@ def measure(case: Case, ref_points: dict, precision: str, groups: dict | None = 
                 merge_point_noise(free, name, pts[name], ref, pts, ref_points)
         for g, rows_of in (groups or {}).items():
             _merge_rows(by_group[g], rows_of, pts, ref_points)
-        for part, layer, inp in sub_blocks(case):
+        for part, layer, inp in sub_blocks(case.config):
             if inp not in ref_points:
                 continue
             loc = local_points(case, part, layer, ref_points[inp], prec, choices=ref_points)
@@ -157,7 +118,7 @@ def measure(case: Case, ref_points: dict, precision: str, groups: dict | None = 
                     merge_point_noise(local, name, val, ref_points[name], loc, ref_points)
             for g, rows_of in (groups or {}).items():
                 _merge_rows(by_group_local[g], {n: r for n, r in rows_of.items() if n in loc}, loc, ref_points)
-            if choice_dependent(case, part, layer):
+            if choice_dependent(case.config, part, layer):
                 own = local_points(case, part, layer, ref_points[inp], prec)
                 for name, val in own.items():
                     if name in ref_points:

@@ -12,6 +12,7 @@ import torch
 
 from corruptcheck.judge.differ import compare_points
 from corruptcheck.finite import finite_or_none
+from corruptcheck.points import MTP, layer_of
 from corruptcheck.reference.model import ENTRY_POINTS
 
 PHASE_ORDER = ("prefill", "decode")
@@ -21,8 +22,8 @@ MIN_MEASURED_TOKENS = 32  # phases at least this large are judged on their own m
 def _entry_ratio(cfg, name: str) -> int:
     if name.endswith("indexer_keys"):
         return cfg.csa_ratio
-    layer = name.split(".")[1]
-    return cfg.compress_ratio(cfg.num_layers if name.startswith("mtp.") else int(layer))
+    layer = layer_of(name)
+    return cfg.compress_ratio(cfg.num_layers if layer == MTP else layer)
 
 
 def point_labels(cfg, name: str, rows: int, token_labels: list, seq_lens) -> list | None:
@@ -32,7 +33,7 @@ def point_labels(cfg, name: str, rows: int, token_labels: list, seq_lens) -> lis
     if name.split(".")[-1] in ENTRY_POINTS:
         m = _entry_ratio(cfg, name)
         out = [token_labels[s0 + (i + 1) * m - 1] for s0, n in zip(starts, seq_lens) for i in range(n // m)]
-    elif name.startswith("mtp."):
+    elif layer_of(name) == MTP:
         out = [token_labels[s0 + i] for s0, n in zip(starts, seq_lens) for i in range(1, n)]
     else:
         out = list(token_labels)

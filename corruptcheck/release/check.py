@@ -23,7 +23,7 @@ from corruptcheck.storage.dump import load_dump, read_manifest
 from corruptcheck.errors import BadInput
 from corruptcheck.release.unit_check import UnitResult, check_unit, needed_points, unit_of, units
 from corruptcheck.judge.localize import attach, prev_out
-from corruptcheck.points import capture_points
+from corruptcheck.points import block, capture_points
 from corruptcheck.reference import REFERENCE_VERSION, ModelConfig
 from corruptcheck.release.reader import ReleaseCheckpoint
 
@@ -72,7 +72,7 @@ def select_units(cfg: ModelConfig, layers: str | None) -> list[str]:
         for i in range(int(lo), int(hi or lo) + 1):
             if i >= cfg.num_layers:
                 raise BadInput(f"--layers: layer {i} does not exist (the model has {cfg.num_layers})")
-            chosen.add(f"layers.{i}")
+            chosen.add(block(i))
     return [u for u in every if u in chosen]
 
 

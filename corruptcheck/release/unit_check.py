@@ -21,8 +21,9 @@ import torch
 from corruptcheck.judge.coverage import layer_coverage
 from corruptcheck.judge.differ import judge_point
 from corruptcheck.errors import BadInput
-from corruptcheck.judge.noise import experts_point, merge_point_noise, variants
-from corruptcheck.points import capture_points
+from corruptcheck.judge.noise import merge_point_noise, variants
+from corruptcheck.judge.teacher_forcing import experts_point, sub_blocks
+from corruptcheck.points import MTP, block, capture_points, layer_of
 from corruptcheck.reference import ModelConfig
 from corruptcheck.reference.model import run_part
 from corruptcheck.release.reader import ReleaseCheckpoint
@@ -45,8 +46,8 @@ class UnitResult:
 
 def units(cfg: ModelConfig) -> list[str]:
     """The units of a model, in topological order."""
-    return ["embed"] + [f"layers.{i}" for i in range(cfg.num_layers)] + ["head"] + (
-        ["mtp.0"] if cfg.num_mtp_layers else [])
+    return ["embed"] + [block(i) for i in range(cfg.num_layers)] + ["head"] + (
+        [MTP] if cfg.num_mtp_layers else [])
 
 
 def unit_of(point: str) -> str:
@@ -60,18 +61,9 @@ def unit_of(point: str) -> str:
     return "head"
 
 
-def _sub_blocks(cfg: ModelConfig, unit: str) -> list[tuple]:
-    """(part, layer, input point) of a unit's teacher-forced sub-blocks."""
-    if unit == "head":
-        return [("head", None, f"layers.{cfg.num_layers - 1}.out")]
-    layer = "mtp.0" if unit == "mtp.0" else int(unit.split(".")[1])
-    parts = [("attn", layer, f"{unit}.attn_hc.in"), ("ffn", layer, f"{unit}.ffn_hc.in")]
-    return parts + ([("head", "mtp.0", "mtp.0.out")] if unit == "mtp.0" else [])
-
-
 def needed_points(cfg: ModelConfig, unit: str, available) -> list[str]:
     """The engine's points a unit reads: its sub-blocks' inputs and every point it judges."""
-    names = {inp for _, _, inp in _sub_blocks(cfg, unit)} if unit != "embed" else set()
+    names = {inp for _, _, inp in sub_blocks(cfg, unit)} if unit != "embed" else set()
     names |= {n for n in available if unit_of(n) == unit}
     return sorted(n for n in names if n in available)
 
@@ -125,7 +117,7 @@ def run_unit(ckpt: ReleaseCheckpoint, unit: str, engine: dict, sequences, precis
     if unit == "embed":
         _embed(params, engine, sequences, cfg, precision, specs, res.points)
     recorded: dict = {}
-    for part, layer, inp in _sub_blocks(cfg, unit) if unit != "embed" else []:
+    for part, layer, inp in sub_blocks(cfg, unit) if unit != "embed" else []:
         if inp not in engine:
             res.notes.append(f"{part} sub-block not run: the engine did not capture {inp}")
             continue
@@ -149,7 +141,7 @@ def run_unit(ckpt: ReleaseCheckpoint, unit: str, engine: dict, sequences, precis
         recorded.update(local)
     res.produced = sorted(set(recorded) | set(res.points))
     if unit.startswith(("layers.", "mtp.")) and f"{unit}.out" in recorded:
-        key = "mtp.0" if unit == "mtp.0" else int(unit.split(".")[1])
+        key = layer_of(unit + ".out")
         res.coverage = layer_coverage(cfg, key, recorded, [len(s) for s in sequences], None)
     res.seconds = time.perf_counter() - start
     res.peak_rss = _peak_rss() if can_peak else None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from corruptcheck.faults import patched
+from corruptcheck.engines.patching import patched
 from corruptcheck.reference import model as r_model
 
 
