@@ -74,10 +74,7 @@ def check_dump(path: str | Path, case: str | Case, precision: str | None = None,
 def _resolve_case(case: str | Case) -> Case:
     if isinstance(case, Case):
         return case
-    try:
-        return get_case(case)
-    except KeyError as exc:
-        raise BadInput(exc.args[0]) from None
+    return get_case(case)
 
 
 def _resolve_engine(engine) -> tuple[str, Engine]:

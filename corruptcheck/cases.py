@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from corruptcheck.errors import BadInput
 from corruptcheck.reference import ModelConfig
 from corruptcheck.schedule import Schedule
 from corruptcheck.weights import fp8_exact, generate_params, release_exact
@@ -196,5 +197,5 @@ DEFAULT_CASE = "tiny"
 def get_case(name: str) -> Case:
     try:
         return CASES[name]
-    except KeyError:
-        raise KeyError(f"unknown case {name!r}; known cases: {', '.join(CASES)}") from None
+    except (KeyError, TypeError):
+        raise BadInput(f"unknown case {name!r}; known cases: {', '.join(CASES)}") from None

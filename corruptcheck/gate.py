@@ -176,8 +176,8 @@ def _gate_run(case_name, prec, batch, seq_lens, sched, source: str) -> GateRun:
         raise BadInput(f"{source}: case names must be strings, got {case_name!r}")
     try:
         case = get_case(case_name)
-    except KeyError as exc:
-        raise BadInput(f"{source}: {exc.args[0]}") from None
+    except BadInput as exc:
+        raise BadInput(f"{source}: {exc}") from None
     if not isinstance(prec, str) or prec not in PRECISIONS:
         raise BadInput(f"{source}: unknown precision {prec!r} (one of {', '.join(PRECISIONS)})")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:

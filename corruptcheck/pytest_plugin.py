@@ -195,12 +195,13 @@ def _validate(engine: str, cases: list[str], precision: str, options: dict) -> N
     try:
         for case in cases:
             get_case(case)
+    except BadInput as exc:
+        raise pytest.UsageError(f"--corruptcheck-case: {exc}") from None
+    try:
         cls = engine_class(engine)
         if options:
             cls.parse_options(options)
         Precision.of(precision)
-    except KeyError as exc:
-        raise pytest.UsageError(f"--corruptcheck-case: {exc.args[0]}") from None
     except (BadInput, ValueError) as exc:
         raise pytest.UsageError(f"corruptcheck: {exc}") from None
 

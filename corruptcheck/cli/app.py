@@ -292,8 +292,8 @@ def _golden_cases(case_name, all_cases):
         fail("give exactly one of --case NAME or --all")
     try:
         return [c for c in CASES.values() if c.golden] if all_cases else [get_case(case_name)]
-    except KeyError as exc:
-        fail(exc.args[0])
+    except BadInput as exc:
+        fail(str(exc))
 
 
 @main.group("golden")
@@ -347,8 +347,8 @@ def golden_show(case_name):
 
     try:
         g = golden.load_manifest(get_case(case_name))
-    except KeyError as exc:
-        fail(exc.args[0])
+    except BadInput as exc:
+        fail(str(exc))
     except (FileNotFoundError, golden.GoldenTampered) as exc:
         fail(str(exc))
     m = g.manifest

@@ -25,8 +25,6 @@ def checkpoint(case_name, out_dir, experts, shards):
 
     try:
         summary = write_release_checkpoint(get_case(case_name), out_dir, experts, shards)
-    except KeyError as exc:
-        fail(exc.args[0])
     except BadInput as exc:
         fail(str(exc))
     except OSError as exc:
