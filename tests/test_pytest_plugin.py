@@ -100,7 +100,7 @@ def test_clean_engine_all_items_pass_under_xdist_with_junit_and_reports(clean, p
             assert res.point("layers.1.attn.out").verdict == "pass"
 
         def test_fixture_check_uses_the_command_line_engine(corruptcheck):
-            res = corruptcheck.release.check(case="tiny")
+            res = corruptcheck.check(case="tiny")
             assert (res.engine, res.verdict) == ("hf", "pass")
             res.assert_ok()
     ''')
@@ -178,7 +178,7 @@ def test_inert_without_engine_option(pytester):
             corruptcheck.result()
 
         def test_check_without_an_engine_skips(corruptcheck):
-            corruptcheck.release.check()
+            corruptcheck.check()
     ''')
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-rs")
     result.assert_outcomes(passed=1, skipped=2)
