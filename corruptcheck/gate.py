@@ -49,7 +49,7 @@ class GateRun:
 
 
 @dataclass
-class Policy:
+class GatePolicy:
     name: str
     runs: list
     teacher_forcing: str = "on-fail"
@@ -107,7 +107,7 @@ def _derived_case(case: Case, seq_lens) -> Case:
                    description=f"{case.description} (sequence lengths {seq_lens})")
 
 
-def parse_policy(text: str, source: str = "<policy>") -> Policy:
+def parse_policy(text: str, source: str = "<policy>") -> GatePolicy:
     doc = _read_toml(text, source)
     defaults = _table(doc, "defaults", source)
     bad_defaults = set(defaults) - DEFAULT_KEYS
@@ -121,7 +121,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     allowed = defaults.get("allowed_missing", [])
     if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
         raise BadInput(f"{source}: allowed_missing must be a list of glob patterns")
-    return Policy(doc.get("name", source), runs, tf, allowed, coverage, source)
+    return GatePolicy(doc.get("name", source), runs, tf, allowed, coverage, source)
 
 
 def _read_toml(text: str, source: str) -> dict:
@@ -187,7 +187,7 @@ def _gate_run(case_name, prec, batch, seq_lens, sched, source: str) -> GateRun:
     return GateRun(_derived_case(case, seq_lens) if seq_lens else case, prec, batch, sched)
 
 
-def load_policy(path: str | None) -> Policy:
+def load_policy(path: str | None) -> GatePolicy:
     if path is None:
         return parse_policy(default_policy_text(), "default policy (deepseek_v4.toml)")
     p = Path(path)
@@ -230,7 +230,7 @@ class RunOutcome:
                 "missing": [p.name for p in (rep.points if rep else []) if p.verdict == "missing"]}
 
 
-def judge(run: GateRun, rep: Report, policy: Policy) -> RunOutcome:
+def judge(run: GateRun, rep: Report, policy: GatePolicy) -> RunOutcome:
     reasons = []
     # incomplete = nothing failed but points are missing: the policy's allowed_missing judges those
     verdict = "pass" if rep.verdict == "incomplete" else rep.verdict
@@ -258,7 +258,7 @@ def judge(run: GateRun, rep: Report, policy: Policy) -> RunOutcome:
     return RunOutcome(run, verdict, reasons, rep)
 
 
-def run_gate(engine_name: str, policy: Policy, out_dir: Path, progress=None, engine=None) -> list[RunOutcome]:
+def run_gate(engine_name: str, policy: GatePolicy, out_dir: Path, progress=None, engine=None) -> list[RunOutcome]:
     from corruptcheck.compare import compare
     from corruptcheck.reports.html import write_html
     from corruptcheck.reports.render import write_json, write_junit
@@ -288,7 +288,7 @@ def overall(outcomes: list[RunOutcome]) -> str:
     return "error" if "error" in verdicts else ("fail" if "fail" in verdicts else "pass")
 
 
-def write_summary(engine_name: str, policy: Policy, outcomes: list[RunOutcome], out_dir: Path) -> dict:
+def write_summary(engine_name: str, policy: GatePolicy, outcomes: list[RunOutcome], out_dir: Path) -> dict:
     summary = {"engine": engine_name, "policy": policy.name, "policy_source": policy.source,
                "verdict": overall(outcomes), "runs": [o.summary() for o in outcomes]}
     atomic_write(str(out_dir / "summary.json"), json.dumps(summary, indent=1, default=str, allow_nan=False))

@@ -18,7 +18,7 @@ from corruptcheck.engines import sglang_engine, trtllm_engine, vllm_engine
 from corruptcheck.engines.alignment import align_tokens
 from corruptcheck.engines.canonical import capture_points_from, finalize
 from corruptcheck.engines.checkpoint import write_checkpoint
-from corruptcheck.engines.recorder import RawCapture, Recorder
+from corruptcheck.engines.recorder import RawCapture, HookRecorder
 from corruptcheck.reference.quant import fp8_dequantize
 from corruptcheck.engines.sglang_engine import SGLangEngine
 from corruptcheck.engines.trtllm_engine import TRTLLMEngine
@@ -41,7 +41,7 @@ def plans(tiny):
 
 def _capture(tiny, module, root, run, plans, ranks_taps=None, **run_kw):
     cfg = tiny.config
-    rec = Recorder(ranks_taps or module.capture_taps(cfg), module.TOKENS, cfg.num_layers)
+    rec = HookRecorder(ranks_taps or module.capture_taps(cfg), module.TOKENS, cfg.num_layers)
     with rec.attached(root):
         run(root, plans, **run_kw)
     return rec

@@ -13,7 +13,7 @@ import torch
 
 from corruptcheck.engines.alignment import Alignment, align_tokens
 from corruptcheck.engines.ranks import merge_ranks
-from corruptcheck.engines.recorder import RawCapture, Recorder
+from corruptcheck.engines.recorder import RawCapture, HookRecorder
 from corruptcheck.engines.taps import CaptureError
 from corruptcheck.reference import ModelConfig
 
@@ -160,8 +160,8 @@ def capture_meta(raw: RawCapture, info: dict) -> dict:
 
 
 def capture_points_from(recorders_or_raw, cfg: ModelConfig, sequences) -> tuple[dict, dict]:
-    """Convenience: one Recorder / RawCapture per rank -> (points, meta)."""
-    raws = [r.result() if isinstance(r, Recorder) else r for r in recorders_or_raw]
+    """Convenience: one HookRecorder / RawCapture per rank -> (points, meta)."""
+    raws = [r.result() if isinstance(r, HookRecorder) else r for r in recorders_or_raw]
     raw = merge_ranks(raws)
     points, info = finalize(raw, cfg, sequences)
     return points, capture_meta(raw, info)

@@ -1,6 +1,6 @@
 """The `hf` engine: transformers' `DeepseekV4ForCausalLM` (built by hf_model.py), run on the
 case's weights and captured like every other engine: `capture_taps()` (taps.py) attached by
-the `Recorder` (recorder.py), one recorded pass per model call (docs/design.md §4). Runs the case's
+the `HookRecorder` (recorder.py), one recorded pass per model call (docs/design.md §4). Runs the case's
 sequences one at a time or as one right-padded batch, or serves a schedule through
 transformers' cache; `OutputPatch`es modify module outputs during a run (fault injection).
 """
@@ -16,7 +16,7 @@ from corruptcheck.engines.patching import patched
 from corruptcheck.storage.batch_layout import is_entry_point, pad_right, rows_per_sequence, unpad
 from corruptcheck.cases import Case
 from corruptcheck.engines.hf_model import build_model
-from corruptcheck.engines.recorder import Recorder
+from corruptcheck.engines.recorder import HookRecorder
 from corruptcheck.engines.taps import Tap, TokenSource
 from corruptcheck.reference import ModelConfig
 
@@ -103,9 +103,9 @@ def _unpad(rows: dict, cfg: ModelConfig, lens: list[int], s_max: int) -> dict:
 @contextlib.contextmanager
 def _capturing(model, cfg: ModelConfig, patches=()):
     """Output patches installed, then the recorder attached (so it records patched outputs);
-    everything removed on exit. Yields the Recorder (one pass per model call)."""
+    everything removed on exit. Yields the HookRecorder (one pass per model call)."""
 
-    recorder = Recorder(capture_taps(cfg), TOKENS, cfg.num_layers)
+    recorder = HookRecorder(capture_taps(cfg), TOKENS, cfg.num_layers)
     with patched() as p:
         for patch in patches or ():
             patch.install(p, model)

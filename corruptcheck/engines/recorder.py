@@ -53,10 +53,10 @@ class _Binding:
 
 
 
-class Recorder:
+class HookRecorder:
     """Attach `taps` to a module tree, record each forward pass, detach.
 
-    Usable as `with Recorder(...).attached(model) as rec:` or attach()/detach(); `result()`
+    Usable as `with HookRecorder(...).attached(model) as rec:` or attach()/detach(); `result()`
     gives the RawCapture. One recorder per rank."""
 
     def __init__(self, taps: list[Tap], tokens: TokenSource, num_layers: int):

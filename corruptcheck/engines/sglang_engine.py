@@ -24,7 +24,7 @@ from corruptcheck.engines.options import Option, boolean, fraction, one_of
 from corruptcheck.engines.canonical import capture_points_from
 from corruptcheck.engines.checkpoint import write_checkpoint
 from corruptcheck.engines.gpu_launch import GPUEngine
-from corruptcheck.engines.recorder import Recorder
+from corruptcheck.engines.recorder import HookRecorder
 from corruptcheck.engines.taps import Tap, TokenSource
 from corruptcheck.reference import ModelConfig
 
@@ -125,7 +125,7 @@ def launch(case: Case, weight_format: str, topk_weights_scaled: bool, mem_fracti
         torch_runner = getattr(runner, "torch_runner", runner)  # _TorchBenchRunner wrapper
         reqs = bob.prepare_synthetic_inputs_for_latency_test(len(seqs), None,
                                                              custom_inputs=[s.tolist() for s in seqs])
-        recorder = Recorder(capture_taps(cfg, topk_weights_scaled), TOKENS, cfg.num_layers)
+        recorder = HookRecorder(capture_taps(cfg, topk_weights_scaled), TOKENS, cfg.num_layers)
         with recorder.attached(torch_runner.model):  # ModelRunner calls model.forward(...) directly
             bob.extend(reqs, torch_runner)
     points, meta = capture_points_from([recorder], cfg, seqs)

@@ -36,7 +36,7 @@ from corruptcheck.engines.options import Option, boolean, fraction, one_of
 from corruptcheck.engines.canonical import capture_points_from
 from corruptcheck.engines.checkpoint import write_checkpoint
 from corruptcheck.engines.gpu_launch import GPUEngine
-from corruptcheck.engines.recorder import Recorder
+from corruptcheck.engines.recorder import HookRecorder
 from corruptcheck.engines.taps import Tap, TokenSource
 from corruptcheck.reference import ModelConfig
 
@@ -175,7 +175,7 @@ def launch(case: Case, weight_format: str, fused_hc: bool, free_gpu_memory_fract
                   kv_cache_config=KvCacheConfig(enable_block_reuse=False,
                                                 free_gpu_memory_fraction=free_gpu_memory_fraction))
         model = llm._executor.engine.model_engine.model  # [verify] per release
-        recorder = Recorder(capture_taps(cfg), TOKENS, cfg.num_layers)
+        recorder = HookRecorder(capture_taps(cfg), TOKENS, cfg.num_layers)
         with recorder.attached(model):
             llm.generate([s.tolist() for s in seqs], SamplingParams(max_tokens=1, return_context_logits=True))
         llm.shutdown()

@@ -41,7 +41,7 @@ from corruptcheck.engines.canonical import capture_meta, capture_points_from, fi
 from corruptcheck.engines.checkpoint import write_checkpoint
 from corruptcheck.engines.gpu_launch import engine_available
 from corruptcheck.engines.ranks import merge_ranks
-from corruptcheck.engines.recorder import Recorder
+from corruptcheck.engines.recorder import HookRecorder
 from corruptcheck.engines.taps import Tap, TokenSource
 from corruptcheck.errors import EngineUnavailable
 from corruptcheck.reference import ModelConfig
@@ -283,7 +283,7 @@ def _prefill_captured(llm, taps: list[Tap], case: Case) -> tuple[dict, dict]:
     from vllm import SamplingParams
 
     cfg, seqs = case.config, case.sequences()
-    recorder = Recorder(taps, TOKENS, cfg.num_layers)
+    recorder = HookRecorder(taps, TOKENS, cfg.num_layers)
     llm.apply_model(recorder.attach)
     try:
         llm.generate([{"prompt_token_ids": s.tolist()} for s in seqs],
@@ -340,7 +340,7 @@ def _served_captured(llm, taps: list[Tap], case: Case, schedule) -> tuple[dict, 
     from vllm import SamplingParams
 
     cfg, prompts = case.config, case.sequences()
-    recorder = Recorder(taps, TOKENS, cfg.num_layers)
+    recorder = HookRecorder(taps, TOKENS, cfg.num_layers)
     batches: list = []
     with _scheduled_batches(batches):
         llm.apply_model(recorder.attach)

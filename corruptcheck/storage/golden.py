@@ -114,12 +114,12 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return sha256_bytes(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
 
-def canonical(obj) -> str:
+def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def _digest(obj) -> str:
-    return sha256_bytes(canonical(obj).encode())
+    return sha256_bytes(canonical_json(obj).encode())
 
 
 def _projection(name: str, width: int) -> torch.Tensor:
