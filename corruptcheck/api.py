@@ -20,6 +20,7 @@ from corruptcheck.errors import BadInput, EngineUnavailable
 from corruptcheck.finite import fmt_number
 from corruptcheck.reference import Precision
 from corruptcheck.judge.tolerance import NORM_SHARE
+from corruptcheck.reports.results import Report
 
 # point verdicts that are neither a pass nor a failure (never counted as passes)
 NOT_JUDGED = ("missing", "not-exercised", "skipped")
@@ -155,14 +156,13 @@ class CheckResult:
 
     # -- reports
     @cached_property
-    def _doc(self) -> dict:
-        from corruptcheck.reports.render import to_json
-
-        return to_json(self.result)
+    def report(self) -> Report:
+        """The typed report (the one every renderer takes)."""
+        return Report.from_result(self.result)
 
     def to_json(self) -> dict:
         """The JSON report document (the schema of `corruptcheck compare --json`)."""
-        return self._doc
+        return self.report.to_json()
 
     def write_reports(self, directory: str | Path) -> dict[str, Path]:
         """Write DIRECTORY/<case>.json and DIRECTORY/<case>.html; returns their paths."""
@@ -171,15 +171,15 @@ class CheckResult:
 
         out = Path(directory)
         paths = {"json": out / f"{self.case}.json", "html": out / f"{self.case}.html"}
-        write_json(self._doc, str(paths["json"]))
-        write_html(self._doc, str(paths["html"]))
+        write_json(self.report.to_json(), str(paths["json"]))
+        write_html(self.report, str(paths["html"]))
         return paths
 
     def write_junit(self, path: str | Path) -> None:
         """JUnit XML with one test case per point (outside pytest; the plugin uses pytest's own)."""
         from corruptcheck.reports.render import write_junit
 
-        write_junit(self._doc, str(path))
+        write_junit(self.report, str(path))
 
     # -- messages
     def summary(self) -> str:

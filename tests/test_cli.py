@@ -108,3 +108,35 @@ def test_uninstalled_gpu_engine_exits_2_with_install_hint():
     for name in ("reference", "hf", "dump", "vllm", "sglang", "trtllm"):
         assert name in r.stdout
     assert "corruptcheck[trtllm]" in r.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["compare", "--engine", "reference", "--case", "tiny"],
+    ["selftest", "--engine", "reference", "--cases", "tiny", "--faults", "sinkhorn-19-iters", "--no-benign"],
+    ["sensitivity", "--engine", "reference", "--case", "tiny", "--faults", "sinkhorn-19-iters"],
+    ["sweep", "--engine", "reference", "--hidden", "256"],
+])
+@pytest.mark.parametrize("where", ["/proc/nope/r.json", "{tmp}/file/r.json"])
+def test_unwritable_output_is_refused_before_any_work(args, where, tmp_path, monkeypatch):
+    """An output path that cannot be written ends the command with one line and exit 2 before
+    the engine runs (compare here would raise if it ran), and leaves nothing behind."""
+    import corruptcheck.compare as compare_mod
+
+    monkeypatch.setattr(compare_mod, "compare", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    (tmp_path / "file").write_text("x")  # {tmp}/file/r.json: its parent is a file
+    path = where.format(tmp=tmp_path)
+    res = CliRunner().invoke(cli.main, [*args, "--json", path])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"corruptcheck: error: cannot write {path}: "), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_check_writable_probes_and_leaves_nothing(tmp_path):
+    from corruptcheck.storage.atomic import check_writable
+
+    assert check_writable(tmp_path / "a" / "b" / "r.json") is None and list(tmp_path.iterdir()) == []
+    assert check_writable(tmp_path) == "it is a directory"
+    (tmp_path / "f").write_text("x")
+    assert check_writable(tmp_path / "f" / "r.json") == f"{tmp_path / 'f'} is not a directory"
+    assert check_writable("/proc/nope/r.json")

@@ -9,7 +9,9 @@ from corruptcheck.cases import get_case
 from corruptcheck.compare import compare
 from corruptcheck.engines import get_engine
 from corruptcheck.errors import BadInput
-from corruptcheck.faults import FAULTS, FaultState, FaultyEngine, get_fault, hf_module
+from corruptcheck.faults import FaultState, FaultyEngine, faults_for, get_fault, hf_module
+
+FAULTS = faults_for("hf")  # the model faults (hf and reference implement the same ones)
 from corruptcheck.reference import attention, compressor, mhc, model, moe
 
 REQUIRED = {  # the bugs the self-test must re-enact -> registry name
@@ -220,10 +222,23 @@ def test_at_is_a_copy_at_a_magnitude():
             f.at(bad)
 
 
-def test_every_fault_names_its_knob():
-    from corruptcheck.faults import SERVING_FAULTS, VLLM_FAULTS
+def test_one_registry_and_its_views():
+    """Every fault is registered once, by its name; the views by engine and kind partition it."""
+    from corruptcheck.faults import FAULTS as ALL, MODEL_FAULTS, SERVING_FAULTS, VLLM_FAULTS
 
-    for f in [*FAULTS.values(), *VLLM_FAULTS.values(), *SERVING_FAULTS.values()]:
+    assert list(ALL) == [f.name for f in (*MODEL_FAULTS, *SERVING_FAULTS, *VLLM_FAULTS)]
+    assert all(ALL[name].name == name and get_fault(name) is ALL[name] for name in ALL)
+    views = [faults_for(e, served) for e in ("hf", "reference", "vllm") for served in (False, True)]
+    assert set().union(*views) == set(ALL)
+    assert list(faults_for("hf", served=True)) == [f.name for f in SERVING_FAULTS if "hf" in f.engines]
+    assert [f.name for f in MODEL_FAULTS] == list(FAULTS) and all(not f.served for f in MODEL_FAULTS)
+    assert faults_for("no-such-engine") == {}
+
+
+def test_every_fault_names_its_knob():
+    from corruptcheck.faults import FAULTS as ALL
+
+    for f in ALL.values():
         assert f.knob and "m" in f.knob and "\n" not in f.knob, f.name
         assert f.describe().endswith(f"knob m: {f.knob}")
 

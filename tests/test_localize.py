@@ -10,7 +10,8 @@ from corruptcheck.cases import get_case
 from corruptcheck.compare import compare
 from corruptcheck.engines.hf import OutputPatch
 from corruptcheck.reports.html import render
-from corruptcheck.reports.render import junit_xml, to_json
+from corruptcheck.reports.render import junit_xml
+from corruptcheck.reports.results import Report
 from fault_engines import scale_attn_out
 
 
@@ -68,7 +69,8 @@ def test_later_layers_inherit_drift(tiny):
 @pytest.mark.usefixtures("transformers")
 def test_reports_for_a_failing_run(tiny, tmp_path):
     res = compare(tiny, "hf", "float32", patches=[scale_attn_out(2, 1.01)])
-    doc = to_json(res)
+    rep = Report.from_result(res)
+    doc = rep.to_json()
     json.dumps(doc, allow_nan=False)
     # schema 1 fields are still there
     assert {"verdict", "engine", "case", "precision", "points", "first_divergence", "coverage", "summary"} <= set(doc)
@@ -76,7 +78,7 @@ def test_reports_for_a_failing_run(tiny, tmp_path):
     assert doc["culprit"]["name"] == "layers.2.attn.out"
     p = next(p for p in doc["points"] if p["name"] == "layers.2.attn.out")
     assert p["tolerance"]["derivation"] and p["tolerance"]["value"] > 0 and p["ratio"] > 1
-    root = ET.fromstring(junit_xml(doc))
+    root = ET.fromstring(junit_xml(rep))
     cases = root.findall(".//testcase")
     assert len(cases) == len(doc["points"])
     failed = [c for c in cases if c.find("failure") is not None]
@@ -84,7 +86,7 @@ def test_reports_for_a_failing_run(tiny, tmp_path):
     assert any("culprit" in c.find("failure").get("message") for c in failed)
     skipped = [c for c in cases if c.find("skipped") is not None]
     assert len(skipped) == sum(p["verdict"] in ("missing", "skipped", "not-exercised") for p in doc["points"])
-    page = render(doc)
+    page = render(rep)
     assert "culprit: layers.2.attn.out" in page and "<svg" in page and "<script" not in page
 
 

@@ -12,7 +12,7 @@ from corruptcheck.engines import get_engine
 from corruptcheck.faults import FaultyEngine
 from corruptcheck.judge.phases import point_labels, summarize
 from corruptcheck.schedule import Schedule, row_labels
-from corruptcheck.faults.serving import SERVING_FAULTS
+from corruptcheck.faults import faults_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -70,9 +70,9 @@ def test_honest_served_runs_have_no_false_alarm(tiny, engine, precision):
     assert not r.served["greedy"]["disagreements"]
 
 
-@pytest.mark.parametrize("name", sorted(n for n, f in SERVING_FAULTS.items() if "hf" in f.engines))
+@pytest.mark.parametrize("name", sorted(faults_for("hf", served=True)))
 def test_serving_fault_is_silent_prefill_only_and_caught_served(tiny, name):
-    fault = SERVING_FAULTS[name]
+    fault = faults_for("hf", served=True)[name]
     engine = FaultyEngine(get_engine("hf"), fault)
     before = compare(tiny, "hf", "float32", engine=engine, schedule="prefill-only")
     assert before.verdict == "pass" and engine.state.fired == 0  # today's compare cannot see it

@@ -191,9 +191,9 @@ REDUCED = ("compressor-tail-lost-at-chunk", "decode-batch-row-scale")
 def _vllm_serving_faults():
     import os
 
-    from corruptcheck.faults.serving import SERVING_FAULTS
+    from corruptcheck.faults import faults_for
 
-    names = sorted(n for n, f in SERVING_FAULTS.items() if "vllm" in f.engines)
+    names = sorted(faults_for("vllm", served=True))
     return names if os.environ.get("CORRUPTCHECK_ALL_ENGINE_FAULTS") == "1" else [n for n in names if n in REDUCED]
 
 

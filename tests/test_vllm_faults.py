@@ -10,7 +10,7 @@ import torch
 from corruptcheck.engines import vllm_cpu
 from corruptcheck.cases import get_case
 from corruptcheck.errors import BadInput
-from corruptcheck.faults import FAULTS, FaultState, faults_for, get_fault
+from corruptcheck.faults import FAULTS, MODEL_FAULTS, FaultState, faults_for, get_fault
 from corruptcheck.faults.vllm import (
     CPU_COMPRESSOR,
     CPU_MODEL,
@@ -19,12 +19,13 @@ from corruptcheck.faults.vllm import (
     CUSTOM_OPS,
     IndexerKeyScaleMisread,
     LAYERNORM,
-    VLLM_FAULTS,
     layer_index,
     ue8m0_bytes_as_values,
     vllm_importable,
     vllm_module,
 )
+
+VLLM_FAULTS = faults_for("vllm")
 
 pytestmark = pytest.mark.skipif(not vllm_importable(), reason="vLLM's CPU DeepSeek V4 tree is not importable")
 
@@ -49,8 +50,9 @@ def _assert_same(before, after):
 
 def test_registry():
     assert len(VLLM_FAULTS) >= 6
-    assert faults_for("vllm") is VLLM_FAULTS and faults_for("hf") is FAULTS
-    assert not set(VLLM_FAULTS) & set(FAULTS)
+    assert list(VLLM_FAULTS) == [f.name for f in FAULTS.values() if "vllm" in f.engines and not f.served]
+    assert list(faults_for("hf")) == [f.name for f in MODEL_FAULTS] == list(faults_for("reference"))
+    assert not set(VLLM_FAULTS) & set(faults_for("hf"))
     for name, f in VLLM_FAULTS.items():
         assert f.name == name and re.fullmatch(r"vllm-[a-z0-9-]+", name)
         assert f.engines == ("vllm",) and re.fullmatch(r"A([1-9]|1[0-2])", f.klass)

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from corruptcheck.cli.common import check_store as _check_store, emit_report, fail, record as _record
+from corruptcheck.cli.common import check_outputs, check_store as _check_store, emit_report, fail, record as _record
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable, one_line
 from corruptcheck.judge.tolerance import FLOOR
 
@@ -189,8 +189,9 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
     """Compare an engine against the reference, point by point. Exit 0 pass, 1 fail or
     incomplete (required points missing), 2 error."""
     from corruptcheck.compare import compare
-    from corruptcheck.reports.render import to_json
+    from corruptcheck.reports.results import Report
 
+    check_outputs(json_path, junit_path, html_path)  # refuse them before the engine runs
     if record_path:
         _check_store(record_path)  # refuse a bad store before the engine runs
     if precision is None and engine_name != "dump":
@@ -213,7 +214,7 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
         fail(str(exc))
     except (BadInput, EngineUnavailable, ValueError) as exc:
         fail(str(exc))
-    emit_report(to_json(res), quiet, json_path, junit_path, html_path, record_path, "compare")
+    emit_report(Report.from_result(res), quiet, json_path, junit_path, html_path, record_path, "compare")
 
 
 def _record_crash(path, engine_name, case_name, precision, reason: str) -> None:

@@ -7,7 +7,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from corruptcheck.cli.common import check_store, emit_report, fail
+from corruptcheck.cli.common import check_outputs, check_store, emit_report, fail
 from corruptcheck.errors import BadInput
 
 
@@ -74,8 +74,9 @@ def check(checkpoint_dir, dump_dir, layers, ray_address, json_path, junit_path, 
     """Check an engine dump against a release checkpoint, unit by unit (embedding, each layer,
     head, MTP), teacher-forced, without a full forward. Exit 0 pass, 1 fail or incomplete, 2 error."""
     from corruptcheck.release.check import check as run_check
-    from corruptcheck.reports.render import to_json
+    from corruptcheck.reports.results import Report
 
+    check_outputs(json_path, junit_path, html_path)
     if record_path:
         check_store(record_path)
     try:
@@ -84,4 +85,4 @@ def check(checkpoint_dir, dump_dir, layers, ray_address, json_path, junit_path, 
             res = run_check(checkpoint_dir, dump_dir, layers, ray_address, progress=bar)
     except BadInput as exc:
         fail(str(exc))
-    emit_report(to_json(res), quiet, json_path, junit_path, html_path, record_path, "check")
+    emit_report(Report.from_result(res), quiet, json_path, junit_path, html_path, record_path, "check")

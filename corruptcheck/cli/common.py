@@ -7,6 +7,8 @@ import sys
 import click
 from rich.console import Console
 
+from corruptcheck.reports.results import Report
+
 # incomplete (nothing failed, required points missing) is a verdict on the engine, never a pass
 EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 1}
 
@@ -41,27 +43,40 @@ def check_store(path: str) -> None:
         fail(str(exc))
 
 
-def emit_report(doc: dict, quiet: bool, json_path, junit_path, html_path, record_path, kind: str) -> None:
+def check_outputs(*paths) -> None:
+    """Refuse an output path (--json, --junit, --html) that cannot be written, before any work
+    starts: a run never ends by losing its report."""
+    from corruptcheck.storage.atomic import check_writable
+
+    for path in paths:
+        why = check_writable(path) if path else None
+        if why:
+            fail(f"cannot write {path}: {why}")
+
+
+def emit_report(rep: Report, quiet: bool, json_path, junit_path, html_path, record_path, kind: str) -> None:
     """Print a report (table, or one line with --quiet), write its JSON / JUnit / HTML, record
     it, and exit 0 / 1 / 2 by its verdict."""
     from corruptcheck.reports.html import write_html
     from corruptcheck.reports.render import print_table, write_json, write_junit
 
     if quiet:
-        s = doc["summary"]
-        click.echo(f"{doc['verdict']}: {s['compared']} compared, {s['failed']} failed, {s['missing']} missing")
+        s = rep.summary
+        click.echo(f"{rep.verdict}: {s.compared} compared, {s.failed} failed, {s.missing} missing")
     else:
-        print_table(doc, Console(width=max(Console().width, 120)))
-    for path, writer in ((json_path, write_json), (junit_path, write_junit), (html_path, write_html)):
+        print_table(rep, Console(width=max(Console().width, 120)))
+    writers = ((json_path, lambda p: write_json(rep.to_json(), p)), (junit_path, lambda p: write_junit(rep, p)),
+               (html_path, lambda p: write_html(rep, p)))
+    for path, writer in writers:
         if path:
             try:
-                writer(doc, path)
+                writer(path)
             except OSError as exc:
                 fail(f"cannot write {path}: {exc}")
     if record_path:
-        record(record_path, lambda store: store.record_report(record_path, doc, kind))
-    if doc["unknown_names"]:
-        fail(f"engine produced unknown point name(s): {', '.join(doc['unknown_names'][:5])}")
-    if doc["verdict"] == "error":
+        record(record_path, lambda store: store.record_report(record_path, rep.to_json(), kind))
+    if rep.unknown_names:
+        fail(f"engine produced unknown point name(s): {', '.join(rep.unknown_names[:5])}")
+    if rep.verdict == "error":
         fail("nothing was compared")
-    sys.exit(EXIT_CODES.get(doc["verdict"], 2))
+    sys.exit(EXIT_CODES.get(rep.verdict, 2))

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from corruptcheck.finite import fmt_number
-from corruptcheck.cli.common import check_store, fail, record
+from corruptcheck.cli.common import check_outputs, check_store, fail, record
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
 
 
@@ -152,6 +152,7 @@ def selftest(engine_name, cases, faults, dtypes, benign, no_benign, list_only, j
         for f in faults_for(engine_name).values():
             click.echo(f.describe())
         return
+    check_outputs(json_path, html_path)
     if record_path:
         check_store(record_path)
     from corruptcheck.reports.render import write_json
@@ -186,6 +187,7 @@ def sweep(engine_name, hidden, fault_name, precision, json_path):
     from corruptcheck.reports.render import write_json
     from corruptcheck.selftest.sweep import parse_hidden, run_sweep, to_json
 
+    check_outputs(json_path)
     with _one_line_errors():
         sizes = parse_hidden(hidden)
         fault = get_fault(fault_name) if fault_name else None
@@ -246,6 +248,7 @@ def sensitivity(engine_name, case_name, precision, faults, steps, json_path, htm
 
     if not steps.isdigit() or int(steps) < 1:
         fail(f"--steps must be a positive integer, not {steps!r}")
+    check_outputs(json_path, html_path)
     progress = None if quiet else (lambda fam, step: click.echo(_step_line(fam, step), err=True))
     with _one_line_errors():
         res = run_sensitivity(engine_name, case_name, precision, faults=_names(faults), steps=int(steps),

@@ -3,8 +3,8 @@
 The mechanism (`Fault`, `FaultState`, `Patcher`, `FaultyEngine`) is in `base`; the faults of
 the `hf` and `reference` engines are grouped by the part of the model they strike (`mhc`,
 `moe`, `attention`); vLLM's own faults are in `vllm`, the faults only a served model shows in
-`serving`. This module holds the registries: `FAULTS` (hf / reference), `faults_for(engine)`,
-`get_fault(name)`.
+`serving`. This module holds the one registry, `FAULTS` (every fault by name), and its views:
+`faults_for(engine, served)` (the faults implemented for an engine, of one kind), `get_fault(name)`.
 """
 from __future__ import annotations
 
@@ -19,31 +19,30 @@ from corruptcheck.faults.moe import RouterSplitKTail, RoutingWeightsBiased, Shar
 from corruptcheck.faults.serving import SERVING_FAULTS, ServingFault
 from corruptcheck.faults.vllm import VLLM_FAULTS, VLLMFault
 
-FAULTS: dict[str, Fault] = {f.name: f for f in (
+MODEL_FAULTS: tuple[Fault, ...] = (
     MhcPreHiddenGuard(), RouterSplitKTail(), MhcNormSqrt2(), SharedExpertNoClamp(), RoutingWeightsBiased(),
     YarnOnSliding(), YarnMscaleSoftmax(), SinkhornShort(), CsaPrevWindowLost(), IndexerRopeLayout(),
     WindowOffByOne(), HcaCausalOffByOne(), MhcCombTransposed(),
-)}
+)
+FAULTS: dict[str, Fault] = {f.name: f for f in (*MODEL_FAULTS, *SERVING_FAULTS, *VLLM_FAULTS)}
 
 
-def faults_for(engine: str) -> dict[str, Fault]:
-    """The registry of faults implemented for `engine`: FAULTS for hf / reference, the vLLM
-    faults (`corruptcheck.faults.vllm.VLLM_FAULTS`, patches of vLLM's own code) for vllm."""
-    if engine == "vllm":
-        return VLLM_FAULTS
-    return FAULTS
+def faults_for(engine: str, served: bool = False) -> dict[str, Fault]:
+    """The faults implemented for `engine`, in registry order: those any run shows
+    (served=False: the self-test's matrix and the sensitivity families) or those only a served
+    run shows (served=True)."""
+    return {n: f for n, f in FAULTS.items() if engine in f.engines and f.served == served}
 
 
 def get_fault(name: str) -> Fault:
-    known = {**FAULTS, **VLLM_FAULTS}
     try:
-        return known[name]
+        return FAULTS[name]
     except KeyError:
-        raise BadInput(f"unknown fault {name!r}; known faults: {', '.join(known)}") from None
+        raise BadInput(f"unknown fault {name!r}; known faults: {', '.join(FAULTS)}") from None
 
 
 __all__ = [
-    "ENGINES", "FAULTS", "HF_MODULE", "SERVING_FAULTS", "VLLM_FAULTS", "CsaPrevWindowLost", "Fault", "FaultState",
+    "ENGINES", "FAULTS", "HF_MODULE", "MODEL_FAULTS", "SERVING_FAULTS", "VLLM_FAULTS", "CsaPrevWindowLost", "Fault", "FaultState",
     "FaultyEngine", "HcaCausalOffByOne", "IndexerRopeLayout", "MhcCombTransposed", "MhcNormSqrt2",
     "MhcPreHiddenGuard", "Patcher", "RouterSplitKTail", "RoutingWeightsBiased", "ServingFault",
     "SharedExpertNoClamp", "SinkhornShort", "VLLMFault", "WindowOffByOne", "YarnMscaleSoftmax", "YarnOnSliding",

@@ -126,6 +126,7 @@ class Fault:
     # (documented per fault; empty for most)
     also: tuple[str, ...] = ()
     engines: tuple[str, ...] = ("hf", "reference")  # engines it is implemented for
+    served: bool = False  # only a served run (chunked prefill, decode steps) can show it
     knob: str = ""  # one line: what the magnitude m scales (m = 1: the bug, m = 0: no effect)
     magnitude: float = 1.0
 

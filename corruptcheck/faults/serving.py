@@ -24,6 +24,7 @@ from corruptcheck.faults.base import Fault, affected, hf_module
 
 class ServingFault(Fault):
     engines = ("hf", "vllm")
+    served = True
 
 
 def _vllm():
@@ -393,5 +394,6 @@ def _compressor_metadata(compressor):
     return md.get(compressor.state_cache.prefix) if isinstance(md, dict) else None
 
 
-SERVING_FAULTS: dict[str, Fault] = {f.name: f for f in (
-    CompressorTailLostAtChunk(), WindowWrapsEarly(), StaleIndexerRows(), DecodeKernelScale(), DecodeBatchRowScale())}
+# registered in corruptcheck.faults.FAULTS
+SERVING_FAULTS: tuple[Fault, ...] = (
+    CompressorTailLostAtChunk(), WindowWrapsEarly(), StaleIndexerRows(), DecodeKernelScale(), DecodeBatchRowScale())

@@ -431,10 +431,11 @@ class NormHiddenGuard(VLLMFault):
         p.wrap(N.RMSNorm, "forward", make)
 
 
-VLLM_FAULTS: dict[str, Fault] = {f.name: f for f in (
+# registered in corruptcheck.faults.FAULTS
+VLLM_FAULTS: tuple[Fault, ...] = (
     Fp8ScaleUe8m0AsValue(), CompressorPrevWindowLost(), HashRoutingOffByOne(), RoutedScalingIgnored(),
     IndexerKeyScaleAsUe8m0(), NormHiddenGuard(),
-)}
+)
 # IndexerKeyScaleMisread (one key's scale read from its neighbour) is kept as the mechanism of
 # IndexerKeyScaleAsUe8m0 but not registered: on the engine cases its effect is 1.05x the honest
 # fp8-serving noise (neighbouring power-of-two scales are mostly equal), below what any

@@ -9,7 +9,7 @@ from corruptcheck.storage.atomic import atomic_write
 from corruptcheck.judge.coverage import coverage_sentence
 from corruptcheck.finite import fmt_number
 from corruptcheck.judge.phases import phase_words
-from corruptcheck.reports.results import Report, as_report
+from corruptcheck.reports.results import Report
 
 _COLOR = {"pass": "#2e7d32", "fail": "#c62828", "not-exercised": "#00838f", "missing": "#f9a825",
           "skipped": "#9e9e9e", "error": "#c62828", "incomplete": "#f9a825", "unchecked": "#f9a825"}
@@ -210,9 +210,8 @@ def _point_row(p) -> str:
             f'<td>{_esc(role)}</td><td>{_esc(p.reason)}</td></tr>')
 
 
-def render(doc) -> str:
-    """The page of a Report (or its JSON document)."""
-    rep = as_report(doc)
+def render(rep: Report) -> str:
+    """The page of a Report."""
     verdict, s, headline = rep.verdict, rep.summary, _headline(rep)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -244,5 +243,5 @@ reference float64 ({_esc(rep.reference["source"])}) · tolerances from the {_esc
 """
 
 
-def write_html(doc, path: str) -> None:
-    atomic_write(path, render(doc))
+def write_html(rep: Report, path: str) -> None:
+    atomic_write(path, render(rep))

@@ -13,18 +13,14 @@ from rich.table import Table
 from corruptcheck.storage.atomic import atomic_write
 from corruptcheck.judge.coverage import coverage_sentence
 from corruptcheck.judge.phases import phase_words, summarize
-from corruptcheck.reports.results import REPORT_SCHEMA, Report, as_report  # noqa: F401 (REPORT_SCHEMA: re-exported)
+from corruptcheck.reports.results import Report
 
 _STYLE = {"pass": "green", "fail": "bold red", "missing": "yellow", "not-exercised": "cyan",
           "skipped": "dim", "error": "bold red", "incomplete": "bold yellow", "unchecked": "yellow"}
 
 
-def to_json(res) -> dict:
-    """The JSON document of a compare.CompareResult (results.Report)."""
-    return Report.from_result(res).to_json()
-
-
 def write_json(doc: dict, path: str) -> None:
+    """A JSON document to a file, atomically (a report's is `Report.to_json()`)."""
     atomic_write(path, json.dumps(doc, indent=1, allow_nan=False, default=str))
 
 
@@ -41,9 +37,8 @@ def _ratio_cell(r):
     return f"[{style}]{r:.3g}[/]"
 
 
-def print_table(doc, console: Console | None = None) -> None:
-    """The terminal report of a Report (or its JSON document)."""
-    rep = as_report(doc)
+def print_table(rep: Report, console: Console | None = None) -> None:
+    """The terminal report of a Report."""
     console = console or Console()
     console.print(_points_table(rep))
     _print_skipped(rep, console)
@@ -142,10 +137,9 @@ def _print_verdict(rep: Report, console: Console) -> None:
                       "accumulated drift", style="yellow")
 
 
-def junit_xml(doc) -> str:
+def junit_xml(rep: Report) -> str:
     """One <testcase> per point; fail -> <failure>, missing / not-exercised / skipped ->
     <skipped> (never a pass)."""
-    rep = as_report(doc)
     suite = f"corruptcheck.{rep.engine}.{rep.case}.{rep.precision}"
     cases, failures, skipped = [], 0, 0
     for p in rep.points:
@@ -174,5 +168,5 @@ def _xml_text(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def write_junit(doc, path: str) -> None:
-    atomic_write(path, junit_xml(doc))
+def write_junit(rep: Report, path: str) -> None:
+    atomic_write(path, junit_xml(rep))

@@ -1,7 +1,7 @@
 """The result of a compare as typed objects, each with its JSON next to it (`to_json`, and
 `from_json` for a document read back): the report document, its points, summary, culprit and
 serving phases. Reports (reports/render.py, reports/html.py) render from these; the JSON schema is
-report.REPORT_SCHEMA and its bytes do not depend on this layer."""
+REPORT_SCHEMA below and its bytes do not depend on this layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -157,11 +157,6 @@ class Report(_Json):
             greedy=served["greedy"] if served else None,
             batching=served.get("batching") if served else None,
         )
-
-
-def as_report(doc) -> Report:
-    """A Report from a Report or its JSON document."""
-    return doc if isinstance(doc, Report) else Report.from_json(doc)
 
 
 def _summary(comp, served) -> Summary:

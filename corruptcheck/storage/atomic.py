@@ -32,3 +32,25 @@ def atomic_replace(path, write: Callable[[str], None]) -> None:
 def atomic_write(path, text: str) -> None:
     """Write `text` to `path` atomically (see atomic_replace)."""
     atomic_replace(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def check_writable(path) -> str | None:
+    """Why `atomic_replace(path, ...)` would fail, or None: the path is a directory, or no file
+    can be created where it would go (the nearest existing parent, since missing ones are
+    created). Probed by creating and removing one temporary file there, so a run learns it before
+    its work, not after."""
+    target = Path(os.path.abspath(path))
+    if target.is_dir():
+        return "it is a directory"
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".corruptcheck-probe-")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(tmp)
+    return None
