@@ -140,3 +140,11 @@ def test_check_writable_probes_and_leaves_nothing(tmp_path):
     (tmp_path / "f").write_text("x")
     assert check_writable(tmp_path / "f" / "r.json") == f"{tmp_path / 'f'} is not a directory"
     assert check_writable("/proc/nope/r.json")
+
+
+def test_gate_refuses_an_unwritable_out_dir_before_any_run(tmp_path):
+    (tmp_path / "file").write_text("x")
+    res = CliRunner().invoke(cli.main, ["gate", "--engine", "reference", "--out", str(tmp_path / "file" / "gate")])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"corruptcheck: error: cannot write {tmp_path / 'file' / 'gate' / 'summary.json'}: {tmp_path / 'file'} is not a directory"]

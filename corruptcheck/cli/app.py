@@ -247,6 +247,7 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path):
         fail(str(exc))
     console = Console(width=max(Console().width, 120))
     out = Path(out_dir)
+    check_outputs(out / "summary.json")  # the reports and the summary go there: refuse it before any run
     with Progress(TextColumn("[bold]gate[/] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         task = progress.add_task("starting", total=len(policy.runs))
