@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 
 from corruptcheck.cases import Case, get_case
-from corruptcheck.compare import TEACHER_FORCING, CompareResult, compare
+from corruptcheck.compare import DEFAULTS, CompareResult, RunSettings
 from corruptcheck.judge.differ import PointResult
 from corruptcheck.engines import Engine, get_engine
 from corruptcheck.errors import BadInput, EngineUnavailable
@@ -44,25 +44,25 @@ class MissingPoints(CheckFailed):
 
 
 def check(engine, case: str | Case = "tiny", precision: str | None = "float32", *,
-          teacher_forcing: str = "on-fail", use_golden: bool = True, **engine_options) -> "CheckResult":
+          schedule: str = DEFAULTS.schedule, teacher_forcing: str = DEFAULTS.teacher_forcing,
+          use_golden: bool = DEFAULTS.use_golden, **engine_options) -> "CheckResult":
     """Run `case` through `engine` and compare every point with the float64 reference.
 
     `engine`: a registered name (`hf`, `reference`, `dump`, ...), an import path
     `package.module:Class`, an `Engine` subclass or an `Engine` instance (e.g. one wrapping an
     in-process model). `precision`: what the engine runs in; tolerances follow the precision
-    its capture declares. `engine_options` go to `Engine.run`. Raises `BadInput` or
-    `EngineUnavailable` when nothing can be compared."""
+    its capture declares. `schedule`, `teacher_forcing`, `use_golden`: the run's settings, with
+    the defaults every front door shares (`compare.RunSettings`: the case's served schedule where
+    it has one and the engine can serve it). `engine_options` go to `Engine.run`. Raises
+    `BadInput` or `EngineUnavailable` when nothing can be compared."""
     if precision is not None:
         try:
             Precision.of(precision)
         except ValueError as exc:
             raise BadInput(str(exc)) from None
-    if teacher_forcing not in TEACHER_FORCING:
-        raise BadInput(f"teacher_forcing must be one of {', '.join(TEACHER_FORCING)}, not {teacher_forcing!r}")
+    settings = RunSettings(schedule, teacher_forcing, use_golden)
     name, eng = _resolve_engine(engine)
-    res = compare(_resolve_case(case), name, precision, use_golden=use_golden, teacher_forcing=teacher_forcing,
-                  engine=eng, **engine_options)
-    return CheckResult(res)
+    return CheckResult(settings.compare(_resolve_case(case), name, precision, engine=eng, **engine_options))
 
 
 def check_dump(path: str | Path, case: str | Case, precision: str | None = None, **options) -> "CheckResult":
@@ -147,6 +147,12 @@ class CheckResult:
     def culprit(self) -> dict | None:
         """The point teacher forcing blames ({"name", "layer", "local_ratio", ...}), or None."""
         return self.result.culprit
+
+    @property
+    def phases(self) -> list:
+        """A served run's phases (reports.results.Phase: prefill chunk or decode step, each
+        judged on its own rows); empty for a prefill-only run."""
+        return self.report.phases
 
     def point(self, name: str) -> PointResult:
         for p in self.points:

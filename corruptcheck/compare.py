@@ -20,6 +20,33 @@ from corruptcheck.judge.reference_data import ReferenceData, noise_for, referenc
 from corruptcheck.schedule import check_prompts, decoded_case, prompt_case
 
 TEACHER_FORCING = ("on-fail", "always", "never")
+SCHEDULES = ("case", "prefill-only")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a front door runs a compare: one definition, one set of defaults, shared by the CLI,
+    the API, the gate and the pytest plugin. `schedule`: "case" serves the case's schedule
+    (chunked prefill, batching, greedy decode, judged by phase) where the case has one and the
+    engine can serve it; "prefill-only" runs one forward per sequence. `teacher_forcing`:
+    when to localize (on-fail, always, never). `use_golden`: the reference from the golden when
+    it is valid."""
+    schedule: str = "case"
+    teacher_forcing: str = "on-fail"
+    use_golden: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise BadInput(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.teacher_forcing not in TEACHER_FORCING:
+            raise BadInput(f"teacher_forcing must be one of {', '.join(TEACHER_FORCING)}, not {self.teacher_forcing!r}")
+
+    def compare(self, case: Case, engine_name: str, precision, engine=None, **engine_options) -> "CompareResult":
+        return compare(case, engine_name, precision, use_golden=self.use_golden, teacher_forcing=self.teacher_forcing,
+                       engine=engine, schedule=self.schedule, **engine_options)
+
+
+DEFAULTS = RunSettings()
 
 
 @dataclass

@@ -3,9 +3,13 @@
     pytest --corruptcheck-engine hf --corruptcheck-case tiny -v
 
 adds, per case, `corruptcheck[CASE::verdict]` (the case's overall verdict: fails on `fail`
-with the culprit, and on `error` / an engine that cannot run) and one item per capture point,
-`corruptcheck[CASE::POINT]`, that passes or fails on that point's verdict; `missing`,
-`not-exercised` and `skipped` points are pytest skips with the reason, never passes. Every
+with the culprit, and on `error` / an engine that cannot run), one item per serving phase of a
+served run, `corruptcheck[CASE::prefill chunk J]` / `corruptcheck[CASE::decode step K]` (so a
+CI log says which phase broke), and one item per capture point, `corruptcheck[CASE::POINT]`,
+that passes or fails on that point's verdict; `missing`, `not-exercised` and `skipped` points,
+and phases a run did not serve, are pytest skips with the reason, never passes. The run's
+settings and their defaults are compare.RunSettings', the CLI's and the API's: the case's
+served schedule where it has one and the engine can serve it. Every
 item carries the `corruptcheck` marker. The compare runs once per case per process (each
 pytest-xdist worker runs it lazily for the cases it gets; `--dist loadscope` keeps a case on
 one worker). The `corruptcheck` fixture exposes the Python API (`corruptcheck.api`).
@@ -24,6 +28,10 @@ import pytest
 MARKER = "corruptcheck"
 VERDICT_ITEM = "verdict"  # corruptcheck[CASE::verdict]; no capture point has this name
 _NOT_JUDGED = ("missing", "not-exercised", "skipped")  # = api.NOT_JUDGED (api imports torch)
+# = cases.CASES and compare.RunSettings' choices (those modules import torch; tests assert equality)
+CASE_NAMES = ("tiny", "flash-slice", "pro-slice", "flash-engine", "pro-engine", "tiny-release", "pro-release")
+SCHEDULE_CHOICES = ("case", "prefill-only")
+TEACHER_FORCING_CHOICES = ("on-fail", "always", "never")
 _RUNNER = pytest.StashKey["_Runner | None"]()  # None: the plugin is inert in this session
 
 
@@ -33,7 +41,16 @@ def pytest_addoption(parser):
                     help="engine to check: a registered name (hf, reference, dump, ...) or package.module:Class; "
                          "adds one test item per case and capture point")
     group.addoption("--corruptcheck-case", action="append", metavar="CASE",
-                    help="built-in case to run (repeatable; default: tiny)")
+                    help=f"built-in case to run (repeatable; default: tiny): {', '.join(CASE_NAMES)}")
+    group.addoption("--corruptcheck-schedule", choices=SCHEDULE_CHOICES, metavar="|".join(SCHEDULE_CHOICES),
+                    help="case (default): serve the case's schedule (chunked prefill, batching, greedy decode, "
+                         "one item per phase) where it has one and the engine can serve it; prefill-only: one "
+                         "forward per sequence")
+    group.addoption("--corruptcheck-teacher-forcing", choices=TEACHER_FORCING_CHOICES,
+                    metavar="|".join(TEACHER_FORCING_CHOICES),
+                    help="localize by re-running sub-blocks on the engine's own inputs (default: on-fail)")
+    group.addoption("--corruptcheck-no-golden", action="store_true", default=False,
+                    help="compute the reference now instead of using the golden")
     group.addoption("--corruptcheck-precision", metavar="DTYPE",
                     help="precision the engine runs in: float64, float32 (default), bfloat16")
     group.addoption("--corruptcheck-report", metavar="DIR",
@@ -85,9 +102,10 @@ class _Runner:
     """The session's settings and the per-process cache of results, one compare per case."""
 
     def __init__(self, engine: str, cases: list[str], precision: str, report_dir: Path | None,
-                 engine_options: dict):
+                 engine_options: dict, settings: dict | None = None):
         self.engine, self.cases, self.precision = engine, cases, precision
         self.report_dir, self.engine_options = report_dir, engine_options
+        self.settings = settings or {}  # compare.RunSettings fields given on the command line
         self.record_path: Path | None = None  # --corruptcheck-record
         self._results: dict = {}  # case -> CheckResult | the exception the engine raised
 
@@ -98,7 +116,10 @@ class _Runner:
                                          ("--corruptcheck-precision", "corruptcheck_precision"),
                                          ("--corruptcheck-report", "corruptcheck_report"),
                                          ("--corruptcheck-record", "corruptcheck_record"),
-                                         ("--corruptcheck-engine-option", "corruptcheck_engine_option"))
+                                         ("--corruptcheck-engine-option", "corruptcheck_engine_option"),
+                                         ("--corruptcheck-schedule", "corruptcheck_schedule"),
+                                         ("--corruptcheck-teacher-forcing", "corruptcheck_teacher_forcing"),
+                                         ("--corruptcheck-no-golden", "corruptcheck_no_golden"))
                  if config.getoption(dest)]
         if not engine:
             if given:  # a check that silently does not run is what this tool exists to prevent
@@ -111,7 +132,11 @@ class _Runner:
         options = _parse_options(config.getoption("corruptcheck_engine_option") or [])
         _validate(engine, cases, precision, options)
         record = config.getoption("corruptcheck_record")
-        runner = cls(engine, cases, precision, report_dir, options)
+        settings = {k: v for k, v in (("schedule", config.getoption("corruptcheck_schedule")),
+                                      ("teacher_forcing", config.getoption("corruptcheck_teacher_forcing")),
+                                      ("use_golden", False if config.getoption("corruptcheck_no_golden") else None))
+                    if v is not None}
+        runner = cls(engine, cases, precision, report_dir, options, settings)
         if record:
             from corruptcheck.history import store
             from corruptcheck.errors import BadInput
@@ -133,7 +158,7 @@ class _Runner:
             from corruptcheck import api
 
             try:
-                res = api.check(self.engine, case, self.precision, **self.options_for(case))
+                res = api.check(self.engine, case, self.precision, **self.settings, **self.options_for(case))
             except Exception as exc:  # noqa: BLE001 - any engine failure is reported by the items
                 from corruptcheck.errors import EngineFailed
 
@@ -162,14 +187,24 @@ class _Runner:
         xdist = parent.config.pluginmanager.hasplugin("xdist")
         for case in self.cases:
             marks = [pytest.mark.corruptcheck] + ([pytest.mark.xdist_group(f"corruptcheck-{case}")] if xdist else [])
-            names = [VERDICT_ITEM] + [spec.name for spec in capture_points(get_case(case).config)]
+            c = get_case(case)
+            phases = [] if self.settings.get("schedule") == "prefill-only" or c.schedule is None else [
+                phase_item_name(label) for label in c.schedule.phase_labels()]
+            names = [VERDICT_ITEM] + phases + [spec.name for spec in capture_points(c.config)]
             for point in names:
-                cls = VerdictItem if point == VERDICT_ITEM else PointItem
+                cls = VerdictItem if point == VERDICT_ITEM else PhaseItem if point in phases else PointItem
                 name = f"{MARKER}[{case}::{point}]"
                 item = cls.from_parent(parent, name=name, case=case, point=point)
                 for mark in marks:
                     item.add_marker(mark)
                 yield item
+
+
+def phase_item_name(label) -> str:
+    """("prefill", 1) -> "prefill chunk 1", ("decode", 3) -> "decode step 3" (a phase item's
+    name after CASE::; no capture point has a space in its name)."""
+    kind, index = label
+    return f"{kind} {'chunk' if kind == 'prefill' else 'step'} {index}"
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -301,6 +336,33 @@ class PointItem(_CaseItem):
             raise CorruptionDetected(f"{res.explain(p.name)}\n{res.summary()}")
 
 
+class PhaseItem(_CaseItem):
+    """One phase of a served run (a prefill chunk or a decode step), judged on its own rows: fails
+    with the phase's worst point; a phase the run did not serve (the engine cannot serve the
+    schedule, or it stopped early) is a skip with the reason, never a pass."""
+
+    def runtest(self):
+        res = self._result()
+        self.user_properties.append(("corruptcheck_phase", self.point))
+        phase = next((p for p in res.phases if phase_item_name((p.phase, p.chunk if p.phase == "prefill" else p.step))
+                      == self.point), None)
+        if phase is None:
+            note = (res.result.engine_meta or {}).get("schedule_note")
+            pytest.skip(f"not served: {note}" if note else "not served: the run has no such phase")
+        self.user_properties.append(("corruptcheck_verdict", phase.verdict))
+        if phase.worst_ratio is not None:
+            self.user_properties.append(("error_over_tolerance", f"{phase.worst_ratio:.4g}"))
+        if phase.verdict == "fail":
+            from corruptcheck.api import CorruptionDetected
+
+            first = (phase.first_divergence or {}).get("name") or phase.worst_point
+            raise CorruptionDetected(f"{self.point} fails: {phase.failed_points or 'some'} point(s) over their "
+                                     f"tolerance on this phase's {phase.tokens} token(s), first {first}, worst "
+                                     f"{phase.worst_point} at err/tol {phase.worst_ratio:.3g}\n{res.summary()}")
+        if phase.verdict != "pass":
+            pytest.skip(f"{phase.verdict}: nothing judged on this phase's rows")
+
+
 class CorruptcheckFixture:
     """What the `corruptcheck` fixture gives a test: `check()`, `check_dump()` and `result()`
     with the command line's engine, case and precision as defaults."""
@@ -330,7 +392,8 @@ class CorruptcheckFixture:
             if self._runner is None:
                 pytest.skip("no engine given: pass one to check() or run pytest with --corruptcheck-engine")
             engine, engine_options = self._runner.engine, {**self._runner.options_for(case), **engine_options}
-        return api.check(engine, case, precision or self.precision, **engine_options)
+        settings = self._runner.settings if self._runner else {}
+        return api.check(engine, case, precision or self.precision, **{**settings, **engine_options})
 
     def check_dump(self, path, case=None, precision=None, **options):
         """`corruptcheck.api.check_dump` (the case defaults to the first --corruptcheck-case)."""

@@ -50,6 +50,12 @@ class Schedule:
         c = self.chunk or prompt_len
         return [min(c, prompt_len - at) for at in range(0, prompt_len, c)]
 
+    def phase_labels(self) -> list[tuple[str, int]]:
+        """The phases a served run of this schedule has, in order: ("prefill", chunk j) for the
+        longest prompt's chunks, then ("decode", step k) for k = 1..decode_steps."""
+        chunks = max(len(self.prefill_chunks(n)) for n in self.prompt_lens)
+        return [("prefill", j) for j in range(chunks)] + [("decode", k) for k in range(1, self.decode_steps + 1)]
+
     def to_dict(self) -> dict:
         return {"prompt_lens": list(self.prompt_lens), "decode_steps": self.decode_steps, "chunk": self.chunk,
                 "arrivals": list(self.arrivals) if self.arrivals else None}

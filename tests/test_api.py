@@ -7,6 +7,7 @@ import pytest
 
 from corruptcheck.judge.tolerance import SAFETY
 
+from corruptcheck.cases import get_case
 from corruptcheck.api import (CheckResult, CorruptionDetected, MissingPoints, NothingCompared, check,
                               check_dump)
 from corruptcheck.engines import engines
@@ -52,13 +53,16 @@ def scaled_attn_out():
     class ScaledAttnOut(ScaledAttentionHF):
         name, factor = "hf-scaled", 1.01
 
-    return check(ScaledAttnOut(), "tiny", "float32")
+    return check(ScaledAttnOut(), "tiny", "float32", schedule="prefill-only")
 
 
 def test_clean_engine_by_name_passes():
     pytest.importorskip("transformers")
-    res = check("hf", "tiny", "float32")
+    res = check("hf", "tiny", "float32")  # the default: the case's served schedule, judged by phase
     assert isinstance(res, CheckResult)
+    assert res.to_json()["schedule"] != "prefill-only"
+    assert [(p.phase, p.verdict) for p in res.phases] == [
+        (k, "pass") for k, _ in get_case("tiny").schedule.phase_labels()]
     assert (res.verdict, res.passed, res.engine, res.case, res.precision) == ("pass", True, "hf", "tiny", "float32")
     assert res.culprit is None and res.first_divergence is None and res.failed == []
     assert res.assert_ok() is res
@@ -66,7 +70,8 @@ def test_clean_engine_by_name_passes():
     assert verdicts == {"pass", "skipped"}  # hf exposes no MTP / q / kv points: skipped, never passed
     assert res.point("layers.1.attn.out").verdict == "pass"
     assert res.to_json()["verdict"] == "pass"
-    assert res.summary().endswith(f"PASS (81 compared, 0 failed, 0 missing, {sum(p.verdict == 'skipped' for p in res.points)} skipped)")
+    assert res.summary().endswith(f"PASS ({res.result.comparison.compared} compared, 0 failed, 0 missing, "
+                                  f"{sum(p.verdict == 'skipped' for p in res.points)} skipped)")
 
 
 def test_fault_raises_with_point_metric_tolerance_token_and_culprit(scaled_attn_out):
@@ -102,7 +107,7 @@ def test_downstream_points_are_explained_as_inherited(scaled_attn_out):
 
 
 def test_engine_class_and_missing_point(tmp_path):
-    res = check(DropsOnePoint, "tiny", "float32")  # an Engine subclass works as well as an instance
+    res = check(DropsOnePoint, "tiny", "float32", schedule="prefill-only")  # an Engine subclass works as well
     # nothing fails, but a missing point is never a pass: the run is incomplete
     assert res.verdict == "incomplete" and not res.passed
     assert [p.name for p in res.missing] == [DROPPED]
@@ -131,6 +136,7 @@ def test_nothing_compared_is_an_error():
     ({"engine": object()}, BadInput, "engine must be a name, an Engine subclass or an Engine instance"),
     ({"engine": NotInstalled()}, EngineUnavailable, "its runtime is not installed here"),
     ({"engine": "reference", "teacher_forcing": "sometimes"}, BadInput, "teacher_forcing must be one of"),
+    ({"engine": "reference", "schedule": "decode-only"}, BadInput, "schedule must be one of case, prefill-only"),
 ])
 def test_bad_input_raises(kwargs, error, text):
     with pytest.raises(error, match=re.escape(text)):

@@ -1,6 +1,7 @@
 """The pytest plugin (docs/pytest.md), exercised through `pytester`: one item per case x capture point
-plus a verdict item, pass/fail per point, missing points as skips, JUnit through pytest's
-`--junitxml`, reports, pytest-xdist, and an inert plugin without `--corruptcheck-engine`.
+plus a verdict item and (served by default) one per phase, pass/fail per point and per phase,
+missing points as skips, JUnit through pytest's `--junitxml`, reports, pytest-xdist, an inert
+plugin without `--corruptcheck-engine`, and the same report from the CLI, the API and the plugin.
 Runs that import torch use subprocesses (a few seconds each), so torch state does not leak."""
 import json
 import xml.etree.ElementTree as ET
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from corruptcheck.api import NOT_JUDGED, check
-from corruptcheck.cases import get_case
+from corruptcheck.cases import CASES, get_case
+from corruptcheck.compare import DEFAULTS, SCHEDULES, TEACHER_FORCING
 from corruptcheck.points import capture_points
 from corruptcheck.judge.tolerance import SAFETY
 
@@ -24,7 +26,16 @@ import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})  # tests/: fault_engines
 
 from corruptcheck.engines.base import Capture, Engine
+from corruptcheck.engines.hf_engine import HFEngine
+from corruptcheck.faults import FaultyEngine, get_fault
 from fault_engines import ScaledAttentionHF
+
+
+class DecodeScaledHF(FaultyEngine):
+    """hf whose decode steps scale one layer's attention output (a decode-only kernel bug)."""
+
+    def __init__(self):
+        super().__init__(HFEngine(), get_fault("decode-kernel-scale"))
 
 
 class ScaledAttnOut(ScaledAttentionHF):
@@ -53,7 +64,9 @@ class CapturesNothing(Engine):
         return Capture({{}}, self.name, precision)
 '''
 POINTS = [s.name for s in capture_points(get_case("tiny").config)]
-ITEMS = ["corruptcheck[tiny::verdict]"] + [f"corruptcheck[tiny::{p}]" for p in POINTS]
+PHASES = [f"{k} {'chunk' if k == 'prefill' else 'step'} {i}" for k, i in get_case("tiny").schedule.phase_labels()]
+PREFILL_ITEMS = ["corruptcheck[tiny::verdict]"] + [f"corruptcheck[tiny::{p}]" for p in POINTS]
+ITEMS = PREFILL_ITEMS[:1] + [f"corruptcheck[tiny::{p}]" for p in PHASES] + PREFILL_ITEMS[1:]  # served (the default)
 
 
 def _junit(path) -> dict:
@@ -71,7 +84,7 @@ def _junit(path) -> dict:
 @pytest.fixture(scope="module")
 def clean():
     pytest.importorskip("transformers")
-    return check("hf", "tiny", "float32")
+    return check("hf", "tiny", "float32", schedule="prefill-only")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +92,7 @@ def faulty():
     pytest.importorskip("transformers")
     namespace = {"__name__": "ccengines_in_process"}
     exec(compile(ENGINES, "ccengines", "exec"), namespace)
-    return check(namespace["ScaledAttnOut"](), "tiny", "float32")
+    return check(namespace["ScaledAttnOut"](), "tiny", "float32", schedule="prefill-only")
 
 
 @pytest.fixture
@@ -101,12 +114,13 @@ def test_clean_engine_all_items_pass_under_xdist_with_junit_and_reports(clean, p
 
         def test_fixture_check_uses_the_command_line_engine(corruptcheck):
             res = corruptcheck.check(case="tiny")
-            assert (res.engine, res.verdict) == ("hf", "pass")
+            assert (res.engine, res.verdict, res.phases) == ("hf", "pass", [])  # the session's prefill-only
             res.assert_ok()
     ''')
     junit = pytester.path / "junit.xml"
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-n", "2", "-v", "--corruptcheck-engine", "hf", "--corruptcheck-case", "tiny",
+        "--corruptcheck-schedule", "prefill-only",
         f"--junitxml={junit}", "--corruptcheck-report", "reports", "--corruptcheck-record", "runs.sqlite")
     judged = [p for p in expected.points if p.verdict not in NOT_JUDGED]
     assert all(p.verdict == "pass" for p in judged)
@@ -115,7 +129,7 @@ def test_clean_engine_all_items_pass_under_xdist_with_junit_and_reports(clean, p
     out = result.stdout.str()
     assert "PASSED corruptcheck::corruptcheck[tiny::layers.1.attn.out]" in out
     cases = _junit(junit)
-    assert set(cases) == set(ITEMS) | {"test_fixture_gives_the_session_result",
+    assert set(cases) == set(PREFILL_ITEMS) | {"test_fixture_gives_the_session_result",
                                        "test_fixture_check_uses_the_command_line_engine"}
     for p in expected.points:
         outcome, message, _ = cases[f"corruptcheck[tiny::{p.name}]"]
@@ -139,9 +153,9 @@ def test_fault_fails_exactly_the_failing_points_and_names_the_culprit(faulty, py
     junit = pytester.path / "junit.xml"
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-p", "no:xdist", "-rs", "--corruptcheck-engine", "ccengines:ScaledAttnOut",
-        f"--junitxml={junit}")
+        "--corruptcheck-schedule", "prefill-only", f"--junitxml={junit}")
     cases = _junit(junit)
-    assert sorted(cases) == sorted(ITEMS)
+    assert sorted(cases) == sorted(PREFILL_ITEMS)
     failing = {name for name, (outcome, _, _) in cases.items() if outcome == "failure"}
     assert failing == {f"corruptcheck[tiny::{p.name}]" for p in expected.failed} | {"corruptcheck[tiny::verdict]"}
     assert "corruptcheck[tiny::layers.1.attn.out]" in failing and "corruptcheck[tiny::logits]" in failing
@@ -219,7 +233,8 @@ def test_nothing_compared_fails_the_verdict_item_and_marker_selects(pytester, en
     pytester.makepyfile(test_other="def test_other():\n    pass\n")
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-m", "corruptcheck", "-rf",
                                           "--corruptcheck-engine", "ccengines:CapturesNothing")
-    result.assert_outcomes(failed=1, skipped=len(POINTS), deselected=1)
+    # it cannot serve: the phase items are skips (not served), never passes
+    result.assert_outcomes(failed=1, skipped=len(POINTS) + len(PHASES), deselected=1)
     result.stdout.fnmatch_lines(["corruptcheck: engine 'ccengines:CapturesNothing' on case 'tiny' at float32: "
                                  "nothing compared: the engine captured none of the case's points*",
                                  "FAILED corruptcheck::corruptcheck[[]tiny::verdict[]] - corruptcheck: *"])
@@ -230,8 +245,77 @@ def test_nothing_compared_fails_the_verdict_item_and_marker_selects(pytester, en
     (["--corruptcheck-engine", "no-such-engine"], "unknown engine 'no-such-engine'"),
     (["--corruptcheck-engine", "hf", "--corruptcheck-precision", "float7"], "unknown precision 'float7'"),
     (["--corruptcheck-case", "tiny"], "--corruptcheck-case only take effect with --corruptcheck-engine"),
+    (["--corruptcheck-engine", "hf", "--corruptcheck-schedule", "decode-only"], "invalid choice: 'decode-only'"),
+    (["--corruptcheck-schedule", "prefill-only"], "--corruptcheck-schedule only take effect with --corruptcheck-engine"),
 ])
 def test_usage_errors(pytester, args, text):
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist", *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert text in result.stderr.str()
+
+
+def test_plugin_choices_are_the_tools():
+    """The plugin names cases and settings without importing torch; they are the tool's own."""
+    from corruptcheck import pytest_plugin
+
+    assert pytest_plugin.CASE_NAMES == tuple(CASES)
+    assert pytest_plugin.SCHEDULE_CHOICES == SCHEDULES and pytest_plugin.TEACHER_FORCING_CHOICES == TEACHER_FORCING
+    assert (DEFAULTS.schedule, DEFAULTS.teacher_forcing, DEFAULTS.use_golden) == ("case", "on-fail", True)
+
+
+def test_served_by_default_a_decode_only_fault_fails_its_phase_items(pytester, engines_file, monkeypatch):
+    """The default run serves the case's schedule: one item per phase; a defect only in decode
+    steps fails the decode step items and the verdict, while every prefill chunk item passes."""
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    junit = pytester.path / "junit.xml"
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist", "--corruptcheck-engine",
+                                  "ccengines:DecodeScaledHF", f"--junitxml={junit}", "--corruptcheck-report", "reports")
+    cases = _junit(junit)
+    assert sorted(cases) == sorted(ITEMS)
+    phase = {p: cases[f"corruptcheck[tiny::{p}]"][0] for p in PHASES}
+    assert {p: o for p, o in phase.items() if p.startswith("prefill")} == {
+        p: "passed" for p in PHASES if p.startswith("prefill")}
+    assert "failure" in [o for p, o in phase.items() if p.startswith("decode")]
+    assert cases["corruptcheck[tiny::verdict]"][0] == "failure"
+    doc = json.loads((pytester.path / "reports" / "tiny.json").read_text())
+    assert doc["schedule"] != "prefill-only" and doc["verdict"] == "fail"
+    assert [p["verdict"] for p in doc["phases"] if p["phase"] == "decode"] == [
+        "fail" if o == "failure" else "pass" for p, o in phase.items() if p.startswith("decode")]
+
+
+def _strip_timings(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k != "timings"}
+
+
+@pytest.fixture(scope="module")
+def api_docs(one_torch_thread):
+    """The API's report of hf on tiny per schedule setting (the API's default: served), computed
+    before `pytester` snapshots sys.modules (see `clean`)."""
+    pytest.importorskip("transformers")
+    return {"case": check("hf", "tiny", "float32").to_json(),
+            "prefill-only": check("hf", "tiny", "float32", schedule="prefill-only").to_json()}
+
+
+@pytest.mark.parametrize("schedule", ["case", "prefill-only"])
+def test_cli_api_and_plugin_write_the_same_report(schedule, api_docs, pytester, monkeypatch):
+    """The three front doors give byte-identical report JSON (timings aside) for the same
+    settings, so they cannot drift apart: hf on tiny, served (the default) and prefill-only."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    extra = [] if schedule == "case" else ["--schedule", "prefill-only"]
+    cli_json = pytester.path / "cli.json"
+    run = subprocess.run([sys.executable, "-m", "corruptcheck", "compare", "--engine", "hf", "--case", "tiny",
+                          "--json", str(cli_json), "--quiet", *extra], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    api_doc = api_docs[schedule]
+    plugin_args = [] if schedule == "case" else ["--corruptcheck-schedule", schedule]
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist", "--corruptcheck-engine", "hf",
+                                  "--corruptcheck-report", "reports", *plugin_args)
+    docs = [json.loads(cli_json.read_text()), json.loads(json.dumps(api_doc)),
+            json.loads((pytester.path / "reports" / "tiny.json").read_text())]
+    texts = [json.dumps(_strip_timings(d), sort_keys=False) for d in docs]
+    assert texts[0] == texts[1] == texts[2]
+    assert (docs[0]["schedule"] == "prefill-only") == (schedule == "prefill-only")
