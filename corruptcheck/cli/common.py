@@ -54,6 +54,16 @@ def check_outputs(*paths) -> None:
             fail(f"cannot write {path}: {why}")
 
 
+def write_outputs(outputs) -> None:
+    """Run each (path, writer) whose path was given; one that cannot be written ends with exit 2."""
+    for path, writer in outputs:
+        if path:
+            try:
+                writer(path)
+            except OSError as exc:
+                fail(f"cannot write {path}: {exc}")
+
+
 def emit_report(rep: Report, quiet: bool, json_path, junit_path, html_path, record_path, kind: str) -> None:
     """Print a report (table, or one line with --quiet), write its JSON / JUnit / HTML, record
     it, and exit 0 / 1 / 2 by its verdict."""
@@ -65,14 +75,8 @@ def emit_report(rep: Report, quiet: bool, json_path, junit_path, html_path, reco
         click.echo(f"{rep.verdict}: {s.compared} compared, {s.failed} failed, {s.missing} missing")
     else:
         print_table(rep, Console(width=max(Console().width, 120)))
-    writers = ((json_path, lambda p: write_json(rep.to_json(), p)), (junit_path, lambda p: write_junit(rep, p)),
-               (html_path, lambda p: write_html(rep, p)))
-    for path, writer in writers:
-        if path:
-            try:
-                writer(path)
-            except OSError as exc:
-                fail(f"cannot write {path}: {exc}")
+    write_outputs(((json_path, lambda p: write_json(rep.to_json(), p)), (junit_path, lambda p: write_junit(rep, p)),
+                   (html_path, lambda p: write_html(rep, p))))
     if record_path:
         record(record_path, lambda store: store.record_report(record_path, rep.to_json(), kind))
     if rep.unknown_names:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from corruptcheck.finite import fmt_number
-from corruptcheck.cli.common import check_outputs, check_store, fail, record
+from corruptcheck.cli.common import check_outputs, check_store, fail, record, write_outputs as _write
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
 
 
@@ -31,16 +31,6 @@ def _one_line_errors():
         fail(exc.args[0])
     except (BadInput, EngineUnavailable, EngineFailed, ValueError) as exc:
         fail(str(exc))
-
-
-def _write(outputs) -> None:
-    """Run each (path, writer) whose path was given; one that cannot be written ends with exit 2."""
-    for path, writer in outputs:
-        if path:
-            try:
-                writer(path)
-            except OSError as exc:
-                fail(f"cannot write {path}: {exc}")
 
 
 def _console() -> Console:
