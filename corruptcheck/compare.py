@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass, field
 
 from corruptcheck.cases import Case
-from corruptcheck.judge.differ import Comparison, compare_points
+from corruptcheck.judge.differ import Comparison, PointResult, compare_points
 from corruptcheck.engines import Capture, get_engine
-from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable, one_line
+from corruptcheck.engines.child import ChildLimits
+from corruptcheck.engines.child_engine import PROCESSES, ChildEngine, wants_child
+from corruptcheck.errors import BadInput, EngineCrashed, EngineFailed, EngineUnavailable, crash_line, one_line
 from corruptcheck.judge.localize import attach, teacher_force
 from corruptcheck.judge.noise import measure
 from corruptcheck.judge.phases import (MIN_MEASURED_TOKENS, fail_by_phase, first_failing_phase, judge_phases, label_key,
@@ -34,16 +36,30 @@ class RunSettings:
     schedule: str = "case"
     teacher_forcing: str = "on-fail"
     use_golden: bool = True
+    # where the engine runs (engines/child_engine.py): auto = a child process for the real engines
+    # (vllm, sglang, trtllm) and for an injected crash, in-process otherwise; child; inline.
+    # engine_timeout: seconds without progress before the child is killed (crash "timeout");
+    # engine_memory: GiB of resident memory the child's process tree may hold (crash "oom")
+    engine_process: str = "auto"
+    engine_timeout: float | None = None
+    engine_memory: float | None = None
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise BadInput(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.teacher_forcing not in TEACHER_FORCING:
             raise BadInput(f"teacher_forcing must be one of {', '.join(TEACHER_FORCING)}, not {self.teacher_forcing!r}")
+        if self.engine_process not in PROCESSES:
+            raise BadInput(f"engine_process must be one of {', '.join(PROCESSES)}, not {self.engine_process!r}")
+        for name in ("engine_timeout", "engine_memory"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+                raise BadInput(f"{name} must be a positive number, not {v!r}")
 
     def compare(self, case: Case, engine_name: str, precision, engine=None, **engine_options) -> "CompareResult":
         return compare(case, engine_name, precision, use_golden=self.use_golden, teacher_forcing=self.teacher_forcing,
-                       engine=engine, schedule=self.schedule, **engine_options)
+                       engine=engine, schedule=self.schedule, engine_process=self.engine_process,
+                       engine_timeout=self.engine_timeout, engine_memory=self.engine_memory, **engine_options)
 
 
 DEFAULTS = RunSettings()
@@ -65,29 +81,85 @@ class CompareResult:
     teacher_forcing: str = "not run"
     extra: dict = field(default_factory=dict)
     served: dict | None = None  # a scheduled run: schedule, phases, greedy choices (schedule.py, phases.py)
+    crash: dict | None = None  # the engine's process died: kind, detail, phase, what it delivered
 
     @property
     def verdict(self) -> str:
-        return self.comparison.verdict
+        return "crash" if self.crash else self.comparison.verdict
 
 
 def compare(case: Case, engine_name: str, precision: str, use_golden: bool = True,
-            teacher_forcing: str = "on-fail", engine=None, schedule=None, **engine_options) -> CompareResult:
+            teacher_forcing: str = "on-fail", engine=None, schedule=None, engine_process: str = "auto",
+            engine_timeout: float | None = None, engine_memory: float | None = None, **engine_options) -> CompareResult:
     """`schedule`: a schedule.Schedule to serve the case with (chunked prefill + greedy decode,
     judged by phase), "case" (the case's own schedule when it has one and the engine can serve
     it; otherwise prefill-only, and the report says what was not checked), or None /
-    "prefill-only" (one forward per sequence)."""
+    "prefill-only" (one forward per sequence). `engine_process`, `engine_timeout`,
+    `engine_memory`: see RunSettings; an engine whose child process dies gives the verdict
+    `crash`, with what it delivered before it died judged (`_compare_crashed`)."""
     precision = Precision.of(precision).name if precision else None  # None: the engine declares it
     engine = engine or get_engine(engine_name)
+    crash = engine_options.pop("crash", None)  # test-only fault injection, KIND@PHASE (engines/progress.py)
+    if wants_child(engine, engine_name, engine_process, crash):
+        engine = ChildEngine(engine, engine_name, ChildLimits(engine_timeout, engine_memory), crash)
     note = ""
     if isinstance(schedule, str):
         schedule, note = resolve_schedule(case, engine, schedule)
-    if schedule is not None:
-        return _compare_served(case, engine_name, engine, precision, schedule, teacher_forcing, engine_options)
-    res = _compare_prefill(case, engine_name, engine, precision, use_golden, teacher_forcing, engine_options)
+    t0 = time.perf_counter()
+    try:
+        if schedule is not None:
+            res = _compare_served(case, engine_name, engine, precision, schedule, teacher_forcing, engine_options)
+        else:
+            res = _compare_prefill(case, engine_name, engine, precision, use_golden, teacher_forcing, engine_options)
+    except EngineCrashed as exc:
+        res = _compare_crashed(case, engine_name, exc, precision, schedule, t0)
+    finally:
+        if isinstance(engine, ChildEngine):
+            engine.close()
     if note:
         res.engine_meta["schedule_note"] = note
     return res
+
+
+def _compare_crashed(case: Case, engine_name: str, exc: EngineCrashed, precision, schedule, t0: float) -> CompareResult:
+    """The engine's process died. The sequences it delivered before dying are judged like any
+    capture (reference and noise computed now on exactly those tokens); every point it did not
+    deliver is `missing`; the verdict is `crash` whatever the delivered points say."""
+    t1 = time.perf_counter()
+    partial = exc.partial
+    tol_prec = Precision.of(partial["precision"] if partial else (precision or "float32")).name
+    specs = capture_points(case.config)
+    why = f"not delivered: the engine {crash_line(exc.crash)}"
+    run_case = prompt_case(case, schedule) if schedule is not None else case
+    if partial:
+        dcase = decoded_case(run_case, partial["sequences"])
+        ref = ReferenceData(*reference_run(dcase), "computed (float64 on the sequences the engine delivered "
+                                                   "before it crashed)")
+        noise = None if tol_prec == "float64" else measure(dcase, ref.points, tol_prec)
+        comp = compare_points(specs, ref.points, partial["points"], tol_prec, ref.coverage, noise)
+        coverage, report_case = ref.coverage, dcase
+        tokens = dcase.num_tokens
+    else:
+        comp = Comparison([PointResult(s.name, "missing" if s.required else "skipped", s.layer, s.kind, reason=why)
+                           for s in specs], tol_prec)
+        coverage, report_case, tokens = {}, run_case, 0
+    for p in comp.points:
+        if p.verdict == "missing":
+            p.reason = why
+    t2 = time.perf_counter()
+    n_seq = len(schedule.prompt_lens) if schedule is not None else len(case.seq_lens)
+    crash = {**exc.crash, "delivered": {"sequences": len(partial["sequences"]) if partial else 0, "of": n_seq,
+                                        "tokens": tokens, "points_judged": comp.compared}}
+    process = {k: crash[k] for k in ("pid", "wall_s", "peak_rss_mib") if k in crash}
+    return CompareResult(
+        case=report_case, engine=engine_name, precision=tol_prec, comparison=comp, coverage=coverage,
+        reference={"version": REFERENCE_VERSION, "precision": "float64",
+                   "source": ref.source if partial else "not run (nothing delivered)", "golden_digest": None},
+        engine_meta={"process": {"mode": "child", **process}},
+        timings={"engine_s": t1 - t0, "reference_s": 0.0, "noise_s": 0.0, "diff_s": t2 - t1, "localize_s": 0.0},
+        tolerance_precision=tol_prec, noise_source="measured now on the delivered tokens" if partial else "none",
+        crash=crash,
+    )
 
 
 def _compare_prefill(case: Case, engine_name: str, engine, precision, use_golden: bool, teacher_forcing: str,

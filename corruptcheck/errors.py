@@ -24,3 +24,18 @@ class EngineUnavailable(Exception):
 class EngineFailed(Exception):
     """The engine itself raised while running the case: a result about the engine (it crashed),
     never a verdict on its numbers and never a defect of this tool."""
+
+
+class EngineCrashed(EngineFailed):
+    """The engine's process died (signal, out of memory, no progress, exit without finishing,
+    an exception): `crash` = {"kind", "detail", "phase", ...}; `partial` = what it delivered
+    before it died ({"points", "sequences", "labels", "precision"}), or None."""
+
+    def __init__(self, crash: dict, partial: dict | None = None, engine: str = "engine"):
+        self.crash, self.partial = crash, partial
+        super().__init__(f"engine {engine!r} {crash_line(crash)}")
+
+
+def crash_line(crash: dict) -> str:
+    """The one reason line of a crash record."""
+    return f"crashed ({crash.get('kind')}) in {crash.get('phase')}: {crash.get('detail')}"

@@ -212,7 +212,7 @@ def coverage_problems(cov: dict, required: dict) -> list[str]:
 @dataclass
 class RunOutcome:
     run: GateRun
-    verdict: str  # pass | fail | error
+    verdict: str  # pass | fail | error | crash (the engine's process died; its report is written)
     reasons: list
     report: Report | None = None  # None: the compare itself could not run
 
@@ -227,11 +227,16 @@ class RunOutcome:
                 "first_divergence": rep.first_divergence if rep else None,
                 "culprit": rep.culprit.to_json() if rep and rep.culprit else None,
                 "worst_ratio": rep.summary.worst_ratio if rep else None,
-                "missing": [p.name for p in (rep.points if rep else []) if p.verdict == "missing"]}
+                "missing": [p.name for p in (rep.points if rep else []) if p.verdict == "missing"],
+                **({"crash": rep.crash} if rep and rep.crash else {})}
 
 
 def judge(run: GateRun, rep: Report, policy: GatePolicy) -> RunOutcome:
     reasons = []
+    if rep.verdict == "crash":  # never judged by the policy: whatever it delivered, the run did not complete
+        from corruptcheck.errors import crash_line
+
+        return RunOutcome(run, "crash", [f"engine {crash_line(rep.crash or {})}"], rep)
     # incomplete = nothing failed but points are missing: the policy's allowed_missing judges those
     verdict = "pass" if rep.verdict == "incomplete" else rep.verdict
     if verdict == "error":
@@ -258,8 +263,12 @@ def judge(run: GateRun, rep: Report, policy: GatePolicy) -> RunOutcome:
     return RunOutcome(run, verdict, reasons, rep)
 
 
-def run_gate(engine_name: str, policy: GatePolicy, out_dir: Path, progress=None, engine=None) -> list[RunOutcome]:
-    from corruptcheck.compare import compare
+def run_gate(engine_name: str, policy: GatePolicy, out_dir: Path, progress=None, engine=None, settings=None,
+             engine_options: dict | None = None) -> list[RunOutcome]:
+    """Every run of the policy, each written as it ends; a run whose engine crashed is a
+    `crash` outcome with its report, and the next run starts. `settings`: compare.RunSettings
+    (its engine_process / engine_timeout / engine_memory apply; the policy sets the rest)."""
+    from corruptcheck.compare import DEFAULTS, compare
     from corruptcheck.reports.html import write_html
     from corruptcheck.reports.render import write_json, write_junit
 
@@ -269,8 +278,11 @@ def run_gate(engine_name: str, policy: GatePolicy, out_dir: Path, progress=None,
         if progress:
             progress(run)
         try:
+            st = settings or DEFAULTS
             res = compare(run.case, engine_name, run.precision, teacher_forcing=policy.teacher_forcing,
-                          engine=engine, schedule=run.schedule, **({"batch": True} if run.batch_size > 1 else {}))
+                          engine=engine, schedule=run.schedule, engine_process=st.engine_process,
+                          engine_timeout=st.engine_timeout, engine_memory=st.engine_memory,
+                          **dict(engine_options or {}), **({"batch": True} if run.batch_size > 1 else {}))
         except (BadInput, EngineUnavailable, EngineFailed) as exc:
             outcomes.append(RunOutcome(run, "error", [str(exc)]))
             continue
@@ -284,8 +296,9 @@ def run_gate(engine_name: str, policy: GatePolicy, out_dir: Path, progress=None,
 
 
 def overall(outcomes: list[RunOutcome]) -> str:
+    """error > crash > fail > pass: a suite with a crashed run is never a pass (exit 2)."""
     verdicts = {o.verdict for o in outcomes}
-    return "error" if "error" in verdicts else ("fail" if "fail" in verdicts else "pass")
+    return next((v for v in ("error", "crash", "fail") if v in verdicts), "pass")
 
 
 def write_summary(engine_name: str, policy: GatePolicy, outcomes: list[RunOutcome], out_dir: Path) -> dict:

@@ -13,9 +13,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from corruptcheck.cli.common import check_outputs, check_store as _check_store, emit_report, fail, record as _record
+from corruptcheck.cli.common import (check_outputs, check_store as _check_store, emit_report, engine_process_options,
+                                     fail, record as _record)
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable, one_line
 from corruptcheck.judge.tolerance import FLOOR
+from corruptcheck.verdicts import EXIT_CODES
 
 PRECISIONS = list(FLOOR)  # every precision with tolerances
 
@@ -177,17 +179,21 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
 @click.option("--no-golden", is_flag=True, help="compute the reference now instead of using the golden")
 @click.option("--engine-option", "engine_option", multiple=True, metavar="KEY=VALUE",
               help="an engine setting, repeatable (vllm: fix=routed-swiglu-clamp, max_num_batched_tokens=N, "
-                   "kv_cache_dtype=auto, kv_cache_gib=G)")
+                   "kv_cache_dtype=auto, kv_cache_gib=G; every engine, test only: crash=KIND@PHASE, KIND "
+                   "segv|abort|raise|hang|oom|exit0, PHASE load|prefill|decode|forward)")
 @click.option("--schedule", "schedule_choice", type=click.Choice(["case", "prefill-only"]), default="case",
               show_default=True, help="serve the case's schedule (chunked prefill + greedy decode, judged by phase) "
                                       "when the engine can; prefill-only: one forward per sequence")
 @click.option("--quiet", is_flag=True, help="print only the summary line")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False),
               help="also record the run (a crash too) in this SQLite results store (corruptcheck history)")
+@engine_process_options
 def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch, json_path, junit_path, html_path,
-                attn_impl, teacher_forcing, no_golden, engine_option, schedule_choice, quiet, record_path):
+                attn_impl, teacher_forcing, no_golden, engine_option, schedule_choice, quiet, record_path,
+                engine_process, engine_timeout, engine_memory):
     """Compare an engine against the reference, point by point. Exit 0 pass, 1 fail or
-    incomplete (required points missing), 2 error."""
+    incomplete (required points missing), 2 error or crash (the engine's process died: its
+    report says how and in which phase, and judges what it delivered)."""
     from corruptcheck.compare import compare
     from corruptcheck.reports.results import Report
 
@@ -206,7 +212,8 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
             options.update(engine_class(engine_name).parse_options(parse_engine_options(engine_option)))
         case = _resolve_case(case_name, engine_name, dump_path)
         res = compare(case, engine_name, precision, use_golden=not no_golden, teacher_forcing=teacher_forcing,
-                      schedule="prefill-only" if batch else schedule_choice, **options)
+                      schedule="prefill-only" if batch else schedule_choice, engine_process=engine_process,
+                      engine_timeout=engine_timeout, engine_memory=engine_memory, **options)
     except KeyError as exc:
         fail(exc.args[0])
     except EngineFailed as exc:
@@ -230,8 +237,13 @@ def _record_crash(path, engine_name, case_name, precision, reason: str) -> None:
 @click.option("--show-policy", is_flag=True, help="print the default policy and exit")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False),
               help="also record every run (errors too) in this SQLite results store (corruptcheck history)")
-def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path):
-    """Pre-deploy gate: run a policy's suite, exit 0 pass, 1 fail, 2 error."""
+@click.option("--engine-option", "engine_option", multiple=True, metavar="KEY=VALUE",
+              help="an engine setting for every run, repeatable (as compare's)")
+@engine_process_options
+def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path, engine_option, engine_process,
+             engine_timeout, engine_memory):
+    """Pre-deploy gate: run a policy's suite, exit 0 pass, 1 fail, 2 error or a crashed engine
+    (the other runs still run; the summary lists the crashed one)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from corruptcheck import gate
@@ -243,6 +255,12 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path):
         _check_store(record_path)
     try:
         policy = gate.load_policy(policy_path)
+        from corruptcheck.compare import RunSettings
+        from corruptcheck.engines import engine_class
+
+        options = engine_class(engine_name).parse_options(parse_engine_options(engine_option)) if engine_option else {}
+        settings = RunSettings(engine_process=engine_process, engine_timeout=engine_timeout,
+                               engine_memory=engine_memory)
     except BadInput as exc:
         fail(str(exc))
     console = Console(width=max(Console().width, 120))
@@ -260,7 +278,7 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path):
             progress.update(task, description=run.id)
 
         try:
-            outcomes = gate.run_gate(engine_name, policy, out, progress=step)
+            outcomes = gate.run_gate(engine_name, policy, out, progress=step, settings=settings, engine_options=options)
         except OSError as exc:
             fail(f"cannot write reports to {out}: {exc}")
         progress.update(task, completed=len(policy.runs), description="done")
@@ -275,7 +293,7 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path):
     table = Table(title=f"gate · engine={engine_name} · policy={policy.name}", title_justify="left")
     for col in ("run", "verdict", "worst err/tol", "culprit / first divergence", "reasons"):
         table.add_column(col, no_wrap=col != "reasons")
-    styles = {"pass": "green", "fail": "bold red", "error": "bold red"}
+    styles = {"pass": "green", "fail": "bold red", "error": "bold red", "crash": "bold magenta"}
     for o in summary["runs"]:
         wr = o["worst_ratio"] or {}
         where = (o["culprit"] or o["first_divergence"] or {}).get("name", "")
@@ -284,7 +302,7 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path):
     console.print(table)
     console.print(f"[{styles[summary['verdict']]}]{summary['verdict'].upper()}[/] — reports in {out}/ "
                   f"(summary.json, <run>.json/.xml/.html)")
-    sys.exit({"pass": 0, "fail": 1}.get(summary["verdict"], 2))
+    sys.exit(EXIT_CODES.get(summary["verdict"], 2))
 
 
 def _golden_cases(case_name, all_cases):

@@ -8,9 +8,23 @@ import click
 from rich.console import Console
 
 from corruptcheck.reports.results import Report
+from corruptcheck.verdicts import EXIT_CODES  # noqa: F401 (the exit code of a verdict; re-exported)
 
-# incomplete (nothing failed, required points missing) is a verdict on the engine, never a pass
-EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 1}
+# --engine-process / --engine-timeout / --engine-memory: compare and gate take them alike
+ENGINE_PROCESS_HELP = ("where the engine runs: auto (a supervised child process for vllm, sglang, trtllm and "
+                       "for an injected crash; in-process for hf, reference, dump), child, inline")
+ENGINE_TIMEOUT_HELP = "child: kill the engine after this many seconds without progress (verdict crash, kind timeout)"
+ENGINE_MEMORY_HELP = "child: kill the engine when its processes hold more than this many GiB (verdict crash, kind oom)"
+
+
+def engine_process_options(f):
+    """The engine-process options of compare and gate."""
+    f = click.option("--engine-memory", "engine_memory", type=click.FloatRange(min=0, min_open=True), default=None,
+                     metavar="GIB", help=ENGINE_MEMORY_HELP)(f)
+    f = click.option("--engine-timeout", "engine_timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                     metavar="S", help=ENGINE_TIMEOUT_HELP)(f)
+    return click.option("--engine-process", "engine_process", type=click.Choice(["auto", "child", "inline"]),
+                        default="auto", show_default=True, help=ENGINE_PROCESS_HELP)(f)
 
 
 def fail(msg: str) -> None:
@@ -83,4 +97,8 @@ def emit_report(rep: Report, quiet: bool, json_path, junit_path, html_path, reco
         fail(f"engine produced unknown point name(s): {', '.join(rep.unknown_names[:5])}")
     if rep.verdict == "error":
         fail("nothing was compared")
+    if rep.crash:
+        from corruptcheck.reports.render import crash_text
+
+        fail(f"engine {rep.engine!r} crashed: {crash_text(rep.crash)}")
     sys.exit(EXIT_CODES.get(rep.verdict, 2))

@@ -25,11 +25,15 @@ class Engine:
     # returns meta["served"] = {"sequences": token ids fed, "rows": (phase, index) per token row}
     serves: bool = False
 
+    # run in a supervised child process by default (compare's engine_process "auto"): the real
+    # engines, whose kernels can kill the process that runs them (engines/child_engine.py)
+    runs_in_child: bool = False
+
     @classmethod
     def parse_options(cls, raw: dict) -> dict:
-        from corruptcheck.engines.options import parse_options
+        from corruptcheck.engines.options import COMMON, parse_options
 
-        return parse_options(cls.name or cls.__name__, cls.options, raw)
+        return parse_options(cls.name or cls.__name__, (*cls.options, *COMMON), raw)
 
     def available(self) -> tuple[bool, str]:
         return True, ""

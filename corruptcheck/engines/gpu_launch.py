@@ -25,6 +25,7 @@ class GPUEngine(Engine):
     (GPU only) returns (points, meta); V4 runs bf16 activations in every such engine, whatever
     precision was asked, so the capture declares bfloat16 and keeps the request in its meta."""
     package: str
+    runs_in_child = True  # a CUDA kernel's fault or an OOM must not take the tool down with it
 
     def available(self) -> tuple[bool, str]:
         return engine_available(self.package)

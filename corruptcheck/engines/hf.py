@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from corruptcheck.engines import progress
 from corruptcheck.engines.patching import patched
 from corruptcheck.storage.batch_layout import is_entry_point, pad_right, rows_per_sequence, unpad
 from corruptcheck.cases import Case
@@ -160,15 +161,18 @@ def run_hf(case: Case, precision: str = "float32", attn_impl: str = "eager", mod
     cfg, seqs = case.config, case.sequences()
     with _capturing(model, cfg, patches) as recorder, torch.no_grad():
         if batch:
+            progress.phase("prefill", sequence=0, batch=len(seqs))
             ids, mask = pad_right(seqs)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-            shapes = [([len(s) for s in seqs], ids.shape[1])]
+            per_seq = [_unpad(_canonical_rows(recorder.passes[0]["points"], cfg), cfg, [len(s) for s in seqs],
+                              ids.shape[1])]
         else:
-            for ids in seqs:
+            per_seq = []
+            for i, ids in enumerate(seqs):
+                progress.phase("prefill", sequence=i)
                 model(input_ids=ids[None], use_cache=False)
-            shapes = [([len(s)], len(s)) for s in seqs]
-    per_seq = [_unpad(_canonical_rows(p["points"], cfg), cfg, lens, s_max)
-               for p, (lens, s_max) in zip(recorder.passes, shapes)]
+                per_seq.append(_unpad(_canonical_rows(recorder.passes[-1]["points"], cfg), cfg, [len(ids)], len(ids)))
+                progress.deliver(per_seq[-1], ids.tolist())
     return _concat_rows(per_seq)
 
 
@@ -179,20 +183,24 @@ def run_hf_served(case: Case, schedule, precision: str = "float32", attn_impl: s
     (transformers has no continuous batching). Returns (points over every fed token, in
     sequence and position order; {"sequences": the token ids fed, "rows": (phase, index) per
     row}). Compressed entries are recorded as they close (the cache returns all so far)."""
+    from dataclasses import replace
+
     from corruptcheck.schedule import prompt_case, row_labels
 
     model = model or build_model(case, precision, attn_impl)
     per_seq, sequences = [], []
     with _capturing(model, case.config, patches) as recorder, torch.no_grad():
-        for prompt in prompt_case(case, schedule).sequences():
+        for i, prompt in enumerate(prompt_case(case, schedule).sequences()):
             first = len(recorder.passes)
-            sequences.append(_serve_prompt(model, prompt, schedule))
+            sequences.append(_serve_prompt(model, prompt, schedule, i))
             per_seq.append(_served_rows(recorder.passes[first:], case.config))
+            progress.deliver(per_seq[-1], sequences[-1], row_labels(
+                replace(schedule, prompt_lens=(len(prompt),), arrivals=None), [len(sequences[-1])]))
     return _concat_rows(per_seq), {"sequences": sequences,
                                    "rows": row_labels(schedule, [len(s) for s in sequences])}
 
 
-def _serve_prompt(model, prompt: torch.Tensor, schedule) -> list[int]:
+def _serve_prompt(model, prompt: torch.Tensor, schedule, sequence: int = 0) -> list[int]:
     """One prompt through a fresh DynamicCache: prefill chunks, then greedy decode steps of
     one token. Returns the token ids fed (prompt + decoded)."""
     from transformers import DynamicCache
@@ -204,10 +212,12 @@ def _serve_prompt(model, prompt: torch.Tensor, schedule) -> list[int]:
         return model(input_ids=chunk[None], past_key_values=cache, use_cache=True).logits[0, -1]
 
     at = 0
-    for c in schedule.prefill_chunks(len(ids)):
+    for j, c in enumerate(schedule.prefill_chunks(len(ids))):
+        progress.phase("prefill", sequence=sequence, chunk=j)
         last = step(prompt[at:at + c])
         at += c
-    for _ in range(schedule.decode_steps):
+    for k in range(1, schedule.decode_steps + 1):
+        progress.phase("decode", sequence=sequence, step=k)
         ids.append(int(last.argmax()))
         last = step(torch.tensor([ids[-1]]))
     return ids

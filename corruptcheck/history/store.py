@@ -25,7 +25,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from corruptcheck.errors import BadInput
+from corruptcheck.errors import BadInput, crash_line
 
 SCHEMA_VERSION = 1
 MIGRATIONS = {
@@ -159,7 +159,7 @@ def row_of_report(doc: dict, kind: str) -> tuple[dict, list]:
         "verdict": doc["verdict"], "first_divergence": (doc.get("first_divergence") or {}).get("name"),
         "culprit": culprit.get("name"), "worst_ratio": max(ranked) if ranked else None,
         "coverage": _canonical(doc.get("coverage")), "timings": _canonical(doc.get("timings")),
-        "reason": None, "report": _canonical(doc),
+        "reason": crash_line(doc["crash"]) if doc.get("crash") else None, "report": _canonical(doc),
     }
     points = [(p["name"], p.get("layer"), p["verdict"], p.get("ratio"), (p.get("metrics") or {}).get("rel_l2"))
               for p in doc.get("points", [])]

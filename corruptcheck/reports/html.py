@@ -12,7 +12,8 @@ from corruptcheck.judge.phases import phase_words
 from corruptcheck.reports.results import Report
 
 _COLOR = {"pass": "#2e7d32", "fail": "#c62828", "not-exercised": "#00838f", "missing": "#f9a825",
-          "skipped": "#9e9e9e", "error": "#c62828", "incomplete": "#f9a825", "unchecked": "#f9a825"}
+          "skipped": "#9e9e9e", "error": "#c62828", "incomplete": "#f9a825", "unchecked": "#f9a825",
+          "crash": "#6a1b9a"}
 LO = -3.0  # log10 of the lowest error/tolerance drawn; the top follows the worst point
 
 
@@ -168,6 +169,11 @@ def _phases(rep: Report) -> str:
 def _headline(rep: Report) -> str:
     """The sentence under the verdict: the culprit, else the first divergence, else why not a pass."""
     s, culprit, first = rep.summary, rep.culprit, rep.first_divergence
+    if rep.verdict == "crash":
+        c, d = rep.crash or {}, (rep.crash or {}).get("delivered") or {}
+        return (f'The engine crashed (<b>{_esc(c.get("kind"))}</b>) in {_esc(c.get("phase"))}: {_esc(c.get("detail"))}. '
+                f'It delivered {d.get("sequences", 0)} of {d.get("of", "?")} sequence(s) before it died; '
+                f'{s.compared} point(s) judged on those, {s.failed} failed, {s.missing} missing — not a pass.')
     if rep.verdict == "fail" and culprit:
         within = phase_words(culprit.phase)
         headline = (f'Culprit: <code>{_esc(culprit.name)}</code> — its own error is '

@@ -16,7 +16,8 @@ from corruptcheck.judge.phases import phase_words, summarize
 from corruptcheck.reports.results import Report
 
 _STYLE = {"pass": "green", "fail": "bold red", "missing": "yellow", "not-exercised": "cyan",
-          "skipped": "dim", "error": "bold red", "incomplete": "bold yellow", "unchecked": "yellow"}
+          "skipped": "dim", "error": "bold red", "incomplete": "bold yellow", "unchecked": "yellow",
+          "crash": "bold magenta"}
 
 
 def write_json(doc: dict, path: str) -> None:
@@ -126,6 +127,8 @@ def _print_verdict(rep: Report, console: Console) -> None:
     if rep.first_divergence:
         line += f"; first divergence: {rep.first_divergence['name']}"
     console.print(line)
+    if rep.crash:
+        console.print(f"[bold magenta]engine crashed[/] ({escape(crash_text(rep.crash))})")
     c = rep.culprit
     if c:
         where = phase_words(c.phase)
@@ -137,11 +140,24 @@ def _print_verdict(rep: Report, console: Console) -> None:
                       "accumulated drift", style="yellow")
 
 
+def crash_text(crash: dict) -> str:
+    """A crash record in words: kind, phase, detail, what it delivered."""
+    d = crash.get("delivered") or {}
+    return (f"{crash.get('kind')} in {crash.get('phase')}: {crash.get('detail')}; delivered {d.get('sequences', 0)} of "
+            f"{d.get('of', '?')} sequence(s), {d.get('points_judged', 0)} point(s) judged")
+
+
 def junit_xml(rep: Report) -> str:
     """One <testcase> per point; fail -> <failure>, missing / not-exercised / skipped ->
-    <skipped> (never a pass)."""
+    <skipped> (never a pass). A crashed engine adds one <testcase name="engine"> with an
+    <error> (the run did not complete: an error, not a failure)."""
     suite = f"corruptcheck.{rep.engine}.{rep.case}.{rep.precision}"
-    cases, failures, skipped = [], 0, 0
+    cases, failures, skipped, errors = [], 0, 0, 0
+    if rep.crash:
+        errors = 1
+        detail = "\n".join((rep.crash.get("stderr_tail") or [])[-12:])
+        cases.append(f"  <testcase classname={quoteattr(suite)} name=\"engine\">\n    <error type={quoteattr('crash:' + str(rep.crash.get('kind')))} "
+                     f"message={quoteattr('engine crashed: ' + crash_text(rep.crash))}>{_xml_text(detail)}</error>\n  </testcase>")
     for p in rep.points:
         attrs = f'classname={quoteattr(suite)} name={quoteattr(p.name)}'
         if p.verdict == "pass":
@@ -160,7 +176,7 @@ def junit_xml(rep: Report) -> str:
             reason = f"{p.verdict}: {p.reason}"
             cases.append(f"  <testcase {attrs}>\n    <skipped message={quoteattr(reason)}/>\n  </testcase>")
     head = (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuites>\n<testsuite name={quoteattr(suite)} '
-            f'tests="{len(cases)}" failures="{failures}" errors="0" skipped="{skipped}">')
+            f'tests="{len(cases)}" failures="{failures}" errors="{errors}" skipped="{skipped}">')
     return head + "\n" + "\n".join(cases) + "\n</testsuite>\n</testsuites>\n"
 
 

@@ -127,6 +127,9 @@ class Report(_Json):
     greedy: dict | None
     batching: str | None
     gate: dict | None = field(default=None, metadata=_OMIT_NONE)  # a gate run: policy, run id, batch size
+    # the engine's process died (verdict crash): kind signal | oom | timeout | exit | exception,
+    # detail, phase, exit code, what it delivered (engines/child.py); absent when it did not
+    crash: dict | None = field(default=None, metadata=_OMIT_NONE)
 
     @classmethod
     def from_json(cls, doc: dict) -> Report:
@@ -143,7 +146,7 @@ class Report(_Json):
         """From a compare.CompareResult."""
         comp, served = res.comparison, res.served
         return cls(
-            schema=REPORT_SCHEMA, verdict=comp.verdict, engine=res.engine, case=res.case.name,
+            schema=REPORT_SCHEMA, verdict=res.verdict, engine=res.engine, case=res.case.name,
             precision=res.precision, tolerance_precision=res.tolerance_precision,
             points=[Point.from_result(p) for p in comp.points],
             first_divergence=comp.first_divergence, unknown_names=comp.unknown,
@@ -156,6 +159,7 @@ class Report(_Json):
             phases=[Phase.from_json(p) for p in served["phases"]] if served else [],
             greedy=served["greedy"] if served else None,
             batching=served.get("batching") if served else None,
+            crash=getattr(res, "crash", None),
         )
 
 

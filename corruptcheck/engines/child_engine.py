@@ -1,0 +1,121 @@
+"""An engine run in a child process (`--engine-process child`; the default for the real
+engines): the tool's process keeps the reference and the verdict, the child runs the engine
+(engines/child_main.py) under the supervisor (engines/child.py) and hands its capture over as
+files. A finished child's capture is read lazily from its dump (one point in memory at a time);
+a child that died raises `EngineCrashed` with the crash record and the sequences it delivered."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+
+from corruptcheck.cases import Case
+from corruptcheck.engines import child
+from corruptcheck.engines.base import Capture, Engine, EngineWrapper
+from corruptcheck.engines.progress import parse_crash
+from corruptcheck.errors import BadInput, EngineCrashed
+
+PROCESSES = ("auto", "child", "inline")
+
+
+def wants_child(engine: Engine, engine_name: str, process: str, crash=None) -> bool:
+    """Run it in a child? `child` / `inline` say so; `auto`: the engines that declare
+    `runs_in_child` (vllm, sglang, trtllm), or any engine given an injected crash."""
+    if process not in PROCESSES:
+        raise BadInput(f"engine process must be one of {', '.join(PROCESSES)}, not {process!r}")
+    if process == "inline":
+        if crash:
+            raise BadInput("crash=... is injected into the engine's child process; it needs --engine-process "
+                           "child or auto")
+        return False
+    return process == "child" or bool(crash) or bool(getattr(engine, "runs_in_child", False))
+
+
+class ChildEngine(EngineWrapper):
+    """`inner` (an engine registered as `name`) run in a supervised child process."""
+
+    def __init__(self, inner: Engine, name: str, limits: child.ChildLimits = child.ChildLimits(), crash=None):
+        super().__init__(inner, name)
+        if type(inner).__name__ != getattr(self._registered(name), "__name__", None):
+            raise BadInput(f"engine {name!r} is not a registered engine class; only those run in a child process "
+                           "(use --engine-process inline)")
+        self.limits, self.crash = limits, parse_crash(crash) if crash else None
+        if self.crash and self.crash[0] == "oom" and not limits.memory_gib:
+            raise BadInput("crash=oom grows memory until the bound: give --engine-memory GIB")
+        self.workdir: Path | None = None
+        self.process: dict = {}
+
+    @staticmethod
+    def _registered(name: str):
+        from corruptcheck.engines import engine_class
+        try:
+            return engine_class(name)
+        except BadInput:
+            return None
+
+    def run(self, case: Case, precision: str, schedule=None, **options) -> Capture:
+        self.close()
+        self.workdir = child.new_workdir()
+        lens = case.seq_lens if schedule is None else schedule.prompt_lens
+        job = {"engine": self.name, "case": case, "precision": precision, "schedule": schedule, "options": options,
+               "parent": os.getpid(), "crash": self.crash, "target_sequence": 1 if len(lens) > 1 else 0,
+               "memory_cap": int(2 * self.limits.memory_gib * (1 << 30)) if self.limits.memory_gib else None}
+        try:
+            blob = pickle.dumps(job)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise BadInput(f"engine options cannot be handed to a child process ({exc}); "
+                           "use --engine-process inline") from None
+        (self.workdir / "job.pkl").write_bytes(blob)
+        end = child.supervise(child.python_argv("corruptcheck.engines.child_main", str(self.workdir)), self.workdir,
+                              self.limits, child.child_env())
+        self.process = {"mode": "child", "pid": end.pid, "wall_s": round(end.wall_s, 3),
+                        "peak_rss_mib": round(end.peak_rss_bytes / (1 << 20), 1), "phase": end.phase}
+        if not end.finished:
+            crash = {**end.crash, "exit_code": end.returncode, "pid": end.pid, "wall_s": round(end.wall_s, 3),
+                     "peak_rss_mib": self.process["peak_rss_mib"], "stderr_tail": end.stderr_tail}
+            raise EngineCrashed(crash, self._partial(precision), self.name)
+        done = child.read_json(self.workdir / child.DONE) or {}
+        if done.get("not_injected"):  # e.g. crash=...@decode on a prefill-only run: said, not an error
+            kind, phase = done["not_injected"]
+            self.process["injected_crash"] = (f"crash={kind}@{phase} not reached: the run never entered phase "
+                                              f"{phase!r}")
+        from corruptcheck.schedule import decoded_case
+        from corruptcheck.storage.dump import load_dump, read_manifest
+
+        dump = self.workdir / "capture"
+        manifest = read_manifest(dump)
+        meta = dict((manifest.get("engine") or {}).get("meta") or {})
+        served = meta.get("served")
+        points, _ = load_dump(dump, decoded_case(case, served["sequences"]) if served else case)
+        meta["process"] = self.process
+        return Capture(points, manifest["engine"].get("name", self.name), manifest["precision"], meta)
+
+    def _partial(self, precision) -> dict | None:
+        """The sequences the child delivered before it died, in order."""
+        from safetensors.torch import load_file
+
+        parts = sorted((self.workdir / "parts").glob("seq-*.json"))
+        rows, sequences, labels = [], [], []
+        for meta_path in parts:
+            doc = child.read_json(meta_path)
+            tensors = meta_path.with_suffix(".safetensors")
+            if doc is None or not tensors.exists():
+                break
+            rows.append(load_file(str(tensors)))
+            sequences.append(doc["sequence"])
+            labels.append(doc.get("labels"))
+        if not rows:
+            return None
+        points = {n: torch.cat([r[n] for r in rows if n in r], 0) for n in rows[0]}
+        return {"points": points, "sequences": sequences,
+                "labels": [tuple(x) for lab in labels for x in lab] if all(labels) else None,
+                "precision": precision or "float32"}
+
+    def close(self) -> None:
+        """Remove the work directory (after the compare has read what it needs)."""
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
