@@ -39,13 +39,23 @@ class NothingCompared(CheckFailed):
     """Verdict `error`: the engine captured none of the case's points."""
 
 
+class EngineCrash(CheckFailed):
+    """Verdict `crash`: the engine's process died (signal, out of memory, no progress, exit
+    without finishing, an exception); `crash` is the record (kind, detail, phase, delivered)."""
+
+    def __init__(self, message: str, crash: dict | None = None):
+        super().__init__(message)
+        self.crash = crash or {}
+
+
 class MissingPoints(CheckFailed):
     """`assert_ok(allow_missing=False)`: the engine lacks required points."""
 
 
 def check(engine, case: str | Case = "tiny", precision: str | None = "float32", *,
           schedule: str = DEFAULTS.schedule, teacher_forcing: str = DEFAULTS.teacher_forcing,
-          use_golden: bool = DEFAULTS.use_golden, **engine_options) -> "CheckResult":
+          use_golden: bool = DEFAULTS.use_golden, engine_process: str = DEFAULTS.engine_process,
+          engine_timeout: float | None = None, engine_memory: float | None = None, **engine_options) -> "CheckResult":
     """Run `case` through `engine` and compare every point with the float64 reference.
 
     `engine`: a registered name (`hf`, `reference`, `dump`, ...), an import path
@@ -53,14 +63,16 @@ def check(engine, case: str | Case = "tiny", precision: str | None = "float32", 
     in-process model). `precision`: what the engine runs in; tolerances follow the precision
     its capture declares. `schedule`, `teacher_forcing`, `use_golden`: the run's settings, with
     the defaults every front door shares (`compare.RunSettings`: the case's served schedule where
-    it has one and the engine can serve it). `engine_options` go to `Engine.run`. Raises
-    `BadInput` or `EngineUnavailable` when nothing can be compared."""
+    it has one and the engine can serve it). `engine_process` (auto | child | inline),
+    `engine_timeout` (s without progress), `engine_memory` (GiB): the engine's child process
+    (compare.RunSettings); a child that dies gives verdict `crash`. `engine_options` go to
+    `Engine.run`. Raises `BadInput` or `EngineUnavailable` when nothing can be compared."""
     if precision is not None:
         try:
             Precision.of(precision)
         except ValueError as exc:
             raise BadInput(str(exc)) from None
-    settings = RunSettings(schedule, teacher_forcing, use_golden)
+    settings = RunSettings(schedule, teacher_forcing, use_golden, engine_process, engine_timeout, engine_memory)
     name, eng = _resolve_engine(engine)
     return CheckResult(settings.compare(_resolve_case(case), name, precision, engine=eng, **engine_options))
 
@@ -120,6 +132,11 @@ class CheckResult:
     def verdict(self) -> str:
         """`pass`, `fail` (a point is outside its tolerance) or `error` (nothing compared)."""
         return self.result.verdict
+
+    @property
+    def crash(self) -> dict | None:
+        """The crash record when the engine's process died (verdict `crash`), else None."""
+        return self.result.crash
 
     @property
     def passed(self) -> bool:
@@ -193,6 +210,11 @@ class CheckResult:
         comp = self.result.comparison
         skipped = sum(p.verdict in ("skipped", "not-exercised") for p in self.points)
         head = f"corruptcheck: engine {self.engine!r} on case {self.case!r} at {self.precision}: "
+        if self.verdict == "crash":
+            from corruptcheck.reports.render import crash_text
+
+            return head + (f"CRASH: the engine's process died: {crash_text(self.crash)} "
+                           f"({comp.compared} compared, {len(self.failed)} failed on what it delivered)")
         if self.verdict == "error":
             return (head + f"nothing compared: the engine captured none of the case's points "
                            f"({len(self.missing)} required points missing)")
@@ -236,6 +258,8 @@ class CheckResult:
         compared, and `MissingPoints` when required points are missing (a missing point is never
         a pass; `allow_missing=True` accepts them, e.g. while an adapter is being written — an
         engine that cannot expose a point declares it skipped instead). Returns self otherwise."""
+        if self.verdict == "crash":
+            raise EngineCrash(self.message(), self.crash)
         if self.verdict == "fail":
             raise CorruptionDetected(self.message())
         if self.verdict == "error":

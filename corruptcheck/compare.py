@@ -18,7 +18,8 @@ from corruptcheck.judge.phases import (MIN_MEASURED_TOKENS, fail_by_phase, first
                                  pairs_by_phase, phase_label, phase_rows)
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION, Precision
-from corruptcheck.judge.reference_data import ReferenceData, noise_for, reference_for, reference_run  # noqa: F401 (re-exported)
+from corruptcheck.judge.reference_data import (ReferenceData, golden_noise, noise_for, reference_for,  # noqa: F401
+                                               reference_run)
 from corruptcheck.schedule import check_prompts, decoded_case, prompt_case
 
 TEACHER_FORCING = ("on-fail", "always", "never")
@@ -135,7 +136,10 @@ def _compare_crashed(case: Case, engine_name: str, exc: EngineCrashed, precision
         dcase = decoded_case(run_case, partial["sequences"])
         ref = ReferenceData(*reference_run(dcase), "computed (float64 on the sequences the engine delivered "
                                                    "before it crashed)")
-        noise = None if tol_prec == "float64" else measure(dcase, ref.points, tol_prec)
+        noise = None if tol_prec == "float64" else golden_noise(case, tol_prec)
+        noise_source = "golden noise of the case (the delivered tokens are a subset)" if noise is not None else ""
+        if noise is None and tol_prec != "float64":
+            noise, noise_source = measure(dcase, ref.points, tol_prec), "measured now on the delivered tokens"
         comp = compare_points(specs, ref.points, partial["points"], tol_prec, ref.coverage, noise)
         coverage, report_case = ref.coverage, dcase
         tokens = dcase.num_tokens
@@ -157,7 +161,7 @@ def _compare_crashed(case: Case, engine_name: str, exc: EngineCrashed, precision
                    "source": ref.source if partial else "not run (nothing delivered)", "golden_digest": None},
         engine_meta={"process": {"mode": "child", **process}},
         timings={"engine_s": t1 - t0, "reference_s": 0.0, "noise_s": 0.0, "diff_s": t2 - t1, "localize_s": 0.0},
-        tolerance_precision=tol_prec, noise_source="measured now on the delivered tokens" if partial else "none",
+        tolerance_precision=tol_prec, noise_source=(noise_source or "float64: floor tolerance") if partial else "none",
         crash=crash,
     )
 

@@ -32,6 +32,7 @@ _NOT_JUDGED = ("missing", "not-exercised", "skipped")  # = api.NOT_JUDGED (api i
 CASE_NAMES = ("tiny", "flash-slice", "pro-slice", "flash-engine", "pro-engine", "tiny-release", "pro-release")
 SCHEDULE_CHOICES = ("case", "prefill-only")
 TEACHER_FORCING_CHOICES = ("on-fail", "always", "never")
+ENGINE_PROCESSES = ("auto", "child", "inline")  # = engines.child_engine.PROCESSES
 _RUNNER = pytest.StashKey["_Runner | None"]()  # None: the plugin is inert in this session
 
 
@@ -58,6 +59,14 @@ def pytest_addoption(parser):
     group.addoption("--corruptcheck-record", metavar="PATH",
                     help="record every case's compare (a crash too) in this SQLite results store "
                          "(corruptcheck history)")
+    group.addoption("--corruptcheck-engine-process", choices=ENGINE_PROCESSES, metavar="|".join(ENGINE_PROCESSES),
+                    help="where the engine runs: auto (default: a supervised child process for vllm, sglang, "
+                         "trtllm and an injected crash), child, inline; a child that dies is verdict crash, "
+                         "reported on the case's items, and the session goes on")
+    group.addoption("--corruptcheck-engine-timeout", type=float, metavar="S",
+                    help="child: kill the engine after S seconds without progress (crash, kind timeout)")
+    group.addoption("--corruptcheck-engine-memory", type=float, metavar="GIB",
+                    help="child: kill the engine when its processes hold more than GIB (crash, kind oom)")
     group.addoption("--corruptcheck-engine-option", action="append", metavar="KEY=VALUE",
                     help="option passed to the engine's run() (repeatable); VALUE is JSON or a string, "
                          "'{case}' in it becomes the case name, e.g. path=dumps/{case}")
@@ -119,7 +128,10 @@ class _Runner:
                                          ("--corruptcheck-engine-option", "corruptcheck_engine_option"),
                                          ("--corruptcheck-schedule", "corruptcheck_schedule"),
                                          ("--corruptcheck-teacher-forcing", "corruptcheck_teacher_forcing"),
-                                         ("--corruptcheck-no-golden", "corruptcheck_no_golden"))
+                                         ("--corruptcheck-no-golden", "corruptcheck_no_golden"),
+                                         ("--corruptcheck-engine-process", "corruptcheck_engine_process"),
+                                         ("--corruptcheck-engine-timeout", "corruptcheck_engine_timeout"),
+                                         ("--corruptcheck-engine-memory", "corruptcheck_engine_memory"))
                  if config.getoption(dest)]
         if not engine:
             if given:  # a check that silently does not run is what this tool exists to prevent
@@ -134,8 +146,15 @@ class _Runner:
         record = config.getoption("corruptcheck_record")
         settings = {k: v for k, v in (("schedule", config.getoption("corruptcheck_schedule")),
                                       ("teacher_forcing", config.getoption("corruptcheck_teacher_forcing")),
-                                      ("use_golden", False if config.getoption("corruptcheck_no_golden") else None))
+                                      ("use_golden", False if config.getoption("corruptcheck_no_golden") else None),
+                                      ("engine_process", config.getoption("corruptcheck_engine_process")),
+                                      ("engine_timeout", config.getoption("corruptcheck_engine_timeout")),
+                                      ("engine_memory", config.getoption("corruptcheck_engine_memory")))
                     if v is not None}
+        for flag, key in (("--corruptcheck-engine-timeout", "engine_timeout"),
+                          ("--corruptcheck-engine-memory", "engine_memory")):
+            if key in settings and not 0 < settings[key] < float("inf"):
+                raise pytest.UsageError(f"{flag} must be a positive number, not {settings[key]!r}")
         runner = cls(engine, cases, precision, report_dir, options, settings)
         if record:
             from corruptcheck.history import store
@@ -328,6 +347,8 @@ class PointItem(_CaseItem):
         self.user_properties.append(("corruptcheck_verdict", p.verdict))
         if p.ratio is not None:
             self.user_properties.append(("error_over_tolerance", f"{p.ratio:.4g}"))
+        if res.verdict == "crash" and p.verdict == "missing":  # not delivered: the crash, not a skip
+            _raise_crash(res)
         if p.verdict in _NOT_JUDGED:
             pytest.skip(f"{p.verdict}: {p.reason}")
         if p.verdict == "fail":
@@ -346,6 +367,8 @@ class PhaseItem(_CaseItem):
         self.user_properties.append(("corruptcheck_phase", self.point))
         phase = next((p for p in res.phases if phase_item_name((p.phase, p.chunk if p.phase == "prefill" else p.step))
                       == self.point), None)
+        if phase is None and res.verdict == "crash":
+            _raise_crash(res)
         if phase is None:
             note = (res.result.engine_meta or {}).get("schedule_note")
             pytest.skip(f"not served: {note}" if note else "not served: the run has no such phase")
@@ -361,6 +384,15 @@ class PhaseItem(_CaseItem):
                                      f"{phase.worst_point} at err/tol {phase.worst_ratio:.3g}\n{res.summary()}")
         if phase.verdict != "pass":
             pytest.skip(f"{phase.verdict}: nothing judged on this phase's rows")
+
+
+def _raise_crash(res):
+    """An item the crash took away (a point or phase the engine never delivered): it fails with
+    the crash, one line."""
+    from corruptcheck.api import EngineCrash
+    from corruptcheck.reports.render import crash_text
+
+    raise EngineCrash(f"engine {res.engine!r} crashed before delivering this: {crash_text(res.crash)}", res.crash)
 
 
 class CorruptcheckFixture:

@@ -46,6 +46,9 @@ STDERR = "stderr.txt"
 POLL_S = 0.1
 STDERR_LINES = 12
 KINDS = ("signal", "oom", "timeout", "exit", "exception")
+# before its first progress mark the child is importing Python, torch and the engine package:
+# it gets at least this long, however short --engine-timeout is
+STARTUP_S = 120.0
 
 _LIVE: dict[int, subprocess.Popen] = {}  # pgid -> child, killed at exit
 
@@ -239,8 +242,10 @@ def supervise(argv: list[str], workdir: Path, limits: ChildLimits = ChildLimits(
             if bound and rss > bound:
                 killed_for = ("oom", f"resident memory {rss / (1 << 30):.2f} GiB over the --engine-memory bound "
                                      f"{limits.memory_gib:g} GiB; killed")
-            elif limits.timeout_s and time.monotonic() - last_change > limits.timeout_s:
-                killed_for = ("timeout", f"no progress for {limits.timeout_s:g} s (--engine-timeout); killed")
+            elif limits.timeout_s and time.monotonic() - last_change > (
+                    limits.timeout_s if last_seen is not None else max(limits.timeout_s, STARTUP_S)):
+                waited = limits.timeout_s if last_seen is not None else max(limits.timeout_s, STARTUP_S)
+                killed_for = ("timeout", f"no progress for {waited:g} s (--engine-timeout); killed")
             if killed_for:
                 kill_group(pgid)
                 proc.wait()
@@ -278,8 +283,7 @@ def _native_where(path: Path) -> str:
     except OSError:
         return ""
     fatal = next((ln.strip() for ln in lines if ln.startswith("Fatal Python error")), None)
-    i = next((k for k, ln in enumerate(lines) if ln.startswith(("Current thread", "Thread 0x"))
-              and "most recent call first" in ln and k + 1 < len(lines)), None)
+    i = next((k for k, ln in enumerate(lines) if ln.startswith("Current thread") and k + 1 < len(lines)), None)
     frame = lines[i + 1].strip() if i is not None else None
     if fatal or frame:
         return "; " + "; ".join(x for x in (fatal, f"at {frame}" if frame else None) if x)

@@ -42,7 +42,10 @@ class ChildEngine(EngineWrapper):
         if type(inner).__name__ != getattr(self._registered(name), "__name__", None):
             raise BadInput(f"engine {name!r} is not a registered engine class; only those run in a child process "
                            "(use --engine-process inline)")
-        self.limits, self.crash = limits, parse_crash(crash) if crash else None
+        try:
+            self.limits, self.crash = limits, parse_crash(crash) if crash else None
+        except ValueError as exc:
+            raise BadInput(f"engine option crash={crash!r}: {exc}") from None
         if self.crash and self.crash[0] == "oom" and not limits.memory_gib:
             raise BadInput("crash=oom grows memory until the bound: give --engine-memory GIB")
         self.workdir: Path | None = None

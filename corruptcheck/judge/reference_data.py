@@ -60,6 +60,23 @@ def noise_for(case: Case, ref: ReferenceData, precision: str) -> tuple[dict | No
     return measure(case, ref.points, precision), f"measured now ({why})"
 
 
+def golden_noise(case: Case, precision: str) -> dict | None:
+    """The noise model that the golden of `case`'s built-in case (same model and weights; a
+    served, decoded or re-lengthed variant of it) holds for `precision`, or None. A crashed
+    engine's partial capture is judged with it: the honest error per point of that model at that
+    precision, without measuring it again on the few tokens delivered."""
+    from corruptcheck.cases import CASES
+
+    base = CASES.get(case.name.split("@")[0])
+    if base is None or base.config != case.config or base.seed != case.seed or base.weight_format != case.weight_format:
+        return None
+    try:
+        stored = load_manifest(base).manifest.get("tolerances", {}).get(precision)
+    except (FileNotFoundError, GoldenTampered):
+        return None
+    return stored if stored is not None and stored.get("format") == NOISE_FORMAT else None
+
+
 def generate(case: Case, root: Path | None = None, with_noise: bool = True) -> dict:
     """Run the reference (and measure the noise models), then write the case's golden."""
     points, cov = regenerate(case)
