@@ -25,6 +25,7 @@ from corruptcheck.schedule import Schedule
 pytest.importorskip("transformers")
 pytest_plugins = ["pytester"]
 
+ROOT = Path(__file__).resolve().parents[1]  # this checkout's package, for the subprocesses
 SMALL = Schedule(prompt_lens=(20, 20), decode_steps=2, chunk=8)  # 2 sequences: sequence 0 is delivered first
 
 
@@ -123,7 +124,8 @@ def test_killed_parent_leaves_no_orphan_and_keeps_the_previous_report(tmp_path):
     good.write_text('{"verdict": "pass"}\n')
     parent = subprocess.Popen([sys.executable, "-m", "corruptcheck", "compare", "--engine", "hf", "--case", "tiny",
                                "--engine-option", "crash=hang@load", "--json", str(good)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     kid, workdir, deadline = None, None, time.monotonic() + 120
     while kid is None and time.monotonic() < deadline:
         for entry in os.scandir("/proc"):
@@ -150,14 +152,8 @@ def test_killed_parent_leaves_no_orphan_and_keeps_the_previous_report(tmp_path):
     assert not workdir.exists()
 
 
-def test_child_run_of_a_clean_engine_passes_and_records_its_process():
-    res = compare(get_case("tiny"), "hf", "float32", schedule=SMALL, engine_process="child")
-    proc = res.engine_meta["process"]
-    assert res.verdict == "pass" and res.crash is None and proc["mode"] == "child" and proc["peak_rss_mib"] > 100
-    assert _group_gone(proc["pid"])
-
-
-def test_pytest_plugin_reports_the_crash_on_the_items_and_the_session_goes_on(pytester):
+def test_pytest_plugin_reports_the_crash_on_the_items_and_the_session_goes_on(pytester, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
     pytester.makepyfile(test_other="def test_after_the_crash():\n    assert True\n")
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-rf", "--corruptcheck-engine", "hf", "--corruptcheck-case", "tiny",
@@ -186,10 +182,14 @@ def test_gate_lists_the_crashed_run_and_completes_the_others(tmp_path):
     assert summary["verdict"] == "crash"
     first, second = summary["runs"]
     assert first["verdict"] == "pass" and "crash" not in first
+    clean = json.loads((tmp_path / "g" / f"{first['run']}.json").read_text())  # a child that finished
+    proc = clean["engine_info"]["process"]
+    assert proc["mode"] == "child" and proc["peak_rss_mib"] > 100 and _group_gone(proc["pid"])
+    assert proc["injected_crash"] == "crash=segv@decode not reached: the run never entered phase 'decode'"
     assert second["verdict"] == "crash" and second["crash"]["kind"] == "signal"
     assert second["reasons"][0].startswith("engine crashed (signal) in decode (sequence 1, step 1): killed by SIGSEGV")
     crashed = json.loads((tmp_path / "g" / f"{second['run']}.json").read_text())
     assert crashed["verdict"] == "crash" and crashed["summary"]["compared"] > 0
     assert 'errors="1"' in (tmp_path / "g" / f"{second['run']}.xml").read_text()
-    rows = sqlite3.connect(tmp_path / "runs.sqlite").execute("select verdict from runs order by id").fetchall()
+    rows = sqlite3.connect(tmp_path / "runs.sqlite").execute("select verdict from runs order by recorded").fetchall()
     assert [v for (v,) in rows] == ["pass", "crash"]
