@@ -31,7 +31,19 @@ def wants_child(engine: Engine, engine_name: str, process: str, crash=None) -> b
             raise BadInput("crash=... is injected into the engine's child process; it needs --engine-process "
                            "child or auto")
         return False
-    return process == "child" or bool(crash) or bool(getattr(engine, "runs_in_child", False))
+    if process == "child" or crash:
+        return True
+    # auto: a registered real engine (an engine object of another class, e.g. a fault wrapper or a
+    # test's subclass, cannot be rebuilt in a child from its name: it stays in this process)
+    return bool(getattr(engine, "runs_in_child", False)) and type(engine) is _registered(engine_name)
+
+
+def _registered(name: str):
+    from corruptcheck.engines import engine_class
+    try:
+        return engine_class(name)
+    except BadInput:
+        return None
 
 
 class ChildEngine(EngineWrapper):
@@ -39,7 +51,7 @@ class ChildEngine(EngineWrapper):
 
     def __init__(self, inner: Engine, name: str, limits: child.ChildLimits = child.ChildLimits(), crash=None):
         super().__init__(inner, name)
-        if type(inner).__name__ != getattr(self._registered(name), "__name__", None):
+        if type(inner) is not _registered(name):
             raise BadInput(f"engine {name!r} is not a registered engine class; only those run in a child process "
                            "(use --engine-process inline)")
         try:
@@ -50,14 +62,6 @@ class ChildEngine(EngineWrapper):
             raise BadInput("crash=oom grows memory until the bound: give --engine-memory GIB")
         self.workdir: Path | None = None
         self.process: dict = {}
-
-    @staticmethod
-    def _registered(name: str):
-        from corruptcheck.engines import engine_class
-        try:
-            return engine_class(name)
-        except BadInput:
-            return None
 
     def run(self, case: Case, precision: str, schedule=None, **options) -> Capture:
         self.close()
