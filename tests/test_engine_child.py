@@ -1,5 +1,5 @@
 """An engine that crashes, hangs or runs out of memory is a verdict (`crash`), never a lost run
-(issue #25; docs/engines.md "Engine process"). Each crash kind is injected into the hf engine's
+(docs/engines.md §Processes). Each crash kind is injected into the hf engine's
 child process with `crash=KIND@PHASE` and must end as: exit code 2, verdict crash with kind and
 phase, the points delivered before the crash judged, reports and the history row written, and
 no process of the child's group left behind."""

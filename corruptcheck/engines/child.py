@@ -1,5 +1,5 @@
 """The supervisor of an engine child process: engine-agnostic, used for any command that runs an
-engine out of the tool's process (docs/design.md §9a).
+engine out of the tool's process (docs/design.md §9.1).
 
 `supervise(argv, workdir, limits)` starts the command in its own session (a process group the
 supervisor can kill whole), polls it, and returns how it ended (`ChildEnd`): finished, or a crash
