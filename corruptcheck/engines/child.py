@@ -203,13 +203,21 @@ def _install_handlers() -> None:
 
 
 def _preexec() -> None:
-    """In the child before exec: die with the parent, and write no core file."""
+    """In the child between fork and exec (one async-signal-safe system call: the parent may
+    have threads): write no core file. PR_SET_PDEATHSIG is set by the child itself (die_with_parent)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def die_with_parent(parent: int) -> None:
+    """In the child: the kernel sends it SIGKILL when its parent dies (PR_SET_PDEATHSIG), even
+    when its own threads are stuck; a parent already gone is caught by the recheck."""
     try:
         libc = __import__("ctypes").CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if os.getppid() != parent:
+        os.killpg(0, signal.SIGKILL)
 
 
 # -- the supervisor --------------------------------------------------------------------------

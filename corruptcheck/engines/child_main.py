@@ -79,6 +79,7 @@ def _plain(meta: dict) -> dict:
 def main(workdir: str) -> int:
     root = Path(workdir)
     job = pickle.loads((root / JOB).read_bytes())  # written by our own parent, never by an engine
+    child.die_with_parent(job["parent"])
     threading.Thread(target=_watch_parent, args=(job["parent"],), daemon=True).start()
     sink = _Sink(root)
     progress.listen(sink, job.get("crash"), job.get("target_sequence", 0), job.get("memory_cap"))
