@@ -158,6 +158,7 @@ def run_hf(case: Case, precision: str = "float32", attn_impl: str = "eager", mod
     (pads enter the compressor and shift positions, transformers#45938).
     `patches` (OutputPatch) are installed before the capture hooks, so captures see them."""
     model = model or build_model(case, precision, attn_impl)
+    progress.phase("ready")  # the model is built: progress for a supervisor's --engine-timeout
     cfg, seqs = case.config, case.sequences()
     with _capturing(model, cfg, patches) as recorder, torch.no_grad():
         if batch:
@@ -188,6 +189,7 @@ def run_hf_served(case: Case, schedule, precision: str = "float32", attn_impl: s
     from corruptcheck.schedule import prompt_case, row_labels
 
     model = model or build_model(case, precision, attn_impl)
+    progress.phase("ready")
     per_seq, sequences = [], []
     with _capturing(model, case.config, patches) as recorder, torch.no_grad():
         for i, prompt in enumerate(prompt_case(case, schedule).sequences()):
