@@ -175,7 +175,7 @@ def _kill_all() -> None:
 _HANDLERS_INSTALLED = False
 
 
-def _install_handlers() -> None:
+def install_handlers() -> None:
     """Kill live children at exit and on SIGTERM / SIGINT / SIGHUP (then the previous handler)."""
     global _HANDLERS_INSTALLED
     if _HANDLERS_INSTALLED:
@@ -222,9 +222,11 @@ def die_with_parent(parent: int) -> None:
 
 # -- the supervisor --------------------------------------------------------------------------
 
-def supervise(argv: list[str], workdir: Path, limits: ChildLimits = ChildLimits(), env: dict | None = None) -> ChildEnd:
-    """Run `argv` as the engine child (its files in `workdir`) and return how it ended."""
-    _install_handlers()
+def supervise(argv: list[str], workdir: Path, limits: ChildLimits = ChildLimits(), env: dict | None = None,
+              started=None) -> ChildEnd:
+    """Run `argv` as the engine child (its files in `workdir`) and return how it ended.
+    `started(pgid)` is called once the child runs (a caller on another thread can kill_group it)."""
+    install_handlers()
     workdir = Path(workdir)
     err = open(workdir / STDERR, "wb")
     bound = int(limits.memory_gib * (1 << 30)) if limits.memory_gib else None
@@ -234,6 +236,8 @@ def supervise(argv: list[str], workdir: Path, limits: ChildLimits = ChildLimits(
                             start_new_session=True, preexec_fn=_preexec, env=env, close_fds=True)
     _LIVE[proc.pid] = proc
     err.close()
+    if started is not None:
+        started(proc.pid)
     pgid, peak, killed_for, last_change, last_seen, phase = proc.pid, 0, None, t0, None, None
     try:
         while True:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -62,9 +63,39 @@ class ChildEngine(EngineWrapper):
             raise BadInput("crash=oom grows memory until the bound: give --engine-memory GIB")
         self.workdir: Path | None = None
         self.process: dict = {}
+        self._thread: threading.Thread | None = None
+        self._outcome = None
+        self._pgid: int | None = None
+
+    def _started(self, pgid: int) -> None:
+        self._pgid = pgid
+
+    def start(self, case: Case, precision: str, schedule=None, **options) -> None:
+        """Start the child and return at once (the tool's process can load the reference while
+        the child starts and runs); `run` with the same arguments then waits for it."""
+        self.close()
+        child.install_handlers()  # from this (main) thread; the supervisor polls on another
+        self._outcome = None
+
+        def work():
+            try:
+                self._outcome = ("capture", self._run(case, precision, schedule, **options))
+            except BaseException as exc:  # noqa: BLE001 - re-raised by run() in the caller's thread
+                self._outcome = ("raised", exc)
+        self._thread = threading.Thread(target=work, name="corruptcheck-engine-supervisor", daemon=True)
+        self._thread.start()
 
     def run(self, case: Case, precision: str, schedule=None, **options) -> Capture:
-        self.close()
+        if self._thread is None:
+            self.start(case, precision, schedule, **options)
+        self._thread.join()
+        self._thread = None
+        what, value = self._outcome
+        if what == "raised":
+            raise value
+        return value
+
+    def _run(self, case: Case, precision: str, schedule=None, **options) -> Capture:
         self.workdir = child.new_workdir()
         lens = case.seq_lens if schedule is None else schedule.prompt_lens
         job = {"engine": self.name, "case": case, "precision": precision, "schedule": schedule, "options": options,
@@ -77,7 +108,7 @@ class ChildEngine(EngineWrapper):
                            "use --engine-process inline") from None
         (self.workdir / "job.pkl").write_bytes(blob)
         end = child.supervise(child.python_argv("corruptcheck.engines.child_main", str(self.workdir)), self.workdir,
-                              self.limits, child.child_env())
+                              self.limits, child.child_env(), started=self._started)
         self.process = {"mode": "child", "pid": end.pid, "wall_s": round(end.wall_s, 3),
                         "peak_rss_mib": round(end.peak_rss_bytes / (1 << 20), 1), "phase": end.phase}
         if not end.finished:
@@ -122,7 +153,13 @@ class ChildEngine(EngineWrapper):
                 "precision": precision or "float32"}
 
     def close(self) -> None:
-        """Remove the work directory (after the compare has read what it needs)."""
+        """Stop a child still running (the compare gave up: bad input, an error of its own) and
+        remove the work directory (after the compare has read what it needs)."""
+        if self._thread is not None:
+            if self._pgid is not None:
+                child.kill_group(self._pgid)
+            self._thread.join()
+            self._thread = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
