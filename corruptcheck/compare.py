@@ -131,9 +131,8 @@ def _compare_crashed(case: Case, engine_name: str, exc: EngineCrashed, precision
     tol_prec = Precision.of(partial["precision"] if partial else (precision or "float32")).name
     specs = capture_points(case.config)
     why = f"not delivered: the engine {crash_line(exc.crash)}"
-    run_case = prompt_case(case, schedule) if schedule is not None else case
     if partial:
-        dcase = decoded_case(run_case, partial["sequences"])
+        dcase = decoded_case(case, partial["sequences"])  # the case's name, the tokens it delivered
         ref = ReferenceData(*reference_run(dcase), "computed (float64 on the sequences the engine delivered "
                                                    "before it crashed)")
         noise = None if tol_prec == "float64" else golden_noise(case, tol_prec)
@@ -146,7 +145,7 @@ def _compare_crashed(case: Case, engine_name: str, exc: EngineCrashed, precision
     else:
         comp = Comparison([PointResult(s.name, "missing" if s.required else "skipped", s.layer, s.kind, reason=why)
                            for s in specs], tol_prec)
-        coverage, report_case, tokens = {}, run_case, 0
+        coverage, report_case, tokens = {}, case, 0
     for p in comp.points:
         if p.verdict == "missing":
             p.reason = why
