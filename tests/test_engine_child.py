@@ -189,7 +189,7 @@ def test_gate_lists_the_crashed_run_and_completes_the_others(tmp_path):
     assert second["verdict"] == "crash" and second["crash"]["kind"] == "signal"
     assert second["reasons"][0].startswith("engine crashed (signal) in decode (sequence 1, step 1): killed by SIGSEGV")
     crashed = json.loads((tmp_path / "g" / f"{second['run']}.json").read_text())
-    assert crashed["verdict"] == "crash" and crashed["summary"]["compared"] > 0
+    assert crashed["verdict"] == "crash" and crashed["case"] == "tiny" and crashed["summary"]["compared"] > 0
     assert 'errors="1"' in (tmp_path / "g" / f"{second['run']}.xml").read_text()
     rows = sqlite3.connect(tmp_path / "runs.sqlite").execute("select verdict from runs order by recorded").fetchall()
     assert [v for (v,) in rows] == ["pass", "crash"]
