@@ -94,15 +94,16 @@ def read_tensor(t: GGMLTensor) -> np.ndarray:
 
 
 def writable_view(t: GGMLTensor) -> np.ndarray:
-    """A numpy view over a computed F32 host tensor's memory (for faults, which rewrite it in
-    place before the next node reads it)."""
-    if t.type != 0:
-        raise TypeError(f"tensor {t.name.decode()} is not F32 (ggml type {t.type})")
+    """A numpy view over a computed F32 / I32 host tensor's memory (for faults, which rewrite it
+    in place before the next node reads it)."""
+    if t.type not in (0, 26):
+        raise TypeError(f"tensor {t.name.decode()} is neither F32 nor I32 (ggml type {t.type})")
     ne = [int(t.ne[i]) for i in range(4)]
     nb = [int(t.nb[i]) for i in range(4)]
     span = sum((n - 1) * b for n, b in zip(ne, nb)) + 4
     buf = (ctypes.c_char * span).from_address(t.data)
-    return np.ndarray(shape=tuple(reversed(ne)), dtype=np.float32, buffer=buf, strides=tuple(reversed(nb)))
+    dt = np.float32 if t.type == 0 else np.int32
+    return np.ndarray(shape=tuple(reversed(ne)), dtype=dt, buffer=buf, strides=tuple(reversed(nb)))
 
 
 def per_token(name: str, arr: np.ndarray, rows: int) -> np.ndarray:

@@ -86,14 +86,14 @@ class LlamaCppEngine(Engine):
         opts = self.parse_options(options)
         points, meta = launch(case, schedule, opts, faults)
         meta["requested_precision"] = precision
-        prof = precision_profile(opts.get("weights", "f32"), opts.get("kv_type", "f16"), meta["settings"]["flash_attn"])
+        prof = precision_profile(opts.get("weights", "f32"), opts.get("kv_type", "f32"), meta["settings"]["flash_attn"])
         return Capture(points, self.name, prof, meta)
 
 
 def _options():
     return (
         Option("weights", one_of(*WEIGHT_TYPES), "GGUF weight types: f32 (exact), bf16 (exact), q8_0, mxfp4 (experts)"),
-        Option("kv_type", one_of(*KV_TYPES), "KV cache type, type_k = type_v (llama.cpp's default: f16)"),
+        Option("kv_type", one_of(*KV_TYPES), "KV cache type, type_k = type_v (default f32; llama.cpp's own default f16)"),
         Option("flash_attn", one_of("auto", "on", "off"), "flash attention (llama.cpp's default: auto)"),
         Option("n_ubatch", positive_int, "physical batch: a prompt runs in pieces of this many tokens (default 512)"),
         Option("n_batch", positive_int, "logical batch: tokens per llama_decode call (default 4096)"),
@@ -108,9 +108,12 @@ def gguf_path(case: Case, weights: str) -> Path:
     """The cached GGUF of a case (written once per case spec, weights and writer format)."""
     from corruptcheck.golden import cache_root
 
-    spec = json.dumps(case.spec(), sort_keys=True) + f"|{weights}|{GGUF_FORMAT}"
+    # the weights depend on config, seed and weight format only (a served / partnered / decoded
+    # variant of a case shares its GGUF)
+    spec = json.dumps({"config": case.config.to_dict(), "seed": case.seed, "format": case.weight_format},
+                      sort_keys=True) + f"|{weights}|{GGUF_FORMAT}"
     digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
-    return cache_root() / "llamacpp" / f"{case.name.replace('@', '_')}-{weights}-{digest}.gguf"
+    return cache_root() / "llamacpp" / f"{case.config.name}-{weights}-{digest}.gguf"
 
 
 def ensure_gguf(case: Case, weights: str) -> tuple[Path, dict]:
@@ -136,7 +139,7 @@ def launch(case: Case, schedule, opts: dict, faults: list) -> tuple[dict, dict]:
     prompts = [s.tolist() for s in case.sequences()]
     threads = opts.get("threads") or min(os.cpu_count() or 1, 8)
     job = {"gguf": str(path), "prompts": prompts, "n_ubatch": opts.get("n_ubatch", 512),
-           "n_batch": opts.get("n_batch", 4096), "threads": threads, "kv_type": opts.get("kv_type", "f16"),
+           "n_batch": opts.get("n_batch", 4096), "threads": threads, "kv_type": opts.get("kv_type", "f32"),
            "flash_attn": opts.get("flash_attn", "auto"), "faults": faults,
            "chunk": schedule.chunk if schedule else None, "decode_steps": schedule.decode_steps if schedule else 0,
            "arrivals": list(schedule.arrivals) if schedule and schedule.arrivals else None}

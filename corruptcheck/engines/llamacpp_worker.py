@@ -97,6 +97,8 @@ def main(job_path: str) -> int:
     n_seq = max(1, len(job["prompts"]))
     total = max(len(p) for p in job["prompts"]) + job.get("decode_steps", 0) + 8
     cp.n_ctx = int(n_seq * (-(-total // 256) * 256))
+    # a call holds at most every prompt's next piece: the logical batch must hold that
+    job["n_batch"] = max(int(job["n_batch"]), sum(len(p) for p in job["prompts"]) + len(job["prompts"]))
     cp.n_batch = int(job["n_batch"])
     cp.n_ubatch = int(job["n_ubatch"])
     cp.n_seq_max = n_seq
@@ -178,19 +180,14 @@ def serve(L, ctx, run: _Run, job: dict, emb: np.ndarray):
                 pieces.append((s, prompts[s][fed[s]: fed[s] + n], fed[s]))
             else:
                 pieces.append((s, [pending_next[s]], fed[s]))
-        # one call per group of equal-length pieces (one split_equal ubatch), single sequences alone
+        # one call per group of equal-length pieces (llama.cpp's split_equal batches only
+        # equal-length pieces of several sequences together)
         groups: dict = {}
         for p in pieces:
-            key = len(p[1]) if len(p[1]) * 1 <= n_ubatch else ("alone", p[0])
-            groups.setdefault(key, []).append(p)
-        for key, group in groups.items():
-            if sum(len(p[1]) for p in group) > n_ubatch:
-                for p in group:
-                    _decode(L, ctx, run, batch, [p], n_ubatch, emb, seqs, fed, pending_next, prompts, steps, done)
-                    calls.append([(p[0], len(p[1]))])
-            else:
-                _decode(L, ctx, run, batch, group, n_ubatch, emb, seqs, fed, pending_next, prompts, steps, done)
-                calls.append([(p[0], len(p[1])) for p in group])
+            groups.setdefault(len(p[1]), []).append(p)
+        for group in groups.values():
+            _decode(L, ctx, run, batch, group, n_ubatch, emb, seqs, fed, pending_next, prompts, steps, done)
+            calls.append([(p[0], len(p[1])) for p in group])
     L.llama_batch_free(batch)
     return seqs, calls
 
@@ -206,11 +203,16 @@ def _decode(L, ctx, run, batch, group, n_ubatch, emb, seqs, fed, pending_next, p
         batch.n_seq_id[i] = 1
         batch.seq_id[i][0] = int(s)
         batch.logits[i] = 1
-    # the passes this call will run: consecutive n_ubatch pieces (one sequence) or one ubatch
-    if len(group) == 1:
-        expected = [rows[i: i + n_ubatch] for i in range(0, len(rows), n_ubatch)]
-    else:
-        expected = [rows]
+    # the passes this call will run: one sequence in consecutive n_ubatch pieces; several
+    # sequences of equal length (split_equal) in ubatches of n_ubatch // n_seqs tokens of each,
+    # rows grouped by sequence
+    per = n_ubatch // len(group)
+    if per < 1:
+        raise RuntimeError(f"n_ubatch {n_ubatch} is smaller than the {len(group)} sequences of one call")
+    n = len(group[0][1])
+    expected = []
+    for i in range(0, n, per):
+        expected.append([(s, toks[j], start + j) for s, toks, start in group for j in range(i, min(i + per, n))])
     first = len(run.passes)
     for exp in expected:
         run.passes.append({"ids": [r[1] for r in exp], "pos": [r[2] for r in exp],

@@ -18,6 +18,7 @@ from corruptcheck.faults.mhc import MhcCombTransposed, MhcNormSqrt2, MhcPreHidde
 from corruptcheck.faults.moe import RouterSplitKTail, RoutingWeightsBiased, SharedExpertNoClamp
 from corruptcheck.faults.serving import SERVING_FAULTS, ServingFault
 from corruptcheck.faults.vllm import VLLM_FAULTS, VLLMFault
+from corruptcheck.faults.llamacpp import LLAMACPP_FAULTS
 
 FAULTS: dict[str, Fault] = {f.name: f for f in (
     MhcPreHiddenGuard(), RouterSplitKTail(), MhcNormSqrt2(), SharedExpertNoClamp(), RoutingWeightsBiased(),
@@ -31,11 +32,13 @@ def faults_for(engine: str) -> dict[str, Fault]:
     faults (`corruptcheck.faults.vllm.VLLM_FAULTS`, patches of vLLM's own code) for vllm."""
     if engine == "vllm":
         return VLLM_FAULTS
+    if engine == "llamacpp":
+        return LLAMACPP_FAULTS
     return FAULTS
 
 
 def get_fault(name: str) -> Fault:
-    known = {**FAULTS, **VLLM_FAULTS}
+    known = {**FAULTS, **VLLM_FAULTS, **LLAMACPP_FAULTS}
     try:
         return known[name]
     except KeyError:

@@ -1,0 +1,192 @@
+"""llama.cpp's own DeepSeek V4 (`--engine llamacpp`, docs/engines.md "llama.cpp").
+
+Unit tests (name mapping, the GGUF writer's tensor mapping, the fault rewrites) run everywhere
+the vendored `gguf` is installed; the engine tests need llama-cpp-python 0.3.36 (`make
+install-llamacpp`, which `make test` runs) and skip with the reason elsewhere. They run on
+`mini`, a small case inside llama.cpp's loader limits (compress ratios 0/4/128, hc 4): a
+sliding layer, a CSA layer whose indexer prunes (75 entries, top-8) and an HCA layer with two
+128-token blocks, 300 tokens: seconds per run, so faults and honest variants fit CI.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from corruptcheck.cases import Case, get_case
+from corruptcheck.engines import llamacpp_capture as lc
+from corruptcheck.engines.llamacpp_engine import LlamaCppEngine
+from corruptcheck.engines.llamacpp_gguf import check_config, gguf_module, gguf_name, tensor_type
+from corruptcheck.faults.llamacpp import LLAMACPP_FAULTS, make_fault
+from corruptcheck.reference import ModelConfig
+from corruptcheck.schedule import Schedule
+
+ENGINE_OK, WHY = LlamaCppEngine().available()
+needs_llamacpp = pytest.mark.skipif(not ENGINE_OK, reason=WHY or "llama.cpp available")
+needs_gguf = pytest.mark.skipif(gguf_module() is None, reason="the vendored gguf (make install-llamacpp) is missing")
+
+MINI = Case(
+    name="llamacpp-mini",
+    description="llama.cpp-loadable mini model: sliding + CSA (top-8 of 75) + HCA (2 blocks), 300 tokens",
+    config=ModelConfig(name="llamacpp-mini", vocab_size=256, hidden_size=256, num_layers=3, num_heads=4,
+                       q_lora_rank=64, o_groups=2, o_lora_rank=64, compress_ratios=(0, 4, 128, 0),
+                       n_routed_experts=8, moe_inter_dim=64, route_scale=1.5, index_n_heads=4,
+                       index_topk=8, head_dim=128, index_head_dim=128, rope_dim=64, num_hash_layers=1,
+                       num_mtp_layers=0),
+    seed=20261207,
+    seq_lens=(300,),
+)
+MINI_SCHEDULE = Schedule(prompt_lens=(200, 150, 150), decode_steps=6, chunk=100, arrivals=(0, 0, 2))
+F32 = {"weights": "f32", "kv_type": "f32"}
+
+
+# --- unit: names, writer mapping, fault rewrites ------------------------------------------
+
+def test_node_names_map_to_canonical_points():
+    assert lc.parse_name("attn_out-2") == ("attn_out", 2)
+    assert lc.parse_name("hc_init") == ("hc_init", None)
+    assert lc.parse_name("result_norm") == ("result_norm", None)
+    assert lc.canonical_of("l_last", 0, 0) == ["layers.0.out", "layers.1.attn_hc.in"]
+    assert lc.canonical_of("hc_post", 1, 0) == ["layers.1.attn_hc.post"]
+    assert lc.canonical_of("hc_post", 1, 1) == ["layers.1.ffn_hc.post"]
+    assert lc.canonical_of("hc_init", None, 0) == ["embed", "layers.0.attn_hc.in"]
+    assert lc.canonical_of("ffn_shexp", 0, 0) == []  # finer node, recorded but not compared
+    assert lc.wanted("lid_top_k-1") and lc.wanted("result_output") and not lc.wanted("kq_mask-0")
+
+
+def test_cases_llama_cpp_cannot_load_are_refused_with_the_reason():
+    problems = check_config(get_case("tiny").config)
+    assert any("compress ratios [16]" in p for p in problems)
+    assert check_config(get_case("flash-engine").config) == []
+    assert check_config(get_case("pro-engine").config) == []
+    assert check_config(MINI.config) == []
+
+
+@needs_gguf
+def test_every_case_tensor_has_a_gguf_tensor():
+    g = gguf_module()
+    from corruptcheck.weights import param_shapes
+
+    for case in ("flash-engine", "pro-engine"):
+        for name in param_shapes(get_case(case).config):
+            if name.startswith("mtp.") or ".experts." in name:
+                continue
+            assert gguf_name(g, name), name
+    assert gguf_name(g, "layers.1.attn.compressor.ape") == "blk.1.attn_compressor_ape.weight"
+    assert gguf_name(g, "layers.0.ffn.gate.tid2eid") == "blk.0.ffn_gate_tid2eid.weight"
+    assert tensor_type("layers.0.attn.wq_a.weight", "q8_0") == "Q8_0"
+    assert tensor_type("layers.0.attn.compressor.wkv.weight", "q8_0") == "BF16"
+    assert tensor_type("layers.0.hc_attn_fn", "bf16") == "F32"
+
+
+def test_fault_rewrites_change_what_they_claim():
+    x = np.ones((1, 5, 4), dtype=np.float32)
+    f = make_fault({"name": "s", "node": "hc_post-0", "kind": "scale", "m": 1.0, "params": {"factor": 0.5}})
+    assert f.targets("hc_post-0") and not f.targets("hc_post-1")
+    assert f.apply(x, {"raw": {}}, 0) and np.all(x == 0.5)
+    c = np.arange(2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4)
+    want = np.swapaxes(c, -1, -2).copy()
+    make_fault({"name": "t", "node": "hc_comb-0", "kind": "transpose_last2"}).apply(c, {"raw": {}}, 0)
+    assert np.array_equal(c, want)
+    idx = np.array([[[3, 1, 0]]], dtype=np.int32)
+    make_fault({"name": "i", "node": "lid_top_k-1", "kind": "index_shift"}).apply(idx, {"raw": {}}, 1)
+    assert idx.tolist() == [[[4, 2, 1]]]
+    # magnitude 0: the patch runs but changes nothing
+    y = np.ones((3, 4), dtype=np.float32)
+    make_fault({"name": "s", "node": "x", "kind": "scale", "m": 0.0, "params": {"factor": 0.5}}).apply(y, {"raw": {}}, 0)
+    assert np.all(y == 1)
+
+
+def test_fault_registry_names_strike_points_and_triggers():
+    assert len(LLAMACPP_FAULTS) >= 5
+    flash, pro = get_case("flash-engine").config, get_case("pro-engine").config
+    guard = LLAMACPP_FAULTS["llamacpp-hc-pre-width-guard"]
+    assert guard.triggered(flash, (2112,), "llamacpp") is False  # hidden 4096: the kernel's own width
+    assert guard.triggered(pro, (2112,), "llamacpp") is True
+    kv = LLAMACPP_FAULTS["llamacpp-kv-slot-shift"]
+    assert kv.spec(flash)["node"] == "kv-1"  # flash-engine's CSA layer
+
+
+def test_unknown_option_is_bad_input():
+    from corruptcheck.errors import BadInput
+
+    with pytest.raises(BadInput):
+        LlamaCppEngine.parse_options({"weights": "q4_k"})
+    with pytest.raises(BadInput):
+        LlamaCppEngine.parse_options({"no_such": 1})
+
+
+# --- engine: llama.cpp itself ------------------------------------------------------------
+
+
+
+@pytest.fixture(scope="module")
+def mini_f32():
+    from corruptcheck.compare import compare
+
+    return compare(MINI, "llamacpp", None, teacher_forcing="always", **F32)
+
+
+def _points(res):
+    return {p.name: p for p in res.comparison.points}
+
+
+@pytest.mark.engine
+@needs_llamacpp
+def test_f32_llama_cpp_passes_inside_float32(mini_f32):
+    res = mini_f32
+    pts = _points(res)
+    assert res.precision == "float32"
+    assert res.comparison.verdict == "pass", res.comparison.first_divergence
+    assert res.comparison.compared >= 60  # every required point and the finer ones llama.cpp names
+    assert res.comparison.missing == []
+    worst = max(p.ratio for p in res.comparison.points if p.ratio is not None)
+    assert worst < 1.0
+    for name in ("layers.1.attn.indexer_topk", "layers.1.attn.q", "layers.1.attn.kv", "layers.2.attn.core",
+                 "layers.1.moe.router_logits", "layers.0.attn_hc.comb", "logits"):
+        assert pts[name].verdict in ("pass", "not-exercised"), (name, pts[name].verdict)
+    assert pts["layers.1.attn.indexer_topk"].verdict == "pass"  # 75 entries, top-8: it prunes
+    assert res.engine_meta["version"].startswith("llama-cpp-python 0.3.36")
+    assert res.engine_meta["loaded"]["n_layer"] == 3
+
+
+@pytest.mark.engine
+@needs_llamacpp
+def test_served_schedule_is_judged_per_phase():
+    from corruptcheck.compare import compare
+
+    res = compare(MINI, "llamacpp", None, schedule=MINI_SCHEDULE, **F32)
+    assert res.comparison.verdict == "pass", res.comparison.first_divergence
+    phases = res.served["phases"]
+    kinds = {p["phase"] for p in phases}
+    assert {"prefill", "decode"} <= kinds
+    assert all(p["verdict"] in ("pass", "not-exercised") for p in phases)
+    assert "several sequences" in res.served["batching"]
+    assert not res.served["batching"].endswith(" 0 calls with several sequences in one ubatch")
+
+
+@pytest.mark.engine
+@needs_llamacpp
+@pytest.mark.parametrize("fault,culprit", [
+    ("llamacpp-shared-expert-twice", "moe.out"),
+    ("llamacpp-kv-slot-shift", "attn.kv"),
+    ("llamacpp-hc-comb-transposed", "ffn_hc.comb"),
+])
+def test_faults_are_caught_and_localized(fault, culprit):
+    from corruptcheck.selftest import run_fault
+
+    row = run_fault(MINI, "llamacpp", LLAMACPP_FAULTS[fault], "float32")
+    assert row.status == "detected", (row.status, row.note)
+    assert row.culprit and row.culprit.endswith(culprit), row.culprit
+    assert row.localized
+
+
+@pytest.mark.engine
+@needs_llamacpp
+@pytest.mark.parametrize("variant", ["ubatch-200", "threads-1", "batch2"])
+def test_honest_variants_are_not_flagged(variant):
+    from corruptcheck.benign import LLAMACPP_BENIGN
+    from corruptcheck.selftest import run_benign
+
+    row = run_benign(MINI, "llamacpp", LLAMACPP_BENIGN[variant])
+    assert row.verdict == "pass", row
