@@ -88,7 +88,6 @@ def main(job_path: str) -> int:
     t0 = time.perf_counter()
     mp = L.llama_model_default_params()
     mp.n_gpu_layers = 0
-    mp.use_mmap = True
     model = L.llama_model_load_from_file(job["gguf"].encode(), mp)
     if not model:
         raise SystemExit("llama_model_load_from_file failed (see the log)")
