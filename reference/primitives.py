@@ -56,9 +56,22 @@ def rope_frequencies(
     return freqs
 
 
-def rope_angles(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Angles p * omega formed in fp32 exactly as the demo's `torch.outer` (docs/v4-spec.md §10.27)."""
-    return torch.outer(positions.to(torch.float32), freqs.to(torch.float32))
+def rope_angles(positions: torch.Tensor, freqs: torch.Tensor, iterated: bool = False) -> torch.Tensor:
+    """Angles p * omega formed in fp32 exactly as the demo's `torch.outer` (docs/v4-spec.md §10.27).
+
+    `iterated` (an honest float32 variant, `Policy.rope_iterated`): the angle of pair k is formed
+    by repeated fp32 products, theta_0 = p * omega_0, theta_k = theta_(k-1) * (omega_k / omega_(k-1)),
+    each product rounded to fp32, as ggml's `ggml_rope_cache_init` forms it (`theta *=
+    theta_scale`): pair k carries k roundings instead of one (angle differences up to ~1.5e-5 rad
+    at position 300, docs/engines.md "llama.cpp")."""
+    pos, w = positions.to(torch.float32), freqs.to(torch.float32)
+    if not iterated:
+        return torch.outer(pos, w)
+    step = w[1:] / w[:-1]  # fp32 ratio of consecutive frequencies
+    cols = [pos * w[0]]
+    for r in step:
+        cols.append(cols[-1] * r)
+    return torch.stack(cols, -1)
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor, rope_dim: int, inverse: bool = False,

@@ -30,7 +30,7 @@ MINI = Case(
     description="llama.cpp-loadable mini model: sliding + CSA (top-8 of 75) + HCA (2 blocks), 300 tokens",
     config=ModelConfig(name="llamacpp-mini", vocab_size=256, hidden_size=256, num_layers=3, num_heads=4,
                        q_lora_rank=64, o_groups=2, o_lora_rank=64, compress_ratios=(0, 4, 128, 0),
-                       n_routed_experts=8, moe_inter_dim=64, route_scale=1.5, index_n_heads=4,
+                       n_routed_experts=8, moe_inter_dim=64, route_scale=1.5, index_n_heads=16,
                        index_topk=8, head_dim=128, index_head_dim=128, rope_dim=64, num_hash_layers=1,
                        num_mtp_layers=0),
     seed=20261207,

@@ -47,11 +47,11 @@ def installed_version() -> str | None:
         return None
 
 
-def precision_profile(weights: str, kv_type: str, flash_attn: str) -> str:
-    """The profile a run declares (reference/precision.py; derivation in docs/tolerances.md)."""
+def precision_profile(weights: str, kv_type: str, flash_attn_resolved: str) -> str:
+    """The profile a run declares (llamacpp_precision.py; derivation in docs/engines.md)."""
     from corruptcheck.engines.llamacpp_precision import profile_name
 
-    return profile_name(weights, kv_type, flash_attn)
+    return profile_name(weights, kv_type, flash_attn_resolved)
 
 
 class LlamaCppEngine(Engine):
@@ -86,7 +86,8 @@ class LlamaCppEngine(Engine):
         opts = self.parse_options(options)
         points, meta = launch(case, schedule, opts, faults)
         meta["requested_precision"] = precision
-        prof = precision_profile(opts.get("weights", "f32"), opts.get("kv_type", "f32"), meta["settings"]["flash_attn"])
+        prof = precision_profile(opts.get("weights", "f32"), opts.get("kv_type", "f32"),
+                                 meta["settings"]["flash_attn_resolved"])
         return Capture(points, self.name, prof, meta)
 
 
@@ -94,7 +95,9 @@ def _options():
     return (
         Option("weights", one_of(*WEIGHT_TYPES), "GGUF weight types: f32 (exact), bf16 (exact), q8_0, mxfp4 (experts)"),
         Option("kv_type", one_of(*KV_TYPES), "KV cache type, type_k = type_v (default f32; llama.cpp's own default f16)"),
-        Option("flash_attn", one_of("auto", "on", "off"), "flash attention (llama.cpp's default: auto)"),
+        Option("flash_attn", one_of("auto", "on", "off"),
+               "flash attention (default off: on, it casts K/V to F16, so the run is no longer float32; "
+               "llama.cpp's own default auto resolves to on for the CPU)"),
         Option("n_ubatch", positive_int, "physical batch: a prompt runs in pieces of this many tokens (default 512)"),
         Option("n_batch", positive_int, "logical batch: tokens per llama_decode call (default 4096)"),
         Option("threads", positive_int, "CPU threads (default: the machine's cores, at most 8)"),
@@ -140,7 +143,7 @@ def launch(case: Case, schedule, opts: dict, faults: list) -> tuple[dict, dict]:
     threads = opts.get("threads") or min(os.cpu_count() or 1, 8)
     job = {"gguf": str(path), "prompts": prompts, "n_ubatch": opts.get("n_ubatch", 512),
            "n_batch": opts.get("n_batch", 4096), "threads": threads, "kv_type": opts.get("kv_type", "f32"),
-           "flash_attn": opts.get("flash_attn", "auto"), "faults": faults,
+           "flash_attn": opts.get("flash_attn", "off"), "faults": faults,
            "chunk": schedule.chunk if schedule else None, "decode_steps": schedule.decode_steps if schedule else 0,
            "arrivals": list(schedule.arrivals) if schedule and schedule.arrivals else None}
     with tempfile.TemporaryDirectory(prefix="corruptcheck-llamacpp-") as tmp:

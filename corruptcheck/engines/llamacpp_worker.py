@@ -43,6 +43,10 @@ class _Run:
         self.fault_hits: dict = {}
         self.errors: list = []
         self.pending: list = []  # planned passes of the running llama_decode, in order
+        # the attention path llama.cpp's graph really took: the non-flash path names its
+        # softmax node `kq_soft_max-il` (llm_graph_context::build_attn_mha); the flash path
+        # (ggml_flash_attn_ext, K/V cast to F16) names none
+        self.softmax_nodes = 0
 
     # -- eval callback ----------------------------------------------------------------------
     def callback(self, t_ptr, ask, _user):
@@ -50,6 +54,8 @@ class _Run:
             t = lc.GGMLTensor.from_address(t_ptr)
             name = t.name.decode(errors="replace")
             if ask:
+                if name.startswith("kq_soft_max"):
+                    self.softmax_nodes += 1
                 return lc.wanted(name) or any(f.targets(name) for f in self.faults)
             if name == "hc_init":  # the first captured node of every ubatch: the next planned pass
                 if not self.pending:
@@ -117,7 +123,8 @@ def main(job_path: str) -> int:
     L.llama_model_free(model)
     _write(out, run, sequences, calls, loaded, {"engine_start_s": round(t1 - t0, 2), "run_s": round(t2 - t1, 2)},
            {"n_ctx": int(cp.n_ctx), "n_batch": int(cp.n_batch), "n_ubatch": int(cp.n_ubatch), "n_seq_max": n_seq,
-            "threads": int(job["threads"]), "kv_type": job["kv_type"], "flash_attn": job["flash_attn"]},
+            "threads": int(job["threads"]), "kv_type": job["kv_type"], "flash_attn": job["flash_attn"],
+            "flash_attn_resolved": "off" if run.softmax_nodes else "on"},
            L.llama_print_system_info().decode(errors="replace"))
     return 0
 
