@@ -63,6 +63,11 @@ def test_node_names_map_to_canonical_points():
     assert lc.canonical_of("hc_init", None, 0) == ["embed", "layers.0.attn_hc.in"]
     assert lc.canonical_of("ffn_shexp", 0, 0) == []  # finer node, recorded but not compared
     assert lc.wanted("lid_top_k-1") and lc.wanted("result_output") and not lc.wanted("kq_mask-0")
+    # a ubatch of 2 sequences x 3 tokens: lid_top_k is [k, 3, 1, 2] (one stream per sequence)
+    picks = np.arange(2 * 3 * 4).reshape(2, 1, 3, 4)
+    assert lc.per_token("lid_top_k-1", picks, 6).tolist() == picks.reshape(6, 4).tolist()
+    with pytest.raises(ValueError):
+        lc.per_token("lid_top_k-1", picks, 5)
 
 
 def test_cases_llama_cpp_cannot_load_are_refused_with_the_reason():

@@ -109,6 +109,10 @@ def writable_view(t: GGMLTensor) -> np.ndarray:
 def per_token(name: str, arr: np.ndarray, rows: int) -> np.ndarray:
     """[rows, ...] from a [ne3, ne2, ne1, ne0] array whose token axis is the outermost non-unit
     one (llama.cpp keeps tokens in ne1 for vectors, ne2 for streams / heads)."""
+    if arr.ndim == 4 and arr.shape[0] > 1 and arr.shape[1] == 1 and arr.shape[0] * arr.shape[2] == rows:
+        # one stream per sequence in ne3, its tokens in ne1 (e.g. lid_top_k [k, T/s, 1, s] of a
+        # ubatch holding s sequences): streams in order are the ubatch's rows, grouped by sequence
+        return arr.reshape(rows, arr.shape[3])
     a = arr.reshape(arr.shape[-3:]) if arr.shape[0] == 1 else arr
     while a.ndim > 1 and a.shape[0] == 1 and a.shape[0] != rows:
         a = a[0]
