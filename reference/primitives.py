@@ -68,7 +68,7 @@ def rope_angles(positions: torch.Tensor, freqs: torch.Tensor, iterated: bool = F
     roundings of one ratio instead of the demo's single product: angle differences up to
     ~1.5e-5 rad at position 300 (docs/engines.md, "llama.cpp")."""
     pos, w = positions.to(torch.float32), freqs.to(torch.float32)
-    if not iterated:
+    if not iterated or w.shape[0] < 2:
         return torch.outer(pos, w)
     s = w[1] / w[0]  # fp32, as ggml's theta_scale
     k = torch.arange(w.shape[0], dtype=torch.float64)
