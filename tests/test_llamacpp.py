@@ -167,6 +167,23 @@ def test_iterated_rope_angles_are_another_fp32_placement():
             theta = theta * ratio
     assert Precision.of("float32").variant(split_k=3, rope_iterated=True).label == "float32 (split-k3, iterated-rope)"
 
+
+def test_hc_mix_lanes_is_the_same_mix_summed_in_another_order():
+    """The float32 variant's mHC mix (normalize first, 8 sequential F32 lanes, as ggml's F32
+    mul_mat): the same numbers in float64 (1e-15), another float32 rounding (a long reduction:
+    not the blocked sgemm's result, within 1e-5)."""
+    from corruptcheck.reference.mhc import _mix_logits
+
+    g = torch.Generator().manual_seed(0)
+    x, fn = torch.randn(5, 4, 512, generator=g, dtype=torch.float64), torch.randn(24, 2048, generator=g, dtype=torch.float64)
+    exact = _mix_logits(x, fn, 1e-6, torch.float64)
+    assert _rel(_mix_logits(x, fn, 1e-6, torch.float64, 8), exact) < 1e-14
+    plain, lanes = _mix_logits(x, fn, 1e-6, torch.float32), _mix_logits(x, fn, 1e-6, torch.float32, 8)
+    assert not torch.equal(plain, lanes)
+    assert _rel(lanes, exact) < 1e-5 and _rel(plain, exact) < 1e-5
+    assert Precision.of("float32").variant(split_k=3, rope_iterated=True, hc_mix_lanes=8).label == \
+        "float32 (split-k3, iterated-rope, hc-lanes8)"
+
 # --- engine: llama.cpp itself ------------------------------------------------------------
 
 
