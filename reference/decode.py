@@ -94,7 +94,7 @@ def attention_step(x, p: dict, layer: int, cfg: ModelConfig, tables: dict, prec:
     s = x.shape[0]
     kind, freqs = layer_rope(cfg, layer, tables)
     q_pos = torch.arange(start, start + s)
-    angles = rope_angles(q_pos, freqs)  # [S, rd/2]
+    angles = rope_angles(q_pos, freqs, prec.policy.rope_iterated)  # [S, rd/2]
     qr, q = project_q(x, p, cfg, angles, prec, rec)
     state.kv = _cat(state.kv, project_kv(x, p, cfg, angles, prec, sims, rec))  # [P, hd], every position so far
     keys, allow = state.kv, window_mask_at(q_pos, torch.arange(state.kv.shape[0]), cfg.window)  # [S, P]

@@ -69,7 +69,8 @@ def precision_of(precision) -> Precision:
 
 
 def _hc_args(cfg: ModelConfig, prec: Precision) -> dict:
-    return dict(n=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc)
+    return dict(n=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc,
+                lanes=prec.policy.hc_mix_lanes)
 
 
 def _hc_params(p: dict, part: str) -> tuple:
@@ -126,7 +127,7 @@ def block(x, ids, p, layer, cfg, tables, prec, sims, rec):
 def head(x, p, prefix, cfg, prec, rec):
     """Final mHC contraction -> norm -> LM head (placed by `policy.head`). x [S, n, D] -> [S, V]."""
     w = hc_head_weights(x, p[f"{prefix}hc_head_fn"], p[f"{prefix}hc_head_scale"], p[f"{prefix}hc_head_base"],
-                        hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc)
+                        hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc, lanes=prec.policy.hc_mix_lanes)
     h = collapse(x, w)
     rec("head.collapsed", h)
     hn = rms_norm(h, p[f"{prefix}norm.weight"], cfg.rms_eps, prec.acc)

@@ -39,6 +39,8 @@ class Policy:
     swiglu: torch.dtype  # SwiGLU hidden of every expert
     moe_sum: torch.dtype  # routed + shared expert outputs accumulate in
     weight_after_w2: bool  # routing weight applied after w2 (act) instead of before (swiglu dtype)
+    rope_iterated: bool = False  # RoPE angles by repeated fp32 products (ggml), not p * omega
+    hc_mix_lanes: int = 0  # mHC mix: normalize first, sum in this many sequential lanes (ggml); 0: one GEMM
 
 
 def demo_policy(act: torch.dtype, acc: torch.dtype, split_k: int = 1) -> Policy:

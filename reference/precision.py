@@ -16,7 +16,7 @@ widths be chosen:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -35,7 +35,11 @@ class Precision:
 
     * alt_placement: round where transformers-style ports round (`policy.ported_policy`);
     * split_k: every Linear sums its reduction in `split_k` partial products (another
-      reduction order, as split-K GEMM kernels do).
+      reduction order, as split-K GEMM kernels do);
+    * rope_iterated: RoPE angles formed by repeated fp32 products (`primitives.rope_angles`),
+      as ggml forms them (llama.cpp), instead of the demo's one product p * omega;
+    * hc_mix_lanes: the mHC mix normalizes first and sums each long (n*D) dot product in that
+      many sequential lanes (`mhc._mix_logits`), as ggml's F32 mul_mat does (llama.cpp).
 
     `policy` (derived) is what the primitives read: the dtype of every rounding place.
     """
@@ -44,11 +48,16 @@ class Precision:
     acc: torch.dtype  # dtype of the demo's "fp32" computations
     alt_placement: bool = False
     split_k: int = 1
+    rope_iterated: bool = False
+    hc_mix_lanes: int = 0
     policy: Policy = field(init=False, repr=False, compare=False)  # what the primitives read
 
     def __post_init__(self):
         make = ported_policy if self.alt_placement else demo_policy
-        object.__setattr__(self, "policy", make(self.act, self.acc, max(1, int(self.split_k))))
+        pol = make(self.act, self.acc, max(1, int(self.split_k)))
+        if self.rope_iterated or self.hc_mix_lanes:
+            pol = replace(pol, rope_iterated=self.rope_iterated, hc_mix_lanes=int(self.hc_mix_lanes))
+        object.__setattr__(self, "policy", pol)
 
     @property
     def fp8_cache(self) -> bool:
@@ -66,12 +75,15 @@ class Precision:
         acc = torch.float64 if act == torch.float64 else torch.float32
         return cls(key, act, acc)
 
-    def variant(self, alt_placement: bool = False, split_k: int = 1) -> "Precision":
-        return Precision(self.name, self.act, self.acc, alt_placement, split_k)
+    def variant(self, alt_placement: bool = False, split_k: int = 1, rope_iterated: bool = False,
+                hc_mix_lanes: int = 0) -> "Precision":
+        return Precision(self.name, self.act, self.acc, alt_placement, split_k, rope_iterated, hc_mix_lanes)
 
     @property
     def label(self) -> str:
-        extra = (["alt-placement"] if self.alt_placement else []) + ([f"split-k{self.split_k}"] if self.split_k > 1 else [])
+        extra = ((["alt-placement"] if self.alt_placement else []) + ([f"split-k{self.split_k}"] if self.split_k > 1 else [])
+                 + (["iterated-rope"] if self.rope_iterated else [])
+                 + ([f"hc-lanes{self.hc_mix_lanes}"] if self.hc_mix_lanes else []))
         return self.name + (f" ({', '.join(extra)})" if extra else "")
 
 

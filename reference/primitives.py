@@ -56,9 +56,30 @@ def rope_frequencies(
     return freqs
 
 
-def rope_angles(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Angles p * omega formed in fp32 exactly as the demo's `torch.outer` (docs/v4-spec.md §10.27)."""
-    return torch.outer(positions.to(torch.float32), freqs.to(torch.float32))
+def rope_angles(positions: torch.Tensor, freqs: torch.Tensor, iterated: bool = False) -> torch.Tensor:
+    """Angles p * omega formed in fp32 exactly as the demo's `torch.outer` (docs/v4-spec.md §10.27).
+
+    `iterated` (an honest float32 variant, `Policy.rope_iterated`): angles formed the way ggml
+    forms them (`ggml_rope_cache_init`: `theta *= theta_scale`, then YaRN's
+    `freq_scale * theta` mixed by the ramp): the unscaled angle of pair k by k repeated fp32
+    products with one fp32 ratio s = omega_1 / omega_0, theta_0 = p, theta_k = theta_(k-1) * s,
+    then the table's own YaRN factor omega_k / (omega_0 s^k) applied in fp32 (exact where it is
+    1 or 1/factor, a power of two; the ramp's mixed pairs round once more). Pair k carries k
+    roundings of one ratio instead of the demo's single product: angle differences up to
+    ~1.5e-5 rad at position 300 (docs/engines.md, "llama.cpp")."""
+    pos, w = positions.to(torch.float32), freqs.to(torch.float32)
+    if not iterated or w.shape[0] < 2:
+        return torch.outer(pos, w)
+    s = w[1] / w[0]  # fp32, as ggml's theta_scale
+    k = torch.arange(w.shape[0], dtype=torch.float64)
+    factor = w.double() / (w[0].double() * s.double() ** k)  # the table's YaRN factor per pair
+    pow2 = torch.exp2(torch.round(torch.log2(factor)))
+    factor = torch.where((factor / pow2 - 1).abs() < 1e-5, pow2, factor).to(torch.float32)
+    cols, theta = [], pos * w[0]
+    for j in range(w.shape[0]):
+        cols.append(theta if factor[j] == 1 else theta * factor[j])
+        theta = theta * s
+    return torch.stack(cols, -1)
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor, rope_dim: int, inverse: bool = False,

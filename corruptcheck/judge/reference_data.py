@@ -12,7 +12,7 @@ from corruptcheck.judge.coverage import coverage
 from corruptcheck.storage.golden import (GoldenDrift, GoldenTampered, build_golden, check_against_sketches, check_against_tensors,
                                  commits_tensors, golden_root, load_committed_tensors, load_manifest,
                                  load_sketches, read_cache, write_cache)
-from corruptcheck.judge.noise import NOISE_FORMAT, measure
+from corruptcheck.judge.noise import NOISE_FORMAT, measure, variants
 from corruptcheck.reference import run
 
 NOISE_PRECISIONS = ("float32", "bfloat16")
@@ -50,6 +50,12 @@ def noise_for(case: Case, ref: ReferenceData, precision: str) -> tuple[dict | No
     if precision == "float64":
         return None, "float64: floor tolerance (exact engine)"
     stored = ref.noise.get(precision)
+    current = [v.label for v in variants(precision)]
+    if stored is not None and stored.get("format") == NOISE_FORMAT and stored.get("variants") not in (None, current):
+        # the golden measured another set of honest variants (e.g. before float32's iterated-rope):
+        # judging with it would miss the variants added since; measure now (regenerate the golden)
+        return measure(case, ref.points, precision), (f"measured now (the golden's noise model ran {stored.get('variants')}, "
+                                                      f"the current one runs {current})")
     if stored is not None and stored.get("format") == NOISE_FORMAT:
         return stored, "golden"
     if stored is not None and stored.get("format") == 1:
