@@ -121,8 +121,13 @@ def test_unwritable_output_is_refused_before_any_work(args, where, tmp_path, mon
     """An output path that cannot be written ends the command with one line and exit 2 before
     the engine runs (compare here would raise if it ran), and leaves nothing behind."""
     import corruptcheck.compare as compare_mod
+    from corruptcheck.selftest import runner, sensitivity, sweep
 
-    monkeypatch.setattr(compare_mod, "compare", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    def ran(*a, **k):
+        raise AssertionError("ran")
+
+    for module in (compare_mod, runner, sensitivity, sweep):  # every binding of compare, restored after
+        monkeypatch.setattr(module, "compare", ran)
     (tmp_path / "file").write_text("x")  # {tmp}/file/r.json: its parent is a file
     path = where.format(tmp=tmp_path)
     res = CliRunner().invoke(cli.main, [*args, "--json", path])

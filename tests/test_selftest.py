@@ -15,7 +15,9 @@ from click.testing import CliRunner
 from corruptcheck.cases import get_case
 from corruptcheck.cli.app import main
 from corruptcheck.engines import get_engine
-from corruptcheck.faults import FAULTS, get_fault
+from corruptcheck.faults import faults_for, get_fault
+
+FAULTS = faults_for("hf")  # the model faults the hf and reference self-tests run
 from corruptcheck.selftest.runner import (BENIGN, FaultRow, SelftestResult, VariantEngine, partnered, render_html,
                                    run_benign, run_fault, run_selftest)
 

@@ -241,8 +241,9 @@ def run_sensitivity(engine: str, case: str, precision: str = "float32", faults=N
         raise BadInput(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if not isinstance(steps, int) or steps < 1:
         raise BadInput(f"--steps must be a positive integer, not {steps!r}")
+    inner = get_engine(engine)  # unknown / unavailable engine: one line, before its faults are looked up
     fault_objs = resolve(faults, faults_for(engine), "fault")
-    rec = _Recording(get_engine(engine))
+    rec = _Recording(inner)
     clean_res = compare(case_obj, engine, precision, engine=rec, teacher_forcing=teacher_forcing,
                         **ENGINE_OPTIONS.get(engine, {}))
     clean = rec.points
