@@ -13,6 +13,12 @@ widths be chosen:
   compressed entries the same way, and the lightning indexer's queries and keys (e4m3, one
   scale per 128-dim vector). Weights are FP8 in such an engine too, but the cases that declare
   it are FP8-exact, so that part adds nothing.
+* ``ggml-float32``: ``float32`` computed the way ggml's CPU kernels compute it (llama.cpp with F32
+  weights, an F32 KV cache and flash attention off): RoPE angles by repeated fp32 products
+  (``rope_iterated``) and the mHC mix normalized first and summed in 8 sequential fp32 lanes
+  (``hc_mix_lanes=8``). Every rounding is fp32 as in ``float32``; only the places differ, so its
+  noise is measured on these placements (an engine-matched profile: the generic ``float32``
+  tolerances stay those of a blocked-GEMM engine).
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ import torch
 from .policy import Policy, demo_policy, ported_policy
 
 _NAMES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
-          "fp8-serving": torch.bfloat16}
+          "fp8-serving": torch.bfloat16, "ggml-float32": torch.float32}
+# profiles whose own placement differs from the demo's: (rope_iterated, hc_mix_lanes)
+_PLACEMENT = {"ggml-float32": (True, 8)}
 ALIASES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "double": "float64", "float": "float32"}
 SERVING = {"fp8-serving"}  # precisions that quantise the KV cache and the indexer to FP8
 
@@ -73,17 +81,22 @@ class Precision:
             raise ValueError(f"unknown precision {name!r}; choose one of {sorted(_NAMES)}")
         act = _NAMES[key]
         acc = torch.float64 if act == torch.float64 else torch.float32
-        return cls(key, act, acc)
+        return cls(key, act, acc, False, 1, *_PLACEMENT.get(key, (False, 0)))
 
-    def variant(self, alt_placement: bool = False, split_k: int = 1, rope_iterated: bool = False,
-                hc_mix_lanes: int = 0) -> "Precision":
-        return Precision(self.name, self.act, self.acc, alt_placement, split_k, rope_iterated, hc_mix_lanes)
+    def variant(self, alt_placement: bool = False, split_k: int = 1) -> "Precision":
+        """Another honest implementation at this precision; a profile's own placement
+        (rope_iterated, hc_mix_lanes) is kept."""
+        return Precision(self.name, self.act, self.acc, alt_placement, split_k, self.rope_iterated, self.hc_mix_lanes)
+
+    @property
+    def _own_placement(self) -> bool:
+        return (self.rope_iterated, self.hc_mix_lanes) == _PLACEMENT.get(self.name)
 
     @property
     def label(self) -> str:
         extra = ((["alt-placement"] if self.alt_placement else []) + ([f"split-k{self.split_k}"] if self.split_k > 1 else [])
-                 + (["iterated-rope"] if self.rope_iterated else [])
-                 + ([f"hc-lanes{self.hc_mix_lanes}"] if self.hc_mix_lanes else []))
+                 + (["iterated-rope"] if self.rope_iterated and not self._own_placement else [])
+                 + ([f"hc-lanes{self.hc_mix_lanes}"] if self.hc_mix_lanes and not self._own_placement else []))
         return self.name + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -25,6 +25,7 @@ from corruptcheck.cases import Case, get_case
 from corruptcheck.engines import llamacpp_capture as lc
 from corruptcheck.engines.llamacpp_engine import LlamaCppEngine
 from corruptcheck.engines.llamacpp_gguf import check_config, gguf_module, gguf_name, tensor_type
+from corruptcheck.faults import get_fault
 from corruptcheck.faults.llamacpp import LLAMACPP_FAULTS, make_fault
 from corruptcheck.reference import ModelConfig, Precision
 from corruptcheck.reference.attention import window_mask
@@ -116,10 +117,10 @@ def test_fault_rewrites_change_what_they_claim():
 def test_fault_registry_names_strike_points_and_triggers():
     assert len(LLAMACPP_FAULTS) >= 5
     flash, pro = get_case("flash-engine").config, get_case("pro-engine").config
-    guard = LLAMACPP_FAULTS["llamacpp-hc-pre-width-guard"]
+    guard = get_fault("llamacpp-hc-pre-width-guard")
     assert guard.triggered(flash, (2112,), "llamacpp") is False  # hidden 4096: the kernel's own width
     assert guard.triggered(pro, (2112,), "llamacpp") is True
-    kv = LLAMACPP_FAULTS["llamacpp-kv-slot-shift"]
+    kv = get_fault("llamacpp-kv-slot-shift")
     assert kv.spec(flash)["node"] == "kv-1"  # flash-engine's CSA layer
 
 
@@ -136,7 +137,7 @@ def test_unknown_option_is_bad_input():
 def test_declared_profile_follows_what_the_graph_ran():
     from corruptcheck.engines.llamacpp_precision import profile_name
 
-    assert profile_name("f32", "f32", "off") == "float32"
+    assert profile_name("f32", "f32", "off") == "ggml-float32"
     assert profile_name("f32", "f32", "on") == "llamacpp-f32-kvf32-fa16"  # K/V cast to F16
     assert profile_name("f32", "f16", "off") == "llamacpp-f32-kvf16"
     with pytest.raises(ValueError):  # not modelled: a compare stops (exit 2), never judges it as float32
@@ -165,7 +166,8 @@ def test_iterated_rope_angles_are_another_fp32_placement():
                 scale = 1.0 if kind == "main" else 1.0 / cfg.yarn_factor
                 assert torch.equal(it[:, k], theta * scale), (kind, k)
             theta = theta * ratio
-    assert Precision.of("float32").variant(split_k=3, rope_iterated=True).label == "float32 (split-k3, iterated-rope)"
+    ggml = Precision.of("ggml-float32")
+    assert ggml.policy.rope_iterated and not Precision.of("float32").policy.rope_iterated
 
 
 def test_hc_mix_lanes_is_the_same_mix_summed_in_another_order():
@@ -181,8 +183,19 @@ def test_hc_mix_lanes_is_the_same_mix_summed_in_another_order():
     plain, lanes = _mix_logits(x, fn, 1e-6, torch.float32), _mix_logits(x, fn, 1e-6, torch.float32, 8)
     assert not torch.equal(plain, lanes)
     assert _rel(lanes, exact) < 1e-5 and _rel(plain, exact) < 1e-5
-    assert Precision.of("float32").variant(split_k=3, rope_iterated=True, hc_mix_lanes=8).label == \
-        "float32 (split-k3, iterated-rope, hc-lanes8)"
+    assert Precision.of("ggml-float32").policy.hc_mix_lanes == 8 and Precision.of("float32").policy.hc_mix_lanes == 0
+
+
+def test_ggml_float32_is_an_engine_matched_profile_beside_an_unchanged_float32():
+    """ggml-float32 keeps its own RoPE and mHC placement in every honest variant; the generic
+    float32 variants (every other engine's tolerance) are the blocked-GEMM ones, unchanged."""
+    from corruptcheck.judge.noise import variants
+
+    assert [v.label for v in variants("float32")] == ["float32", "float32 (split-k2)", "float32 (split-k3)"]
+    ggml = variants("ggml-float32")
+    assert [v.label for v in ggml] == ["ggml-float32", "ggml-float32 (split-k2)", "ggml-float32 (split-k3)"]
+    assert all(v.policy.rope_iterated and v.policy.hc_mix_lanes == 8 for v in ggml)
+    assert all(not v.policy.rope_iterated and v.policy.hc_mix_lanes == 0 for v in variants("float32"))
 
 # --- engine: llama.cpp itself ------------------------------------------------------------
 
@@ -206,7 +219,7 @@ def test_f32_llama_cpp_passes_inside_float32(mini_f32):
     inside the float32 tolerance (measured worst err/tol 0.53 free, 0.66 teacher-forced)."""
     res = mini_f32
     pts = _points(res)
-    assert res.precision == "float32"
+    assert res.precision == "ggml-float32"
     assert res.engine_meta["settings"]["flash_attn_resolved"] == "off"
     assert res.comparison.verdict == "pass", res.comparison.first_divergence
     assert res.comparison.compared >= 60  # every required point and the finer ones llama.cpp names
@@ -273,7 +286,7 @@ def test_flash_attention_rounds_k_and_v_to_f16(mini_runs):
     h = _hadamard(cfg.head_dim)
     f16 = lambda x: x.float().half().double()  # noqa: E731
     off, on = caps["off"], caps["on"]
-    assert off.precision == "float32" and off.meta["settings"]["flash_attn_resolved"] == "off"
+    assert off.precision == "ggml-float32" and off.meta["settings"]["flash_attn_resolved"] == "off"
     assert on.precision == "llamacpp-f32-kvf32-fa16" and on.meta["settings"]["flash_attn_resolved"] == "on"
     derope = lambda o: apply_rope(o, angles, cfg.rope_dim, inverse=True, acc=torch.float64)  # noqa: E731
     q, kv = off.points["layers.0.attn.q"].double(), off.points["layers.0.attn.kv"].double()
@@ -334,7 +347,7 @@ def test_served_schedule_is_judged_per_phase():
 def test_faults_are_caught_and_localized(fault, culprit):
     from corruptcheck.selftest.runner import run_fault
 
-    row = run_fault(MINI, "llamacpp", LLAMACPP_FAULTS[fault], "float32")
+    row = run_fault(MINI, "llamacpp", get_fault(fault), "ggml-float32")
     assert row.status == "detected", (row.status, row.note)
     assert row.culprit and row.culprit.endswith(culprit), row.culprit
     assert row.localized

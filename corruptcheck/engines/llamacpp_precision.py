@@ -7,8 +7,8 @@ Read from llama-cpp-python 0.3.36's vendored llama.cpp and measured (docs/engine
   reduction orders, which the float32 profile's split-K variants stand for). Norms, softmax,
   sigmoid / softplus, Sinkhorn, top-k, the lightning indexer: F32.
 * RoPE: ggml forms the angle of pair k by k repeated F32 products (`ggml_rope_cache_init`,
-  `theta *= theta_scale`), not the demo's one product p * omega: an honest float32 placement,
-  modelled by the float32 profile's `iterated-rope` variant (reference/precision.py).
+  `theta *= theta_scale`), not the demo's one product p * omega: another fp32 placement, which
+  the `ggml-float32` profile models (reference/precision.py), as it does ggml's mHC mix.
 * the KV cache: `type_k` (= `type_v` for deepseek4) holds the raw sliding-window rows, the CSA /
   HCA compressed entries and the indexer keys (`llama_kv_cache_dsv4`); F32 stores them exactly;
   the compressor state is always F32.
@@ -20,7 +20,9 @@ Read from llama-cpp-python 0.3.36's vendored llama.cpp and measured (docs/engine
   `flash_attn="auto"` resolves to on for the CPU; the worker reports what the graph really ran.
 
 A run whose every rounding is float32 (F32 weights, F32 cache, flash attention off) declares
-``float32``; other runs declare a profile that names what they round, judged only where the
+``ggml-float32``: float32 with ggml's RoPE angles and its mHC mix in 8 sequential F32 lanes, its
+noise measured on those placements (the generic ``float32`` tolerances stay a blocked-GEMM
+engine's); other runs declare a profile that names what they round, judged only where the
 reference models it (reference/precision.py; none of these is modelled yet: such a compare
 stops with the unknown precision, exit 2, instead of judging against a wrong tolerance).
 """
@@ -30,5 +32,5 @@ from __future__ import annotations
 def profile_name(weights: str, kv_type: str, flash_attn_resolved: str) -> str:
     """`flash_attn_resolved`: "on" / "off", what llama.cpp's graph ran (not the request)."""
     if weights == "f32" and kv_type == "f32" and flash_attn_resolved == "off":
-        return "float32"
+        return "ggml-float32"
     return f"llamacpp-{weights}-kv{kv_type}" + ("-fa16" if flash_attn_resolved == "on" else "")

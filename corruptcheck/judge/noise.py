@@ -32,10 +32,9 @@ def variants(precision: str) -> list[Precision]:
     base = Precision.of(precision)
     if base.act == torch.bfloat16:
         return [base, base.variant(alt_placement=True), base.variant(split_k=2)]
-    # split-k3 also forms the RoPE angles by repeated fp32 products and sums the mHC mix in 8
-    # sequential lanes after the norm, as ggml does (llama.cpp, docs/engines.md): an honest
-    # float32 engine that sums in other orders and forms its angles another way
-    return [base, base.variant(split_k=2), base.variant(split_k=3, rope_iterated=True, hc_mix_lanes=8)]
+    # float32 and its engine-matched profiles (ggml-float32 keeps its own RoPE and mHC placement
+    # in every variant): other reduction orders, as split-K and blocked GEMM kernels sum
+    return [base, base.variant(split_k=2), base.variant(split_k=3)]
 
 
 def _score_noise(new: torch.Tensor, ref: torch.Tensor) -> float:

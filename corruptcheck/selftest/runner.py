@@ -43,7 +43,7 @@ LOCALIZATION_TARGET = 0.95  # exact localization wanted for >= 95% of float32 pa
 # clamp (a real defect, docs/engines.md), so faults are judged on an engine with that fixed.
 ENGINE_OPTIONS = {"vllm": {"fix": "routed-swiglu-clamp"}, "llamacpp": {"weights": "f32", "kv_type": "f32"}}
 # engines that declare their own precision profile: their rows run at that one precision
-ENGINE_PRECISIONS = {"vllm": ("fp8-serving",), "llamacpp": ("float32",)}
+ENGINE_PRECISIONS = {"vllm": ("fp8-serving",), "llamacpp": ("ggml-float32",)}
 
 
 def default_cases(engine: str) -> list[str]:
