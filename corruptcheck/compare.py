@@ -79,6 +79,7 @@ def compare(case: Case, engine_name: str, precision: str, use_golden: bool = Tru
     "prefill-only" (one forward per sequence)."""
     precision = Precision.of(precision).name if precision else None  # None: the engine declares it
     engine = engine or get_engine(engine_name)
+    case = engine.weights_case(case, **engine_options)  # e.g. the case as a Q8_0 GGUF holds it
     note = ""
     if isinstance(schedule, str):
         schedule, note = resolve_schedule(case, engine, schedule)

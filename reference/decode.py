@@ -148,8 +148,8 @@ def _mtp_feed(cfg, p, state: SequenceState, ids, x_main, tables, prec, sims, rec
     m = sub(p, "mtp.0")
     e = rms_norm(p["embed.weight"][ids_prev].to(prec.act), m["enorm.weight"], cfg.rms_eps, prec.acc)
     xh = rms_norm(x_main, m["hnorm.weight"], cfg.rms_eps, prec.acc)
-    k = prec.policy.split_k
-    x = linear(e, m["e_proj.weight"], k)[:, None, :] + linear(xh, m["h_proj.weight"], k)  # [R, n, D]
+    k, r = prec.policy.split_k, prec.policy.bf16_linear_in
+    x = linear(e, m["e_proj.weight"], k, r)[:, None, :] + linear(xh, m["h_proj.weight"], k, r)  # [R, n, D]
     rec("in", x)
     start = max(state.pos - 1, 0)
     layer = cfg.num_layers

@@ -161,8 +161,8 @@ def mtp_forward(cfg, p, ids, x_main, tables, prec, sims, rec):
     ids_next = ids[1:]
     e = rms_norm(p["embed.weight"][ids_next].to(prec.act), m["enorm.weight"], cfg.rms_eps, prec.acc)
     xh = rms_norm(x_main[:-1], m["hnorm.weight"], cfg.rms_eps, prec.acc)
-    k = prec.policy.split_k
-    x = linear(e, m["e_proj.weight"], k)[:, None, :] + linear(xh, m["h_proj.weight"], k)  # [S-1, n, D]
+    k, r = prec.policy.split_k, prec.policy.bf16_linear_in
+    x = linear(e, m["e_proj.weight"], k, r)[:, None, :] + linear(xh, m["h_proj.weight"], k, r)  # [S-1, n, D]
     rec("in", x)
     x = block(x, ids_next, m, cfg.num_layers, cfg, tables, prec, sims, rec)
     head(x, {**m, "head.weight": p["head.weight"]}, "", cfg, prec, rec)

@@ -19,6 +19,11 @@ widths be chosen:
   (``hc_mix_lanes=8``). Every rounding is fp32 as in ``float32``; only the places differ, so its
   noise is measured on these placements (an engine-matched profile: the generic ``float32``
   tolerances stay those of a blocked-GEMM engine).
+* ``ggml-bf16`` / ``ggml-q8_0``: ``ggml-float32`` with the activations converted where ggml
+  converts them for a quantized weight's dot product (its `vec_dot_type`): to bfloat16 before
+  every BF16 matrix, and to Q8_0 blocks (`quant.q8_0_sim`) before every Q8_0 one (the FP8-class
+  linears and the routed experts of a Q8_0 GGUF; its router, compressor, indexer weights and
+  head stay BF16). The weights are the GGUF's own values (a case variant, `weights.py`).
 """
 from __future__ import annotations
 
@@ -29,9 +34,13 @@ import torch
 from .policy import Policy, demo_policy, ported_policy
 
 _NAMES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
-          "fp8-serving": torch.bfloat16, "ggml-float32": torch.float32}
-# profiles whose own placement differs from the demo's: (rope_iterated, hc_mix_lanes)
-_PLACEMENT = {"ggml-float32": (True, 8)}
+          "fp8-serving": torch.bfloat16, "ggml-float32": torch.float32, "ggml-bf16": torch.float32,
+          "ggml-q8_0": torch.float32}
+# profiles whose own placement differs from the demo's: what ggml does (llama.cpp; docs/engines.md):
+# (rope_iterated, hc_mix_lanes, the FP8-class linears' input rounding, the BF16-class ones')
+_GGML = (True, 8)
+_PLACEMENT = {"ggml-float32": (*_GGML, None, None), "ggml-bf16": (*_GGML, "bf16", "bf16"),
+              "ggml-q8_0": (*_GGML, "q8_0", "bf16")}
 ALIASES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "double": "float64", "float": "float32"}
 SERVING = {"fp8-serving"}  # precisions that quantise the KV cache and the indexer to FP8
 
@@ -58,13 +67,19 @@ class Precision:
     split_k: int = 1
     rope_iterated: bool = False
     hc_mix_lanes: int = 0
+    fp8_linear_in: str | None = None
+    bf16_linear_in: str | None = None
     policy: Policy = field(init=False, repr=False, compare=False)  # what the primitives read
 
     def __post_init__(self):
         make = ported_policy if self.alt_placement else demo_policy
         pol = make(self.act, self.acc, max(1, int(self.split_k)))
-        if self.rope_iterated or self.hc_mix_lanes:
-            pol = replace(pol, rope_iterated=self.rope_iterated, hc_mix_lanes=int(self.hc_mix_lanes))
+        if self.rope_iterated or self.hc_mix_lanes or self.fp8_linear_in or self.bf16_linear_in:
+            # the router, LM head and compressor GEMMs hold BF16-class weights
+            b = self.bf16_linear_in
+            pol = replace(pol, rope_iterated=self.rope_iterated, hc_mix_lanes=int(self.hc_mix_lanes),
+                          fp8_linear_in=self.fp8_linear_in, bf16_linear_in=b, router=replace(pol.router, round_in=b),
+                          head=replace(pol.head, round_in=b), compressor=replace(pol.compressor, round_in=b))
         object.__setattr__(self, "policy", pol)
 
     @property
@@ -81,16 +96,17 @@ class Precision:
             raise ValueError(f"unknown precision {name!r}; choose one of {sorted(_NAMES)}")
         act = _NAMES[key]
         acc = torch.float64 if act == torch.float64 else torch.float32
-        return cls(key, act, acc, False, 1, *_PLACEMENT.get(key, (False, 0)))
+        return cls(key, act, acc, False, 1, *_PLACEMENT.get(key, (False, 0, None, None)))
 
     def variant(self, alt_placement: bool = False, split_k: int = 1) -> "Precision":
         """Another honest implementation at this precision; a profile's own placement
         (rope_iterated, hc_mix_lanes) is kept."""
-        return Precision(self.name, self.act, self.acc, alt_placement, split_k, self.rope_iterated, self.hc_mix_lanes)
+        return Precision(self.name, self.act, self.acc, alt_placement, split_k, self.rope_iterated, self.hc_mix_lanes,
+                         self.fp8_linear_in, self.bf16_linear_in)
 
     @property
     def _own_placement(self) -> bool:
-        return (self.rope_iterated, self.hc_mix_lanes) == _PLACEMENT.get(self.name)
+        return (self.rope_iterated, self.hc_mix_lanes) == _PLACEMENT.get(self.name, ())[:2]
 
     @property
     def label(self) -> str:

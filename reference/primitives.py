@@ -7,6 +7,7 @@ import math
 import torch
 
 from .policy import Gemm
+from .quant import round_input
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, acc: torch.dtype) -> torch.Tensor:
@@ -102,10 +103,12 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor, rope_dim: int, inverse: bo
     return torch.cat([head, rotated.to(x.dtype)], dim=-1)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, split_k: int = 1) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, split_k: int = 1, round_in: str | None = None) -> torch.Tensor:
     """x W^T in x's dtype (weights are cast to the activation dtype). With split_k > 1 the
     reduction is summed from split_k partial products in fp32 (fp64 for fp64 inputs) and
-    rounded once: the same precision, another summation order."""
+    rounded once: the same precision, another summation order. `round_in`: the input rounded
+    first (quant.round_input), as an engine converts it for a quantized weight's dot product."""
+    x = round_input(x, round_in)
     w = w.to(x.dtype)
     k = x.shape[-1]
     if split_k == 1 or k < 2 * split_k:
@@ -121,4 +124,4 @@ def linear(x: torch.Tensor, w: torch.Tensor, split_k: int = 1) -> torch.Tensor:
 
 def gemm(x: torch.Tensor, w: torch.Tensor, place: Gemm) -> torch.Tensor:
     """x W^T computed where `place` says: inputs in place.dtype, split_k partial products."""
-    return linear(x.to(place.dtype), w, place.split_k)
+    return linear(x.to(place.dtype), w, place.split_k, place.round_in)

@@ -197,6 +197,66 @@ def test_ggml_float32_is_an_engine_matched_profile_beside_an_unchanged_float32()
     assert all(v.policy.rope_iterated and v.policy.hc_mix_lanes == 8 for v in ggml)
     assert all(not v.policy.rope_iterated and v.policy.hc_mix_lanes == 0 for v in variants("float32"))
 
+@needs_gguf
+def test_q8_0_weights_are_what_the_gguf_holds():
+    """The Q8_0 case variant's weights are bit-equal to gguf-py's Q8_0 round trip (what the
+    engine loads), Q8_0 of them gives them back (the GGUF of the variant holds the very numbers),
+    and only the FP8-class linears are rounded (the BF16 ones a Q8_0 GGUF keeps BF16)."""
+    import dataclasses
+
+    import numpy as np
+
+    from corruptcheck.engines.llamacpp_gguf import tensor_type
+    from corruptcheck.weights import is_routed_expert
+
+    gguf = gguf_module()
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    case = LlamaCppEngine().weights_case(MINI, weights="q8_0")
+    assert case.name == "llamacpp-mini+q8_0" and case.weight_format == "bf16+q8_0" and not case.golden
+    assert LlamaCppEngine().weights_case(MINI, weights="f32") is MINI
+    base, held = MINI.params(), case.params()
+    rounded = 0
+    for name, w in base.items():
+        if not w.is_floating_point() or w.dim() != 2:
+            continue
+        kind = tensor_type(name, "q8_0", routed=is_routed_expert(name))
+        if kind != "Q8_0":
+            assert torch.equal(held[name], w), name  # BF16 / F32 in the GGUF: exact
+            continue
+        rounded += 1
+        trip = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q8), q8)
+        assert np.array_equal(held[name].numpy(), trip), name
+        again = gguf.quants.dequantize(gguf.quants.quantize(held[name].numpy(), q8), q8)
+        assert np.array_equal(again, held[name].numpy()), name
+        assert 0 < float((held[name] - w).abs().max()) < 0.01 * float(w.abs().max()) + 1e-6, name
+    assert rounded >= 20  # attention projections, experts, shared experts of 3 layers
+    assert dataclasses.replace(MINI, weight_format="bf16+q8_0").params().keys() == base.keys()
+
+
+def test_q8_0_activations_round_as_ggml_x86():
+    """Activations: ggml-cpu's x86 quantize_row_q8_0 multiplies by 127 / amax and rounds half to
+    even; the weights' reference quantizer rounds half away from zero. Blocks of 32, fp16 scale."""
+    from corruptcheck.reference.quant import q8_0_sim, round_input
+
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5] + [0.0] * 26])
+    assert q8_0_sim(x)[0, :6].tolist() == [127.0, 0.0, 2.0, 2.0, 0.0, -2.0]
+    assert q8_0_sim(x, ties_away=True)[0, :6].tolist() == [127.0, 1.0, 2.0, 3.0, -1.0, -3.0]
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(4, 256, generator=g)
+    r = round_input(y, "q8_0")
+    blocks = (r - y).reshape(4, 8, 32).abs().amax(-1)
+    scale = y.reshape(4, 8, 32).abs().amax(-1) / 127
+    # half a step, plus the fp16 scale's own rounding (2^-11 relative) times |q| <= 127
+    assert bool((blocks <= scale * (0.5 + 127 * 2.0 ** -11)).all())
+    assert bool((blocks > scale * 0.3).all())  # and it does round
+    assert torch.equal(round_input(y, "bf16"), y.to(torch.bfloat16).float())
+    for name, fp8_in in (("ggml-bf16", "bf16"), ("ggml-q8_0", "q8_0")):
+        pol = Precision.of(name).policy
+        assert pol.fp8_linear_in == fp8_in and pol.bf16_linear_in == "bf16"
+        assert pol.router.round_in == pol.head.round_in == pol.compressor.round_in == "bf16"
+    assert Precision.of("ggml-float32").policy.fp8_linear_in is None
+
+
 # --- engine: llama.cpp itself ------------------------------------------------------------
 
 

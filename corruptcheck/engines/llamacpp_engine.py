@@ -11,6 +11,7 @@ several sequences in one call.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -74,6 +75,14 @@ class LlamaCppEngine(Engine):
 
     def installed(self) -> bool:
         return installed_version() is not None
+
+    def weights_case(self, case: Case, **options) -> Case:
+        """Q8_0 weights are not the case's numbers: the run and the reference use the case's
+        weights as the Q8_0 GGUF holds them (weights.q8_0_exact; F32 and BF16 are exact)."""
+        if options.get("weights") != "q8_0" or case.weight_format.endswith("+q8_0"):
+            return case
+        return dataclasses.replace(case, name=f"{case.name}+q8_0", weight_format=f"{case.weight_format}+q8_0",
+                                   golden=False)
 
     def run(self, case: Case, precision: str, schedule=None, **options) -> Capture:
         ok, why = self.available()
@@ -158,12 +167,8 @@ def launch(case: Case, schedule, opts: dict, faults: list) -> tuple[dict, dict]:
             tail = [ln for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()][-3:]
             raise RuntimeError(f"llama.cpp worker exited with {proc.returncode}: {' | '.join(tail)}")
         meta_in = json.loads(Path(tmp, "passes.json").read_text())
-        from safetensors.torch import load_file
-
-        tensors = load_file(os.path.join(tmp, "passes.safetensors"))
-    done = time.perf_counter()
-    raw, batches, extra = _raw_capture(case, meta_in, tensors)
-    del tensors
+        done = time.perf_counter()
+        raw, batches, extra = _raw_capture(case, meta_in, tmp)
     sequences = meta_in["sequences"]
     align = align_requests([(p["ids"], p["pos"]) for p in raw.passes], batches, sequences)
     points, info = finalize(merge_ranks([raw]), case.config, sequences, align)
@@ -197,17 +202,21 @@ def _ggml_version() -> str:
         return "?"
 
 
-def _raw_capture(case: Case, meta_in: dict, tensors: dict) -> tuple[RawCapture, list, dict]:
-    """The worker's passes as a RawCapture (canonical names, [rows, ...] tensors) and, per pass,
-    [(sequence, rows)] in row order for align_requests."""
+def _raw_capture(case: Case, meta_in: dict, out: str) -> tuple[RawCapture, list, dict]:
+    """The worker's passes (one file each in `out`) as a RawCapture (canonical names,
+    [rows, ...] tensors) and, per pass, [(sequence, rows)] in row order for align_requests."""
+    from safetensors import safe_open
+
     raw = RawCapture()
     batches = []
     extra: dict = {}
     for k, p in enumerate(meta_in["passes"]):
         rows = len(p["ids"])
         pts = {}
+        with safe_open(os.path.join(out, p["file"]), "np") as tensors:
+            named = {key: tensors.get_tensor(key) for key in tensors.keys()}
         for name, occ, _shape in p["names"]:
-            t = tensors[f"{k}|{name}|{occ}"].numpy()
+            t = named.pop(f"{name}|{occ}")
             base, il = parse_name(name)
             targets = canonical_of(base, il, occ)
             if not targets:

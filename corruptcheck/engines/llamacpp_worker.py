@@ -1,7 +1,8 @@
 """The llama.cpp run itself, in a child process (`python -m corruptcheck.engines.llamacpp_worker
 JOB.json`): loads the GGUF through llama-cpp-python's low-level API, feeds the planned calls to
 `llama_decode` with an eval callback that copies the named nodes (llamacpp_capture.py), and
-writes every forward pass's rows to `OUT/passes.safetensors` + `OUT/passes.json`.
+writes every forward pass's rows to `OUT/pass-K.safetensors` as soon as its llama_decode call
+is done (streamed: the worker holds one call's passes), and `OUT/passes.json` at the end.
 
 A child process because llama.cpp aborts the whole process on a failed GGML_ASSERT (the
 parent then reports the log's last lines, one line, instead of dying), and because its model
@@ -43,6 +44,7 @@ class _Run:
         self.fault_hits: dict = {}
         self.errors: list = []
         self.pending: list = []  # planned passes of the running llama_decode, in order
+        self.flushed = 0  # passes below this one are on disk (flush)
         # the attention path llama.cpp's graph really took: the non-flash path names its
         # softmax node `kq_soft_max-il` (llm_graph_context::build_attn_mha); the flash path
         # (ggml_flash_attn_ext, K/V cast to F16) names none
@@ -194,6 +196,7 @@ def serve(L, ctx, run: _Run, job: dict, emb: np.ndarray):
         for group in groups.values():
             _decode(L, ctx, run, batch, group, n_ubatch, emb, seqs, fed, pending_next, prompts, steps, done)
             calls.append([(p[0], len(p[1])) for p in group])
+            flush(job["out"], run, len(run.passes))
     L.llama_batch_free(batch)
     return seqs, calls
 
@@ -260,25 +263,32 @@ def _decode(L, ctx, run, batch, group, n_ubatch, emb, seqs, fed, pending_next, p
                     break
 
 
-def _write(out, run, sequences, calls, loaded, timings, settings, sysinfo):
+def flush(out: str, run: _Run, upto: int) -> None:
+    """Write every finished pass below `upto` to OUT/pass-K.safetensors and drop its rows: the
+    worker then holds one llama_decode call's passes at a time, not the whole run (streamed)."""
     import torch
     from safetensors.torch import save_file
 
-    tensors, meta = {}, {"passes": [], "sequences": sequences, "calls": calls, "loaded": loaded,
-                         "timings": timings, "settings": settings, "system_info": sysinfo,
-                         "fault_hits": run.fault_hits}
-    for k, p in enumerate(run.passes):
-        names = []
+    for k in range(run.flushed, upto):
+        p = run.passes[k]
+        tensors, names = {}, []
         for name, arrs in p["raw"].items():
             for occ, a in enumerate(arrs):
-                key = f"{k}|{name}|{occ}"
-                tensors[key] = torch.from_numpy(np.ascontiguousarray(a))
+                tensors[f"{name}|{occ}"] = torch.from_numpy(np.ascontiguousarray(a))
                 names.append([name, occ, list(a.shape)])
-        meta["passes"].append({"ids": p["ids"], "pos": p["pos"], "seq": p["seq"], "names": names})
-    save_file(tensors, os.path.join(out, "passes.safetensors"))
+        save_file(tensors, os.path.join(out, f"pass-{k}.safetensors"))
+        p["names"], p["raw"] = names, {}
+    run.flushed = max(run.flushed, upto)
+
+
+def _write(out, run, sequences, calls, loaded, timings, settings, sysinfo):
+    flush(out, run, len(run.passes))
+    meta = {"passes": [{"ids": p["ids"], "pos": p["pos"], "seq": p["seq"], "names": p["names"],
+                        "file": f"pass-{k}.safetensors"} for k, p in enumerate(run.passes)],
+            "sequences": sequences, "calls": calls, "loaded": loaded, "timings": timings, "settings": settings,
+            "system_info": sysinfo, "fault_hits": run.fault_hits}
     with open(os.path.join(out, "passes.json"), "w") as f:
         json.dump(meta, f)
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))
