@@ -9,7 +9,7 @@ import torch
 from corruptcheck.errors import BadInput
 from corruptcheck.reference import ModelConfig
 from corruptcheck.schedule import Schedule
-from corruptcheck.weights import fp8_exact, generate_params, release_exact
+from corruptcheck.weights import GGUF_ROUNDINGS, fp8_exact, generate_params, release_exact
 
 CASE_FORMAT_VERSION = 1
 
@@ -58,8 +58,10 @@ class Case:
 @functools.lru_cache(maxsize=2)
 def _params(config: ModelConfig, seed: int, weight_format: str) -> dict:
     params = generate_params(config, seed)
-    exact = {"fp8": fp8_exact, "release": release_exact}.get(weight_format)
-    return exact(params) if exact else params
+    base, _, rounding = weight_format.partition("+")  # "bf16+q8_0": the bf16 weights as a Q8_0 GGUF holds them
+    exact = {"fp8": fp8_exact, "release": release_exact}.get(base)
+    params = exact(params) if exact else params
+    return GGUF_ROUNDINGS[rounding](params) if rounding else params
 
 
 @functools.lru_cache(maxsize=8)

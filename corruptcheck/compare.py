@@ -101,6 +101,7 @@ def compare(case: Case, engine_name: str, precision: str, use_golden: bool = Tru
     precision = Precision.of(precision).name if precision else None  # None: the engine declares it
     engine = engine or get_engine(engine_name)
     crash = engine_options.pop("crash", None)  # test-only fault injection, KIND@PHASE (engines/progress.py)
+    case = engine.weights_case(case, **engine_options)  # e.g. the case as a Q8_0 GGUF holds it
     if wants_child(engine, engine_name, engine_process, crash):
         engine = ChildEngine(engine, engine_name, ChildLimits(engine_timeout, engine_memory), crash)
     note = ""

@@ -141,6 +141,24 @@ def fp8_exact(params: dict) -> dict:
     return params
 
 
+def q8_0_exact(params: dict) -> dict:
+    """Every FP8-class linear (`is_fp8_linear`, the routed experts included) replaced by the
+    value a Q8_0 GGUF holds for it (ggml's reference quantizer: blocks of 32 along the input
+    dim, fp16 scale amax / 127, round half away from zero; `quant.q8_0_sim`), as llama.cpp's
+    converter writes FP8 weights. Q8_0 of these values gives them back (idempotent), so the
+    engine loads the very numbers the reference runs. In place; returns `params`."""
+    from corruptcheck.reference.quant import q8_0_sim
+
+    for name in list(params):
+        t = params[name]
+        if t.is_floating_point() and is_fp8_linear(name, t):
+            params[name] = q8_0_sim(t.float(), ties_away=True).to(t.dtype)
+    return params
+
+
+GGUF_ROUNDINGS = {"q8_0": q8_0_exact}  # weight_format "<base>+<rounding>": the base weights, then this
+
+
 def release_exact(params: dict) -> dict:
     """The weights a V4 release stores: routed experts MXFP4 (e2m1 x one E8M0 scale per 32
     columns), every other FP8 linear e4m3 x 128x128 E8M0 block scales; each replaced in place

@@ -8,7 +8,7 @@ from .compressor import compress
 from .config import ModelConfig
 from .precision import Precision
 from .primitives import apply_rope, linear, rms_norm, rms_unit, rope_angles
-from .quant import fp4_sim, fp8_sim, rotate
+from .quant import fp4_sim, fp8_sim, rotate, round_input
 
 
 def sub(p: dict, prefix: str) -> dict:
@@ -58,13 +58,13 @@ def score_entries(x, qr, p: dict, cfg: ModelConfig, angles, keys, q_pos, prec: P
     """Indexer scores [Q, n] of queries at positions `q_pos` against compressed keys [n, d]."""
     pol = prec.policy
     s = x.shape[0]
-    q = linear(qr, p["wq_b.weight"], pol.split_k).view(s, cfg.index_n_heads, cfg.index_head_dim)  # no per-head norm
+    q = linear(qr, p["wq_b.weight"], pol.split_k, pol.fp8_linear_in).view(s, cfg.index_n_heads, cfg.index_head_dim)  # no per-head norm
     q = apply_rope(q, angles, cfg.rope_dim, acc=prec.acc, trig=pol.rope_table)
     if sims:
         q = fp4_sim(rotate(q), 32)
     elif prec.fp8_cache:  # FP8 serving engines: e4m3 queries, one scale per head vector
         q = fp8_sim(q, cfg.index_head_dim)
-    w = linear(x, p["weights_proj.weight"], pol.split_k) * (cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5)
+    w = linear(x, p["weights_proj.weight"], pol.split_k, pol.bf16_linear_in) * (cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5)
     # sum_h w[t,h] * relu(q[t,h] . k[i]), in the policy's dtype (the demo: activations)
     sdt = pol.index_scores
     score = torch.einsum("shd,nd->shn", q.to(sdt), keys.to(sdt)).relu()  # [Q, H, n]
@@ -106,9 +106,9 @@ def sink_attention(q, keys, allow, sink, scale: float, prec: Precision) -> torch
 def project_q(x, p: dict, cfg: ModelConfig, angles, prec: Precision, rec):
     """(qr [S, q_lora], q [S, H, hd]) with RoPE at `angles`."""
     pol, s, eps = prec.policy, x.shape[0], cfg.rms_eps
-    qr = rms_norm(linear(x, p["wq_a.weight"], pol.split_k), p["q_norm.weight"], eps, prec.acc)
+    qr = rms_norm(linear(x, p["wq_a.weight"], pol.split_k, pol.fp8_linear_in), p["q_norm.weight"], eps, prec.acc)
     rec("qr", qr)
-    q = linear(qr, p["wq_b.weight"], pol.split_k).view(s, cfg.num_heads, cfg.head_dim)
+    q = linear(qr, p["wq_b.weight"], pol.split_k, pol.fp8_linear_in).view(s, cfg.num_heads, cfg.head_dim)
     q = rms_unit(q, eps, pol.q_norm)
     q = apply_rope(q, angles, cfg.rope_dim, acc=prec.acc, trig=pol.rope_table)
     rec("q", q)
@@ -124,7 +124,7 @@ def kv_cache_sims(prec: Precision, sims: bool) -> str | None:
 def project_kv(x, p: dict, cfg: ModelConfig, angles, prec: Precision, sims: bool, rec):
     """The shared key/value rows [S, hd] (K = V), as the KV cache holds them."""
     pol, rd = prec.policy, cfg.rope_dim
-    kv = rms_norm(linear(x, p["wkv.weight"], pol.split_k), p["kv_norm.weight"], cfg.rms_eps, prec.acc)
+    kv = rms_norm(linear(x, p["wkv.weight"], pol.split_k, pol.fp8_linear_in), p["kv_norm.weight"], cfg.rms_eps, prec.acc)
     kv = apply_rope(kv, angles, rd, acc=prec.acc, trig=pol.rope_table)
     if kv_cache_sims(prec, sims):  # the KV cache holds the non-RoPE dims in FP8
         kv = torch.cat([fp8_sim(kv[..., :-rd], 64), kv[..., -rd:]], -1)
@@ -142,8 +142,9 @@ def attend_and_project(q, keys, allow, angles, p: dict, cfg: ModelConfig, prec: 
     # grouped low-rank output projection: group g = heads g*H/G ... contiguous (docs/v4-spec.md §5.9)
     g = cfg.o_groups
     wo_a = p["wo_a.weight"].to(o.dtype).view(g, cfg.o_lora_rank, -1)  # [G, r, H/G*hd]
-    r = torch.einsum("sgd,grd->sgr", o.reshape(s, g, -1), wo_a)  # [S, G, r]
-    return linear(r.reshape(s, -1), p["wo_b.weight"], prec.policy.split_k)
+    o_in = round_input(o.reshape(s, g, -1), prec.policy.fp8_linear_in)  # each group's input row, as its matmul reads it
+    r = torch.einsum("sgd,grd->sgr", o_in, wo_a)  # [S, G, r]
+    return linear(r.reshape(s, -1), p["wo_b.weight"], prec.policy.split_k, prec.policy.fp8_linear_in)
 
 
 def chosen_entries(topk: torch.Tensor, n: int) -> torch.Tensor:
@@ -186,7 +187,7 @@ def attention(x, p: dict, layer: int, cfg: ModelConfig, tables: dict, prec: Prec
     """x: [S, D] attention input (after attn_norm), one sequence at positions 0..S-1. Returns [S, D]."""
     s = x.shape[0]
     kind, freqs = layer_rope(cfg, layer, tables)
-    angles = rope_angles(torch.arange(s), freqs)  # [S, rd/2]
+    angles = rope_angles(torch.arange(s), freqs, prec.policy.rope_iterated)  # [S, rd/2]
     qr, q = project_q(x, p, cfg, angles, prec, rec)
     kv = project_kv(x, p, cfg, angles, prec, sims, rec)  # [S, hd]
     keys, allow = kv, window_mask(s, cfg.window)  # [S, hd], [S, S]

@@ -51,7 +51,7 @@ def finish(pooled, first_block: int, ratio: int, norm_w, freqs, rope_dim: int, p
     (all dims in e4m3, one scale per key)."""
     e = rms_norm(pooled.to(prec.act), norm_w, eps, prec.acc)
     pos = (torch.arange(pooled.shape[0]) + first_block) * ratio
-    e = apply_rope(e, rope_angles(pos, freqs), rope_dim, acc=prec.acc, trig=prec.policy.rope_table)
+    e = apply_rope(e, rope_angles(pos, freqs, prec.policy.rope_iterated), rope_dim, acc=prec.acc, trig=prec.policy.rope_table)
     if sims == "fp8":
         e = torch.cat([fp8_sim(e[..., :-rope_dim], 64), e[..., -rope_dim:]], -1)
     elif sims == "fp4":

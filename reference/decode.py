@@ -94,7 +94,7 @@ def attention_step(x, p: dict, layer: int, cfg: ModelConfig, tables: dict, prec:
     s = x.shape[0]
     kind, freqs = layer_rope(cfg, layer, tables)
     q_pos = torch.arange(start, start + s)
-    angles = rope_angles(q_pos, freqs)  # [S, rd/2]
+    angles = rope_angles(q_pos, freqs, prec.policy.rope_iterated)  # [S, rd/2]
     qr, q = project_q(x, p, cfg, angles, prec, rec)
     state.kv = _cat(state.kv, project_kv(x, p, cfg, angles, prec, sims, rec))  # [P, hd], every position so far
     keys, allow = state.kv, window_mask_at(q_pos, torch.arange(state.kv.shape[0]), cfg.window)  # [S, P]
@@ -148,8 +148,8 @@ def _mtp_feed(cfg, p, state: SequenceState, ids, x_main, tables, prec, sims, rec
     m = sub(p, "mtp.0")
     e = rms_norm(p["embed.weight"][ids_prev].to(prec.act), m["enorm.weight"], cfg.rms_eps, prec.acc)
     xh = rms_norm(x_main, m["hnorm.weight"], cfg.rms_eps, prec.acc)
-    k = prec.policy.split_k
-    x = linear(e, m["e_proj.weight"], k)[:, None, :] + linear(xh, m["h_proj.weight"], k)  # [R, n, D]
+    k, r = prec.policy.split_k, prec.policy.bf16_linear_in
+    x = linear(e, m["e_proj.weight"], k, r)[:, None, :] + linear(xh, m["h_proj.weight"], k, r)  # [R, n, D]
     rec("in", x)
     start = max(state.pos - 1, 0)
     layer = cfg.num_layers

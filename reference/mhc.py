@@ -15,17 +15,32 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return m
 
 
-def _mix_logits(x: torch.Tensor, fn: torch.Tensor, norm_eps: float, acc: torch.dtype) -> torch.Tensor:
+def _mix_logits(x: torch.Tensor, fn: torch.Tensor, norm_eps: float, acc: torch.dtype, lanes: int = 0) -> torch.Tensor:
     # mu = (fn @ flat(X)) * rsqrt(mean(flat(X)^2) + eps): an unweighted RMS over all n*D channels
     xf = x.to(acc).flatten(-2)
     rho = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
-    return (xf @ fn.to(acc).T) * rho
+    w = fn.to(acc)
+    k = xf.shape[-1]
+    if not lanes or k % lanes:
+        return (xf @ w.T) * rho
+    # `lanes` (an honest variant, Policy.hc_mix_lanes): normalize first, then each of the
+    # (2+n)n dot products of length n*D summed in `lanes` accumulators, each adding every
+    # lanes-th product in order, then the lanes pairwise, as ggml's F32 mul_mat kernels do
+    # (llama.cpp; docs/engines.md): a long sequential reduction a blocked sgemm does not make
+    xr = (xf * rho).reshape(*xf.shape[:-1], 1, k // lanes, lanes)
+    wr = w.reshape(w.shape[0], k // lanes, lanes)
+    sums = torch.zeros(*xf.shape[:-1], w.shape[0], lanes, dtype=acc)
+    for i in range(k // lanes):
+        sums = sums + xr[..., i, :] * wr[:, i, :]
+    while sums.shape[-1] > 1:
+        sums = sums[..., 0::2] + sums[..., 1::2] if sums.shape[-1] % 2 == 0 else sums.sum(-1, keepdim=True)
+    return sums[..., 0]
 
 
-def hc_coefficients(x, fn, scale, base, *, n: int, iters: int, hc_eps: float, norm_eps: float, acc):
+def hc_coefficients(x, fn, scale, base, *, n: int, iters: int, hc_eps: float, norm_eps: float, acc, lanes: int = 0):
     """x [S, n, D] -> pre [S, n], post [S, n], M [S, n, n]  (rows 0..n-1 pre, n..2n-1 post,
     then comb in row-major (j, k) order)."""
-    mu = _mix_logits(x, fn, norm_eps, acc)
+    mu = _mix_logits(x, fn, norm_eps, acc, lanes)
     scale, base = scale.to(acc), base.to(acc)
     pre = torch.sigmoid(mu[..., :n] * scale[0] + base[:n]) + hc_eps
     post = 2 * torch.sigmoid(mu[..., n:2 * n] * scale[1] + base[n:2 * n])
@@ -38,10 +53,11 @@ def collapse(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights[..., None] * x.to(weights.dtype)).sum(-2).to(x.dtype)
 
 
-def hc_pre(x, fn, scale, base, *, n: int, iters: int, hc_eps: float, norm_eps: float, acc):
+def hc_pre(x, fn, scale, base, *, n: int, iters: int, hc_eps: float, norm_eps: float, acc, lanes: int = 0):
     """mHC pre (docs/v4-spec.md §4.2-4.4): streams x [S, n, D] -> (sublayer input u [S, D], post [S, n],
     comb M [S, n, n]); u collapses the streams with the pre weights."""
-    pre, post, comb = hc_coefficients(x, fn, scale, base, n=n, iters=iters, hc_eps=hc_eps, norm_eps=norm_eps, acc=acc)
+    pre, post, comb = hc_coefficients(x, fn, scale, base, n=n, iters=iters, hc_eps=hc_eps, norm_eps=norm_eps, acc=acc,
+                                      lanes=lanes)
     return collapse(x, pre), post, comb
 
 
@@ -53,7 +69,7 @@ def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
     return y.to(f.dtype)
 
 
-def hc_head_weights(x, fn, scale, base, *, hc_eps: float, norm_eps: float, acc) -> torch.Tensor:
+def hc_head_weights(x, fn, scale, base, *, hc_eps: float, norm_eps: float, acc, lanes: int = 0) -> torch.Tensor:
     """Final contraction weights (docs/v4-spec.md §4.5): sigmoid(mu * s + b) + eps, no Sinkhorn."""
-    mu = _mix_logits(x, fn, norm_eps, acc)
+    mu = _mix_logits(x, fn, norm_eps, acc, lanes)
     return torch.sigmoid(mu * scale.to(acc)[0] + base.to(acc)) + hc_eps

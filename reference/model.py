@@ -69,7 +69,8 @@ def precision_of(precision) -> Precision:
 
 
 def _hc_args(cfg: ModelConfig, prec: Precision) -> dict:
-    return dict(n=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc)
+    return dict(n=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc,
+                lanes=prec.policy.hc_mix_lanes)
 
 
 def _hc_params(p: dict, part: str) -> tuple:
@@ -126,7 +127,7 @@ def block(x, ids, p, layer, cfg, tables, prec, sims, rec):
 def head(x, p, prefix, cfg, prec, rec):
     """Final mHC contraction -> norm -> LM head (placed by `policy.head`). x [S, n, D] -> [S, V]."""
     w = hc_head_weights(x, p[f"{prefix}hc_head_fn"], p[f"{prefix}hc_head_scale"], p[f"{prefix}hc_head_base"],
-                        hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc)
+                        hc_eps=cfg.hc_eps, norm_eps=cfg.rms_eps, acc=prec.acc, lanes=prec.policy.hc_mix_lanes)
     h = collapse(x, w)
     rec("head.collapsed", h)
     hn = rms_norm(h, p[f"{prefix}norm.weight"], cfg.rms_eps, prec.acc)
@@ -160,8 +161,8 @@ def mtp_forward(cfg, p, ids, x_main, tables, prec, sims, rec):
     ids_next = ids[1:]
     e = rms_norm(p["embed.weight"][ids_next].to(prec.act), m["enorm.weight"], cfg.rms_eps, prec.acc)
     xh = rms_norm(x_main[:-1], m["hnorm.weight"], cfg.rms_eps, prec.acc)
-    k = prec.policy.split_k
-    x = linear(e, m["e_proj.weight"], k)[:, None, :] + linear(xh, m["h_proj.weight"], k)  # [S-1, n, D]
+    k, r = prec.policy.split_k, prec.policy.bf16_linear_in
+    x = linear(e, m["e_proj.weight"], k, r)[:, None, :] + linear(xh, m["h_proj.weight"], k, r)  # [S-1, n, D]
     rec("in", x)
     x = block(x, ids_next, m, cfg.num_layers, cfg, tables, prec, sims, rec)
     head(x, {**m, "head.weight": p["head.weight"]}, "", cfg, prec, rec)

@@ -77,11 +77,11 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((-x.shape[0] % ROW_TILE,) + tuple(x.shape[1:]))])
 
 
-def swiglu_hidden(y, w1, w3, limit: float, acc, split_k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_hidden(y, w1, w3, limit: float, acc, split_k: int = 1, round_in: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(min(g, limit)) * clamp(u, -limit, limit) in acc (docs/v4-spec.md §6.3: gate clamped from above
     only, up on both sides); also, per row, how many pre-activations were clamped (coverage)."""
-    g = linear(y, w1, split_k).to(acc)
-    u = linear(y, w3, split_k).to(acc)
+    g = linear(y, w1, split_k, round_in).to(acc)
+    u = linear(y, w3, split_k, round_in).to(acc)
     hits = (g > limit).sum(-1) + (u.abs() > limit).sum(-1)
     return F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit), hits
 
@@ -91,8 +91,8 @@ def expert_down(h, w2, weight, prec: Precision) -> torch.Tensor:
     weight [R, 1] applied before w2 (the demo, in the SwiGLU dtype) or after it (in act)."""
     pol = prec.policy
     if pol.weight_after_w2:
-        return (linear(h.to(pol.act), w2, pol.split_k) * weight.to(pol.act)).to(pol.moe_sum)
-    return linear((weight * h).to(pol.act), w2, pol.split_k).to(pol.moe_sum)
+        return (linear(h.to(pol.act), w2, pol.split_k, pol.fp8_linear_in) * weight.to(pol.act)).to(pol.moe_sum)
+    return linear((weight * h).to(pol.act), w2, pol.split_k, pol.fp8_linear_in).to(pol.moe_sum)
 
 
 def _expert_rows(idx: torch.Tensor, w: torch.Tensor | None = None):
@@ -116,8 +116,8 @@ def shared_expert(y, p: dict, cfg: ModelConfig, prec: Precision) -> torch.Tensor
     """The shared expert on every row of y [T, D], in `policy.moe_sum`."""
     pol = prec.policy
     h, _ = swiglu_hidden(y, p["shared_experts.w1.weight"], p["shared_experts.w3.weight"], cfg.swiglu_limit,
-                         pol.swiglu, pol.split_k)
-    return linear(h.to(pol.act), p["shared_experts.w2.weight"], pol.split_k).to(pol.moe_sum)
+                         pol.swiglu, pol.split_k, pol.fp8_linear_in)
+    return linear(h.to(pol.act), p["shared_experts.w2.weight"], pol.split_k, pol.fp8_linear_in).to(pol.moe_sum)
 
 
 def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec, given=None):
@@ -137,7 +137,7 @@ def moe(y, ids, p: dict, layer: int, cfg: ModelConfig, prec: Precision, rec, giv
     out = torch.zeros(y.shape[0], y.shape[1], dtype=pol.moe_sum)
     for e, tok, weight in _expert_rows(idx, w):
         w1, w3, w2 = expert_weights(p, f"experts.{e}", prec.act)
-        h, _ = swiglu_hidden(y[_padded(tok)], w1, w3, cfg.swiglu_limit, pol.swiglu, pol.split_k)
+        h, _ = swiglu_hidden(y[_padded(tok)], w1, w3, cfg.swiglu_limit, pol.swiglu, pol.split_k, pol.fp8_linear_in)
         out[tok] += expert_down(h, w2, _padded(weight), prec)[: tok.numel()]
     out += shared_expert(y, p, cfg, prec)
     return out.to(prec.act)
@@ -150,7 +150,7 @@ def clamp_hits(y, experts, p: dict, cfg: ModelConfig, prec: Precision) -> int:
     hits = 0
     for e, tok, _ in _expert_rows(experts):
         w1, w3, _ = expert_weights(p, f"experts.{e}", prec.act)
-        hits += int(swiglu_hidden(y[_padded(tok)], w1, w3, cfg.swiglu_limit, pol.swiglu, pol.split_k)[1][: tok.numel()].sum())
+        hits += int(swiglu_hidden(y[_padded(tok)], w1, w3, cfg.swiglu_limit, pol.swiglu, pol.split_k, pol.fp8_linear_in)[1][: tok.numel()].sum())
     _, h = swiglu_hidden(y, p["shared_experts.w1.weight"], p["shared_experts.w3.weight"], cfg.swiglu_limit,
-                         pol.swiglu, pol.split_k)
+                         pol.swiglu, pol.split_k, pol.fp8_linear_in)
     return hits + int(h.sum())

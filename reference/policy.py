@@ -21,6 +21,7 @@ class Gemm:
     `split_k` partial products (1 = one GEMM)."""
     dtype: torch.dtype
     split_k: int = 1
+    round_in: str | None = None  # the input rounded before the dot products (quant.round_input)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,14 @@ class Policy:
     swiglu: torch.dtype  # SwiGLU hidden of every expert
     moe_sum: torch.dtype  # routed + shared expert outputs accumulate in
     weight_after_w2: bool  # routing weight applied after w2 (act) instead of before (swiglu dtype)
+    rope_iterated: bool = False  # RoPE angles by repeated fp32 products (ggml), not p * omega
+    hc_mix_lanes: int = 0  # mHC mix: normalize first, sum in this many sequential lanes (ggml); 0: one GEMM
+    # the input of every FP8-class linear (attention projections, experts; weights.is_fp8_linear)
+    # rounded before its dot products (quant.round_input: None, "bf16", "q8_0"), as ggml converts
+    # activations to a quantized weight's vec_dot_type; the BF16-class ones (router, compressor,
+    # indexer weights, head, MTP projections) by `bf16_linear_in`
+    fp8_linear_in: str | None = None
+    bf16_linear_in: str | None = None
 
 
 def demo_policy(act: torch.dtype, acc: torch.dtype, split_k: int = 1) -> Policy:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .policy import Gemm
+from .quant import round_input
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, acc: torch.dtype) -> torch.Tensor:
@@ -56,9 +57,30 @@ def rope_frequencies(
     return freqs
 
 
-def rope_angles(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Angles p * omega formed in fp32 exactly as the demo's `torch.outer` (docs/v4-spec.md §10.27)."""
-    return torch.outer(positions.to(torch.float32), freqs.to(torch.float32))
+def rope_angles(positions: torch.Tensor, freqs: torch.Tensor, iterated: bool = False) -> torch.Tensor:
+    """Angles p * omega formed in fp32 exactly as the demo's `torch.outer` (docs/v4-spec.md §10.27).
+
+    `iterated` (an honest float32 variant, `Policy.rope_iterated`): angles formed the way ggml
+    forms them (`ggml_rope_cache_init`: `theta *= theta_scale`, then YaRN's
+    `freq_scale * theta` mixed by the ramp): the unscaled angle of pair k by k repeated fp32
+    products with one fp32 ratio s = omega_1 / omega_0, theta_0 = p, theta_k = theta_(k-1) * s,
+    then the table's own YaRN factor omega_k / (omega_0 s^k) applied in fp32 (exact where it is
+    1 or 1/factor, a power of two; the ramp's mixed pairs round once more). Pair k carries k
+    roundings of one ratio instead of the demo's single product: angle differences up to
+    ~1.5e-5 rad at position 300 (docs/engines.md, "llama.cpp")."""
+    pos, w = positions.to(torch.float32), freqs.to(torch.float32)
+    if not iterated or w.shape[0] < 2:
+        return torch.outer(pos, w)
+    s = w[1] / w[0]  # fp32, as ggml's theta_scale
+    k = torch.arange(w.shape[0], dtype=torch.float64)
+    factor = w.double() / (w[0].double() * s.double() ** k)  # the table's YaRN factor per pair
+    pow2 = torch.exp2(torch.round(torch.log2(factor)))
+    factor = torch.where((factor / pow2 - 1).abs() < 1e-5, pow2, factor).to(torch.float32)
+    cols, theta = [], pos * w[0]
+    for j in range(w.shape[0]):
+        cols.append(theta if factor[j] == 1 else theta * factor[j])
+        theta = theta * s
+    return torch.stack(cols, -1)
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor, rope_dim: int, inverse: bool = False,
@@ -81,10 +103,12 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor, rope_dim: int, inverse: bo
     return torch.cat([head, rotated.to(x.dtype)], dim=-1)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, split_k: int = 1) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, split_k: int = 1, round_in: str | None = None) -> torch.Tensor:
     """x W^T in x's dtype (weights are cast to the activation dtype). With split_k > 1 the
     reduction is summed from split_k partial products in fp32 (fp64 for fp64 inputs) and
-    rounded once: the same precision, another summation order."""
+    rounded once: the same precision, another summation order. `round_in`: the input rounded
+    first (quant.round_input), as an engine converts it for a quantized weight's dot product."""
+    x = round_input(x, round_in)
     w = w.to(x.dtype)
     k = x.shape[-1]
     if split_k == 1 or k < 2 * split_k:
@@ -100,4 +124,4 @@ def linear(x: torch.Tensor, w: torch.Tensor, split_k: int = 1) -> torch.Tensor:
 
 def gemm(x: torch.Tensor, w: torch.Tensor, place: Gemm) -> torch.Tensor:
     """x W^T computed where `place` says: inputs in place.dtype, split_k partial products."""
-    return linear(x.to(place.dtype), w, place.split_k)
+    return linear(x.to(place.dtype), w, place.split_k, place.round_in)

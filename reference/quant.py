@@ -170,3 +170,33 @@ def mxfp4_dequantize(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     rows, cols = b.shape[0], 2 * b.shape[1]
     vals = _BYTE_VALUES.to(b.device)[b.to(torch.int32)].reshape(rows, cols // MXFP4_BLOCK, MXFP4_BLOCK)
     return (vals * scale.float()[..., None]).reshape(rows, cols)
+
+
+def q8_0_sim(x: torch.Tensor, ties_away: bool = False) -> torch.Tensor:
+    """ggml's Q8_0 of a row, dequantized: blocks of 32 along the last dim, q = round(x * 127 /
+    amax) in fp32, the block scale d = amax / 127 stored as fp16, value = fp16(d) * q.
+    Activations (ggml-cpu's x86 `quantize_row_q8_0`) round half to even; `ties_away`: the
+    reference quantizer (`quantize_row_q8_0_ref`, gguf-py's `Q8_0`), which writes the weights,
+    computes 1 / d and rounds half away from zero."""
+    xb = _blocks(x, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    d = amax / 127.0
+    if ties_away:
+        inv = torch.where(d == 0, 0.0, 1.0 / torch.where(d == 0, 1.0, d))
+        a = (xb * inv).abs()
+        q = torch.sign(xb) * (torch.floor(a) + torch.floor(2 * (a - torch.floor(a))))  # exact in fp32
+    else:
+        q = torch.round(xb * torch.where(amax == 0, 0.0, 127.0 / torch.where(amax == 0, 1.0, amax)))
+    return _unblock(q * d.to(torch.float16).float(), x)
+
+
+def round_input(x: torch.Tensor, how: str | None) -> torch.Tensor:
+    """What a matmul's activation input becomes before the dot products (ggml converts it to
+    the weight type's `vec_dot_type`): None as is, "bf16" rounded to bfloat16, "q8_0" Q8_0."""
+    if how is None:
+        return x
+    if how == "bf16":
+        return x.to(torch.bfloat16).to(x.dtype)
+    if how == "q8_0":
+        return q8_0_sim(x).to(x.dtype)
+    raise ValueError(f"unknown input rounding {how!r}")

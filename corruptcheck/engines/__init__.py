@@ -15,6 +15,7 @@ _FALLBACK = {
     "reference": "corruptcheck.engines.reference_engine:ReferenceEngine",
     "hf": "corruptcheck.engines.hf_engine:HFEngine",
     "dump": "corruptcheck.engines.dump_engine:DumpEngine",
+    "llamacpp": "corruptcheck.engines.llamacpp_engine:LlamaCppEngine",
 }
 
 

@@ -42,6 +42,12 @@ class Engine:
         """Installed, even where it cannot run (then installing its extra would not help)."""
         return False
 
+    def weights_case(self, case: Case, **options) -> Case:
+        """The case whose weights this run holds: the case itself, or, for an engine that rounds
+        the case's weights as it stores them (a Q8_0 GGUF), the case variant whose weights are
+        the numbers it really loads; compare runs the engine and the reference on that one."""
+        return case
+
     def run(self, case: Case, precision: str, **options) -> Capture:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -62,3 +68,6 @@ class EngineWrapper(Engine):
     @property
     def serves(self) -> bool:
         return getattr(self.inner, "serves", False)
+
+    def weights_case(self, case: Case, **options) -> Case:
+        return self.inner.weights_case(case, **options)

@@ -18,13 +18,14 @@ from corruptcheck.faults.mhc import MhcCombTransposed, MhcNormSqrt2, MhcPreHidde
 from corruptcheck.faults.moe import RouterSplitKTail, RoutingWeightsBiased, SharedExpertNoClamp
 from corruptcheck.faults.serving import SERVING_FAULTS, ServingFault
 from corruptcheck.faults.vllm import VLLM_FAULTS, VLLMFault
+from corruptcheck.faults.llamacpp import LLAMACPP_FAULTS
 
 MODEL_FAULTS: tuple[Fault, ...] = (
     MhcPreHiddenGuard(), RouterSplitKTail(), MhcNormSqrt2(), SharedExpertNoClamp(), RoutingWeightsBiased(),
     YarnOnSliding(), YarnMscaleSoftmax(), SinkhornShort(), CsaPrevWindowLost(), IndexerRopeLayout(),
     WindowOffByOne(), HcaCausalOffByOne(), MhcCombTransposed(),
 )
-FAULTS: dict[str, Fault] = {f.name: f for f in (*MODEL_FAULTS, *SERVING_FAULTS, *VLLM_FAULTS)}
+FAULTS: dict[str, Fault] = {f.name: f for f in (*MODEL_FAULTS, *SERVING_FAULTS, *VLLM_FAULTS, *LLAMACPP_FAULTS)}
 
 
 def faults_for(engine: str, served: bool = False) -> dict[str, Fault]:

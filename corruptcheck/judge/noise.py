@@ -32,6 +32,8 @@ def variants(precision: str) -> list[Precision]:
     base = Precision.of(precision)
     if base.act == torch.bfloat16:
         return [base, base.variant(alt_placement=True), base.variant(split_k=2)]
+    # float32 and its engine-matched profiles (ggml-float32 keeps its own RoPE and mHC placement
+    # in every variant): other reduction orders, as split-K and blocked GEMM kernels sum
     return [base, base.variant(split_k=2), base.variant(split_k=3)]
 
 

@@ -12,10 +12,14 @@ from corruptcheck.judge.coverage import coverage
 from corruptcheck.storage.golden import (GoldenDrift, GoldenTampered, build_golden, check_against_sketches, check_against_tensors,
                                  commits_tensors, golden_root, load_committed_tensors, load_manifest,
                                  load_sketches, read_cache, write_cache)
-from corruptcheck.judge.noise import NOISE_FORMAT, measure
+from corruptcheck.engines.llamacpp_gguf import check_config
+from corruptcheck.judge.noise import NOISE_FORMAT, measure, variants
 from corruptcheck.reference import run
 
 NOISE_PRECISIONS = ("float32", "bfloat16")
+# engine-matched profiles -> why the engine cannot load a case's config (empty: it can):
+# ggml-float32 is llama.cpp's float32 (reference/precision.py)
+ENGINE_MATCHED = {"ggml-float32": check_config}
 # engine cases (FP8-exact weights) are judged at the precision FP8 serving engines run
 ENGINE_NOISE_PRECISIONS = ("fp8-serving",)
 
@@ -42,7 +46,11 @@ class ReferenceData:
 
 
 def noise_precisions(case: Case) -> tuple:
-    return ENGINE_NOISE_PRECISIONS if case.weight_format == "fp8" else NOISE_PRECISIONS
+    """The precisions whose noise the case's golden holds: the generic ones, and the
+    engine-matched profiles of the engines that load the case (others measure at compare time)."""
+    if case.weight_format == "fp8":
+        return ENGINE_NOISE_PRECISIONS
+    return NOISE_PRECISIONS + tuple(p for p, cannot_load in ENGINE_MATCHED.items() if not cannot_load(case.config))
 
 
 def noise_for(case: Case, ref: ReferenceData, precision: str) -> tuple[dict | None, str]:
@@ -50,6 +58,12 @@ def noise_for(case: Case, ref: ReferenceData, precision: str) -> tuple[dict | No
     if precision == "float64":
         return None, "float64: floor tolerance (exact engine)"
     stored = ref.noise.get(precision)
+    current = [v.label for v in variants(precision)]
+    if stored is not None and stored.get("format") == NOISE_FORMAT and stored.get("variants") not in (None, current):
+        # the golden measured another set of honest variants (e.g. before float32's iterated-rope):
+        # judging with it would miss the variants added since; measure now (regenerate the golden)
+        return measure(case, ref.points, precision), (f"measured now (the golden's noise model ran {stored.get('variants')}, "
+                                                      f"the current one runs {current})")
     if stored is not None and stored.get("format") == NOISE_FORMAT:
         return stored, "golden"
     if stored is not None and stored.get("format") == 1:

@@ -18,8 +18,8 @@ from __future__ import annotations
 SAFETY = 3.0
 NORM_SHARE = 0.2
 TIE_SAFETY = 4.0
-FLOOR = {"float64": 1e-12, "float32": 1e-9, "bfloat16": 1e-6, "fp8-serving": 1e-6}
-TIE_FLOOR = {"float64": 1e-12, "float32": 1e-6, "bfloat16": 1e-3, "fp8-serving": 1e-3}
+FLOOR = {"float64": 1e-12, "float32": 1e-9, "bfloat16": 1e-6, "fp8-serving": 1e-6, "ggml-float32": 1e-9, "ggml-bf16": 1e-6, "ggml-q8_0": 1e-6}
+TIE_FLOOR = {"float64": 1e-12, "float32": 1e-6, "bfloat16": 1e-3, "fp8-serving": 1e-3, "ggml-float32": 1e-6, "ggml-bf16": 1e-3, "ggml-q8_0": 1e-3}
 
 
 def float_tolerance(noise: dict | None, precision: str, scope: str) -> dict:

@@ -131,5 +131,23 @@ VLLM_NO_BF16_KV = ("kv_cache_dtype='auto' is mapped to fp8 / the fp8_ds_mla KV-c
                    "attention (models/deepseek_v4/attention.py): no bf16 KV cache exists on this path")
 
 
+# llama.cpp: honest variants are engine options (LlamaCppEngine.options): physical batch sizes
+# that cut compressor blocks and the window differently, another thread count (another split of
+# every reduction), a batch partner in the same ubatches (docs/engines.md "llama.cpp")
+LLAMACPP_BENIGN: dict[str, Benign] = {b.name: b for b in (
+    Benign("ubatch-512", "the engine itself: F32 weights, F32 KV cache, n_ubatch 512", "ggml-float32", ("llamacpp",)),
+    Benign("ubatch-200", "n_ubatch 200: prefill pieces cut CSA / HCA blocks and the 128-token window", "ggml-float32",
+           ("llamacpp",), options={"n_ubatch": 200}),
+    Benign("ubatch-2048", "n_ubatch 2048: one ubatch per 2048 tokens", "ggml-float32", ("llamacpp",),
+           options={"n_ubatch": 2048}),
+    Benign("threads-1", "one CPU thread (every kernel's work split differently)", "ggml-float32", ("llamacpp",),
+           options={"threads": 1}),
+    Benign("batch2", "each sequence in the same ubatches as a partner sequence of the same length", "ggml-float32",
+           ("llamacpp",), batch_partner=True),
+)}
+
+
 def benign_for(engine: str) -> dict[str, Benign]:
+    if engine == "llamacpp":
+        return LLAMACPP_BENIGN
     return VLLM_BENIGN if engine == "vllm" else BENIGN

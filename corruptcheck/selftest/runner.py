@@ -41,15 +41,15 @@ LOCALIZATION_TARGET = 0.95  # exact localization wanted for >= 95% of float32 pa
 
 # Every engine row runs with these options: vLLM as shipped ignores the routed experts' SwiGLU
 # clamp (a real defect, docs/engines.md), so faults are judged on an engine with that fixed.
-ENGINE_OPTIONS = {"vllm": {"fix": "routed-swiglu-clamp"}}
+ENGINE_OPTIONS = {"vllm": {"fix": "routed-swiglu-clamp"}, "llamacpp": {"weights": "f32", "kv_type": "f32"}}
 # engines that declare their own precision profile: their rows run at that one precision
-ENGINE_PRECISIONS = {"vllm": ("fp8-serving",)}
+ENGINE_PRECISIONS = {"vllm": ("fp8-serving",), "llamacpp": ("ggml-float32",)}
 
 
 def default_cases(engine: str) -> list[str]:
     """The engine cases (FP8-exact, real-engine kernel limits) for vllm, the bf16 ones elsewhere
     (the release-format cases are `corruptcheck check`'s)."""
-    return [name for name, c in CASES.items() if c.weight_format == ("fp8" if engine == "vllm" else "bf16")]
+    return [name for name, c in CASES.items() if c.weight_format == ("fp8" if engine in ("vllm", "llamacpp") else "bf16")]
 
 
 # ---------------------------------------------------------------------------------------------
