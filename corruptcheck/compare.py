@@ -102,7 +102,11 @@ def compare(case: Case, engine_name: str, precision: str, use_golden: bool = Tru
     engine = engine or get_engine(engine_name)
     crash = engine_options.pop("crash", None)  # test-only fault injection, KIND@PHASE (engines/progress.py)
     case = engine.weights_case(case, **engine_options)  # e.g. the case as a Q8_0 GGUF holds it
-    if wants_child(engine, engine_name, engine_process, crash):
+    if getattr(engine, "supervises_own_child", False) and engine_process != "inline" and not crash:
+        # an engine that already runs in a worker process of its own (llama.cpp): the same
+        # supervisor and limits watch that worker
+        engine_options["_limits"] = ChildLimits(engine_timeout, engine_memory)
+    elif wants_child(engine, engine_name, engine_process, crash):
         engine = ChildEngine(engine, engine_name, ChildLimits(engine_timeout, engine_memory), crash)
     note = ""
     if isinstance(schedule, str):

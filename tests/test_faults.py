@@ -224,11 +224,11 @@ def test_at_is_a_copy_at_a_magnitude():
 
 def test_one_registry_and_its_views():
     """Every fault is registered once, by its name; the views by engine and kind partition it."""
-    from corruptcheck.faults import FAULTS as ALL, MODEL_FAULTS, SERVING_FAULTS, VLLM_FAULTS
+    from corruptcheck.faults import FAULTS as ALL, LLAMACPP_FAULTS, MODEL_FAULTS, SERVING_FAULTS, VLLM_FAULTS
 
-    assert list(ALL) == [f.name for f in (*MODEL_FAULTS, *SERVING_FAULTS, *VLLM_FAULTS)]
+    assert list(ALL) == [f.name for f in (*MODEL_FAULTS, *SERVING_FAULTS, *VLLM_FAULTS, *LLAMACPP_FAULTS)]
     assert all(ALL[name].name == name and get_fault(name) is ALL[name] for name in ALL)
-    views = [faults_for(e, served) for e in ("hf", "reference", "vllm") for served in (False, True)]
+    views = [faults_for(e, served) for e in ("hf", "reference", "vllm", "llamacpp") for served in (False, True)]
     assert set().union(*views) == set(ALL)
     assert list(faults_for("hf", served=True)) == [f.name for f in SERVING_FAULTS if "hf" in f.engines]
     assert [f.name for f in MODEL_FAULTS] == list(FAULTS) and all(not f.served for f in MODEL_FAULTS)

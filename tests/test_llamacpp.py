@@ -319,6 +319,24 @@ def test_q8_0_llama_cpp_passes_inside_ggml_q8_0(mini_f32):
     assert q8 > 300 * f32, (q8, f32)
 
 
+@pytest.mark.engine
+@needs_llamacpp
+@pytest.mark.parametrize("limits,kind", [({"engine_timeout": 0.3}, "timeout"), ({"engine_memory": 0.05}, "oom")])
+def test_worker_watched_by_the_supervisor(limits, kind):
+    """The llama.cpp worker is the engine's child process: the supervisor's limits end it, and
+    the run is the verdict `crash` (kind, phase, the worker gone), never a lost run."""
+    import os
+
+    from corruptcheck.compare import compare
+
+    res = compare(MINI, "llamacpp", None, schedule="prefill-only", **F32, **limits)
+    assert res.crash is not None and res.crash["kind"] == kind, res.crash
+    assert res.crash["phase"] in ("start", "load", "prefill"), res.crash
+    assert res.comparison.compared == 0 and len(res.comparison.missing) > 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(res.crash["pid"], 0)
+
+
 @pytest.fixture(scope="module")
 def mini_runs():
     """The float64 reference and llama.cpp's points with flash attention off / on (F32 cache)."""

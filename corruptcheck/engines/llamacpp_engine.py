@@ -15,9 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import tempfile
+import shutil
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import torch
 
 from corruptcheck.cases import Case
+from corruptcheck.engines import child
 from corruptcheck.engines.alignment import align_requests
 from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.engines.canonical import capture_meta, finalize
@@ -33,7 +32,8 @@ from corruptcheck.engines.llamacpp_gguf import WEIGHT_TYPES, check_config, gguf_
 from corruptcheck.engines.options import Option, one_of, positive_int
 from corruptcheck.engines.ranks import merge_ranks
 from corruptcheck.engines.recorder import RawCapture
-from corruptcheck.errors import EngineUnavailable
+from corruptcheck.engines.child import ChildLimits
+from corruptcheck.errors import EngineCrashed, EngineUnavailable
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"  # the release whose vendored llama.cpp was read (docs/engines.md)
@@ -59,6 +59,9 @@ class LlamaCppEngine(Engine):
     name = "llamacpp"
     extra = "llamacpp"
     serves = True
+    # its run is a worker process (llamacpp_worker.py), watched by engines/child.py's supervisor:
+    # a signal, a non-zero exit, no progress for --engine-timeout, memory over --engine-memory
+    supervises_own_child = True
     options = ()  # set below (_options)
 
     def available(self) -> tuple[bool, str]:
@@ -92,8 +95,9 @@ class LlamaCppEngine(Engine):
         if problems:
             raise EngineUnavailable(f"llama.cpp's deepseek4 cannot run case {case.name}: {'; '.join(problems)}")
         faults = options.pop("_faults", None) or []  # the self-test's faults (faults/llamacpp.py)
+        limits = options.pop("_limits", None) or ChildLimits()
         opts = self.parse_options(options)
-        points, meta = launch(case, schedule, opts, faults)
+        points, meta = launch(case, schedule, opts, faults, limits)
         meta["requested_precision"] = precision
         prof = precision_profile(opts.get("weights", "f32"), opts.get("kv_type", "f32"),
                                  meta["settings"]["flash_attn_resolved"])
@@ -143,7 +147,7 @@ def ensure_gguf(case: Case, weights: str) -> tuple[Path, dict]:
     return path, info
 
 
-def launch(case: Case, schedule, opts: dict, faults: list) -> tuple[dict, dict]:
+def launch(case: Case, schedule, opts: dict, faults: list, limits: ChildLimits = ChildLimits()) -> tuple[dict, dict]:
     started = time.perf_counter()
     weights = opts.get("weights", "f32")
     path, ginfo = ensure_gguf(case, weights)
@@ -152,23 +156,25 @@ def launch(case: Case, schedule, opts: dict, faults: list) -> tuple[dict, dict]:
     threads = opts.get("threads") or min(os.cpu_count() or 1, 8)
     job = {"gguf": str(path), "prompts": prompts, "n_ubatch": opts.get("n_ubatch", 512),
            "n_batch": opts.get("n_batch", 4096), "threads": threads, "kv_type": opts.get("kv_type", "f32"),
-           "flash_attn": opts.get("flash_attn", "off"), "faults": faults,
+           "flash_attn": opts.get("flash_attn", "off"), "faults": faults, "parent": os.getpid(),
            "chunk": schedule.chunk if schedule else None, "decode_steps": schedule.decode_steps if schedule else 0,
            "arrivals": list(schedule.arrivals) if schedule and schedule.arrivals else None}
-    with tempfile.TemporaryDirectory(prefix="corruptcheck-llamacpp-") as tmp:
-        job["out"] = tmp
-        job_path = os.path.join(tmp, "job.json")
-        Path(job_path).write_text(json.dumps(job))
-        log = os.path.join(tmp, "llama.log")
-        with open(log, "w") as logf:
-            proc = subprocess.run([sys.executable, "-m", "corruptcheck.engines.llamacpp_worker", job_path],
-                                  stdout=logf, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            tail = [ln for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()][-3:]
-            raise RuntimeError(f"llama.cpp worker exited with {proc.returncode}: {' | '.join(tail)}")
-        meta_in = json.loads(Path(tmp, "passes.json").read_text())
+    workdir = child.new_workdir()
+    try:
+        job["out"] = str(workdir)
+        job_path = workdir / "job.json"
+        job_path.write_text(json.dumps(job))
+        end = child.supervise(child.python_argv("corruptcheck.engines.llamacpp_worker", str(job_path)), workdir,
+                              limits, child.child_env())
+        if not end.finished:
+            raise EngineCrashed({**end.crash, "exit_code": end.returncode, "pid": end.pid, "wall_s": round(end.wall_s, 3),
+                                 "peak_rss_mib": round(end.peak_rss_bytes / (1 << 20), 1),
+                                 "stderr_tail": end.stderr_tail}, None, "llamacpp")
+        meta_in = json.loads((workdir / "passes.json").read_text())
         done = time.perf_counter()
-        raw, batches, extra = _raw_capture(case, meta_in, tmp)
+        raw, batches, extra = _raw_capture(case, meta_in, str(workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     sequences = meta_in["sequences"]
     align = align_requests([(p["ids"], p["pos"]) for p in raw.passes], batches, sequences)
     points, info = finalize(merge_ranks([raw]), case.config, sequences, align)

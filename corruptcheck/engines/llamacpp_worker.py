@@ -20,11 +20,14 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+from corruptcheck.engines import child
 from corruptcheck.engines import llamacpp_capture as lc
 
 GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
@@ -84,6 +87,9 @@ class _Run:
 def main(job_path: str) -> int:
     job = json.loads(open(job_path).read())
     out = job["out"]
+    if job.get("parent"):
+        child.die_with_parent(job["parent"])  # a killed tool takes its llama.cpp worker with it
+    mark(out, "load", 0)
     import llama_cpp as L
 
     L.llama_backend_init()
@@ -128,7 +134,14 @@ def main(job_path: str) -> int:
             "threads": int(job["threads"]), "kv_type": job["kv_type"], "flash_attn": job["flash_attn"],
             "flash_attn_resolved": "off" if run.softmax_nodes else "on"},
            L.llama_print_system_info().decode(errors="replace"))
+    child.write_json(Path(out) / child.DONE, {"passes": len(run.passes),
+                                              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
     return 0
+
+
+def mark(out: str, phase: str, n: int) -> None:
+    """The progress mark the supervisor watches (engines/child.py): a changing `n` is progress."""
+    child.write_json(Path(out) / child.PROGRESS, {"phase": phase, "n": n})
 
 
 def _loaded_hparams(L, model) -> dict:
@@ -197,6 +210,8 @@ def serve(L, ctx, run: _Run, job: dict, emb: np.ndarray):
             _decode(L, ctx, run, batch, group, n_ubatch, emb, seqs, fed, pending_next, prompts, steps, done)
             calls.append([(p[0], len(p[1])) for p in group])
             flush(job["out"], run, len(run.passes))
+            mark(job["out"], "decode" if all(fed[p[0]] > len(prompts[p[0]]) for p in group) else "prefill",
+                 len(run.passes))
     L.llama_batch_free(batch)
     return seqs, calls
 
@@ -290,5 +305,21 @@ def _write(out, run, sequences, calls, loaded, timings, settings, sysinfo):
     with open(os.path.join(out, "passes.json"), "w") as f:
         json.dump(meta, f)
 
+
+def run_worker(job_path: str) -> int:
+    """main, with a Python exception written where the supervisor reads it (exception.json:
+    the crash kind `exception`, its type and message) before the traceback and exit 1."""
+    try:
+        return main(job_path)
+    except Exception as exc:  # noqa: BLE001 - the parent's result
+        import traceback
+
+        out = json.loads(open(job_path).read()).get("out", os.path.dirname(job_path))
+        child.write_json(Path(out) / child.EXCEPTION, {"type": type(exc).__name__,
+                                                       "message": (str(exc).splitlines() or [""])[0][:300]})
+        traceback.print_exc()
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(run_worker(sys.argv[1]))

@@ -69,8 +69,8 @@ class LlamaCppFault(Fault):
         il = self.layer(cfg)
 
         def make(orig):
-            def launch(case, schedule, opts, faults):
-                points, meta = orig(case, schedule, opts, list(faults) + [spec])
+            def launch(case, schedule, opts, faults, *rest):
+                points, meta = orig(case, schedule, opts, list(faults) + [spec], *rest)
                 n = int(meta.get("fault_hits", {}).get(self.name, 0))
                 state.hit(n, where=f"layers.{il}")
                 return points, meta
