@@ -121,3 +121,18 @@ def align_requests(tokens: list[tuple[torch.Tensor, torch.Tensor]], batches: lis
             r += n
         placer.extra += len(ids) - r
     return placer.result()
+
+
+def served_rows(align, sequences, prompt_lens) -> list:
+    """(phase, index) per token of a served run: prefill chunk j = the j-th forward pass that ran
+    prompt tokens of that sequence (as the engine's scheduler chose), decode step k = position -
+    prompt + 1."""
+    rows, t = [], 0
+    for seq, prompt in zip(sequences, prompt_lens):
+        passes = sorted({align.where[t + p][0] for p in range(prompt) if align.where[t + p] is not None})
+        chunk_of = {k: j for j, k in enumerate(passes)}
+        for p in range(len(seq)):
+            w = align.where[t + p]
+            rows.append(("decode", p - prompt + 1) if p >= prompt else ("prefill", chunk_of.get(w[0], -1) if w else -1))
+        t += len(seq)
+    return rows

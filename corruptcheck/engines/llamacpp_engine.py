@@ -24,7 +24,7 @@ import torch
 
 from corruptcheck.cases import Case
 from corruptcheck.engines import child
-from corruptcheck.engines.alignment import align_requests
+from corruptcheck.engines.alignment import align_requests, served_rows
 from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.engines.canonical import capture_meta, finalize
 from corruptcheck.engines.llamacpp_capture import SKIPPED, canonical_of, parse_name, per_token
@@ -194,7 +194,7 @@ def launch(case: Case, schedule, opts: dict, faults: list, limits: ChildLimits =
                     "worker_s": round(done - written, 2)},
     })
     if schedule is not None:
-        meta["served"] = {"sequences": sequences, "rows": _served_rows(align, sequences, [len(p) for p in prompts]),
+        meta["served"] = {"sequences": sequences, "rows": served_rows(align, sequences, [len(p) for p in prompts]),
                           "batching": _batching(meta_in["calls"], raw.passes)}
     return points, meta
 
@@ -281,20 +281,6 @@ def check_loaded(case: Case, loaded: dict) -> list[str]:
     if ratios is not None and ratios.replace(" ", "") not in (str(want["compress_ratios"]).replace(" ", ""),):
         pass  # llama_model_meta_val_str renders arrays loosely; the tensors' shapes checked them
     return problems
-
-
-def _served_rows(align, sequences, prompt_lens) -> list:
-    """(phase, index) per token: prefill chunk j = the j-th pass holding prompt tokens of that
-    sequence, decode step k = position - prompt + 1."""
-    rows, t = [], 0
-    for seq, prompt in zip(sequences, prompt_lens):
-        passes = sorted({align.where[t + p][0] for p in range(prompt) if align.where[t + p] is not None})
-        chunk_of = {k: j for j, k in enumerate(passes)}
-        for p in range(len(seq)):
-            w = align.where[t + p]
-            rows.append(("decode", p - prompt + 1) if p >= prompt else ("prefill", chunk_of.get(w[0], -1) if w else -1))
-        t += len(seq)
-    return rows
 
 
 def _batching(calls: list, passes: list) -> str:

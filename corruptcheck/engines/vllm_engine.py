@@ -36,7 +36,7 @@ from corruptcheck.cases import Case
 from corruptcheck.engines import vllm_cpu
 from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.engines.options import Option, fraction, one_of, positive_float, positive_int
-from corruptcheck.engines.alignment import align_requests
+from corruptcheck.engines.alignment import align_requests, served_rows
 from corruptcheck.engines.canonical import capture_meta, capture_points_from, finalize
 from corruptcheck.engines.checkpoint import write_checkpoint
 from corruptcheck.engines.gpu_launch import engine_available
@@ -355,7 +355,7 @@ def _served_captured(llm, taps: list[Tap], case: Case, schedule) -> tuple[dict, 
     align = align_requests([(p["ids"], p["pos"]) for p in raw.passes], batches, sequences)
     points, info = finalize(raw, cfg, sequences, align)
     meta = capture_meta(raw, info)
-    meta["served"] = {"sequences": sequences, "rows": _served_rows(align, sequences, [len(p) for p in prompts]),
+    meta["served"] = {"sequences": sequences, "rows": served_rows(align, sequences, [len(p) for p in prompts]),
                       "batching": _batching(batches, align, sequences, [len(p) for p in prompts])}
     return points, meta
 
@@ -379,20 +379,6 @@ def _generate_arriving(llm, prompts, params, schedule, batches: list) -> list:
     if missing:
         raise RuntimeError(f"vLLM finished no output for sequences {missing} (got {sorted(finished)})")
     return [finished[f"seq{i}"] for i in range(len(prompts))]
-
-
-def _served_rows(align, sequences, prompt_lens) -> list:
-    """(phase, index) per token: prefill chunk j = the j-th forward pass that ran prompt tokens
-    of that sequence (as vLLM's scheduler chose), decode step k = position - prompt + 1."""
-    rows, t = [], 0
-    for seq, prompt in zip(sequences, prompt_lens):
-        passes = sorted({align.where[t + p][0] for p in range(prompt) if align.where[t + p] is not None})
-        chunk_of = {k: j for j, k in enumerate(passes)}
-        for p in range(len(seq)):
-            w = align.where[t + p]
-            rows.append(("decode", p - prompt + 1) if p >= prompt else ("prefill", chunk_of.get(w[0], -1) if w else -1))
-        t += len(seq)
-    return rows
 
 
 def _batching(batches: list, align, sequences, prompt_lens) -> str:
