@@ -151,13 +151,20 @@ def diagnose(case: Case, engine: dict, precision: str, noise, comp, hypotheses=N
         if ranked:
             best, r, loc = ranked[0]
             runner = ranked[1][1] if len(ranked) > 1 else math.inf
-            best["explains"] = bool(r <= 1.0 and ref_ratio >= CLEAR * r and ref_ratio > 1.0
-                                    and runner > 1.0 and runner >= CLEAR * r)
+            best["explains"] = explains(r, ref_ratio, runner)
             best["evidence"] = evidence(point, engine, ref_loc, loc, precision, ln)
         out.extend(e for e, _, _ in ranked)
         if any(e["explains"] for e in out):
             break  # the culprit's sub-block is explained: the next one is not needed
     return out
+
+
+def explains(residual: float, reference: float, runner_up: float = math.inf) -> bool:
+    """The best hypothesis explains the engine: within the honest noise (residual <= 1), on a
+    sub-block the reference does not explain (reference > 1), and clearly (CLEAR x) better than
+    both the reference and the runner-up, which itself is not within noise."""
+    return bool(residual <= 1.0 and reference > 1.0 and reference >= CLEAR * residual
+                and runner_up > 1.0 and runner_up >= CLEAR * residual)
 
 
 def _finite(x: float):
