@@ -193,4 +193,16 @@ class RoutingWeightsBiased(Fault):
                 wb = seen["selection_scores"].gather(1, idx)
                 return idx, lerp(w, (wb / wb.sum(-1, keepdim=True) * c.route_scale).to(w.dtype), self.magnitude)
             return route
+
+        def make_given(orig):  # teacher forcing on given expert ids: their weights from the biased scores too
+            def given_choices(y, idx, w, given, params, layer, c, prec):
+                chosen, out = orig(y, idx, w, given, params, layer, c, prec)
+                if out is w:
+                    return chosen, out
+                scores = F.softplus(r_moe.gemm(y, params["gate.weight"], prec.policy.router)).sqrt()
+                wb = (scores.to(prec.acc) + params["gate.bias"].to(prec.acc)).gather(1, chosen)
+                # given_choices recomputed every row's weights (unbiased): all of them from the biased scores
+                return chosen, lerp(out, (wb / wb.sum(-1, keepdim=True) * c.route_scale).to(out.dtype), self.magnitude)
+            return given_choices
         p.wrap(r_moe, "route", make)
+        p.wrap(r_moe, "given_choices", make_given)
