@@ -49,6 +49,8 @@ def pytest_addoption(parser):
     group.addoption("--corruptcheck-teacher-forcing", choices=TEACHER_FORCING_CHOICES,
                     metavar="|".join(TEACHER_FORCING_CHOICES),
                     help="localize by re-running sub-blocks on the engine's own inputs (default: on-fail)")
+    group.addoption("--corruptcheck-diagnose", choices=TEACHER_FORCING_CHOICES, metavar="|".join(TEACHER_FORCING_CHOICES),
+                    help="rank the defect hypotheses on the failing sub-block (default: on-fail; docs/diagnosis.md)")
     group.addoption("--corruptcheck-no-golden", action="store_true", default=False,
                     help="compute the reference now instead of using the golden")
     group.addoption("--corruptcheck-precision", metavar="DTYPE",
@@ -119,6 +121,7 @@ class _Runner:
                                          ("--corruptcheck-engine-option", "corruptcheck_engine_option"),
                                          ("--corruptcheck-schedule", "corruptcheck_schedule"),
                                          ("--corruptcheck-teacher-forcing", "corruptcheck_teacher_forcing"),
+                                         ("--corruptcheck-diagnose", "corruptcheck_diagnose"),
                                          ("--corruptcheck-no-golden", "corruptcheck_no_golden"))
                  if config.getoption(dest)]
         if not engine:
@@ -134,6 +137,7 @@ class _Runner:
         record = config.getoption("corruptcheck_record")
         settings = {k: v for k, v in (("schedule", config.getoption("corruptcheck_schedule")),
                                       ("teacher_forcing", config.getoption("corruptcheck_teacher_forcing")),
+                                      ("diagnose", config.getoption("corruptcheck_diagnose")),
                                       ("use_golden", False if config.getoption("corruptcheck_no_golden") else None))
                     if v is not None}
         runner = cls(engine, cases, precision, report_dir, options, settings)

@@ -46,7 +46,8 @@ def test_explains_rule():
     assert not explains(0.5, 0.9, 5.0)  # the reference is not failing: nothing to explain
     assert not explains(0.3, 10.0, 0.8)  # the runner-up is within noise too: ambiguous
     assert not explains(0.6, 10.0, 1.1)  # the runner-up is not clearly worse
-    assert explains(0.4, 10.0, CLEAR * 0.4 + 1e-9 if CLEAR * 0.4 > 1 else 1.0 + 1e-9)
+    assert explains(0.4, 10.0, 1.01)  # a runner-up just outside the noise, more than CLEAR x worse
+    assert not explains(0.9, CLEAR * 0.9 - 1e-9, 5.0) and explains(0.9, CLEAR * 0.9, 5.0)  # the factor, at its edge
 
 
 def test_hf_fault_named_first_within_noise_and_not_claimed_when_left_out(tiny, no_clamp_capture):
