@@ -32,6 +32,7 @@ _NOT_JUDGED = ("missing", "not-exercised", "skipped")  # = api.NOT_JUDGED (api i
 CASE_NAMES = ("tiny", "flash-slice", "pro-slice", "flash-engine", "pro-engine", "tiny-release", "pro-release")
 SCHEDULE_CHOICES = ("case", "prefill-only")
 TEACHER_FORCING_CHOICES = ("on-fail", "always", "never")
+DIAGNOSE_CHOICES = ("on-fail", "always", "never")
 _RUNNER = pytest.StashKey["_Runner | None"]()  # None: the plugin is inert in this session
 
 
@@ -49,7 +50,7 @@ def pytest_addoption(parser):
     group.addoption("--corruptcheck-teacher-forcing", choices=TEACHER_FORCING_CHOICES,
                     metavar="|".join(TEACHER_FORCING_CHOICES),
                     help="localize by re-running sub-blocks on the engine's own inputs (default: on-fail)")
-    group.addoption("--corruptcheck-diagnose", choices=TEACHER_FORCING_CHOICES, metavar="|".join(TEACHER_FORCING_CHOICES),
+    group.addoption("--corruptcheck-diagnose", choices=DIAGNOSE_CHOICES, metavar="|".join(DIAGNOSE_CHOICES),
                     help="rank the defect hypotheses on the failing sub-block (default: on-fail; docs/diagnosis.md)")
     group.addoption("--corruptcheck-no-golden", action="store_true", default=False,
                     help="compute the reference now instead of using the golden")
