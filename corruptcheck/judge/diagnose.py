@@ -1,10 +1,10 @@
 """Diagnosis: from the culprit to the likely defect, with its evidence (docs/diagnosis.md).
 
-For the culprit's sub-block (and the next failing ones, at most MAX_SUB_BLOCKS), every
-hypothesis of the registry (judge/hypotheses.py) runs on the engine's own captured input to
-it, as teacher forcing runs the reference there (localize.forced_run), with its magnitude m
-fitted in [0, 1] (golden-section search from m = 1, FIT_STEPS steps). Each is scored by its
-**residual ratio**: the largest error / local tolerance over the sub-block's points, engine
+For the culprit's sub-block (and, when it is unexplained, the next failing one: at most
+MAX_SUB_BLOCKS), every hypothesis of the registry (judge/hypotheses.py) runs on the engine's own
+captured input to it, as teacher forcing runs the reference there (localize.forced_run), with
+its magnitude m fitted in [0, 1] (screened at m = 1 and 1/2, the best FITTED refined by a
+golden-section search). Each is scored by its **residual ratio**: the largest error / local tolerance over the sub-block's points, engine
 against the hypothesis, judged exactly as the reference is (the same honest local noise,
 differ.judge_point). The reference's own ratio there is the **reference ratio**.
 
@@ -32,8 +32,8 @@ from corruptcheck.points import MTP, block, capture_points, sub_block_of
 MAX_SUB_BLOCKS = 2  # the culprit's sub-block and, when it is unexplained, the next failing one
 CLEAR = 2.0  # "clearly better": by this factor in error / tolerance
 SCREEN = (1.0, 0.5)  # magnitudes every applicable hypothesis is tried at
-FITTED = 3  # the best screened hypotheses (if better than the reference) whose m is then fitted
-FIT_STEPS = 5  # golden-section steps over m in [0, 1] (bracket 0.09 wide)
+FITTED = 2  # the best screened hypotheses (if better than the reference) whose m is then fitted
+FIT_STEPS = 5  # golden-section steps over m in [0, 1] (final bracket 0.09 wide; 0.07 in [1/2, 1])
 _PHI = (math.sqrt(5) - 1) / 2
 MAX_TOKENS_LISTED = 8
 
@@ -101,16 +101,17 @@ class _SubBlock:
         return best
 
     def fit(self, hyp: Hypothesis, best: list) -> list:
-        """Refine `best` ([m, ratio, outputs]) by golden-section search over m in [0, 1]."""
+        """Refine `best` ([m, ratio, outputs]) by golden-section search over m: in [1/2, 1]
+        when the screen's best was m = 1 (FIT_STEPS - 1 steps), else in [0, 1] (FIT_STEPS)."""
         def f(m):
             r, _, loc, _, _ = self.run(hyp, m)
             if r < best[1]:
                 best[:] = [m, r, loc]
             return r
-        a, b = 0.0, 1.0
+        (a, b), steps = ((0.5, 1.0), FIT_STEPS - 1) if best[0] == 1.0 else ((0.0, 1.0), FIT_STEPS)
         c, d = b - _PHI * (b - a), a + _PHI * (b - a)
         fc, fd = f(c), f(d)
-        for _ in range(FIT_STEPS):
+        for _ in range(steps):
             if fc <= fd:
                 b, d, fd = d, c, fc
                 c = b - _PHI * (b - a)
