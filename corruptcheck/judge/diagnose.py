@@ -28,6 +28,7 @@ from corruptcheck.judge.localize import forced_run, local_noise_sets
 from corruptcheck.judge.teacher_forcing import sub_blocks
 from corruptcheck.judge.tolerance import float_tolerance
 from corruptcheck.points import MTP, block, capture_points, sub_block_of
+from corruptcheck.storage.lazy_points import shape_of
 
 MAX_SUB_BLOCKS = 2  # the culprit's sub-block and, when it is unexplained, the next failing one
 CLEAR = 2.0  # "clearly better": by this factor in error / tolerance
@@ -82,7 +83,7 @@ class _SubBlock:
         ratios = {}
         for name, out in loc.items():
             spec = self.specs.get(name)
-            if spec is None or name not in self.engine or tuple(self.engine[name].shape) != tuple(out.shape):
+            if spec is None or name not in self.engine or tuple(shape_of(self.engine, name).shape) != tuple(out.shape):
                 continue
             r = judge_point(spec, self.engine, loc, self.precision, ln, "local").ratio
             ratios[name] = math.inf if r is None or not math.isfinite(r) else float(r)
