@@ -89,9 +89,11 @@ class _SubBlock:
             ratios[name] = math.inf if r is None or not math.isfinite(r) else float(r)
         return max(ratios.values(), default=math.inf), ratios, loc, ln, fired
 
-    def screen(self, hyp: Hypothesis):
+    def screen(self, hyp: Hypothesis, reference: float):
         """[best m, its ratio, its outputs] over m in SCREEN, or None when the hypothesis never
-        fires here (it does not apply to this sub-block on this input)."""
+        fires here (it does not apply to this sub-block on this input). A hypothesis that at full
+        magnitude leaves the sub-block's worst ratio exactly the reference's (it does not touch
+        the failing point) is not tried at smaller ones."""
         best = None
         for m in SCREEN:
             r, _, loc, _, fired = self.run(hyp, m)
@@ -99,6 +101,8 @@ class _SubBlock:
                 return None
             if best is None or r < best[1]:
                 best = [m, r, loc]
+            if m == 1.0 and math.isclose(r, reference, rel_tol=1e-9):
+                break
         return best
 
     def fit(self, hyp: Hypothesis, best: list) -> list:
@@ -139,7 +143,7 @@ def diagnose(case: Case, engine: dict, precision: str, noise, comp, hypotheses=N
         sb = _SubBlock(case, engine, precision, noise, part, layer, inp)
         ref_ratio, ref_ratios, ref_loc, ln, _ = sb.run()
         point = next((n for n, r in ref_ratios.items() if r > 1), None) or max(ref_ratios, key=ref_ratios.get, default=key)
-        screened = [(h, b) for h in hyps if (b := sb.screen(h)) is not None]
+        screened = [(h, b) for h in hyps if (b := sb.screen(h, ref_ratio)) is not None]
         screened.sort(key=lambda hb: hb[1][1])
         ranked = []
         for i, (h, b) in enumerate(screened):
