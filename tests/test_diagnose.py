@@ -120,13 +120,13 @@ def test_cli_unexplained_defect_and_json(tmp_path, monkeypatch, tiny_ref):
 
 def test_pass_has_no_diagnosis_and_always_claims_nothing(tmp_path):
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(cli.main, ["compare", "--engine", "reference", "--dtype", "float32", "--quiet",
-                                        "--json", str(out)])
+    args = ["compare", "--engine", "reference", "--case", "tiny", "--dtype", "float32", "--json", str(out)]
+    res = CliRunner().invoke(cli.main, args + ["--quiet"])
     assert res.exit_code == 0 and "diagnosis" not in json.loads(out.read_text())
-    res = CliRunner().invoke(cli.main, ["compare", "--engine", "reference", "--dtype", "float32", "--quiet",
-                                        "--json", str(out), "--diagnose", "always"])
+    res = CliRunner().invoke(cli.main, args + ["--diagnose", "always"])
     doc = json.loads(out.read_text())
     assert res.exit_code == 0 and doc["diagnosis"] and not any(d["explains"] for d in doc["diagnosis"])
+    assert "diagnosis: nothing to explain at" in " ".join(res.output.split())
     assert all(d["reference_ratio"] <= 1 for d in doc["diagnosis"])
 
 

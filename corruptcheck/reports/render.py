@@ -162,8 +162,9 @@ def diagnosis_lines(diagnosis, closest: int = 3) -> list[str]:
                  f"{_fmt(best.reference_ratio, '.3g')}x of the reference{rest}"]
     else:
         near = ", ".join(f"{d.hypothesis} {_fmt(d.residual_ratio, '.3g')}x" for d in same[:closest])
-        lines = [f"diagnosis: unexplained at {first.point} (reference {_fmt(first.reference_ratio, '.3g')}x its local "
-                 f"tolerance); closest: {near}"]
+        within = first.reference_ratio is not None and first.reference_ratio <= 1
+        lines = [f"diagnosis: {'nothing to explain' if within else 'unexplained'} at {first.point} (reference "
+                 f"{_fmt(first.reference_ratio, '.3g')}x its local tolerance); closest: {near}"]
         best = first
     ev = best.evidence
     if ev:
