@@ -120,7 +120,8 @@ def test_cli_unexplained_defect_and_json(tmp_path, monkeypatch, tiny_ref):
 
 def test_pass_has_no_diagnosis_and_always_claims_nothing(tmp_path):
     out = tmp_path / "r.json"
-    args = ["compare", "--engine", "reference", "--case", "tiny", "--dtype", "float32", "--json", str(out)]
+    args = ["compare", "--engine", "reference", "--case", "tiny", "--dtype", "float32", "--schedule", "prefill-only",
+            "--json", str(out)]
     res = CliRunner().invoke(cli.main, args + ["--quiet"])
     assert res.exit_code == 0 and "diagnosis" not in json.loads(out.read_text())
     res = CliRunner().invoke(cli.main, args + ["--diagnose", "always"])
