@@ -14,6 +14,7 @@ from pathlib import Path
 
 from corruptcheck.cases import Case, get_case
 from corruptcheck.compare import DEFAULTS, CompareResult, RunSettings
+from corruptcheck.reports.render import diagnosis_lines
 from corruptcheck.judge.differ import PointResult
 from corruptcheck.engines import Engine, get_engine
 from corruptcheck.errors import BadInput, EngineUnavailable
@@ -54,14 +55,16 @@ class MissingPoints(CheckFailed):
 
 def check(engine, case: str | Case = "tiny", precision: str | None = "float32", *,
           schedule: str = DEFAULTS.schedule, teacher_forcing: str = DEFAULTS.teacher_forcing,
-          use_golden: bool = DEFAULTS.use_golden, engine_process: str = DEFAULTS.engine_process,
-          engine_timeout: float | None = None, engine_memory: float | None = None, **engine_options) -> "CheckResult":
+          use_golden: bool = DEFAULTS.use_golden, diagnose: str = DEFAULTS.diagnose,
+          engine_process: str = DEFAULTS.engine_process, engine_timeout: float | None = None,
+          engine_memory: float | None = None, **engine_options) -> "CheckResult":
     """Run `case` through `engine` and compare every point with the float64 reference.
 
     `engine`: a registered name (`hf`, `reference`, `dump`, ...), an import path
     `package.module:Class`, an `Engine` subclass or an `Engine` instance (e.g. one wrapping an
     in-process model). `precision`: what the engine runs in; tolerances follow the precision
-    its capture declares. `schedule`, `teacher_forcing`, `use_golden`: the run's settings, with
+    its capture declares. `schedule`, `teacher_forcing`, `use_golden`, `diagnose` (docs/diagnosis.md):
+    the run's settings, with
     the defaults every front door shares (`compare.RunSettings`: the case's served schedule where
     it has one and the engine can serve it). `engine_process` (auto | child | inline),
     `engine_timeout` (s without progress), `engine_memory` (GiB): the engine's child process
@@ -72,7 +75,7 @@ def check(engine, case: str | Case = "tiny", precision: str | None = "float32", 
             Precision.of(precision)
         except ValueError as exc:
             raise BadInput(str(exc)) from None
-    settings = RunSettings(schedule, teacher_forcing, use_golden, engine_process, engine_timeout, engine_memory)
+    settings = RunSettings(schedule, teacher_forcing, use_golden, diagnose, engine_process, engine_timeout, engine_memory)
     name, eng = _resolve_engine(engine)
     return CheckResult(settings.compare(_resolve_case(case), name, precision, engine=eng, **engine_options))
 
@@ -166,6 +169,12 @@ class CheckResult:
         return self.result.culprit
 
     @property
+    def diagnosis(self) -> list | None:
+        """The ranked defect hypotheses ({"hypothesis", "point", "params", "residual_ratio",
+        "reference_ratio", "explains", ...}, best first), or None when the diagnosis did not run."""
+        return self.result.diagnosis
+
+    @property
     def phases(self) -> list:
         """A served run's phases (reports.results.Phase: prefill chunk or decode step, each
         judged on its own rows); empty for a prefill-only run."""
@@ -249,6 +258,7 @@ class CheckResult:
             if self.culprit and self.culprit["name"] != first:
                 lines.append(self.explain(self.culprit["name"]))
             lines.append(f"failing points ({len(self.failed)}): {_names(self.failed)}")
+            lines += diagnosis_lines(self.report.diagnosis)
         if self.missing:
             lines.append(f"missing points ({len(self.missing)}): {_names(self.missing)}")
         return "\n".join(lines)

@@ -12,6 +12,7 @@ from corruptcheck.engines import Capture, get_engine
 from corruptcheck.engines.child import ChildLimits
 from corruptcheck.engines.child_engine import PROCESSES, ChildEngine, wants_child
 from corruptcheck.errors import BadInput, EngineCrashed, EngineFailed, EngineUnavailable, crash_line, one_line
+from corruptcheck.judge.diagnose import diagnose as diagnose_run
 from corruptcheck.judge.localize import attach, teacher_force
 from corruptcheck.judge.noise import measure
 from corruptcheck.judge.phases import (MIN_MEASURED_TOKENS, fail_by_phase, first_failing_phase, judge_phases, label_key,
@@ -23,6 +24,7 @@ from corruptcheck.judge.reference_data import (ReferenceData, golden_noise, nois
 from corruptcheck.schedule import check_prompts, decoded_case, prompt_case
 
 TEACHER_FORCING = ("on-fail", "always", "never")
+DIAGNOSE = ("on-fail", "always", "never")
 SCHEDULES = ("case", "prefill-only")
 
 
@@ -33,10 +35,12 @@ class RunSettings:
     (chunked prefill, batching, greedy decode, judged by phase) where the case has one and the
     engine can serve it; "prefill-only" runs one forward per sequence. `teacher_forcing`:
     when to localize (on-fail, always, never). `use_golden`: the reference from the golden when
-    it is valid."""
+    it is valid. `diagnose`: when to rank the defect hypotheses on the failing sub-blocks
+    (judge/diagnose.py; on-fail, always, never)."""
     schedule: str = "case"
     teacher_forcing: str = "on-fail"
     use_golden: bool = True
+    diagnose: str = "on-fail"
     # where the engine runs (engines/child_engine.py): auto = a child process for the real engines
     # (vllm, sglang, trtllm) and for an injected crash, in-process otherwise; child; inline.
     # engine_timeout: seconds without progress before the child is killed (crash "timeout");
@@ -50,6 +54,8 @@ class RunSettings:
             raise BadInput(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.teacher_forcing not in TEACHER_FORCING:
             raise BadInput(f"teacher_forcing must be one of {', '.join(TEACHER_FORCING)}, not {self.teacher_forcing!r}")
+        if self.diagnose not in DIAGNOSE:
+            raise BadInput(f"diagnose must be one of {', '.join(DIAGNOSE)}, not {self.diagnose!r}")
         if self.engine_process not in PROCESSES:
             raise BadInput(f"engine_process must be one of {', '.join(PROCESSES)}, not {self.engine_process!r}")
         for name in ("engine_timeout", "engine_memory"):
@@ -59,8 +65,9 @@ class RunSettings:
 
     def compare(self, case: Case, engine_name: str, precision, engine=None, **engine_options) -> "CompareResult":
         return compare(case, engine_name, precision, use_golden=self.use_golden, teacher_forcing=self.teacher_forcing,
-                       engine=engine, schedule=self.schedule, engine_process=self.engine_process,
-                       engine_timeout=self.engine_timeout, engine_memory=self.engine_memory, **engine_options)
+                       engine=engine, schedule=self.schedule, diagnose=self.diagnose,
+                       engine_process=self.engine_process, engine_timeout=self.engine_timeout,
+                       engine_memory=self.engine_memory, **engine_options)
 
 
 DEFAULTS = RunSettings()
@@ -83,6 +90,7 @@ class CompareResult:
     extra: dict = field(default_factory=dict)
     served: dict | None = None  # a scheduled run: schedule, phases, greedy choices (schedule.py, phases.py)
     crash: dict | None = None  # the engine's process died: kind, detail, phase, what it delivered
+    diagnosis: list | None = None  # ranked defect hypotheses (judge/diagnose.py); None: not run
 
     @property
     def verdict(self) -> str:
@@ -90,14 +98,19 @@ class CompareResult:
 
 
 def compare(case: Case, engine_name: str, precision: str, use_golden: bool = True,
-            teacher_forcing: str = "on-fail", engine=None, schedule=None, engine_process: str = "auto",
-            engine_timeout: float | None = None, engine_memory: float | None = None, **engine_options) -> CompareResult:
+            teacher_forcing: str = "on-fail", engine=None, schedule=None, diagnose: str = "on-fail",
+            hypotheses=None, engine_process: str = "auto", engine_timeout: float | None = None,
+            engine_memory: float | None = None, **engine_options) -> CompareResult:
     """`schedule`: a schedule.Schedule to serve the case with (chunked prefill + greedy decode,
     judged by phase), "case" (the case's own schedule when it has one and the engine can serve
     it; otherwise prefill-only, and the report says what was not checked), or None /
-    "prefill-only" (one forward per sequence). `engine_process`, `engine_timeout`,
-    `engine_memory`: see RunSettings; an engine whose child process dies gives the verdict
-    `crash`, with what it delivered before it died judged (`_compare_crashed`)."""
+    "prefill-only" (one forward per sequence). `diagnose`: on-fail (a failing compare whose
+    teacher forcing ran), always, never; `hypotheses`: the ones to rank (default: the registry,
+    judge/hypotheses.py). `engine_process`, `engine_timeout`, `engine_memory`: see RunSettings;
+    an engine whose child process dies gives the verdict `crash`, with what it delivered before
+    it died judged (`_compare_crashed`)."""
+    if diagnose not in DIAGNOSE:
+        raise BadInput(f"diagnose must be one of {', '.join(DIAGNOSE)}, not {diagnose!r}")
     precision = Precision.of(precision).name if precision else None  # None: the engine declares it
     engine = engine or get_engine(engine_name)
     crash = engine_options.pop("crash", None)  # test-only fault injection, KIND@PHASE (engines/progress.py)
@@ -114,16 +127,21 @@ def compare(case: Case, engine_name: str, precision: str, use_golden: bool = Tru
     t0 = time.perf_counter()
     try:
         if schedule is not None:
-            res = _compare_served(case, engine_name, engine, precision, schedule, teacher_forcing, engine_options)
+            res, engine_points, noise = _compare_served(case, engine_name, engine, precision, schedule, teacher_forcing,
+                                                        engine_options)
         else:
-            res = _compare_prefill(case, engine_name, engine, precision, use_golden, teacher_forcing, engine_options)
+            res, engine_points, noise = _compare_prefill(case, engine_name, engine, precision, use_golden,
+                                                         teacher_forcing, engine_options)
     except EngineCrashed as exc:
-        res = _compare_crashed(case, engine_name, exc, precision, schedule, t0)
+        res, engine_points = _compare_crashed(case, engine_name, exc, precision, schedule, t0), None
     finally:
         if isinstance(engine, ChildEngine):
             engine.close()
     if note:
         res.engine_meta["schedule_note"] = note
+    if engine_points is not None and (diagnose == "always" or (diagnose == "on-fail" and res.verdict == "fail"
+                                                                and res.teacher_forcing == "run")):
+        _diagnose(res, engine_points, noise, diagnose == "always", hypotheses)
     return res
 
 
@@ -168,10 +186,20 @@ def _compare_crashed(case: Case, engine_name: str, exc: EngineCrashed, precision
         tolerance_precision=tol_prec, noise_source=(noise_source or "float64: floor tolerance") if partial else "none",
         crash=crash,
     )
+def _diagnose(res: CompareResult, engine_points: dict, noise, always: bool, hypotheses) -> None:
+    """Rank the hypotheses on the failing sub-blocks (judge/diagnose.py) into `res.diagnosis`;
+    with `always`, teacher forcing is run first where it was not (to find those sub-blocks)."""
+    t0 = time.perf_counter()
+    if res.teacher_forcing != "run":
+        res.culprit = attach(res.comparison, teacher_force(res.case, engine_points, res.precision, noise))
+        res.teacher_forcing = "run"
+    res.diagnosis = diagnose_run(res.case, engine_points, res.precision, noise, res.comparison, hypotheses, always)
+    res.timings["diagnose_s"] = time.perf_counter() - t0
 
 
 def _compare_prefill(case: Case, engine_name: str, engine, precision, use_golden: bool, teacher_forcing: str,
-                     engine_options: dict) -> CompareResult:
+                     engine_options: dict) -> tuple:
+    """(the result, the engine's points, the noise model): the last two for the diagnosis."""
     # the engine first, then the reference: a real engine's memory is freed before the float64
     # reference of a wide case is loaded, so the peak is the larger of the two, not their sum
     t0 = time.perf_counter()
@@ -206,7 +234,7 @@ def _compare_prefill(case: Case, engine_name: str, engine, precision, use_golden
                  "noise_s": t3 - t2, "diff_s": t4 - t3, "localize_s": t5 - t4,
                  **({"reference_overlapped_engine": True} if isinstance(engine, ChildEngine) else {})},
         tolerance_precision=tol_prec, noise_source=noise_source, culprit=culprit, teacher_forcing=tf,
-    )
+    ), cap.points, noise
 
 
 SCHEDULES = ("case", "prefill-only")
@@ -238,8 +266,8 @@ def resolve_schedule(case: Case, engine, choice: str):
 
 
 def _compare_served(case: Case, engine_name: str, engine, precision, schedule, teacher_forcing: str,
-                    engine_options: dict) -> CompareResult:
-    """The engine serves the schedule's prompts and decodes greedily; the reference runs on the
+                    engine_options: dict) -> tuple:
+    """(result, engine points, noise) as _compare_prefill. The engine serves the schedule's prompts and decodes greedily; the reference runs on the
     tokens it fed (the decoded case, float64, computed now: no golden covers the engine's own
     tokens); every point is judged on the whole run and per phase."""
     if not getattr(engine, "serves", False):
@@ -287,7 +315,7 @@ def _compare_served(case: Case, engine_name: str, engine, precision, schedule, t
                  "localize_s": t5 - t4},
         tolerance_precision=tol_prec, noise_source=noise_source, culprit=culprit, teacher_forcing=tf,
         served=served_doc,
-    )
+    ), cap.points, noise
 
 
 def _localize_served(dcase: Case, engine_points: dict, precision: str, noise, comp, phases: list, rows_by_phase: dict):

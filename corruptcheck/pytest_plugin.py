@@ -33,6 +33,7 @@ CASE_NAMES = ("tiny", "flash-slice", "pro-slice", "flash-engine", "pro-engine", 
 SCHEDULE_CHOICES = ("case", "prefill-only")
 TEACHER_FORCING_CHOICES = ("on-fail", "always", "never")
 ENGINE_PROCESSES = ("auto", "child", "inline")  # = engines.child_engine.PROCESSES
+DIAGNOSE_CHOICES = ("on-fail", "always", "never")
 _RUNNER = pytest.StashKey["_Runner | None"]()  # None: the plugin is inert in this session
 
 
@@ -50,6 +51,8 @@ def pytest_addoption(parser):
     group.addoption("--corruptcheck-teacher-forcing", choices=TEACHER_FORCING_CHOICES,
                     metavar="|".join(TEACHER_FORCING_CHOICES),
                     help="localize by re-running sub-blocks on the engine's own inputs (default: on-fail)")
+    group.addoption("--corruptcheck-diagnose", choices=DIAGNOSE_CHOICES, metavar="|".join(DIAGNOSE_CHOICES),
+                    help="rank the defect hypotheses on the failing sub-block (default: on-fail; docs/diagnosis.md)")
     group.addoption("--corruptcheck-no-golden", action="store_true", default=False,
                     help="compute the reference now instead of using the golden")
     group.addoption("--corruptcheck-precision", metavar="DTYPE",
@@ -128,6 +131,7 @@ class _Runner:
                                          ("--corruptcheck-engine-option", "corruptcheck_engine_option"),
                                          ("--corruptcheck-schedule", "corruptcheck_schedule"),
                                          ("--corruptcheck-teacher-forcing", "corruptcheck_teacher_forcing"),
+                                         ("--corruptcheck-diagnose", "corruptcheck_diagnose"),
                                          ("--corruptcheck-no-golden", "corruptcheck_no_golden"),
                                          ("--corruptcheck-engine-process", "corruptcheck_engine_process"),
                                          ("--corruptcheck-engine-timeout", "corruptcheck_engine_timeout"),
@@ -146,6 +150,7 @@ class _Runner:
         record = config.getoption("corruptcheck_record")
         settings = {k: v for k, v in (("schedule", config.getoption("corruptcheck_schedule")),
                                       ("teacher_forcing", config.getoption("corruptcheck_teacher_forcing")),
+                                      ("diagnose", config.getoption("corruptcheck_diagnose")),
                                       ("use_golden", False if config.getoption("corruptcheck_no_golden") else None),
                                       ("engine_process", config.getoption("corruptcheck_engine_process")),
                                       ("engine_timeout", config.getoption("corruptcheck_engine_timeout")),

@@ -11,7 +11,7 @@ import pytest
 
 from corruptcheck.api import NOT_JUDGED, check
 from corruptcheck.cases import CASES, get_case
-from corruptcheck.compare import DEFAULTS, SCHEDULES, TEACHER_FORCING
+from corruptcheck.compare import DEFAULTS, DIAGNOSE, SCHEDULES, TEACHER_FORCING
 from corruptcheck.points import capture_points
 from corruptcheck.judge.tolerance import SAFETY
 
@@ -260,7 +260,9 @@ def test_plugin_choices_are_the_tools():
 
     assert pytest_plugin.CASE_NAMES == tuple(CASES)
     assert pytest_plugin.SCHEDULE_CHOICES == SCHEDULES and pytest_plugin.TEACHER_FORCING_CHOICES == TEACHER_FORCING
-    assert (DEFAULTS.schedule, DEFAULTS.teacher_forcing, DEFAULTS.use_golden) == ("case", "on-fail", True)
+    assert pytest_plugin.DIAGNOSE_CHOICES == DIAGNOSE
+    assert (DEFAULTS.schedule, DEFAULTS.teacher_forcing, DEFAULTS.use_golden, DEFAULTS.diagnose) == (
+        "case", "on-fail", True, "on-fail")
 
 
 def test_served_by_default_a_decode_only_fault_fails_its_phase_items(pytester, engines_file, monkeypatch):

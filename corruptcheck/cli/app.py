@@ -110,6 +110,20 @@ def _resolve_case(case_name, engine_name, path):
     return get_case(case_name or DEFAULT_CASE)
 
 
+@main.command("hypotheses")
+def hypotheses_cmd():
+    """List the defect hypotheses the diagnosis ranks (docs/diagnosis.md)."""
+    from corruptcheck.judge.hypotheses import HYPOTHESES
+
+    table = Table(title="defect hypotheses (fault classes run on the reference, magnitude m fitted)",
+                  title_justify="left")
+    for col in ("hypothesis", "strikes", "class", "what", "fitted m"):
+        table.add_column(col)
+    for h in HYPOTHESES.values():
+        table.add_row(*map(escape, h.describe().split("\t")))
+    Console(width=max(Console().width, 140)).print(table)
+
+
 @main.command("engines")
 def engines_cmd():
     """List the engines and whether each can run here."""
@@ -176,6 +190,9 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="write a self-contained HTML report")
 @click.option("--teacher-forcing", type=click.Choice(["on-fail", "always", "never"]), default="on-fail",
               show_default=True, help="localize by re-running sub-blocks on the engine's own inputs")
+@click.option("--diagnose", "diagnose", type=click.Choice(["on-fail", "always", "never"]), default="on-fail",
+              show_default=True, help="rank the defect hypotheses (`corruptcheck hypotheses`) on the failing "
+                                      "sub-block, each run on the engine's own input (docs/diagnosis.md)")
 @click.option("--no-golden", is_flag=True, help="compute the reference now instead of using the golden")
 @click.option("--engine-option", "engine_option", multiple=True, metavar="KEY=VALUE",
               help="an engine setting, repeatable (vllm: fix=routed-swiglu-clamp, max_num_batched_tokens=N, "
@@ -189,7 +206,7 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
               help="also record the run (a crash too) in this SQLite results store (corruptcheck history)")
 @engine_process_options
 def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch, json_path, junit_path, html_path,
-                attn_impl, teacher_forcing, no_golden, engine_option, schedule_choice, quiet, record_path,
+                attn_impl, teacher_forcing, diagnose, no_golden, engine_option, schedule_choice, quiet, record_path,
                 engine_process, engine_timeout, engine_memory):
     """Compare an engine against the reference, point by point. Exit 0 pass, 1 fail or
     incomplete (required points missing), 2 error or crash (the engine's process died: its
@@ -212,8 +229,9 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
             options.update(engine_class(engine_name).parse_options(parse_engine_options(engine_option)))
         case = _resolve_case(case_name, engine_name, dump_path)
         res = compare(case, engine_name, precision, use_golden=not no_golden, teacher_forcing=teacher_forcing,
-                      schedule="prefill-only" if batch else schedule_choice, engine_process=engine_process,
-                      engine_timeout=engine_timeout, engine_memory=engine_memory, **options)
+                      schedule="prefill-only" if batch else schedule_choice, diagnose=diagnose,
+                      engine_process=engine_process, engine_timeout=engine_timeout, engine_memory=engine_memory,
+                      **options)
     except KeyError as exc:
         fail(exc.args[0])
     except EngineFailed as exc:

@@ -28,6 +28,7 @@ from corruptcheck.engines import vllm_cpu
 from corruptcheck.engines.patching import Patcher, lerp, patched
 from corruptcheck.faults.base import LAYER_TRACKERS, Fault, FaultState, affected
 from corruptcheck.points import block
+from corruptcheck.reference import moe as r_moe
 
 CPU_MODEL = "vllm.models.deepseek_v4.cpu.model"
 CPU_SPARSE = "vllm.models.deepseek_v4.cpu.cpu_sparse"
@@ -313,6 +314,32 @@ class RoutedScalingIgnored(VLLMFault):
                 return orig(*args, **kwargs)
             return topk
         p.wrap(R, "_sqrtsoftplus_bias_topk", make)
+
+    def reference(self, p, state, cfg):
+        """The same defect in the reference (a hypothesis of the diagnosis, judge/hypotheses.py):
+        a learned-routing layer's weights carry routed_scaling_factor + m·(1 − factor), not the
+        factor; hash layers keep it, as vLLM's hash path does."""
+        inside = {"hash": False}
+
+        def make_route(orig):
+            def route(y, ids, params, layer, c, *args, **kwargs):
+                inside["hash"] = c.is_hash_layer(layer)
+                try:
+                    return orig(y, ids, params, layer, c, *args, **kwargs)
+                finally:
+                    inside["hash"] = False
+            return route
+
+        def make_weights(orig):
+            def routing_weights(scores, idx, c, prec):
+                w = orig(scores, idx, c, prec)
+                if inside["hash"] or c.route_scale == 1.0:
+                    return w
+                state.hit()
+                return w * (lerp(c.route_scale, 1.0, self.magnitude) / c.route_scale)
+            return routing_weights
+        p.wrap(r_moe, "route", make_route)
+        p.wrap(r_moe, "routing_weights", make_weights)
 
 
 class IndexerKeyScaleMisread(VLLMFault):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from corruptcheck.errors import BadInput, crash_line
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = {
     1: """
 CREATE TABLE runs (
@@ -62,6 +62,10 @@ CREATE TABLE points (
     PRIMARY KEY (run_id, name)
 );
 CREATE INDEX runs_by_engine_case ON runs (engine, case_name, recorded);
+""",
+    # 2: the diagnosis (docs/diagnosis.md): the explaining hypothesis, "unexplained", or NULL (not run)
+    2: """
+ALTER TABLE runs ADD COLUMN diagnosis TEXT
 """,
 }
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -160,10 +164,20 @@ def row_of_report(doc: dict, kind: str) -> tuple[dict, list]:
         "culprit": culprit.get("name"), "worst_ratio": max(ranked) if ranked else None,
         "coverage": _canonical(doc.get("coverage")), "timings": _canonical(doc.get("timings")),
         "reason": crash_line(doc["crash"]) if doc.get("crash") else None, "report": _canonical(doc),
+        "diagnosis": diagnosis_of(doc),
     }
     points = [(p["name"], p.get("layer"), p["verdict"], p.get("ratio"), (p.get("metrics") or {}).get("rel_l2"))
               for p in doc.get("points", [])]
     return row, points
+
+
+def diagnosis_of(doc: dict) -> str | None:
+    """The run's diagnosis in one word: the hypothesis that explains it, "unexplained", or None
+    (not run)."""
+    d = doc.get("diagnosis")
+    if d is None:
+        return None
+    return next((e["hypothesis"] for e in d if e.get("explains")), "unexplained")
 
 
 def crash_row(kind: str, engine: str, engine_version: str | None, case: str, precision: str | None,
@@ -205,7 +219,7 @@ def record(path: str | Path, row: dict, points: list) -> tuple[str, bool]:
 
 
 RUN_FIELDS = ("id", "recorded", "kind", "engine", "engine_version", "case_name", "precision", "verdict",
-              "first_divergence", "culprit", "worst_ratio", "workarounds", "reason")
+              "first_divergence", "culprit", "worst_ratio", "workarounds", "reason", "diagnosis")
 
 
 def list_runs(path: str | Path, engine: str | None = None, case: str | None = None) -> list[dict]:

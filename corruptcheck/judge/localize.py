@@ -44,8 +44,7 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
     sub-blocks still run on every token (causality), but each point is judged on those rows only,
     against the local noise measured on the phase's rows (phases.phase_local_noise), so the
     culprit is named within the step where the divergence appeared."""
-    base = (noise or {}).get("local", {})
-    own = {**base, **{n: larger_noise(base.get(n), v) for n, v in (noise or {}).get("local_own_choice", {}).items()}}
+    base, own = local_noise_sets(noise)
     if rows is not None:
         tokens = len(rows.get("embed", ()))
         base, own = phase_local_noise(noise, base, group, tokens), per_token_bound(own)
@@ -55,11 +54,7 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
         if inp not in engine:
             out[f"__{part}:{layer}"] = {"verdict": "unavailable", "reason": f"engine did not capture {inp}"}
             continue
-        dependent = choice_dependent(case.config, part, layer)
-        conditioned = dependent and experts_point(layer) in engine
-        loc = local_points(case, part, layer, engine[inp].to(torch.float64), "float64",
-                           choices=engine if conditioned else None)
-        local_noise = own if dependent and not conditioned else base
+        loc, conditioned, local_noise = forced_run(case, engine, part, layer, inp, base, own)
         if rows is not None:
             loc, eng = _rows_of(loc, rows), _rows_of({n: engine[n] for n in loc if n in engine}, rows)
         else:
@@ -78,6 +73,27 @@ def teacher_force(case: Case, engine: dict, precision: str, noise: dict | None, 
         if prev and prev in out:
             out[name] = dict(out[prev], alias=prev)
     return out
+
+
+def local_noise_sets(noise: dict | None) -> tuple[dict, dict]:
+    """(local noise on the reference's expert choices, the larger of it and the noise of honest
+    runs making their own choices): what a sub-block is judged against when the engine exposes
+    its expert ids, and when it does not."""
+    base = (noise or {}).get("local", {})
+    own = {**base, **{n: larger_noise(base.get(n), v) for n, v in (noise or {}).get("local_own_choice", {}).items()}}
+    return base, own
+
+
+def forced_run(case: Case, engine: dict, part: str, layer, inp: str, base: dict, own: dict) -> tuple[dict, bool, dict]:
+    """(teacher-forced outputs of one sub-block on the engine's captured input to it, whether it
+    ran the engine's own expert choices, the local noise it is judged against). The reference's
+    functions are looked up when called, so a hypothesis (judge/hypotheses.py) patched around
+    this call runs instead of the reference."""
+    dependent = choice_dependent(case.config, part, layer)
+    conditioned = dependent and experts_point(layer) in engine
+    loc = local_points(case, part, layer, engine[inp].to(torch.float64), "float64",
+                       choices=engine if conditioned else None)
+    return loc, conditioned, own if dependent and not conditioned else base
 
 
 def _rows_of(points: dict, rows: dict) -> dict:

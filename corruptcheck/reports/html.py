@@ -9,6 +9,7 @@ from corruptcheck.storage.atomic import atomic_write
 from corruptcheck.judge.coverage import coverage_sentence
 from corruptcheck.finite import fmt_number
 from corruptcheck.judge.phases import phase_words
+from corruptcheck.reports.render import diagnosis_lines
 from corruptcheck.reports.results import Report
 
 _COLOR = {"pass": "#2e7d32", "fail": "#c62828", "not-exercised": "#00838f", "missing": "#f9a825",
@@ -166,6 +167,26 @@ def _phases(rep: Report) -> str:
             f'<th>first divergence</th></tr>{"".join(rows)}</table>')
 
 
+def _diagnosis(rep: Report) -> str:
+    """The diagnosis section (docs/diagnosis.md): its sentence, the ranked hypotheses, the
+    per-token evidence; nothing when the diagnosis did not run."""
+    if rep.diagnosis is None:
+        return ""
+    lines = diagnosis_lines(rep.diagnosis)
+    rows = "".join(
+        f'<tr class="{"fail" if d.explains else ""}"><td><code>{_esc(d.hypothesis)}</code></td><td>{_esc(d.sub_block)}</td>'
+        f'<td>{_esc(", ".join(f"{k}={v}" for k, v in d.params.items()))}</td>'
+        f'<td class="n">{_fmt(d.residual_ratio)}</td><td class="n">{_fmt(d.reference_ratio)}</td>'
+        f'<td>{"explains" if d.explains else ""}</td></tr>' for d in rep.diagnosis)
+    table = ('<table><tr><th>hypothesis</th><th>sub-block</th><th>fitted parameters</th><th>residual err/tol</th>'
+             f'<th>reference err/tol</th><th></th></tr>{rows}</table>') if rep.diagnosis else ""
+    return (f'<h2 style="font-size:16px">Diagnosis</h2><p>{"<br>".join(_esc(x) for x in lines)}</p>{table}'
+            '<p class="meta">Each hypothesis is a defect of the catalog run on the engine\'s own input to the '
+            'sub-block, its magnitude m fitted; residual: the engine against it, in units of the local tolerance '
+            '(≤ 1: within honest noise). It explains the engine only within noise and clearly (2×) better than the '
+            'reference and the runner-up (docs/diagnosis.md).</p>')
+
+
 def _headline(rep: Report) -> str:
     """The sentence under the verdict: the culprit, else the first divergence, else why not a pass."""
     s, culprit, first = rep.summary, rep.culprit, rep.first_divergence
@@ -235,6 +256,7 @@ code{{font-size:12.5px}}
 <div class="head"><span class="verdict">{_esc(verdict.upper())}</span>
 <h1>engine <code>{_esc(rep.engine)}</code> · case <code>{_esc(rep.case)}</code> · precision {_esc(rep.precision)}</h1></div>
 <div class="headline">{headline}</div>
+{_diagnosis(rep)}
 <p class="meta">{s.compared} compared · {s.failed} failed · {s.missing} missing · {s.not_exercised} not exercised · {s.skipped} skipped ·
 reference float64 ({_esc(rep.reference["source"])}) · tolerances from the {_esc(rep.tolerance_precision)} noise model ({_esc(rep.noise_model)})</p>
 <h2 style="font-size:16px">Error / tolerance per point, in model order</h2>

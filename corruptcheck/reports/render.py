@@ -138,6 +138,43 @@ def _print_verdict(rep: Report, console: Console) -> None:
     elif rep.verdict == "fail" and rep.teacher_forcing == "run":
         console.print("teacher forcing: no sub-block exceeds its local tolerance on its own input; the failure is "
                       "accumulated drift", style="yellow")
+    for i, line in enumerate(diagnosis_lines(rep.diagnosis)):
+        console.print(("[bold red]" if i == 0 and rep.explained else "") + escape(line) + ("[/]" if i == 0 and rep.explained else ""))
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def diagnosis_lines(diagnosis, closest: int = 3) -> list[str]:
+    """The diagnosis in words (docs/diagnosis.md): the explaining hypothesis with its fitted
+    parameters, residual and the runner-up, or 'unexplained' with the closest ones; then the
+    per-token evidence."""
+    if diagnosis is None:
+        return []
+    if not diagnosis:
+        return ["diagnosis: no hypothesis applies to the failing sub-block"]
+    first = diagnosis[0]
+    same = [d for d in diagnosis if d.sub_block == first.sub_block]
+    runner = same[1] if len(same) > 1 else None
+    best = next((d for d in diagnosis if d.explains), None)
+    if best is not None:
+        rest = f"; runner-up {runner.hypothesis} {_fmt(runner.residual_ratio, '.3g')}x" if best is first and runner else ""
+        lines = [f"diagnosis: {best.hypothesis} ({_params(best.params)}) explains {best.point}: the engine is within "
+                 f"{_fmt(best.residual_ratio, '.3g')}x the local tolerance of it, vs "
+                 f"{_fmt(best.reference_ratio, '.3g')}x of the reference{rest}"]
+    else:
+        near = ", ".join(f"{d.hypothesis} {_fmt(d.residual_ratio, '.3g')}x" for d in same[:closest])
+        within = first.reference_ratio is not None and first.reference_ratio <= 1
+        lines = [f"diagnosis: {'nothing to explain' if within else 'unexplained'} at {first.point} (reference "
+                 f"{_fmt(first.reference_ratio, '.3g')}x its local tolerance); closest: {near}"]
+        best = first
+    ev = best.evidence
+    if ev:
+        lines.append(f"  evidence at {ev['point']}: {ev['failing']} of {ev['tokens']} tokens fail against the reference, "
+                     f"the hypothesis changes {ev['changed_by_hypothesis']}, explains {ev['failing_explained']} of the "
+                     f"failing ({ev['failing_unexplained']} not; first failing tokens {ev['first_failing_tokens']})")
+    return lines
 
 
 def crash_text(crash: dict) -> str:

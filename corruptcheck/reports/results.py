@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, fields
 
 from corruptcheck.finite import finite_or_none, finite_values
 
-REPORT_SCHEMA = 2  # 1 = first differ; 2 adds ratio, local, culprit, tolerance_precision (additive)
+REPORT_SCHEMA = 2  # 1 = first differ; 2 adds ratio, local, culprit, tolerance_precision (additive);
+# `diagnosis` (additive, written only when the diagnosis ran) keeps 2
 JUDGED = ("pass", "fail", "not-exercised")
 _OMIT_NONE = {"omit_if_none": True}  # a key written only when it has a value
 
@@ -75,6 +76,22 @@ class Culprit(_Json):
 
 
 @dataclass
+class Diagnosis(_Json):
+    """One ranked defect hypothesis for a failing sub-block (judge/diagnose.py,
+    docs/diagnosis.md): the residual of the engine against the hypothesis run on the engine's own
+    input, in units of the local tolerance, beside the reference's; `explains` only when the
+    best is within the honest noise and clearly better than the reference and the runner-up."""
+    hypothesis: str
+    point: str
+    params: dict
+    residual_ratio: float | None
+    reference_ratio: float | None
+    explains: bool
+    sub_block: str
+    evidence: dict | None = field(default=None, metadata=_OMIT_NONE)  # per token, on the best only
+
+
+@dataclass
 class Phase(_Json):
     """A served run's prefill chunk or decode step, judged on its own rows (phases.py)."""
     phase: str
@@ -130,6 +147,12 @@ class Report(_Json):
     # the engine's process died (verdict crash): kind signal | oom | timeout | exit | exception,
     # detail, phase, exit code, what it delivered (engines/child.py); absent when it did not
     crash: dict | None = field(default=None, metadata=_OMIT_NONE)
+    diagnosis: list | None = field(default=None, metadata=_OMIT_NONE)  # [Diagnosis], best first; only when run
+
+    @property
+    def explained(self) -> Diagnosis | None:
+        """The hypothesis that explains the engine (within noise, clearly the best), or None."""
+        return next((d for d in self.diagnosis or [] if d.explains), None)
 
     @classmethod
     def from_json(cls, doc: dict) -> Report:
@@ -139,6 +162,8 @@ class Report(_Json):
         rep.culprit = Culprit.from_json(doc["culprit"]) if doc.get("culprit") else doc.get("culprit")
         rep.summary = Summary.from_json(doc["summary"])
         rep.phases = [Phase.from_json(p) for p in doc.get("phases") or []]
+        if doc.get("diagnosis") is not None:
+            rep.diagnosis = [Diagnosis.from_json(d) for d in doc["diagnosis"]]
         return rep
 
     @classmethod
@@ -160,6 +185,7 @@ class Report(_Json):
             greedy=served["greedy"] if served else None,
             batching=served.get("batching") if served else None,
             crash=getattr(res, "crash", None),
+            diagnosis=None if res.diagnosis is None else [Diagnosis.from_json(d) for d in res.diagnosis],
         )
 
 

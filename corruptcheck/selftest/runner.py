@@ -120,13 +120,15 @@ def _effect_point(expected: str, order: list, points: dict) -> str | None:
                 None)
 
 
-def _timed_compare(row, case: Case, engine: str, precision: str, runner: Engine, teacher_forcing: str = "on-fail"):
+def _timed_compare(row, case: Case, engine: str, precision: str, runner: Engine, teacher_forcing: str = "on-fail",
+                   diagnose: str = "never", hypotheses=None):
     """compare() with a faulty or variant engine, timed into the row; a crash is recorded on the
-    row (status `error`) as a finding, not raised, and gives None."""
+    row (status `error`) as a finding, not raised, and gives None. The self-test's rows are not
+    diagnosed unless asked (`diagnose`; bench/diagnosis_bench.py measures the diagnosis)."""
     t0 = time.perf_counter()
     try:
-        return compare(case, engine, precision, engine=runner, teacher_forcing=teacher_forcing,
-                       **ENGINE_OPTIONS.get(engine, {}))
+        return compare(case, engine, precision, engine=runner, teacher_forcing=teacher_forcing, diagnose=diagnose,
+                       hypotheses=hypotheses, **ENGINE_OPTIONS.get(engine, {}))
     except Exception as exc:
         row.status, row.note = "error", f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
@@ -146,15 +148,16 @@ def run_fault(case: Case, engine: str, fault: Fault, precision: str) -> FaultRow
 
 
 def fault_run(case: Case, engine: str, fault: Fault, precision: str, inner: Engine | None = None,
-              teacher_forcing: str = "on-fail"):
+              teacher_forcing: str = "on-fail", diagnose: str = "never", hypotheses=None):
     """(row, the compare's result or None): `fault` (at its magnitude) around `inner` (default:
-    the registered engine), compared (with `teacher_forcing`) and judged as a self-test row."""
+    the registered engine), compared (with `teacher_forcing`, and `diagnose` with `hypotheses`)
+    and judged as a self-test row."""
     row = FaultRow(fault.name, fault.klass, case.name, precision, "not exercised")
     if fault.triggered(case.config, case.seq_lens, engine) is False:
         row.note = f"trigger never fires here: {fault.trigger}"
         return row, None
     faulty = FaultyEngine(inner or get_engine(engine), fault)
-    res = _timed_compare(row, case, engine, precision, faulty, teacher_forcing)
+    res = _timed_compare(row, case, engine, precision, faulty, teacher_forcing, diagnose, hypotheses)
     if res is None:
         return row, None
     st = faulty.state
@@ -223,12 +226,18 @@ def _strongest(strikes: dict) -> str | None:
     return max(strikes, key=ratio, default=None)
 
 
-def run_benign(case: Case, engine: str, variant: Benign, teacher_forcing: str = "on-fail") -> BenignRow:
+def run_benign(case: Case, engine: str, variant: Benign, teacher_forcing: str = "on-fail",
+               diagnose: str = "never") -> BenignRow:
+    return benign_run(case, engine, variant, teacher_forcing, diagnose)[0]
+
+
+def benign_run(case: Case, engine: str, variant: Benign, teacher_forcing: str = "on-fail", diagnose: str = "never"):
+    """(row, the compare's result or None) of an honest variant."""
     row = BenignRow(variant.name, case.name, variant.precision, "pass")
     res = _timed_compare(row, case, engine, variant.precision, VariantEngine(get_engine(engine), variant),
-                         teacher_forcing)
+                         teacher_forcing, diagnose)
     if res is None:
-        return row
+        return row, None
     comp = res.comparison
     row.verdict = res.verdict
     row.status = "flagged" if res.verdict != "pass" else "pass"
@@ -238,7 +247,7 @@ def run_benign(case: Case, engine: str, variant: Benign, teacher_forcing: str = 
     if comp.first_divergence:
         row.first = comp.first_divergence["name"]
         row.note = "; ".join(f"{p.name}: {p.reason}" for p in comp.failed[:3])
-    return row
+    return row, res
 
 
 # ---------------------------------------------------------------------------------------------
