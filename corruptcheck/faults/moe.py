@@ -118,13 +118,13 @@ class SharedExpertNoClamp(Fault):
             return moe
 
         def make_swiglu(orig):
-            def swiglu_hidden(y, w1, w3, limit, acc, split_k=1):
+            def swiglu_hidden(y, w1, w3, limit, acc, split_k=1, round_in=None):
                 if (w1 is state.scratch.get("shared_w1")) != self.shared:
-                    return orig(y, w1, w3, limit, acc, split_k)
-                _, hits = orig(y, w1, w3, limit, acc, split_k)
+                    return orig(y, w1, w3, limit, acc, split_k, round_in)
+                _, hits = orig(y, w1, w3, limit, acc, split_k, round_in)
                 state.hit(int(hits.sum()))
-                g = r_moe.linear(y, w1, split_k).to(acc)
-                u = r_moe.linear(y, w3, split_k).to(acc)
+                g = r_moe.linear(y, w1, split_k, round_in).to(acc)
+                u = r_moe.linear(y, w3, split_k, round_in).to(acc)
                 g, u = self._unclamp(g, u, limit)
                 return F.silu(g) * u, hits
             return swiglu_hidden
