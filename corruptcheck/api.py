@@ -22,9 +22,9 @@ from corruptcheck.finite import fmt_number
 from corruptcheck.reference import Precision
 from corruptcheck.judge.tolerance import NORM_SHARE
 from corruptcheck.reports.results import Report
-
 # point verdicts that are neither a pass nor a failure (never counted as passes)
-NOT_JUDGED = ("missing", "not-exercised", "skipped")
+from corruptcheck.verdicts import NOT_JUDGED  # noqa: F401 (re-exported)
+
 _LIST_AT_MOST = 10
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from corruptcheck.verdicts import NOT_JUDGED as _NOT_JUDGED  # light: no torch
+
 MARKER = "corruptcheck"
 VERDICT_ITEM = "verdict"  # corruptcheck[CASE::verdict]; no capture point has this name
-_NOT_JUDGED = ("missing", "not-exercised", "skipped")  # = api.NOT_JUDGED (api imports torch)
 # = cases.CASES and compare.RunSettings' choices (those modules import torch; tests assert equality)
 CASE_NAMES = ("tiny", "flash-slice", "pro-slice", "flash-engine", "pro-engine", "tiny-release", "pro-release")
 SCHEDULE_CHOICES = ("case", "prefill-only")

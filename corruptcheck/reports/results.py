@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from corruptcheck.finite import finite_or_none, finite_values
+from corruptcheck.verdicts import JUDGED
 
 REPORT_SCHEMA = 2  # 1 = first differ; 2 adds ratio, local, culprit, tolerance_precision (additive);
 # `diagnosis` (additive, written only when the diagnosis ran) keeps 2
-JUDGED = ("pass", "fail", "not-exercised")
 _OMIT_NONE = {"omit_if_none": True}  # a key written only when it has a value
 
 
