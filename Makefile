@@ -35,7 +35,7 @@ $(VLLM_STAMP): $(STAMP)
 	$(BIN)/python -c "import vllm, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(VLLM_STAMP)
 
-# llama.cpp's DeepSeek V4 (llama-cpp-python builds its vendored llama.cpp from the sdist: ~30 min on
+# llama.cpp's DeepSeek V4 (llama-cpp-python builds its vendored llama.cpp from the sdist: ~6 min on
 # 2 cores the first time; pip keeps the built wheel in its cache, so later installs take seconds) and
 # the GGUF writer vendored in the same sdist (vendor/llama.cpp/gguf-py: the registry's gguf predates V4)
 install-llamacpp: $(LLAMA_STAMP)

@@ -153,3 +153,18 @@ def test_gate_refuses_an_unwritable_out_dir_before_any_run(tmp_path):
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == [
         f"corruptcheck: error: cannot write {tmp_path / 'file' / 'gate' / 'summary.json'}: {tmp_path / 'file'} is not a directory"]
+
+
+def test_the_cli_names_no_engine():
+    """compare's and dump's help name no engine's own flags (the engines declare their options);
+    the old flags still work as aliases of declared options, and one an engine does not declare
+    is one line, exit 2, before anything runs."""
+    for cmd in ("compare", "dump"):
+        res = CliRunner().invoke(cli.main, [cmd, "--help"])
+        assert res.exit_code == 0
+        for flag in ("--attn-impl", "--batch", "--path", "--format", "hf:", "dump:"):
+            assert flag not in res.output, (cmd, flag)
+    res = CliRunner().invoke(cli.main, ["compare", "--engine", "reference", "--batch", "--quiet"])
+    assert res.exit_code == 2 and "batch" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli.main, ["compare", "--engine", "reference", "--engine-option", "attn_impl=sdpa"])
+    assert res.exit_code == 2 and "attn_impl" in res.output

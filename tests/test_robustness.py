@@ -97,7 +97,7 @@ def test_interrupt_is_not_an_internal_error(monkeypatch):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--engine", "hf", "--engine-option", "bogus=1"], "engine 'hf' has no option 'bogus' (its options: attn_impl, batch)"),
+    (["--engine", "hf", "--engine-option", "bogus=1"], "engine 'hf' has no option 'bogus' (its options: attn_impl, batch, crash)"),
     (["--engine", "vllm", "--engine-option", "max_num_batched_tokens=lots"],
      "engine option max_num_batched_tokens='lots': expected a positive integer (the scheduler's token budget"),
     (["--engine", "vllm", "--engine-option", "kv_cache_gib=-1"], "expected a positive finite number"),

@@ -226,8 +226,10 @@ def test_selftest_wiring_for_vllm(monkeypatch):
 
     calls = []
 
-    def fake_compare(case, engine_name, precision, engine=None, teacher_forcing=None, **options):
+    def fake_compare(case, engine_name, precision, engine=None, teacher_forcing=None, diagnose=None, hypotheses=None,
+                     **options):
         assert teacher_forcing == "on-fail"  # the self-test judges as compare does by default
+        assert diagnose == "never"  # it scores detection and localization, not the diagnosis
         calls.append((type(engine).__name__, getattr(engine, "name", ""), precision, options))
         raise RuntimeError("stub")
 

@@ -99,15 +99,29 @@ def parse_engine_options(items) -> dict:
     return out
 
 
-def _resolve_case(case_name, engine_name, path):
-    """The case to compare: --case, else a dump's own manifest, else the default case."""
+def _resolve_case(case_name, engine_case=None):
+    """The case to compare: --case, else the one the engine's input names (a dump's own
+    manifest: Engine.default_case), else the default case."""
     from corruptcheck.cases import DEFAULT_CASE, get_case
 
-    if case_name is None and engine_name == "dump" and path:
-        from corruptcheck.storage.dump import read_manifest
+    return get_case(case_name or engine_case or DEFAULT_CASE)
 
-        case_name = read_manifest(path)["case"] if (Path(path) / "manifest.json").exists() else None
-    return get_case(case_name or DEFAULT_CASE)
+
+def engine_settings(engine_name: str, aliases: dict, pairs) -> tuple[type, dict]:
+    """(the engine's class, its options): --engine-option KEY=VALUE pairs and the older flags
+    that alias declared options (--attn-impl, --batch, --path, --format), all parsed by the
+    engine, which refuses an option it does not declare. The CLI itself names no engine."""
+    from corruptcheck.engines import Engine, engine_class
+
+    raw = {k: v for k, v in aliases.items() if v not in (None, False)}
+    raw.update(parse_engine_options(pairs))
+    if not raw:  # no option to check: an engine unknown here is get_engine's error (or a plug-in's)
+        try:
+            return engine_class(engine_name), {}
+        except (KeyError, BadInput):
+            return Engine, {}
+    cls = engine_class(engine_name)
+    return cls, cls.parse_options(raw)
 
 
 @main.command("hypotheses")
@@ -151,9 +165,11 @@ def engines_cmd():
 @click.option("--case", "case_name", default="tiny", show_default=True, help="built-in case")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="dump directory to write")
 @click.option("--dtype", "precision", type=click.Choice(PRECISIONS), default="float32", show_default=True)
-@click.option("--attn-impl", default="eager", show_default=True, help="hf: transformers attention implementation")
-@click.option("--batch", is_flag=True, help="hf: run the case's sequences as one right-padded batch")
-def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
+@click.option("--engine-option", "engine_option", multiple=True, metavar="KEY=VALUE",
+              help="an engine setting, repeatable (see docs/engines.md)")
+@click.option("--attn-impl", default=None, hidden=True, help="alias of --engine-option attn_impl=...")
+@click.option("--batch", is_flag=True, hidden=True, help="alias of --engine-option batch=true")
+def dump_cmd(engine_name, case_name, out_dir, precision, engine_option, attn_impl, batch):
     """Run an engine on a case and write its capture as a dump directory (docs/dump.md)."""
     from corruptcheck.cases import get_case
     from corruptcheck.storage.dump import write_dump
@@ -161,8 +177,9 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
 
     try:
         case = get_case(case_name)
+        _, options = engine_settings(engine_name, {"attn_impl": attn_impl, "batch": batch}, engine_option)
         engine = get_engine(engine_name)
-        cap = engine.run(case, precision, attn_impl=attn_impl, batch=batch)
+        cap = engine.run(case, precision, **options)
         meta = {k: v for k, v in cap.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
         out = write_dump(cap.points, case, out_dir, engine={"name": engine_name, **meta}, precision=cap.precision)
     except KeyError as exc:
@@ -180,12 +197,12 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
 @click.option("--dtype", "precision", type=click.Choice(PRECISIONS), default=None,
               help="precision the engine runs in [default: float32; a dump declares its own]; the reference "
                    "always runs float64")
-@click.option("--path", "dump_path", type=click.Path(), help="dump: the directory to read")
-@click.option("--format", "dump_format", type=click.Choice(["corruptcheck", "sglang"]), default="corruptcheck",
-              show_default=True, help="dump: corruptcheck dump directory or SGLang dumper files")
-@click.option("--batch", is_flag=True, help="hf: run the case's sequences as one right-padded batch")
+@click.option("--path", "dump_path", type=click.Path(), hidden=True, help="alias of --engine-option path=DIR")
+@click.option("--format", "dump_format", type=click.Choice(["corruptcheck", "sglang"]), default=None, hidden=True,
+              help="alias of --engine-option format=...")
+@click.option("--batch", is_flag=True, hidden=True, help="alias of --engine-option batch=true")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the JSON report here")
-@click.option("--attn-impl", default="eager", show_default=True, help="hf: transformers attention implementation")
+@click.option("--attn-impl", default=None, hidden=True, help="alias of --engine-option attn_impl=...")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="write JUnit XML (one test per point)")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="write a self-contained HTML report")
 @click.option("--teacher-forcing", type=click.Choice(["on-fail", "always", "never"]), default="on-fail",
@@ -195,9 +212,9 @@ def dump_cmd(engine_name, case_name, out_dir, precision, attn_impl, batch):
                                       "sub-block, each run on the engine's own input (docs/diagnosis.md)")
 @click.option("--no-golden", is_flag=True, help="compute the reference now instead of using the golden")
 @click.option("--engine-option", "engine_option", multiple=True, metavar="KEY=VALUE",
-              help="an engine setting, repeatable (vllm: fix=routed-swiglu-clamp, max_num_batched_tokens=N, "
-                   "kv_cache_dtype=auto, kv_cache_gib=G; every engine, test only: crash=KIND@PHASE, KIND "
-                   "segv|abort|raise|hang|oom|exit0, PHASE load|prefill|decode|forward)")
+              help="an engine setting, repeatable: the options the engine declares (docs/engines.md; e.g. path=DIR and "
+                   "format=sglang for a dump, weights=q8_0 for llama.cpp; every engine, test only: "
+                   "crash=KIND@PHASE, KIND segv|abort|raise|hang|oom|exit0, PHASE load|prefill|decode|forward)")
 @click.option("--schedule", "schedule_choice", type=click.Choice(["case", "prefill-only"]), default="case",
               show_default=True, help="serve the case's schedule (chunked prefill + greedy decode, judged by phase) "
                                       "when the engine can; prefill-only: one forward per sequence")
@@ -217,19 +234,15 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
     check_outputs(json_path, junit_path, html_path)  # refuse them before the engine runs
     if record_path:
         _check_store(record_path)  # refuse a bad store before the engine runs
-    if precision is None and engine_name != "dump":
-        precision = "float32"
-    options = {"attn_impl": attn_impl, "batch": batch} if engine_name == "hf" else {}
-    if engine_name == "dump":
-        options = {"path": dump_path, "format": dump_format}
     try:
-        from corruptcheck.engines import engine_class
-
-        if engine_option:
-            options.update(engine_class(engine_name).parse_options(parse_engine_options(engine_option)))
-        case = _resolve_case(case_name, engine_name, dump_path)
+        cls, options = engine_settings(engine_name, {"path": dump_path, "format": dump_format, "batch": batch,
+                                                     "attn_impl": attn_impl}, engine_option)
+        if precision is None and not cls.declares_precision:
+            precision = "float32"
+        case = _resolve_case(case_name, cls.default_case(options))
+        # one right-padded batch is one forward: nothing to serve
         res = compare(case, engine_name, precision, use_golden=not no_golden, teacher_forcing=teacher_forcing,
-                      schedule="prefill-only" if batch else schedule_choice, diagnose=diagnose,
+                      schedule="prefill-only" if options.get("batch") else schedule_choice, diagnose=diagnose,
                       engine_process=engine_process, engine_timeout=engine_timeout, engine_memory=engine_memory,
                       **options)
     except KeyError as exc:

@@ -28,6 +28,13 @@ class Engine:
     # run in a supervised child process by default (compare's engine_process "auto"): the real
     # engines, whose kernels can kill the process that runs them (engines/child_engine.py)
     runs_in_child: bool = False
+    # its input says what precision it ran at (a dump's manifest): compare's --dtype may be left out
+    declares_precision: bool = False
+
+    @classmethod
+    def default_case(cls, options: dict) -> str | None:
+        """The case its input names when --case is left out (a dump: its manifest's), or None."""
+        return None
 
     @classmethod
     def parse_options(cls, raw: dict) -> dict:

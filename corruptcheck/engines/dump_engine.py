@@ -10,10 +10,21 @@ from corruptcheck.errors import BadInput
 
 class DumpEngine(Engine):
     name = "dump"
+    declares_precision = True
     options = (
-        Option("path", text, "the dump directory (also --path)"),
-        Option("format", one_of("corruptcheck", "sglang"), "dump directory or SGLang dumper files (also --format)"),
+        Option("path", text, "the dump directory"),
+        Option("format", one_of("corruptcheck", "sglang"), "dump directory or SGLang dumper files (default corruptcheck)"),
     )
+
+    @classmethod
+    def default_case(cls, options: dict) -> str | None:
+        """The case the dump's manifest names (when --case is left out)."""
+        from pathlib import Path
+
+        from corruptcheck.storage.dump import read_manifest
+
+        path = options.get("path")
+        return read_manifest(path)["case"] if path and (Path(path) / "manifest.json").exists() else None
 
     def run(self, case: Case, precision: str | None = None, path=None, format: str = "corruptcheck",
             **_options) -> Capture:

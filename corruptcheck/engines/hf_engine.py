@@ -10,8 +10,8 @@ class HFEngine(Engine):
     name = "hf"
     extra = "hf"
     options = (
-        Option("attn_impl", text, "transformers attention implementation (also --attn-impl)"),
-        Option("batch", boolean, "run the sequences as one right-padded batch (also --batch)"),
+        Option("attn_impl", text, "transformers attention implementation (default eager)"),
+        Option("batch", boolean, "run the sequences as one right-padded batch (prefill only)"),
     )
 
     def available(self) -> tuple[bool, str]:
