@@ -99,20 +99,13 @@ class Precision:
         return cls(key, act, acc, False, 1, *_PLACEMENT.get(key, (False, 0, None, None)))
 
     def variant(self, alt_placement: bool = False, split_k: int = 1) -> "Precision":
-        """Another honest implementation at this precision; a profile's own placement
-        (rope_iterated, hc_mix_lanes) is kept."""
-        return Precision(self.name, self.act, self.acc, alt_placement, split_k, self.rope_iterated, self.hc_mix_lanes,
-                         self.fp8_linear_in, self.bf16_linear_in)
-
-    @property
-    def _own_placement(self) -> bool:
-        return (self.rope_iterated, self.hc_mix_lanes) == _PLACEMENT.get(self.name, ())[:2]
+        """Another honest implementation at this precision; a profile's own placement (RoPE,
+        mHC mix, matmul input rounding) is kept."""
+        return replace(self, alt_placement=alt_placement, split_k=split_k)
 
     @property
     def label(self) -> str:
-        extra = ((["alt-placement"] if self.alt_placement else []) + ([f"split-k{self.split_k}"] if self.split_k > 1 else [])
-                 + (["iterated-rope"] if self.rope_iterated and not self._own_placement else [])
-                 + ([f"hc-lanes{self.hc_mix_lanes}"] if self.hc_mix_lanes and not self._own_placement else []))
+        extra = (["alt-placement"] if self.alt_placement else []) + ([f"split-k{self.split_k}"] if self.split_k > 1 else [])
         return self.name + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -13,7 +13,7 @@ exact ties differently, which changes those rows' attention completely (docs/eng
 The float32 verdict and its explanation (docs/engines.md, "llama.cpp", measured):
 flash attention casts K/V to F16 (attn.core 2.4e-4; off: 1.2e-6, the engine's default), and
 ggml forms RoPE angles by repeated fp32 products (RoPE dims 1.7e-6 against 1.6e-7 elsewhere),
-which the float32 noise model's `iterated-rope` variant models.
+which the `ggml-float32` profile models.
 """
 from __future__ import annotations
 
@@ -402,7 +402,7 @@ def test_flash_attention_rounds_k_and_v_to_f16(mini_runs):
 @needs_llamacpp
 def test_rope_excess_is_ggml_angle_formation(mini_runs):
     """q and kv's RoPE dims carry ~10x the error of their other dims (1.7e-6 vs 1.6e-7 at layer
-    0): turning the engine's rows from the iterated-rope variant's angles to the demo's brings
+    0): turning the engine's rows from ggml's iterated angles to the demo's brings
     the RoPE dims to the other dims' level at every layer, sliding (main table) and CSA / HCA
     (YaRN table)."""
     ref, caps = mini_runs

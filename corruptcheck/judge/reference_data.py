@@ -60,7 +60,7 @@ def noise_for(case: Case, ref: ReferenceData, precision: str) -> tuple[dict | No
     stored = ref.noise.get(precision)
     current = [v.label for v in variants(precision)]
     if stored is not None and stored.get("format") == NOISE_FORMAT and stored.get("variants") not in (None, current):
-        # the golden measured another set of honest variants (e.g. before float32's iterated-rope):
+        # the golden measured another set of honest variants than noise.variants runs now:
         # judging with it would miss the variants added since; measure now (regenerate the golden)
         return measure(case, ref.points, precision), (f"measured now (the golden's noise model ran {stored.get('variants')}, "
                                                       f"the current one runs {current})")
