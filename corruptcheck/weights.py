@@ -156,7 +156,23 @@ def q8_0_exact(params: dict) -> dict:
     return params
 
 
-GGUF_ROUNDINGS = {"q8_0": q8_0_exact}  # weight_format "<base>+<rounding>": the base weights, then this
+def mxfp4_gguf_exact(params: dict) -> dict:
+    """The weights of an MXFP4 GGUF (llama.cpp's `MOSTLY_MXFP4_MOE`, what its converter makes of
+    a V4 release): the routed experts as the release stores them (`quant.mxfp4_quantize`: e2m1
+    x one E8M0 scale per 32 inputs), which the converter repacks bit for bit into ggml's
+    `block_mxfp4` (`repack_mxfp4_blocks`: only bits move); every other FP8-class linear Q8_0
+    (`q8_0_exact`). In place; returns `params`."""
+    for name in list(params):
+        if params[name].is_floating_point() and is_routed_expert(name):
+            params[name] = mxfp4_dequantize(*mxfp4_quantize(params[name])).to(params[name].dtype)
+    experts = {n: params.pop(n) for n in list(params) if is_routed_expert(n)}
+    q8_0_exact(params)
+    params.update(experts)
+    return params
+
+
+# weight_format "<base>+<rounding>": the base weights, then this (the numbers a quantized GGUF holds)
+GGUF_ROUNDINGS = {"q8_0": q8_0_exact, "mxfp4": mxfp4_gguf_exact}
 
 
 def release_exact(params: dict) -> dict:

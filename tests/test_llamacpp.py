@@ -71,6 +71,21 @@ def test_node_names_map_to_canonical_points():
         lc.per_token("lid_top_k-1", picks, 5)
 
 
+def test_indexer_picks_of_a_ubatch_with_fewer_entries_than_top_k_are_padded():
+    """llama.cpp's top-k is min(cache entries, index_topk) wide: a ubatch whose cache holds
+    fewer entries (every ubatch before the 2048th token of an engine case) is padded with -1 to
+    the reference's width, and picks beyond the query's causal limit become -1. (Without the
+    padding the passes' widths differed and flash-engine's indexer_topk was `missing`.)"""
+    from corruptcheck.engines.llamacpp_engine import _discrete
+
+    pos = [3, 4, 9, 12]  # causal limits (pos + 1) // 4: 1, 1, 2, 3 entries
+    picks = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [2, 1, 0]], dtype=torch.int32)
+    out = _discrete(MINI, {"layers.1.attn.indexer_topk": picks}, {"pos": pos})["layers.1.attn.indexer_topk"]
+    assert out.shape == (4, MINI.config.index_topk) and out.dtype == torch.long
+    assert out[:, :3].tolist() == [[0, -1, -1], [0, -1, -1], [1, 0, -1], [2, 1, 0]]
+    assert bool((out[:, 3:] == -1).all())
+
+
 def test_cases_llama_cpp_cannot_load_are_refused_with_the_reason():
     problems = check_config(get_case("tiny").config)
     assert any("compress ratios [16]" in p for p in problems)
@@ -233,6 +248,45 @@ def test_q8_0_weights_are_what_the_gguf_holds():
     assert dataclasses.replace(MINI, weight_format="bf16+q8_0").params().keys() == base.keys()
 
 
+@needs_gguf
+def test_mxfp4_experts_are_what_the_gguf_holds():
+    """MXFP4 GGUF (llama.cpp's MOSTLY_MXFP4_MOE): the routed experts are the release's MXFP4
+    values, repacked bit for bit into `block_mxfp4` (gguf-py's own dequantizer reads back the
+    case variant's numbers exactly; ggml's quantizer, whose scale comes from floor(log2 amax),
+    gives the same blocks for values already on the grid), the other FP8-class linears Q8_0, the rest untouched; the run declares ggml-q8_0 (MXFP4's
+    vec_dot_type is Q8_0)."""
+    import numpy as np
+
+    from corruptcheck.engines.llamacpp_gguf import mxfp4_blocks
+    from corruptcheck.engines.llamacpp_precision import profile_name
+    from corruptcheck.weights import is_fp8_linear, is_routed_expert
+
+    gguf = gguf_module()
+    mx, q8 = gguf.GGMLQuantizationType.MXFP4, gguf.GGMLQuantizationType.Q8_0
+    case = LlamaCppEngine().weights_case(MINI, weights="mxfp4")
+    assert case.name == "llamacpp-mini+mxfp4" and case.weight_format == "bf16+mxfp4" and not case.golden
+    base, held = MINI.params(), case.params()
+    experts = requantized = 0
+    for name, w in base.items():
+        if not w.is_floating_point() or w.dim() != 2:
+            continue
+        if is_routed_expert(name):
+            experts += 1
+            assert tensor_type(name, "mxfp4", routed=True) == "MXFP4"
+            back = gguf.quants.dequantize(mxfp4_blocks(held[name]), mx)
+            assert np.array_equal(back, held[name].float().numpy()), name
+            assert 0 < float((held[name] - w).abs().max()) < 0.2 * float(w.abs().max()), name
+            requantized += np.array_equal(gguf.quants.quantize(held[name].float().numpy(), mx),
+                                          mxfp4_blocks(held[name]))
+        elif is_fp8_linear(name, w):
+            trip = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), q8), q8)
+            assert np.array_equal(held[name].numpy(), trip), name
+        else:
+            assert torch.equal(held[name], w), name
+    assert experts == requantized == 3 * 8 * 3
+    assert profile_name("mxfp4", "f32", "off") == "ggml-q8_0"
+
+
 def test_q8_0_activations_round_as_ggml_x86():
     """Activations: ggml-cpu's x86 quantize_row_q8_0 multiplies by 127 / amax and rounds half to
     even; the weights' reference quantizer rounds half away from zero. Blocks of 32, fp16 scale."""
@@ -317,6 +371,26 @@ def test_q8_0_llama_cpp_passes_inside_ggml_q8_0(mini_f32):
     q8 = _points(res)["layers.0.attn.q"].metrics["rel_l2"]
     f32 = _points(mini_f32)["layers.0.attn.q"].metrics["rel_l2"]
     assert q8 > 300 * f32, (q8, f32)
+
+
+@pytest.mark.engine
+@needs_llamacpp
+def test_mxfp4_llama_cpp_passes_inside_ggml_q8_0(mini_f32):
+    """MXFP4 experts (the release's values, repacked), Q8_0 for the other FP8-class linears:
+    judged as ggml-q8_0 (MXFP4's vec_dot_type is Q8_0) against the float64 reference of the
+    GGUF's weights. Every point inside, and the MoE output carries the Q8_0 input rounding."""
+    from corruptcheck.compare import compare
+
+    res = compare(MINI, "llamacpp", None, teacher_forcing="never", weights="mxfp4", kv_type="f32")
+    assert res.precision == "ggml-q8_0" and res.case.name == "llamacpp-mini+mxfp4"
+    assert res.engine_meta["gguf"]["types"].get("MXFP4") == 3 * 3  # gate / up / down of 3 layers
+    assert res.comparison.verdict == "pass", res.comparison.first_divergence
+    assert res.comparison.compared >= 60 and res.comparison.missing == []
+    worst = max(p.ratio for p in res.comparison.points if p.ratio is not None)
+    assert worst < 0.8, worst
+    mx = _points(res)["layers.1.moe.out"].metrics["rel_l2"]
+    f32 = _points(mini_f32)["layers.1.moe.out"].metrics["rel_l2"]
+    assert mx > 100 * f32, (mx, f32)
 
 
 @pytest.mark.engine

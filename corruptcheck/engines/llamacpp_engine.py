@@ -34,6 +34,7 @@ from corruptcheck.engines.ranks import merge_ranks
 from corruptcheck.engines.recorder import RawCapture
 from corruptcheck.engines.child import ChildLimits
 from corruptcheck.errors import EngineCrashed, EngineUnavailable
+from corruptcheck.weights import GGUF_ROUNDINGS
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"  # the release whose vendored llama.cpp was read (docs/engines.md)
@@ -80,11 +81,12 @@ class LlamaCppEngine(Engine):
         return installed_version() is not None
 
     def weights_case(self, case: Case, **options) -> Case:
-        """Q8_0 weights are not the case's numbers: the run and the reference use the case's
-        weights as the Q8_0 GGUF holds them (weights.q8_0_exact; F32 and BF16 are exact)."""
-        if options.get("weights") != "q8_0" or case.weight_format.endswith("+q8_0"):
+        """Q8_0 and MXFP4 weights are not the case's numbers: the run and the reference use the
+        case's weights as the GGUF holds them (weights.GGUF_ROUNDINGS; F32 and BF16 are exact)."""
+        w = options.get("weights")
+        if w not in GGUF_ROUNDINGS or "+" in case.weight_format:
             return case
-        return dataclasses.replace(case, name=f"{case.name}+q8_0", weight_format=f"{case.weight_format}+q8_0",
+        return dataclasses.replace(case, name=f"{case.name}+{w}", weight_format=f"{case.weight_format}+{w}",
                                    golden=False)
 
     def run(self, case: Case, precision: str, schedule=None, **options) -> Capture:
@@ -253,7 +255,9 @@ def _raw_capture(case: Case, meta_in: dict, out: str) -> tuple[RawCapture, list,
 def _discrete(case: Case, pts: dict, p: dict) -> dict:
     """Expert ids as long; indexer picks beyond the query's causal limit (entries llama.cpp's
     top-k took from masked, -inf scores: no-ops in its attention) become -1, as the reference
-    writes them; weights [T, k, 1] -> [T, k]."""
+    writes them, and a ubatch whose cache holds fewer entries than index_topk (llama.cpp's top-k
+    is then min(entries, index_topk) wide) is padded with -1 to the reference's width;
+    weights [T, k, 1] -> [T, k]."""
     cfg = case.config
     pos = torch.tensor(p["pos"])
     for name in list(pts):
@@ -265,7 +269,8 @@ def _discrete(case: Case, pts: dict, p: dict) -> dict:
         elif name.endswith("attn.indexer_topk"):
             idx = t.reshape(t.shape[0], -1).long()
             limit = ((pos + 1) // cfg.csa_ratio)[:, None]
-            pts[name] = torch.where((idx >= 0) & (idx < limit), idx, -1)
+            idx = torch.where((idx >= 0) & (idx < limit), idx, -1)
+            pts[name] = torch.nn.functional.pad(idx, (0, max(cfg.index_topk - idx.shape[1], 0)), value=-1)
     return pts
 
 

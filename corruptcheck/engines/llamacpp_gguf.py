@@ -98,12 +98,35 @@ def tensor_type(name: str, weights: str, routed: bool = False) -> str:
 
 
 def _encode(gguf, arr: np.ndarray, qtype: str):
-    """(data, raw_dtype) for the writer: F32 as is, BF16 / Q8_0 / MXFP4 through the vendored
-    quantizer (`gguf.quants.quantize`, which follows ggml's reference rounding)."""
+    """(data, raw_dtype) for the writer: F32 as is, BF16 / Q8_0 through the vendored quantizer
+    (`gguf.quants.quantize`, which follows ggml's reference rounding), MXFP4 repacked from the
+    release format (`mxfp4_blocks`)."""
     if qtype == "F32":
         return np.ascontiguousarray(arr, dtype=np.float32), None
     t = getattr(gguf.GGMLQuantizationType, qtype)
+    if qtype == "MXFP4":
+        return mxfp4_blocks(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))), t
     return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), t), t
+
+
+def mxfp4_blocks(w: torch.Tensor) -> np.ndarray:
+    """[..., I] -> ggml `block_mxfp4` bytes [..., I/32 * 17]: per 32 inputs the E8M0 scale byte,
+    then 16 bytes whose byte j holds element j in its low nibble and element j + 16 in its high
+    one. The codes are the release quantizer's (`quant.mxfp4_quantize`: e2m1 codes index ggml's
+    `kvalues_mxfp4` in the same order, ggml doubles the values and halves the scale), so this is
+    what llama.cpp's converter writes for a V4 release's experts (`repack_mxfp4_blocks`: bits
+    move, no rounding); for values already on the MXFP4 grid (weights.mxfp4_gguf_exact) the
+    GGUF holds them exactly. (ggml's own quantizer, scale from floor(log2 amax), makes the same
+    blocks of such values: their block maximum is 4 or 6 times the scale; tested.)"""
+    from corruptcheck.reference.quant import mxfp4_quantize
+
+    lead, cols = w.shape[:-1], w.shape[-1]
+    packed, scale = mxfp4_quantize(w.reshape(-1, cols))
+    p = packed.view(torch.uint8)
+    codes = torch.stack((p & 0x0F, p >> 4), dim=-1).reshape(p.shape[0], cols // 32, 32)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    e = scale.view(torch.uint8).reshape(p.shape[0], cols // 32, 1)
+    return torch.cat((e, qs), dim=-1).reshape(*lead, cols // 32 * 17).numpy()
 
 
 def check_config(cfg) -> list[str]:

@@ -24,7 +24,10 @@ A run whose every rounding is float32 (F32 weights, F32 cache, flash attention o
 noise measured on those placements (the generic ``float32`` tolerances stay a blocked-GEMM
 engine's). BF16 weights declare ``ggml-bf16`` (each BF16 matrix's input rounded to bf16, ggml's
 BF16 `vec_dot_type`), Q8_0 weights ``ggml-q8_0`` (each Q8_0 matrix's input quantized to Q8_0
-blocks, the BF16 ones' to bf16); both with an F32 cache and flash attention off; other runs declare a profile that names what they round, judged only where the
+blocks, the BF16 ones' to bf16); MXFP4 experts (Q8_0 for the other FP8 linears) ``ggml-q8_0``
+too: MXFP4's `vec_dot_type` is Q8_0 (`ggml_vec_dot_mxfp4_q8_0`: exact integer block dots of the
+e2m1 codes with the Q8_0 input, scaled by fp16(d) x the E8M0 power of two, summed in F32), so
+its inputs round exactly as a Q8_0 matrix's do; all with an F32 cache and flash attention off; other runs declare a profile that names what they round, judged only where the
 reference models it (reference/precision.py; none of these is modelled yet: such a compare
 stops with the unknown precision, exit 2, instead of judging against a wrong tolerance).
 """
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 def profile_name(weights: str, kv_type: str, flash_attn_resolved: str) -> str:
     """`flash_attn_resolved`: "on" / "off", what llama.cpp's graph ran (not the request)."""
-    modelled = {"f32": "ggml-float32", "bf16": "ggml-bf16", "q8_0": "ggml-q8_0"}
+    modelled = {"f32": "ggml-float32", "bf16": "ggml-bf16", "q8_0": "ggml-q8_0", "mxfp4": "ggml-q8_0"}
     if weights in modelled and kv_type == "f32" and flash_attn_resolved == "off":
         return modelled[weights]
     return f"llamacpp-{weights}-kv{kv_type}" + ("-fa16" if flash_attn_resolved == "on" else "")

@@ -48,9 +48,8 @@ class ReferenceData:
 def noise_precisions(case: Case) -> tuple:
     """The precisions whose noise the case's golden holds: the generic ones, and the
     engine-matched profiles of the engines that load the case (others measure at compare time)."""
-    if case.weight_format == "fp8":
-        return ENGINE_NOISE_PRECISIONS
-    return NOISE_PRECISIONS + tuple(p for p, cannot_load in ENGINE_MATCHED.items() if not cannot_load(case.config))
+    generic = ENGINE_NOISE_PRECISIONS if case.weight_format == "fp8" else NOISE_PRECISIONS
+    return generic + tuple(p for p, cannot_load in ENGINE_MATCHED.items() if not cannot_load(case.config))
 
 
 def noise_for(case: Case, ref: ReferenceData, precision: str) -> tuple[dict | None, str]:
