@@ -50,3 +50,15 @@ def test_weights_are_deterministic_and_bf16_exact(tiny):
         if a[k].is_floating_point():
             assert torch.equal(a[k], a[k].bfloat16().float()), k
     assert not torch.equal(a["embed.weight"], c["embed.weight"])
+
+
+def test_coverage_sentence_does_not_round_a_little_pruning_to_zero():
+    """flash-engine's CSA layer prunes on 61 of 2112 queries (0.09% of entries): never "0%"."""
+    from corruptcheck.judge.coverage import coverage_sentence
+
+    base = {"tokens": 2112, "sequences": 1, "tokens_beyond_window": 1984, "window": 128, "compressed_entries": 544,
+            "clamp_hits": 0, "attention_types": ["csa"], "routing_types": ["learned"]}
+    said = {f: coverage_sentence({**base, "indexer_pruning_fraction": f}) for f in (0.0, 0.00089, 0.25)}
+    assert "indexer pruned 0% of" in said[0.0]
+    assert "indexer pruned 0.09% of" in said[0.00089]
+    assert "indexer pruned 25% of" in said[0.25]

@@ -116,9 +116,12 @@ def coverage_sentence(cov: dict) -> str:
     if "tokens" not in cov:
         return "no layer was run, nothing to say what the inputs exercised"
     clamps = "uncounted" if cov["clamp_hits"] is None else cov["clamp_hits"]
+    pruned = cov["indexer_pruning_fraction"]
+    # a few pruning queries (an engine case prunes on its last 61 of 2112) must not print as 0%
+    pruned = f"{pruned:.0%}" if pruned == 0 or pruned >= 0.01 else f"{pruned:.2%}"
     return (f"{cov['tokens']} tokens in {cov['sequences']} sequence(s), {cov['tokens_beyond_window']} beyond the "
             f"{cov['window']}-token window; {cov['compressed_entries']} compressed entries; indexer pruned "
-            f"{cov['indexer_pruning_fraction']:.0%} of available entries; {clamps} SwiGLU clamp hits; "
+            f"{pruned} of available entries; {clamps} SwiGLU clamp hits; "
             f"attention {'/'.join(cov['attention_types'])}; routing {'/'.join(cov['routing_types'])}")
 
 
