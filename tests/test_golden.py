@@ -139,6 +139,11 @@ def test_cache_roundtrip_for_uncommitted_case(tmp_path, monkeypatch, tiny, tiny_
         f.unlink()
     second = reference_data.reference_for(tiny, root)
     assert second.source == "golden (regenerated into the cache)" and calls
+    # judged from the cache it just wrote, point by point: the float64 dict is not kept
+    from corruptcheck.storage.lazy_points import LazyPoints
+
+    assert isinstance(second.points, LazyPoints)
+    assert torch.equal(second.points["logits"], tiny_ref[0]["logits"])
     third = reference_data.reference_for(tiny, root)
     assert third.source == "golden (cache)"
     points, _ = tiny_ref

@@ -164,4 +164,8 @@ def reference_for(case: Case, root: Path | None = None) -> ReferenceData:
     except GoldenDrift as exc:
         return ReferenceData(points, cov, f"computed (regeneration does not match the golden: {exc})")
     write_cache(case, g.manifest, points)
-    return ReferenceData(points, g.coverage, "golden (regenerated into the cache)", g.digest, noise)
+    # judged from the cache, read point by point when used: the float64 points of a wide case
+    # (pro-engine: over 10 GB) leave memory before the engine's capture is compared with them
+    lazy = read_cache(g)
+    return ReferenceData(points if lazy is None else lazy, g.coverage, "golden (regenerated into the cache)",
+                         g.digest, noise)
