@@ -23,7 +23,7 @@ from corruptcheck.reference import Precision
 from corruptcheck.judge.tolerance import NORM_SHARE
 from corruptcheck.reports.results import Report
 # point verdicts that are neither a pass nor a failure (never counted as passes)
-from corruptcheck.verdicts import NOT_JUDGED  # noqa: F401 (re-exported)
+from corruptcheck.verdicts import NOT_JUDGED, Verdict
 
 _LIST_AT_MOST = 10
 
@@ -143,7 +143,7 @@ class CheckResult:
 
     @property
     def passed(self) -> bool:
-        return self.verdict == "pass"
+        return self.verdict == Verdict.PASS
 
     @property
     def points(self) -> list[PointResult]:
@@ -217,20 +217,20 @@ class CheckResult:
     def summary(self) -> str:
         """One line: verdict and counts, the first divergence and the culprit."""
         comp = self.result.comparison
-        skipped = sum(p.verdict in ("skipped", "not-exercised") for p in self.points)
+        skipped = sum(p.verdict in (Verdict.SKIPPED, Verdict.NOT_EXERCISED) for p in self.points)
         head = f"corruptcheck: engine {self.engine!r} on case {self.case!r} at {self.precision}: "
-        if self.verdict == "crash":
+        if self.verdict == Verdict.CRASH:
             from corruptcheck.reports.render import crash_text
 
             return head + (f"CRASH: the engine's process died: {crash_text(self.crash)} "
                            f"({comp.compared} compared, {len(self.failed)} failed on what it delivered)")
-        if self.verdict == "error":
+        if self.verdict == Verdict.ERROR:
             return (head + f"nothing compared: the engine captured none of the case's points "
                            f"({len(self.missing)} required points missing)")
         counts = f"{comp.compared} compared, {len(self.failed)} failed, {len(self.missing)} missing, {skipped} skipped"
         if self.passed:
             return head + f"PASS ({counts})"
-        if self.verdict == "incomplete":
+        if self.verdict == Verdict.INCOMPLETE:
             return head + f"INCOMPLETE ({counts}): no compared point fails, but required points are missing"
         culprit = self.culprit["name"] if self.culprit else _no_culprit(self.result.teacher_forcing)
         return head + f"FAIL ({counts}); first divergence {self.first_divergence['name']}; culprit {culprit}"
@@ -252,7 +252,7 @@ class CheckResult:
         """The summary, then the first divergent point and the culprit explained, then the
         list of failing points (what `assert_ok()` raises with)."""
         lines = [self.summary()]
-        if self.verdict == "fail":
+        if self.verdict == Verdict.FAIL:
             first = self.first_divergence["name"]
             lines.append(self.explain(first))
             if self.culprit and self.culprit["name"] != first:
@@ -268,11 +268,11 @@ class CheckResult:
         compared, and `MissingPoints` when required points are missing (a missing point is never
         a pass; `allow_missing=True` accepts them, e.g. while an adapter is being written — an
         engine that cannot expose a point declares it skipped instead). Returns self otherwise."""
-        if self.verdict == "crash":
+        if self.verdict == Verdict.CRASH:
             raise EngineCrash(self.message(), self.crash)
-        if self.verdict == "fail":
+        if self.verdict == Verdict.FAIL:
             raise CorruptionDetected(self.message())
-        if self.verdict == "error":
+        if self.verdict == Verdict.ERROR:
             raise NothingCompared(self.message())
         if self.missing and not allow_missing:
             raise MissingPoints(self.message())

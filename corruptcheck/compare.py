@@ -22,6 +22,7 @@ from corruptcheck.reference import REFERENCE_VERSION, Precision
 from corruptcheck.judge.reference_data import (ReferenceData, golden_noise, noise_for, reference_for,  # noqa: F401
                                                reference_run)
 from corruptcheck.schedule import check_prompts, decoded_case, prompt_case
+from corruptcheck.verdicts import Verdict
 
 TEACHER_FORCING = ("on-fail", "always", "never")
 DIAGNOSE = ("on-fail", "always", "never")
@@ -94,7 +95,7 @@ class CompareResult:
 
     @property
     def verdict(self) -> str:
-        return "crash" if self.crash else self.comparison.verdict
+        return Verdict.CRASH if self.crash else self.comparison.verdict
 
 
 def compare(case: Case, engine_name: str, precision: str, use_golden: bool = True,
@@ -139,7 +140,7 @@ def compare(case: Case, engine_name: str, precision: str, use_golden: bool = Tru
             engine.close()
     if note:
         res.engine_meta["schedule_note"] = note
-    if engine_points is not None and (diagnose == "always" or (diagnose == "on-fail" and res.verdict == "fail"
+    if engine_points is not None and (diagnose == "always" or (diagnose == "on-fail" and res.verdict == Verdict.FAIL
                                                                 and res.teacher_forcing == "run")):
         _diagnose(res, engine_points, noise, diagnose == "always", hypotheses)
     return res
@@ -166,11 +167,11 @@ def _compare_crashed(case: Case, engine_name: str, exc: EngineCrashed, precision
         coverage, report_case = ref.coverage, dcase
         tokens = dcase.num_tokens
     else:
-        comp = Comparison([PointResult(s.name, "missing" if s.required else "skipped", s.layer, s.kind, reason=why)
+        comp = Comparison([PointResult(s.name, Verdict.MISSING if s.required else Verdict.SKIPPED, s.layer, s.kind, reason=why)
                            for s in specs], tol_prec)
         coverage, report_case, tokens = {}, case, 0
     for p in comp.points:
-        if p.verdict == "missing":
+        if p.verdict == Verdict.MISSING:
             p.reason = why
     t2 = time.perf_counter()
     n_seq = len(schedule.prompt_lens) if schedule is not None else len(case.seq_lens)
@@ -221,7 +222,7 @@ def _compare_prefill(case: Case, engine_name: str, engine, precision, use_golden
                           cap.meta.get("capture", {}).get("skipped"))
     t4 = time.perf_counter()
     culprit, tf = None, "not run"
-    if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == "fail"):
+    if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == Verdict.FAIL):
         culprit = attach(comp, teacher_force(case, cap.points, tol_prec, noise), judge=teacher_forcing == "always")
         tf = "run"
     t5 = time.perf_counter()
@@ -299,7 +300,7 @@ def _compare_served(case: Case, engine_name: str, engine, precision, schedule, t
     fail_by_phase(comp, phase_failures)
     t4 = time.perf_counter()
     culprit, tf = None, "not run"
-    if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == "fail"):
+    if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == Verdict.FAIL):
         culprit, tf = _localize_served(dcase, cap.points, tol_prec, noise, comp, phases, rows_by_phase)
     t5 = time.perf_counter()
     served_doc = {"schedule": schedule.to_dict(), "batching": served.get("batching"),

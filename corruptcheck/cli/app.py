@@ -278,6 +278,7 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path, engine
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from corruptcheck import gate
+    from corruptcheck.reports.render import VERDICT_STYLE
 
     if show_policy:
         click.echo(gate.default_policy_text())
@@ -324,14 +325,13 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path, engine
     table = Table(title=f"gate · engine={engine_name} · policy={policy.name}", title_justify="left")
     for col in ("run", "verdict", "worst err/tol", "culprit / first divergence", "reasons"):
         table.add_column(col, no_wrap=col != "reasons")
-    styles = {"pass": "green", "fail": "bold red", "error": "bold red", "crash": "bold magenta"}
     for o in summary["runs"]:
         wr = o["worst_ratio"] or {}
         where = (o["culprit"] or o["first_divergence"] or {}).get("name", "")
-        table.add_row(o["run"], f"[{styles[o['verdict']]}]{o['verdict']}[/]",
+        table.add_row(o["run"], f"[{VERDICT_STYLE[o['verdict']]}]{o['verdict']}[/]",
                       "-" if wr.get("ratio") is None else f"{wr['ratio']:.3g}", where, "; ".join(o["reasons"]))
     console.print(table)
-    console.print(f"[{styles[summary['verdict']]}]{summary['verdict'].upper()}[/] — reports in {out}/ "
+    console.print(f"[{VERDICT_STYLE[summary['verdict']]}]{summary['verdict'].upper()}[/] — reports in {out}/ "
                   f"(summary.json, <run>.json/.xml/.html)")
     sys.exit(EXIT_CODES.get(summary["verdict"], 2))
 

@@ -52,9 +52,7 @@ class _Bar:
         self.task = self.progress.add_task("", total=total)
 
     def finished(self, res) -> None:
-        verdict = "unchecked" if res.error else (
-            "fail" if any(p.verdict == "fail" for p in res.points.values()) else "pass")
-        self.progress.update(self.task, advance=1, description=f"{res.unit}: {verdict} ({res.seconds:.1f} s)")
+        self.progress.update(self.task, advance=1, description=f"{res.unit}: {res.verdict} ({res.seconds:.1f} s)")
 
 
 @click.command("check")

@@ -29,6 +29,7 @@ from corruptcheck.judge.teacher_forcing import sub_blocks
 from corruptcheck.judge.tolerance import float_tolerance
 from corruptcheck.points import MTP, block, capture_points, sub_block_of
 from corruptcheck.storage.lazy_points import shape_of
+from corruptcheck.verdicts import Verdict
 
 MAX_SUB_BLOCKS = 2  # the culprit's sub-block and, when it is unexplained, the next failing one
 CLEAR = 2.0  # "clearly better": by this factor in error / tolerance
@@ -51,7 +52,7 @@ def failing_sub_blocks(comp, always: bool = False) -> list[str]:
     out: list[str] = []
     for p in comp.points:
         lr = p.local or {}
-        if lr.get("verdict") == "fail" and not lr.get("alias"):
+        if lr.get("verdict") == Verdict.FAIL and not lr.get("alias"):
             sb = sub_block_of(p.name)
             if sb not in out:
                 out.append(sb)

@@ -14,6 +14,7 @@ from corruptcheck.judge.differ import compare_points
 from corruptcheck.finite import finite_or_none
 from corruptcheck.points import MTP, layer_of
 from corruptcheck.reference.model import ENTRY_POINTS
+from corruptcheck.verdicts import JUDGED, Verdict
 
 PHASE_ORDER = ("prefill", "decode")
 MIN_MEASURED_TOKENS = 32  # phases at least this large are judged on their own measured noise
@@ -116,7 +117,7 @@ def per_token_bound(entries: dict) -> dict:
 
 
 def first_failing_phase(phases: list[dict]) -> dict | None:
-    return next((p for p in phases if p["verdict"] == "fail"), None)
+    return next((p for p in phases if p["verdict"] == Verdict.FAIL), None)
 
 
 def phase_label(entry: dict) -> tuple:
@@ -137,13 +138,13 @@ def judge_phases(specs, ref: dict, engine: dict, rows_by_phase: dict, cfg, seq_l
         tokens = len(rows_of["embed"]) if "embed" in rows_of else 0
         comp = compare_points([s for s in specs if s.name in sub_eng], sub_ref, sub_eng, precision, coverage,
                               phase_noise(noise, lab, tokens), skips)
-        judged = [p for p in comp.points if p.verdict in ("pass", "fail", "not-exercised")]
+        judged = [p for p in comp.points if p.verdict in JUDGED]
         worst = max((p for p in judged if p.ratio is not None), key=lambda p: p.ratio, default=None)
         first = comp.failed[0] if comp.failed else None
         entry = {"phase": lab[0], "step": lab[1] if lab[0] == "decode" else None,
                  "chunk": lab[1] if lab[0] == "prefill" else None,
                  "tokens": tokens,
-                 "verdict": "fail" if comp.failed else "pass",
+                 "verdict": Verdict.FAIL if comp.failed else Verdict.PASS,
                  "worst_ratio": finite_or_none(worst.ratio) if worst else None,
                  "worst_point": worst.name if worst else None,
                  "pairs": sum(len(rows_of[p.name]) for p in judged),
@@ -176,12 +177,12 @@ def fail_by_phase(comp, failures: dict) -> None:
     named. Never the other way round: a phase pass does not clear a whole-run failure."""
     for p in comp.points:
         f = failures.get(p.name)
-        if f is None or p.verdict == "fail":
+        if f is None or p.verdict == Verdict.FAIL:
             continue
         whole = f"err/tol {p.ratio:.3g}" if p.ratio is not None else p.verdict
         p.reason = (f"within tolerance over the whole run ({whole}) but fails in {phase_words(f['phase'])} "
                     f"(err/tol {f['ratio']:.3g})")
-        p.verdict, p.ratio = "fail", f["ratio"]
+        p.verdict, p.ratio = Verdict.FAIL, f["ratio"]
 
 
 def _token_row(cfg, name: str, row: int, seq_lens) -> int:
@@ -214,7 +215,7 @@ def summarize(phases: list[dict]) -> list[str]:
         what = f"{kind} {'chunks' if kind == 'prefill' else 'steps'} {ps[0][key]}-{ps[-1][key]}"
         ratios = [p["worst_ratio"] for p in ps if p["worst_ratio"] is not None]
         worst = f"worst err/tol {max(ratios):.3g}" if ratios else "worst err/tol -"
-        failing = [p for p in ps if p["verdict"] == "fail"]
+        failing = [p for p in ps if p["verdict"] == Verdict.FAIL]
         if failing:
             f = failing[0]["first_divergence"] or {}
             seq = f" in sequence {f['sequence']}" if f.get("sequence") is not None else ""

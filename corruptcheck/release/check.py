@@ -26,6 +26,7 @@ from corruptcheck.judge.localize import attach, prev_out
 from corruptcheck.points import block, capture_points
 from corruptcheck.reference import REFERENCE_VERSION, ModelConfig
 from corruptcheck.release.reader import ReleaseCheckpoint
+from corruptcheck.verdicts import Verdict
 
 
 @dataclass
@@ -124,29 +125,29 @@ def assemble(cfg: ModelConfig, engine_names, results: dict, selected: list[str],
         res = results.get(unit)
         if unit not in selected:
             if spec.name in engine_names:
-                out.append(PointResult(spec.name, "skipped", spec.layer, spec.kind, reason="unit not selected (--layers)"))
+                out.append(PointResult(spec.name, Verdict.SKIPPED, spec.layer, spec.kind, reason="unit not selected (--layers)"))
             continue
         if res is not None and res.error:
-            out.append(PointResult(spec.name, "unchecked", spec.layer, spec.kind, reason=f"{unit} unchecked: {res.error}"))
+            out.append(PointResult(spec.name, Verdict.UNCHECKED, spec.layer, spec.kind, reason=f"{unit} unchecked: {res.error}"))
             continue
         prev = prev_out(cfg, spec.name)
         p = judged.get(spec.name) or (judged.get(prev) if prev else None)
         if p is not None:
             p = PointResult(spec.name, p.verdict, spec.layer, spec.kind, p.metrics, p.tolerance,
                             p.reason if p.name == spec.name else f"the same tensor as {prev}", p.ratio)
-            if p.verdict == "pass" and spec.layer is not None and not exercised(coverage, layer_key(spec), spec.mechanism):
-                p.verdict, p.reason = "not-exercised", f"the case did not exercise {spec.mechanism} here"
+            if p.verdict == Verdict.PASS and spec.layer is not None and not exercised(coverage, layer_key(spec), spec.mechanism):
+                p.verdict, p.reason = Verdict.NOT_EXERCISED, f"the case did not exercise {spec.mechanism} here"
             p.local = {"verdict": p.verdict, "ratio": p.ratio, "tolerance": p.tolerance, "reason": p.reason,
                        "rel_l2": p.metrics.get("rel_l2"), "norm_ratio": p.metrics.get("norm_ratio")}
             out.append(p)
         elif spec.name not in engine_names:
-            out.append(PointResult(spec.name, "missing" if spec.required else "skipped", spec.layer, spec.kind,
+            out.append(PointResult(spec.name, Verdict.MISSING if spec.required else Verdict.SKIPPED, spec.layer, spec.kind,
                                    reason="engine did not capture this point" if spec.required else
                                    "finer point the engine does not expose"))
         elif res is not None and res.notes:
-            out.append(PointResult(spec.name, "unchecked", spec.layer, spec.kind, reason="; ".join(res.notes)))
+            out.append(PointResult(spec.name, Verdict.UNCHECKED, spec.layer, spec.kind, reason="; ".join(res.notes)))
         else:
-            out.append(PointResult(spec.name, "skipped", spec.layer, spec.kind,
+            out.append(PointResult(spec.name, Verdict.SKIPPED, spec.layer, spec.kind,
                                    reason="no teacher-forced sub-block computes this point"))
     # a name no capture point has and no checked unit's reference recorded is bad input (as in
     # compare); names of units not selected or not run are not looked at
@@ -211,8 +212,7 @@ class _Silent:
 
 
 def _unit_doc(r: UnitResult, job: Job) -> dict:
-    failed = sorted(n for n, p in r.points.items() if p.verdict == "fail")
-    return {"unit": r.unit, "verdict": "unchecked" if r.error else ("fail" if failed else "pass"),
+    return {"unit": r.unit, "verdict": r.verdict,
             "error": r.error, "notes": r.notes, "attempts": r.attempts, "seconds": r.seconds, "peak_rss": r.peak_rss,
             "weight_bytes": r.weight_bytes, "memory_requested": job.memory, "worker": r.worker,
-            "points_judged": len(r.points), "failed": failed[:10]}
+            "points_judged": len(r.points), "failed": r.failed[:10]}

@@ -27,6 +27,7 @@ from corruptcheck.points import MTP, block, capture_points, layer_of
 from corruptcheck.reference import ModelConfig
 from corruptcheck.reference.model import run_part
 from corruptcheck.release.reader import ReleaseCheckpoint
+from corruptcheck.verdicts import Verdict
 
 
 @dataclass
@@ -42,6 +43,16 @@ class UnitResult:
     worker: str = ""
     error: str | None = None  # set: the unit could not be checked (never a pass)
     attempts: int = 1
+
+    @property
+    def failed(self) -> list[str]:
+        """The names of its failing points, sorted."""
+        return sorted(n for n, p in self.points.items() if p.verdict == Verdict.FAIL)
+
+    @property
+    def verdict(self) -> Verdict:
+        """unchecked (the unit could not run), fail (a point fails) or pass."""
+        return Verdict.UNCHECKED if self.error else (Verdict.FAIL if self.failed else Verdict.PASS)
 
 
 def units(cfg: ModelConfig) -> list[str]:

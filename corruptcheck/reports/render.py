@@ -14,10 +14,12 @@ from corruptcheck.storage.atomic import atomic_write
 from corruptcheck.judge.coverage import coverage_sentence
 from corruptcheck.judge.phases import phase_words, summarize
 from corruptcheck.reports.results import Report
+from corruptcheck.verdicts import Verdict
 
-_STYLE = {"pass": "green", "fail": "bold red", "missing": "yellow", "not-exercised": "cyan",
-          "skipped": "dim", "error": "bold red", "incomplete": "bold yellow", "unchecked": "yellow",
-          "crash": "bold magenta"}
+# the terminal style of each verdict (the gate's table too)
+VERDICT_STYLE = {Verdict.PASS: "green", Verdict.FAIL: "bold red", Verdict.MISSING: "yellow",
+                 Verdict.NOT_EXERCISED: "cyan", Verdict.SKIPPED: "dim", Verdict.ERROR: "bold red",
+                 Verdict.INCOMPLETE: "bold yellow", Verdict.UNCHECKED: "yellow", Verdict.CRASH: "bold magenta"}
 
 
 def write_json(doc: dict, path: str) -> None:
@@ -54,11 +56,11 @@ def _points_table(rep: Report) -> Table:
     for col, just in (("point", "left"), ("verdict", "left"), ("err/tol", "right"), ("rel_l2", "right"),
                       ("tolerance", "right"), ("norm_ratio", "right"), ("local", "right"), ("note", "left")):
         table.add_column(col, justify=just, no_wrap=col != "note")
-    points = [p for p in rep.points if p.verdict != "skipped"]
-    if rep.verdict == "fail":  # worst first
-        points.sort(key=lambda p: -(p.ratio if p.ratio is not None else (math.inf if p.verdict == "fail" else -1)))
+    points = [p for p in rep.points if p.verdict != Verdict.SKIPPED]
+    if rep.verdict == Verdict.FAIL:  # worst first
+        points.sort(key=lambda p: -(p.ratio if p.ratio is not None else (math.inf if p.verdict == Verdict.FAIL else -1)))
     for p in points:
-        table.add_row(p.name, f"[{_STYLE[p.verdict]}]{p.verdict}[/]", _ratio_cell(p.ratio), *_point_cells(p),
+        table.add_row(p.name, f"[{VERDICT_STYLE[p.verdict]}]{p.verdict}[/]", _ratio_cell(p.ratio), *_point_cells(p),
                       p.reason)
     return table
 
@@ -75,7 +77,7 @@ def _point_cells(p) -> tuple:
 
 
 def _print_skipped(rep: Report, console: Console) -> None:
-    skipped = [p for p in rep.points if p.verdict == "skipped"]
+    skipped = [p for p in rep.points if p.verdict == Verdict.SKIPPED]
     if skipped:
         groups: dict = {}
         for p in skipped:
@@ -120,7 +122,7 @@ def _print_greedy(g: dict, console: Console) -> None:
 
 def _print_verdict(rep: Report, console: Console) -> None:
     s = rep.summary
-    line = (f"[{_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]: {s.compared} compared, {s.failed} failed, "
+    line = (f"[{VERDICT_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]: {s.compared} compared, {s.failed} failed, "
             f"{s.missing} missing, {s.skipped} skipped, {s.not_exercised} not exercised")
     if s.worst_ratio:
         line += f"; worst err/tol {_fmt(s.worst_ratio['ratio'], '.3g')} at {s.worst_ratio['name']}"
@@ -135,7 +137,7 @@ def _print_verdict(rep: Report, console: Console) -> None:
         within = f" within {where}" if where else ""
         console.print(f"[bold red]culprit[/] (teacher forcing{within}): {c.name} — the sub-block's own error is "
                       f"{_fmt(c.local_ratio, '.3g')}x its local tolerance ({c.reason})")
-    elif rep.verdict == "fail" and rep.teacher_forcing == "run":
+    elif rep.verdict == Verdict.FAIL and rep.teacher_forcing == "run":
         console.print("teacher forcing: no sub-block exceeds its local tolerance on its own input; the failure is "
                       "accumulated drift", style="yellow")
     for i, line in enumerate(diagnosis_lines(rep.diagnosis)):
@@ -197,10 +199,10 @@ def junit_xml(rep: Report) -> str:
                      f"message={quoteattr('engine crashed: ' + crash_text(rep.crash))}>{_xml_text(detail)}</error>\n  </testcase>")
     for p in rep.points:
         attrs = f'classname={quoteattr(suite)} name={quoteattr(p.name)}'
-        if p.verdict == "pass":
+        if p.verdict == Verdict.PASS:
             cases.append(f"  <testcase {attrs}/>")
             continue
-        if p.verdict == "fail":
+        if p.verdict == Verdict.FAIL:
             failures += 1
             loc = p.local or {}
             msg = f"{p.reason}" + (f"; teacher forcing: {loc['role']}" if loc.get("role") else "")

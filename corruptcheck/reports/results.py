@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from corruptcheck.finite import finite_or_none, finite_values
-from corruptcheck.verdicts import JUDGED
+from corruptcheck.verdicts import JUDGED, Verdict
 
 REPORT_SCHEMA = 2  # 1 = first differ; 2 adds ratio, local, culprit, tolerance_precision (additive);
 # `diagnosis` (additive, written only when the diagnosis ran) keeps 2
@@ -196,8 +196,8 @@ def _summary(comp, served) -> Summary:
     worst_ratio = max(ranked, key=lambda p: p.ratio, default=None)
     return Summary(
         compared=comp.compared, failed=len(comp.failed), missing=len(comp.missing),
-        skipped=sum(p.verdict == "skipped" for p in comp.points),
-        not_exercised=sum(p.verdict == "not-exercised" for p in comp.points),
+        skipped=sum(p.verdict == Verdict.SKIPPED for p in comp.points),
+        not_exercised=sum(p.verdict == Verdict.NOT_EXERCISED for p in comp.points),
         worst={"name": worst.name, "rel_l2": worst.metrics.get("rel_l2")} if worst else None,
         worst_ratio={"name": worst_ratio.name, "ratio": finite_or_none(worst_ratio.ratio)} if worst_ratio else None,
         pairs_by_phase=served["pairs_by_phase"] if served else {

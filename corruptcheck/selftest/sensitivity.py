@@ -38,6 +38,7 @@ from corruptcheck.finite import finite_or_none
 from corruptcheck.judge.metrics import float_metrics
 from corruptcheck.selftest.runner import (ENGINE_OPTIONS, ENGINE_PRECISIONS, PRECISIONS, _effect_point, _exposed, _worst,
                                    fault_run, resolve, run_benign)
+from corruptcheck.verdicts import SelftestStatus, Verdict
 
 SENSITIVITY_SCHEMA = 1
 M_LO = 1e-4  # the bisection's lower end
@@ -138,7 +139,7 @@ def _step(case: Case, engine: str, fault: Fault, precision: str, m: float, rec: 
     strike point the self-test accepts, at every layer where it fired."""
     t0 = time.perf_counter()
     row, res = fault_run(case, engine, fault.at(m), precision, inner=rec, teacher_forcing=teacher_forcing)
-    step = Step(m, row.verdict, row.verdict == "fail", bool(row.localized), row.culprit, None, None, None, None)
+    step = Step(m, row.verdict, row.verdict == Verdict.FAIL, bool(row.localized), row.culprit, None, None, None, None)
     if res is not None:
         points = {p.name: p for p in res.comparison.points}
         order = list(points)
@@ -163,7 +164,7 @@ def measure_family(case: Case, engine: str, fault: Fault, precision: str, rec: _
 
     def run(m):
         step, row = _step(case, engine, fault, precision, m, rec, clean, teacher_forcing)
-        if row.status in ("not exercised", "error"):  # nothing to judge: no step
+        if row.status in (SelftestStatus.NOT_EXERCISED, SelftestStatus.ERROR):  # nothing to judge: no step
             fam.note, step = row.note or row.status, None
         else:
             fam.steps.append(step)
@@ -221,7 +222,7 @@ def _honest(case: Case, engine: str, precision: str, clean_res, teacher_forcing:
             clean.variant = v.name
             continue
         row = run_benign(case, engine, v, teacher_forcing)
-        out.append(Honest(v.name, row.worst_ratio, row.worst, row.note if row.status != "pass" else ""))
+        out.append(Honest(v.name, row.worst_ratio, row.worst, row.note if row.status != SelftestStatus.PASS else ""))
     return [clean, *out]
 
 
