@@ -14,7 +14,7 @@ from pathlib import Path
 from corruptcheck.storage.atomic import atomic_write
 from corruptcheck.cases import Case, get_case
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
-from corruptcheck.reports.results import Report
+from corruptcheck.judge.results import Report
 from corruptcheck.schedule import Schedule
 from corruptcheck.judge.tolerance import FLOOR
 from corruptcheck.verdicts import Verdict
@@ -287,7 +287,7 @@ def run_gate(engine_name: str, policy: GatePolicy, out_dir: Path, progress=None,
         except (BadInput, EngineUnavailable, EngineFailed) as exc:
             outcomes.append(RunOutcome(run, Verdict.ERROR, [str(exc)]))
             continue
-        rep = Report.from_result(res)
+        rep = res.report
         rep.gate = {"policy": policy.name, "run": run.id, "batch_size": run.batch_size}
         write_json(rep.to_json(), str(out_dir / f"{run.id}.json"))
         write_junit(rep, str(out_dir / f"{run.id}.xml"))

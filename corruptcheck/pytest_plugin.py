@@ -371,12 +371,11 @@ class PhaseItem(_CaseItem):
     def runtest(self):
         res = self._result()
         self.user_properties.append(("corruptcheck_phase", self.point))
-        phase = next((p for p in res.phases if phase_item_name((p.phase, p.chunk if p.phase == "prefill" else p.step))
-                      == self.point), None)
+        phase = next((p for p in res.phases if phase_item_name(p.label) == self.point), None)
         if phase is None and res.verdict == Verdict.CRASH:
             _raise_crash(res)
         if phase is None:
-            note = (res.result.engine_meta or {}).get("schedule_note")
+            note = (res.report.engine_info or {}).get("schedule_note")
             pytest.skip(f"not served: {note}" if note else "not served: the run has no such phase")
         self.user_properties.append(("corruptcheck_verdict", phase.verdict))
         if phase.worst_ratio is not None:

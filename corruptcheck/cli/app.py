@@ -229,7 +229,6 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
     incomplete (required points missing), 2 error or crash (the engine's process died: its
     report says how and in which phase, and judges what it delivered)."""
     from corruptcheck.compare import compare
-    from corruptcheck.reports.results import Report
 
     check_outputs(json_path, junit_path, html_path)  # refuse them before the engine runs
     if record_path:
@@ -252,7 +251,7 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
         fail(str(exc))
     except (BadInput, EngineUnavailable, ValueError) as exc:
         fail(str(exc))
-    emit_report(Report.from_result(res), quiet, json_path, junit_path, html_path, record_path, "compare")
+    emit_report(res.report, quiet, json_path, junit_path, html_path, record_path, "compare")
 
 
 def _record_crash(path, engine_name, case_name, precision, reason: str) -> None:

@@ -7,7 +7,7 @@ import sys
 import click
 from rich.console import Console
 
-from corruptcheck.reports.results import Report
+from corruptcheck.judge.results import Report
 from corruptcheck.verdicts import EXIT_CODES, Verdict
 
 # --engine-process / --engine-timeout / --engine-memory: compare and gate take them alike

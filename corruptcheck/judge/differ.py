@@ -19,6 +19,7 @@ from corruptcheck.errors import BadInput
 from corruptcheck.finite import finite_values
 from corruptcheck.storage.lazy_points import shape_of, source_of
 from corruptcheck.judge.metrics import float_metrics, set_disagreements
+from corruptcheck.judge.results import Point
 from corruptcheck.points import PointSpec, agreeing_rows, experts_of, parse, tie_scores_name
 from corruptcheck.reference.model import ENTRY_POINTS  # rows are compressed entries, not tokens
 from corruptcheck.judge.tolerance import float_tolerance, tie_margin
@@ -26,21 +27,10 @@ from corruptcheck.verdicts import JUDGED, NOT_COMPARED, Verdict
 
 
 @dataclass
-class PointResult:
-    name: str
-    verdict: Verdict  # pass | fail | missing | not-exercised | skipped | unchecked (check.py)
-    layer: int | None
-    kind: str
-    metrics: dict = field(default_factory=dict)
-    tolerance: dict | None = None
-    reason: str = ""
-    ratio: float | None = None  # error / tolerance; > 1 fails
-    local: dict | None = None  # teacher-forced result (localize.py)
-
-
-@dataclass
 class Comparison:
-    points: list
+    """The differ's judgment of every point (localize and phases refine it in place); its points
+    are the report's (results.Report.judged)."""
+    points: list  # [results.Point]
     precision: str
     unknown: list = field(default_factory=list)  # engine keys that name no capture point (bad input)
 
@@ -106,19 +96,19 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
         if spec.name not in engine:
             declared = next((why for pat, why in (declared_skips or {}).items() if fnmatch(spec.name, pat)), None)
             if declared:
-                results.append(PointResult(spec.name, Verdict.SKIPPED, spec.layer, spec.kind, reason=declared))
+                results.append(Point(spec.name, Verdict.SKIPPED, spec.layer, spec.kind, reason=declared))
             elif spec.required:
-                results.append(PointResult(spec.name, Verdict.MISSING, spec.layer, spec.kind,
-                                           reason="engine did not capture this point"))
+                results.append(Point(spec.name, Verdict.MISSING, spec.layer, spec.kind,
+                                     reason="engine did not capture this point"))
             else:
-                results.append(PointResult(spec.name, Verdict.SKIPPED, spec.layer, spec.kind,
-                                           reason="finer point the engine does not expose"))
+                results.append(Point(spec.name, Verdict.SKIPPED, spec.layer, spec.kind,
+                                     reason="finer point the engine does not expose"))
             continue
         e, r = shape_of(engine, spec.name), shape_of(ref, spec.name)  # shapes and dtypes: no data read
         if _entry_count_differs(spec.name, e, r):  # a compressor that closed other blocks: wrong, not malformed
-            results.append(PointResult(spec.name, Verdict.FAIL, spec.layer, spec.kind, {"entries": int(e.shape[0])},
-                                       reason=f"engine has {e.shape[0]} compressed entries, the reference "
-                                              f"{r.shape[0]}", ratio=math.inf))
+            results.append(Point(spec.name, Verdict.FAIL, spec.layer, spec.kind, {"entries": int(e.shape[0])},
+                                 reason=f"engine has {e.shape[0]} compressed entries, the reference {r.shape[0]}",
+                                 ratio=math.inf))
             continue
         _check_shape(spec.name, e, r)
         res = judge_point(spec, engine, ref, precision, free, "free")
@@ -134,7 +124,7 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
     return Comparison(results, precision, unknown)
 
 
-def judge_point(spec: PointSpec, engine: dict, ref: dict, precision: str, noise: dict, scope: str) -> PointResult:
+def judge_point(spec: PointSpec, engine: dict, ref: dict, precision: str, noise: dict, scope: str) -> Point:
     """One point of `engine` against `ref` (dicts holding it): discrete choices by set
     comparison with the tie margin of their scores, float points against the `scope` ("free" or
     "local") tolerance from `noise` ({point: measured noise})."""
@@ -147,7 +137,7 @@ def judge_point(spec: PointSpec, engine: dict, ref: dict, precision: str, noise:
                          float_tolerance(noise.get(spec.name), precision, scope), engine, ref)
 
 
-def _weights_without_rows(res: PointResult, earlier: list) -> PointResult:
+def _weights_without_rows(res: Point, earlier: list) -> Point:
     """moe.weights with no token on the reference's experts fails — unless every differing
     expert choice was a near-tie (the ids point passed): then there is honestly nothing to
     compare the weights on, which is reported, not passed (e.g. a decode step of three tokens
@@ -169,7 +159,7 @@ def _whole(x) -> torch.Tensor:
     return x.rows(0, x.shape[0]) if hasattr(x, "rows") else x
 
 
-def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> PointResult:
+def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> Point:
     """Every outcome is a verdict: a point that cannot be compared numerically (no rows, no
     value finite on both sides) fails with the reason, it never passes."""
     rows = agreeing_rows(spec.name, engine, ref)
@@ -206,10 +196,10 @@ def compare_float(spec, e, r, tol: dict, engine: dict, ref: dict) -> PointResult
     elif tok_ratio > 1:
         verdict, reason = Verdict.FAIL, (f"token {m['worst_token']}: rel error {tok:.3g} > per-token tolerance "
                                    f"{tol['token_value']:.3g}")
-    return PointResult(spec.name, verdict, spec.layer, spec.kind, m, tol, reason, ratio)
+    return Point(spec.name, verdict, spec.layer, spec.kind, m, tol, ratio, reason)
 
 
-def compare_index(spec, e, r, scores, precision: str, score_noise) -> PointResult:
+def compare_index(spec, e, r, scores, precision: str, score_noise) -> Point:
     margin, how = tie_margin(score_noise, precision)
     d = set_disagreements(e, r, scores, margin)
     verdict = Verdict.FAIL if d["genuine"] or not d["tokens"] else Verdict.PASS
@@ -222,4 +212,4 @@ def compare_index(spec, e, r, scores, precision: str, score_noise) -> PointResul
     tolerance = {"metric": "genuine_disagreements", "value": 0, "tie_margin_rel": margin,
                  "derivation": "set comparison per token; a swap is a near-tie when the reference's score margin "
                                "is within the tie margin = " + how}
-    return PointResult(spec.name, verdict, spec.layer, spec.kind, d, tolerance, reason, ratio)
+    return Point(spec.name, verdict, spec.layer, spec.kind, d, tolerance, ratio, reason)

@@ -13,6 +13,7 @@ import torch
 
 from corruptcheck.cases import Case
 from corruptcheck.judge.differ import Comparison, judge_point
+from corruptcheck.judge.results import Culprit
 from corruptcheck.finite import finite_or_none
 from corruptcheck.judge.teacher_forcing import choice_dependent, experts_point, local_points, sub_blocks
 from corruptcheck.judge.phases import larger_noise, per_token_bound, phase_local_noise
@@ -102,7 +103,7 @@ def _rows_of(points: dict, rows: dict) -> dict:
     return {n: t[rows[n]] for n, t in points.items() if n in rows and t.dim() and t.shape[0] > int(rows[n].max())}
 
 
-def attach(comp: Comparison, local: dict, judge: bool = False) -> dict | None:
+def attach(comp: Comparison, local: dict, judge: bool = False) -> Culprit | None:
     """Put local results on the points, mark roles, and return the culprit (or None).
 
     `judge` (teacher forcing `always` on a one-forward compare): a point within its free
@@ -138,9 +139,8 @@ def attach(comp: Comparison, local: dict, judge: bool = False) -> dict | None:
     if culprit is None:
         return None
     lr = culprit.local
-    return {"name": culprit.name, "layer": culprit.layer, "local_ratio": finite_or_none(lr.get("ratio")),
-            "local_rel_l2": lr.get("rel_l2"), "local_norm_ratio": lr.get("norm_ratio"),
-            "reason": lr.get("reason", "")}
+    return Culprit(culprit.name, culprit.layer, finite_or_none(lr.get("ratio")), lr.get("rel_l2"), lr.get("norm_ratio"),
+                   lr.get("reason", ""))
 
 
 def _fail_local_excess(comp: Comparison, local: dict) -> None:

@@ -33,7 +33,7 @@ from corruptcheck.verdicts import Verdict
 @dataclass
 class UnitResult:
     unit: str
-    points: dict = field(default_factory=dict)  # name -> differ.PointResult (local judgement)
+    points: dict = field(default_factory=dict)  # name -> results.Point (local judgement)
     coverage: dict | None = None  # the layer's coverage entry (coverage.layer_coverage)
     notes: list = field(default_factory=list)  # sub-blocks that could not run, and why
     produced: list = field(default_factory=list)  # every name the reference recorded (finer data included)

@@ -10,7 +10,7 @@ from corruptcheck.judge.coverage import coverage_sentence
 from corruptcheck.finite import fmt_number
 from corruptcheck.judge.phases import phase_words
 from corruptcheck.reports.render import diagnosis_lines
-from corruptcheck.reports.results import Report
+from corruptcheck.judge.results import Report
 from corruptcheck.verdicts import JUDGED, NOT_COMPARED, Verdict
 
 _COLOR = {Verdict.PASS: "#2e7d32", Verdict.FAIL: "#c62828", Verdict.NOT_EXERCISED: "#00838f",
@@ -43,7 +43,7 @@ class _Axes:
     def __init__(self, pts: list):
         self.pw, self.ph = self.w - self.left - self.right, self.h - self.top - self.bottom
         self.step = self.pw / max(len(pts), 1)
-        finite = [p.ratio for p in pts if p.ratio and math.isfinite(p.ratio)]
+        finite = [p.finite_ratio for p in pts if p.finite_ratio]
         self.hi = float(min(8, max(1, math.ceil(math.log10(max(finite))) if finite else 1)))
 
     def x(self, i: float) -> float:
@@ -107,12 +107,12 @@ def _ring(x: float, y: float, r, color: str, width) -> str:
 def _marks(p, x: float, ax: _Axes, culprit, first) -> list:
     """One point's marks: a dot (float) or square (discrete), its teacher-forced ring, the
     culprit / first-divergence highlight; a triangle on the axis when missing."""
-    tip = f"{p.name}: {p.verdict}, err/tol {_fmt(p.ratio)}" + (f" — {p.reason}" if p.reason else "")
+    tip = f"{p.name}: {p.verdict}, err/tol {_fmt(p.finite_ratio)}" + (f" — {p.reason}" if p.reason else "")
     if p.verdict in NOT_COMPARED:  # not compared: a triangle on the axis
         y = ax.top + ax.ph - 4
         return [f'<path d="M{x:.1f},{y - 7:.1f} l5,9 l-10,0 z" fill="{_COLOR[Verdict.MISSING]}"><title>{_esc(tip)}</title></path>']
-    y = ax.y(p.ratio)
-    loc = p.local or {}
+    y = ax.y(p.finite_ratio)
+    loc = p.finite_local or {}
     if p.kind == "index":  # discrete choices: squares
         out = [f'<rect x="{x - 3.6:.1f}" y="{y - 3.6:.1f}" width="7.2" height="7.2" fill="{_COLOR[p.verdict]}">'
                f'<title>{_esc(tip)}</title></rect>']
@@ -219,11 +219,11 @@ def _headline(rep: Report) -> str:
 
 def _by_severity(points: list) -> list:
     """Failing points first, worst first; the rest in model order."""
-    return sorted(points, key=lambda p: (p.verdict != Verdict.FAIL, -(p.ratio or 0) if p.verdict == Verdict.FAIL else 0))
+    return sorted(points, key=lambda p: (p.verdict != Verdict.FAIL, -(p.finite_ratio or 0) if p.verdict == Verdict.FAIL else 0))
 
 
 def _point_row(p) -> str:
-    m, t, loc = p.metrics or {}, p.tolerance or {}, p.local or {}
+    m, t, loc = p.metrics or {}, p.tolerance or {}, p.finite_local or {}
     if p.kind == "index" and m:
         err = f'{m.get("genuine")} genuine / {m.get("tie_explained")} near-tie'
         tol = f'tie margin {_fmt(t.get("tie_margin_rel"))}'
@@ -233,7 +233,7 @@ def _point_row(p) -> str:
     role = loc.get("role") or (f'local {_fmt(loc.get("ratio"))}' if loc.get("ratio") is not None else "")
     return (f'<tr class="{_esc(p.verdict)}"><td><code>{_esc(p.name)}</code></td>'
             f'<td><span class="badge" style="background:{_COLOR[p.verdict]}">{_esc(p.verdict)}</span></td>'
-            f'<td class="n">{_fmt(p.ratio)}</td><td class="n">{err}</td><td class="n">{tol}</td>'
+            f'<td class="n">{_fmt(p.finite_ratio)}</td><td class="n">{err}</td><td class="n">{tol}</td>'
             f'<td class="n">{_fmt(m.get("norm_ratio"), ".5f") if "norm_ratio" in m else "–"}</td>'
             f'<td>{_esc(role)}</td><td>{_esc(p.reason)}</td></tr>')
 

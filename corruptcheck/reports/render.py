@@ -13,7 +13,7 @@ from rich.table import Table
 from corruptcheck.storage.atomic import atomic_write
 from corruptcheck.judge.coverage import coverage_sentence
 from corruptcheck.judge.phases import phase_words, summarize
-from corruptcheck.reports.results import Report
+from corruptcheck.judge.results import Report
 from corruptcheck.verdicts import Verdict
 
 # the terminal style of each verdict (the gate's table too)
@@ -58,16 +58,17 @@ def _points_table(rep: Report) -> Table:
         table.add_column(col, justify=just, no_wrap=col != "note")
     points = [p for p in rep.points if p.verdict != Verdict.SKIPPED]
     if rep.verdict == Verdict.FAIL:  # worst first
-        points.sort(key=lambda p: -(p.ratio if p.ratio is not None else (math.inf if p.verdict == Verdict.FAIL else -1)))
+        points.sort(key=lambda p: -(p.finite_ratio if p.finite_ratio is not None else
+                                    (math.inf if p.verdict == Verdict.FAIL else -1)))
     for p in points:
-        table.add_row(p.name, f"[{VERDICT_STYLE[p.verdict]}]{p.verdict}[/]", _ratio_cell(p.ratio), *_point_cells(p),
+        table.add_row(p.name, f"[{VERDICT_STYLE[p.verdict]}]{p.verdict}[/]", _ratio_cell(p.finite_ratio), *_point_cells(p),
                       p.reason)
     return table
 
 
 def _point_cells(p) -> tuple:
     """rel_l2, tolerance, norm_ratio and local cells of a point's row."""
-    m, t, loc = p.metrics or {}, p.tolerance or {}, p.local or {}
+    m, t, loc = p.metrics or {}, p.tolerance or {}, p.finite_local or {}
     if p.kind == "index" and m:
         rel, tol, nr = f"{m['genuine']} genuine", f"tie {t.get('tie_margin_rel', 0):.1e}", f"{m['tie_explained']} ties"
     else:
@@ -100,7 +101,7 @@ def _print_schedule(rep: Report, console: Console) -> None:
         console.print(f"schedule: prompts {'+'.join(map(str, sched['prompt_lens']))}, prefill chunk "
                       f"{sched['chunk'] or 'whole prompt'}, {sched['decode_steps']} greedy decode steps; "
                       f"{rep.batching or ''}")
-        for line in summarize([p.to_json() for p in rep.phases]):
+        for line in summarize(rep.phases):
             console.print(("[bold red]" if ": FAIL" in line else "[green]") + escape(line) + "[/]")
         _print_greedy(rep.greedy or {}, console)
     elif rep.schedule == "prefill-only":
@@ -204,7 +205,7 @@ def junit_xml(rep: Report) -> str:
             continue
         if p.verdict == Verdict.FAIL:
             failures += 1
-            loc = p.local or {}
+            loc = p.finite_local or {}
             msg = f"{p.reason}" + (f"; teacher forcing: {loc['role']}" if loc.get("role") else "")
             detail = json.dumps({"metrics": p.metrics, "tolerance": p.tolerance, "local": loc},
                                 default=str, indent=1)

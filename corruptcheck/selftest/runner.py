@@ -30,6 +30,7 @@ from corruptcheck.engines import Engine, get_engine
 from corruptcheck.errors import BadInput
 from corruptcheck.faults import Fault, FaultyEngine, faults_for
 from corruptcheck.finite import finite_or_none
+from corruptcheck.judge.results import Report
 from corruptcheck.selftest.html import render_html, write_html
 from corruptcheck.selftest.variant_engine import VariantEngine, partnered
 from corruptcheck.verdicts import SelftestStatus, Verdict
@@ -161,37 +162,35 @@ def fault_run(case: Case, engine: str, fault: Fault, precision: str, inner: Engi
     res = _timed_compare(row, case, engine, precision, faulty, teacher_forcing, diagnose, hypotheses)
     if res is None:
         return row, None
-    st = faulty.state
-    _record_run(row, res, st)
+    st, rep = faulty.state, res.report
+    _record_run(row, rep, st)
     if st.fired == 0:
         row.note = f"did not fire on this case ({fault.trigger})"
-        if res.verdict == Verdict.FAIL:
+        if rep.verdict == Verdict.FAIL:
             row.note += "; compare failed anyway: first " + str(row.first)
         return row, res
-    comp = res.comparison
-    points = {p.name: p for p in comp.points}
+    points = {p.name: p for p in rep.points}
     row.expected = expected_point(fault, st.where, points)
-    row.status = SelftestStatus.DETECTED if res.verdict == Verdict.FAIL else SelftestStatus.MISSED
+    row.status = SelftestStatus.DETECTED if rep.verdict == Verdict.FAIL else SelftestStatus.MISSED
     _judge_localization(row, fault, st)
     if row.expected:
-        _measure_effect(row, fault, st, [p.name for p in comp.points], points)
+        _measure_effect(row, fault, st, [p.name for p in rep.points], points)
     else:
         row.note = "the engine exposes none of the fault's strike points"
     if row.status == SelftestStatus.MISSED:
-        worst = _worst(comp.points)
+        worst = _worst(rep.points)
         if worst is not None:
             row.note = f"worst err/tol {worst.ratio:.3g} at {worst.name}"
     return row, res
 
 
-def _record_run(row: FaultRow, res, st) -> None:
+def _record_run(row: FaultRow, rep: Report, st) -> None:
     """Where the fault fired, the compare's verdict, first failing point and culprit."""
     row.fired, row.where, row.layers = st.fired, st.where, list(st.layers)
-    comp = res.comparison
-    row.verdict = res.verdict
-    row.first = comp.first_divergence["name"] if comp.first_divergence else None
-    row.culprit = res.culprit["name"] if res.culprit else None
-    row.culprit_local_ratio = finite_or_none(res.culprit.get("local_ratio")) if res.culprit else None
+    row.verdict = rep.verdict
+    row.first = rep.first_divergence["name"] if rep.first_divergence else None
+    row.culprit = rep.culprit.name if rep.culprit else None
+    row.culprit_local_ratio = rep.culprit.local_ratio if rep.culprit else None
 
 
 def _judge_localization(row: FaultRow, fault: Fault, st) -> None:
@@ -239,15 +238,15 @@ def benign_run(case: Case, engine: str, variant: Benign, teacher_forcing: str = 
                          teacher_forcing, diagnose)
     if res is None:
         return row, None
-    comp = res.comparison
-    row.verdict = res.verdict
-    row.status = SelftestStatus.FLAGGED if res.verdict != Verdict.PASS else SelftestStatus.PASS
-    worst = _worst(comp.points)
+    rep = res.report
+    row.verdict = rep.verdict
+    row.status = SelftestStatus.FLAGGED if rep.verdict != Verdict.PASS else SelftestStatus.PASS
+    worst = _worst(rep.points)
     if worst is not None:
         row.worst, row.worst_ratio = worst.name, worst.ratio
-    if comp.first_divergence:
-        row.first = comp.first_divergence["name"]
-        row.note = "; ".join(f"{p.name}: {p.reason}" for p in comp.failed[:3])
+    if rep.first_divergence:
+        row.first = rep.first_divergence["name"]
+        row.note = "; ".join(f"{p.name}: {p.reason}" for p in rep.failed[:3])
     return row, res
 
 

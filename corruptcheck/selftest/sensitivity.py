@@ -141,7 +141,7 @@ def _step(case: Case, engine: str, fault: Fault, precision: str, m: float, rec: 
     row, res = fault_run(case, engine, fault.at(m), precision, inner=rec, teacher_forcing=teacher_forcing)
     step = Step(m, row.verdict, row.verdict == Verdict.FAIL, bool(row.localized), row.culprit, None, None, None, None)
     if res is not None:
-        points = {p.name: p for p in res.comparison.points}
+        points = {p.name: p for p in res.report.points}
         order = list(points)
         for cand in fault.accepted(row.expected, row.where, row.layers) if row.expected else []:
             ep = _effect_point(cand, order, points) if _exposed(points, cand) else None
@@ -149,7 +149,7 @@ def _step(case: Case, engine: str, fault: Fault, precision: str, m: float, rec: 
                 step.strikes[ep] = (float_metrics(rec.points[ep], clean[ep])["rel_l2"], points[ep].ratio)
             if step.localized and cand == row.culprit:
                 step.caught_at = ep
-        worst = _worst(res.comparison.points)
+        worst = _worst(res.report.points)
         if worst is not None:
             step.worst_ratio, step.worst_point = worst.ratio, worst.name
     step.seconds = time.perf_counter() - t0
@@ -212,7 +212,7 @@ def measure_family(case: Case, engine: str, fault: Fault, precision: str, rec: _
 def _honest(case: Case, engine: str, precision: str, clean_res, teacher_forcing: str = "on-fail") -> list[Honest]:
     """The clean run and every benign variant of the engine judged at `precision` (a variant
     that is the clean engine itself is the clean run, not run twice)."""
-    worst = _worst(clean_res.comparison.points)
+    worst = _worst(clean_res.report.points)
     clean = Honest("clean", worst.ratio if worst else None, worst.name if worst else None, "the engine itself")
     out = []
     for v in benign_for(engine).values():
@@ -248,8 +248,8 @@ def run_sensitivity(engine: str, case: str, precision: str = "float32", faults=N
     clean_res = compare(case_obj, engine, precision, engine=rec, teacher_forcing=teacher_forcing,
                         **ENGINE_OPTIONS.get(engine, {}))
     clean = rec.points
-    noise = {p.name: finite_or_none(p.metrics.get("rel_l2")) for p in clean_res.comparison.points if p.kind == "float"}
-    res = SensitivityResult(engine, case_obj.name, clean_res.precision, steps, teacher_forcing=teacher_forcing)
+    noise = {p.name: finite_or_none(p.metrics.get("rel_l2")) for p in clean_res.report.points if p.kind == "float"}
+    res = SensitivityResult(engine, case_obj.name, clean_res.report.precision, steps, teacher_forcing=teacher_forcing)
     for fault in fault_objs:
         res.families.append(measure_family(case_obj, engine, fault, precision, rec, clean, noise, steps, progress,
                                            teacher_forcing))

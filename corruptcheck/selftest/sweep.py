@@ -83,15 +83,14 @@ def run_size(hidden: int, engine: str, fault: Fault | None = None, precision: st
     if fault is not None:
         eng = FaultyEngine(eng, fault)
     t0 = time.perf_counter()
-    res = compare(case, engine, precision, engine=eng)
-    comp = res.comparison
-    ranked = [p for p in comp.points if p.ratio is not None]
+    rep = compare(case, engine, precision, engine=eng).report
+    ranked = [p for p in rep.points if p.ratio is not None]
     worst = max(ranked, key=lambda p: p.ratio, default=None)
     state = getattr(eng, "state", None)
     return SweepRow(
-        hidden=hidden, verdict=res.verdict, first=comp.first_divergence["name"] if comp.first_divergence else None,
-        culprit=res.culprit["name"] if res.culprit else None,
-        culprit_local_ratio=res.culprit.get("local_ratio") if res.culprit else None,
+        hidden=hidden, verdict=rep.verdict, first=rep.first_divergence["name"] if rep.first_divergence else None,
+        culprit=rep.culprit.name if rep.culprit else None,
+        culprit_local_ratio=rep.culprit.local_ratio if rep.culprit else None,
         worst=worst.name if worst else None, worst_ratio=worst.ratio if worst else None,
         fault_fired=state.fired if state else None, fault_where=state.where if state else None,
         seconds=time.perf_counter() - t0)
