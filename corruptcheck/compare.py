@@ -263,7 +263,8 @@ def resolve_schedule(case: Case, engine, choice: str):
 
 def _compare_served(case: Case, engine_name: str, engine, precision, schedule, teacher_forcing: str,
                     engine_options: dict) -> tuple:
-    """(result, comparison, engine points, noise) as _compare_prefill. The engine serves the schedule's prompts and decodes greedily; the reference runs on the
+    """(result, comparison, engine points, noise) as _compare_prefill. The engine serves the
+    schedule's prompts and decodes greedily; the reference runs on the
     tokens it fed (the decoded case, float64, computed now: no golden covers the engine's own
     tokens); every point is judged on the whole run and per phase."""
     if not getattr(engine, "serves", False):

@@ -223,7 +223,8 @@ class RunOutcome:
         return {"run": self.run.id, "case": self.run.case.name, "precision": self.run.precision,
                 "batch_size": self.run.batch_size, "schedule": sched.to_dict() if isinstance(sched, Schedule) else sched,
                 "phases": [{"phase": p.phase, "step": p.step, "chunk": p.chunk, "verdict": p.verdict,
-                            "worst_ratio": p.worst_ratio} for p in (rep.phases if rep else []) if p.verdict == Verdict.FAIL],
+                            "worst_ratio": p.worst_ratio}
+                           for p in (rep.phases if rep else []) if p.verdict == Verdict.FAIL],
                 "verdict": self.verdict, "reasons": self.reasons,
                 "first_divergence": rep.first_divergence if rep else None,
                 "culprit": rep.culprit.to_json() if rep and rep.culprit else None,

@@ -72,8 +72,8 @@ def test_hf_fault_named_first_within_noise_and_not_claimed_when_left_out(tiny, n
 def test_fitted_magnitude_recovers_the_defect_size(tiny):
     """The softmax scale error at half size: m fitted near 0.5, the factor near its value."""
     fault = get_fault("yarn-mscale-softmax").at(0.5)
-    rep = compare(tiny, "reference", "float32", engine=FaultyEngine(get_engine("reference"), fault),
-                  hypotheses=hypotheses_for(["yarn-mscale-softmax", "window-off-by-one", "hca-causal-off-by-one"])).report
+    hyps = hypotheses_for(["yarn-mscale-softmax", "window-off-by-one", "hca-causal-off-by-one"])
+    rep = compare(tiny, "reference", "float32", engine=FaultyEngine(get_engine("reference"), fault), hypotheses=hyps).report
     best = rep.diagnosis[0]
     assert best.hypothesis == "yarn-mscale-softmax" and best.explains, rep.diagnosis
     assert abs(best.params["m"] - 0.5) <= 0.1

@@ -114,7 +114,8 @@ def compare_points(specs: list, ref: dict, engine: dict, precision: str, coverag
         res = judge_point(spec, engine, ref, precision, free, "free")
         if spec.kind != "index":
             res = _weights_without_rows(res, results)
-        if res.verdict == Verdict.PASS and spec.layer is not None and not exercised(coverage, layer_key(spec), spec.mechanism):
+        if (res.verdict == Verdict.PASS and spec.layer is not None
+                and not exercised(coverage, layer_key(spec), spec.mechanism)):
             res.verdict = Verdict.NOT_EXERCISED
             res.reason = f"the case did not exercise {spec.mechanism} here"
         results.append(res)

@@ -6,6 +6,9 @@ the `Culprit` (localize.py), the diagnosis ranks `Diagnosis` entries (diagnose.p
 JSON next to it (`to_json`, written only at files and the store; `from_json` for a document read
 back); the JSON schema is REPORT_SCHEMA below.
 
+The differ's Comparison stays beside the Report while a run is judged: the working set of the
+same Point objects with the verdict rules, which localize and phases refine in place.
+
 A Point holds the judge's own numbers: `ratio` is inf where a point is not comparable (NaN/Inf
 parity, nothing to compare), and `local` is the teacher-forced result as measured. JSON has no
 Infinity, so the report writes those as null, and the rendered reports show what it writes

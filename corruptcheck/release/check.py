@@ -136,7 +136,8 @@ def assemble(cfg: ModelConfig, engine_names, results: dict, selected: list[str],
         if p is not None:
             p = Point(spec.name, p.verdict, spec.layer, spec.kind, p.metrics, p.tolerance, p.ratio,
                       p.reason if p.name == spec.name else f"the same tensor as {prev}")
-            if p.verdict == Verdict.PASS and spec.layer is not None and not exercised(coverage, layer_key(spec), spec.mechanism):
+            if (p.verdict == Verdict.PASS and spec.layer is not None
+                    and not exercised(coverage, layer_key(spec), spec.mechanism)):
                 p.verdict, p.reason = Verdict.NOT_EXERCISED, f"the case did not exercise {spec.mechanism} here"
             p.local = {"verdict": p.verdict, "ratio": p.ratio, "tolerance": p.tolerance, "reason": p.reason,
                        "rel_l2": p.metrics.get("rel_l2"), "norm_ratio": p.metrics.get("norm_ratio")}
@@ -193,7 +194,8 @@ def check(checkpoint: str, dump: str, layers: str | None = None, ray: str | None
         comp, case=case, engine=(manifest.get("engine") or {}).get("name", "dump"), coverage=coverage,
         reference={"version": REFERENCE_VERSION, "precision": "float64",
                    "source": f"release checkpoint {ckpt.root} (teacher-forced per unit)", "golden_digest": None},
-        engine_info=meta, timings={"open_s": t1 - t0, "units_s": t2 - t1, "unit_s_sum": sum(u["seconds"] for u in units_doc)},
+        engine_info=meta,
+        timings={"open_s": t1 - t0, "units_s": t2 - t1, "unit_s_sum": sum(u["seconds"] for u in units_doc)},
         noise_model=("float64: floor tolerance (exact engine)" if precision == "float64" else
                      f"measured per unit: honest {precision} runs of each sub-block on the engine's own inputs"),
         culprit=culprit, teacher_forcing="per unit (every point is judged on the engine's own inputs)",

@@ -110,7 +110,8 @@ def _marks(p, x: float, ax: _Axes, culprit, first) -> list:
     tip = f"{p.name}: {p.verdict}, err/tol {_fmt(p.finite_ratio)}" + (f" — {p.reason}" if p.reason else "")
     if p.verdict in NOT_COMPARED:  # not compared: a triangle on the axis
         y = ax.top + ax.ph - 4
-        return [f'<path d="M{x:.1f},{y - 7:.1f} l5,9 l-10,0 z" fill="{_COLOR[Verdict.MISSING]}"><title>{_esc(tip)}</title></path>']
+        return [f'<path d="M{x:.1f},{y - 7:.1f} l5,9 l-10,0 z" fill="{_COLOR[Verdict.MISSING]}">'
+                f'<title>{_esc(tip)}</title></path>']
     y = ax.y(p.finite_ratio)
     loc = p.finite_local or {}
     if p.kind == "index":  # discrete choices: squares
@@ -219,7 +220,8 @@ def _headline(rep: Report) -> str:
 
 def _by_severity(points: list) -> list:
     """Failing points first, worst first; the rest in model order."""
-    return sorted(points, key=lambda p: (p.verdict != Verdict.FAIL, -(p.finite_ratio or 0) if p.verdict == Verdict.FAIL else 0))
+    return sorted(points, key=lambda p: (p.verdict != Verdict.FAIL,
+                                         -(p.finite_ratio or 0) if p.verdict == Verdict.FAIL else 0))
 
 
 def _point_row(p) -> str:

@@ -306,9 +306,10 @@ class SelftestResult:
                                                      and (e["effect_over_noise"] or 0) <= BF16_FLOOR_RATIO]
             out["bfloat16"]["above_floor_misses"] = [e for e in effects if e["status"] == SelftestStatus.MISSED
                                                      and (e["effect_over_noise"] or 0) > BF16_FLOOR_RATIO]
-        out["benign"] = {"runs": len(self.benign), "false_positives": sum(r.status == SelftestStatus.FLAGGED for r in self.benign),
+        flagged = [r for r in self.benign if r.status == SelftestStatus.FLAGGED]
+        out["benign"] = {"runs": len(self.benign), "false_positives": len(flagged),
                          "errors": sum(r.status == SelftestStatus.ERROR for r in self.benign),
-                         "flagged": [f"{r.variant}@{r.case}: {r.note}" for r in self.benign if r.status == SelftestStatus.FLAGGED]}
+                         "flagged": [f"{r.variant}@{r.case}: {r.note}" for r in flagged]}
         return out
 
     @property
@@ -318,7 +319,7 @@ class SelftestResult:
         # a miss counts everywhere but bfloat16 (float32, or an engine's own profile such as
         # vLLM's fp8-serving); bf16 misses below the noise floor are expected
         missed32 = any(r.precision != "bfloat16" and r.status == SelftestStatus.MISSED for r in self.faults)
-        errors = any(r.status == SelftestStatus.ERROR for r in self.faults) or any(r.status == SelftestStatus.ERROR for r in self.benign)
+        errors = any(r.status == SelftestStatus.ERROR for r in [*self.faults, *self.benign])
         flagged = any(r.status == SelftestStatus.FLAGGED for r in self.benign)
         return not (missed32 or errors or flagged)
 

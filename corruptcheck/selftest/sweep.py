@@ -111,6 +111,7 @@ def run_sweep(engine: str, hiddens=DEFAULT_HIDDEN, fault: Fault | None = None, p
 
 def to_json(rows, engine: str, fault: Fault | None, precision: str) -> dict:
     verdicts = {r.verdict for r in rows}
-    verdict = Verdict.FAIL if Verdict.FAIL in verdicts else (Verdict.ERROR if verdicts - {Verdict.PASS} else Verdict.PASS)
+    verdict = (Verdict.FAIL if Verdict.FAIL in verdicts else
+               Verdict.ERROR if verdicts - {Verdict.PASS} else Verdict.PASS)
     return {"engine": engine, "fault": fault.name if fault else None, "precision": precision, "verdict": verdict,
             "sizes": [asdict(r) for r in rows]}
