@@ -27,8 +27,8 @@ def compare_split(case: str, engine: str, precision: str | None) -> None:
 import json
 from corruptcheck.cases import get_case
 from corruptcheck.compare import compare
-res = compare(get_case({case!r}), {engine!r}, {precision!r}, teacher_forcing="always")
-print(json.dumps({{"verdict": res.verdict, "timings": res.timings, "engine": res.engine_meta.get("timings", {{}})}}))
+rep = compare(get_case({case!r}), {engine!r}, {precision!r}, teacher_forcing="always").report
+print(json.dumps({{"verdict": rep.verdict, "timings": rep.timings, "engine": rep.engine_info.get("timings", {{}})}}))
 """
     try:
         out = child_json(code)
@@ -83,9 +83,9 @@ from corruptcheck.judge.metrics import float_metrics
 float_metrics(torch.ones(2, 2), torch.ones(2, 2))  # the compiled kernel's code is loaded: not data
 base = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
-res = compare(case, "dump", None, path={str(dump)!r}, teacher_forcing="never")
-print(json.dumps({{"verdict": res.verdict, "base": base, "peak": status("VmHWM"), "largest_ref": largest_ref,
-                  "source": res.reference["source"]}}))
+rep = compare(case, "dump", None, path={str(dump)!r}, teacher_forcing="never").report
+print(json.dumps({{"verdict": rep.verdict, "base": base, "peak": status("VmHWM"), "largest_ref": largest_ref,
+                  "source": rep.reference["source"]}}))
 """
         out = child_json(code)
         largest_dump = _largest_tensor(dump)

@@ -24,7 +24,7 @@ from corruptcheck.selftest.runner import benign_run, fault_run
 
 
 def _claim(diagnosis) -> str | None:
-    return next((d["hypothesis"] for d in diagnosis or [] if d["explains"]), None)
+    return next((d.hypothesis for d in diagnosis or [] if d.explains), None)
 
 
 def fault_rows(engine: str, cases, precisions, left_out: bool) -> list[dict]:
@@ -37,18 +37,20 @@ def fault_rows(engine: str, cases, precisions, left_out: bool) -> list[dict]:
                 t0 = time.perf_counter()
                 row, res = fault_run(case, engine, fault, prec, diagnose="on-fail",
                                      hypotheses=hypotheses_for(without=without))
-                if res is None or not row.fired or res.diagnosis is None:
+                if res is None or not row.fired or res.report.diagnosis is None:
                     continue
-                d = res.diagnosis
+                d = res.report.diagnosis
                 claim = _claim(d)
-                top = d[0] if d else {}
-                own = next((e for e in d if e["hypothesis"] == name), None)
+                top = d[0] if d else None
+                own = next((e for e in d if e.hypothesis == name), None)
                 rows.append({"fault": name, "case": case_name, "precision": prec, "culprit": row.culprit,
                              "has_hypothesis": name in HYPOTHESES, "left_out": left_out,
-                             "claimed": claim, "first": top.get("hypothesis"), "params": top.get("params"),
-                             "residual_ratio": top.get("residual_ratio"), "reference_ratio": top.get("reference_ratio"),
-                             "own_residual_ratio": own["residual_ratio"] if own else None,
-                             "seconds": time.perf_counter() - t0, "diagnose_s": res.timings.get("diagnose_s")})
+                             "claimed": claim, "first": top.hypothesis if top else None,
+                             "params": top.params if top else None,
+                             "residual_ratio": top.residual_ratio if top else None,
+                             "reference_ratio": top.reference_ratio if top else None,
+                             "own_residual_ratio": own.residual_ratio if own else None,
+                             "seconds": time.perf_counter() - t0, "diagnose_s": res.report.timings.get("diagnose_s")})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -63,11 +65,11 @@ def honest_rows(engine: str, cases) -> list[dict]:
             row, res = benign_run(case, engine, variant, diagnose="always")
             if res is None:
                 continue
-            d = res.diagnosis or []
+            d = res.report.diagnosis or []
             rows.append({"variant": variant.name, "case": case_name, "precision": variant.precision,
-                         "verdict": res.verdict, "claimed": _claim(d), "first": d[0]["hypothesis"] if d else None,
-                         "residual_ratio": d[0]["residual_ratio"] if d else None,
-                         "reference_ratio": d[0]["reference_ratio"] if d else None})
+                         "verdict": res.report.verdict, "claimed": _claim(d), "first": d[0].hypothesis if d else None,
+                         "residual_ratio": d[0].residual_ratio if d else None,
+                         "reference_ratio": d[0].reference_ratio if d else None})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

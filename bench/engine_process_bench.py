@@ -16,10 +16,10 @@ import json, resource, time
 from corruptcheck.cases import get_case
 from corruptcheck.compare import compare
 t = time.perf_counter()
-res = compare(get_case({case!r}), {engine!r}, "float32", schedule={schedule!r}, engine_process={process!r})
+rep = compare(get_case({case!r}), {engine!r}, "float32", schedule={schedule!r}, engine_process={process!r}).report
 wall = time.perf_counter() - t
-proc = res.engine_meta.get("process") or {{}}
-print(json.dumps({{"verdict": res.verdict, "wall_s": wall, "engine_s": res.timings["engine_s"],
+proc = rep.engine_info.get("process") or {{}}
+print(json.dumps({{"verdict": rep.verdict, "wall_s": wall, "engine_s": rep.timings["engine_s"],
                   "parent_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "child_peak_mib": proc.get("peak_rss_mib")}}))
 """

@@ -1,6 +1,8 @@
 """Python API for engine test suites: check an engine (a registered name, an import path, or an
 `Engine` object) or a dump directory against a case, and get a `CheckResult` with the verdict,
-the points, the culprit and `assert_ok()`, which raises with a readable message.
+the points, the culprit and `assert_ok()`, which raises with a readable message. A CheckResult
+is a view over the run's typed report (judge/results.py, `CheckResult.report`): its own
+attributes are the documented names (docs/pytest.md), its messages and its assertions.
 
     from corruptcheck.api import check
     check("hf", "tiny", "float32").assert_ok()
@@ -9,21 +11,19 @@ The pytest plugin (`pytest_plugin.py`) builds its test items and failure message
 """
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 
 from corruptcheck.cases import Case, get_case
-from corruptcheck.compare import DEFAULTS, CompareResult, RunSettings
+from corruptcheck.compare import DEFAULTS, RunSettings
 from corruptcheck.reports.render import diagnosis_lines
-from corruptcheck.judge.differ import PointResult
 from corruptcheck.engines import Engine, get_engine
 from corruptcheck.errors import BadInput, EngineUnavailable
 from corruptcheck.finite import fmt_number
 from corruptcheck.reference import Precision
 from corruptcheck.judge.tolerance import NORM_SHARE
-from corruptcheck.reports.results import Report
+from corruptcheck.judge.results import Culprit, Point, Report
 # point verdicts that are neither a pass nor a failure (never counted as passes)
-from corruptcheck.verdicts import NOT_JUDGED  # noqa: F401 (re-exported)
+from corruptcheck.verdicts import NOT_JUDGED, Verdict
 
 _LIST_AT_MOST = 10
 
@@ -77,7 +77,7 @@ def check(engine, case: str | Case = "tiny", precision: str | None = "float32", 
             raise BadInput(str(exc)) from None
     settings = RunSettings(schedule, teacher_forcing, use_golden, diagnose, engine_process, engine_timeout, engine_memory)
     name, eng = _resolve_engine(engine)
-    return CheckResult(settings.compare(_resolve_case(case), name, precision, engine=eng, **engine_options))
+    return CheckResult(settings.compare(_resolve_case(case), name, precision, engine=eng, **engine_options).report)
 
 
 def check_dump(path: str | Path, case: str | Case, precision: str | None = None, **options) -> "CheckResult":
@@ -111,8 +111,8 @@ def _resolve_engine(engine) -> tuple[str, Engine]:
 class CheckResult:
     """The outcome of one check: engine × case × precision."""
 
-    def __init__(self, result: CompareResult):
-        self.result = result  # the full CompareResult (reference source, timings, coverage, ...)
+    def __init__(self, report: Report):
+        self.report = report  # the typed report (reference source, timings, coverage, ...): every renderer takes it
 
     def __repr__(self):
         return (f"<CheckResult {self.verdict}: engine {self.engine!r}, case {self.case!r}, {self.precision}; "
@@ -121,77 +121,74 @@ class CheckResult:
     # -- what was found
     @property
     def engine(self) -> str:
-        return self.result.engine
+        return self.report.engine
 
     @property
     def case(self) -> str:
-        return self.result.case.name
+        return self.report.case
 
     @property
     def precision(self) -> str:
-        return self.result.precision
+        return self.report.precision
 
     @property
-    def verdict(self) -> str:
+    def verdict(self) -> Verdict:
         """`pass`, `fail` (a point is outside its tolerance) or `error` (nothing compared)."""
-        return self.result.verdict
+        return self.report.verdict
 
     @property
     def crash(self) -> dict | None:
         """The crash record when the engine's process died (verdict `crash`), else None."""
-        return self.result.crash
+        return self.report.crash
 
     @property
     def passed(self) -> bool:
-        return self.verdict == "pass"
+        return self.verdict == Verdict.PASS
 
     @property
-    def points(self) -> list[PointResult]:
+    def points(self) -> list[Point]:
         """Every point of the case in model order (name, verdict, metrics, tolerance, ratio, local)."""
-        return self.result.comparison.points
+        return self.report.points
 
     @property
-    def failed(self) -> list[PointResult]:
-        return self.result.comparison.failed
+    def failed(self) -> list[Point]:
+        return self.report.failed
 
     @property
-    def missing(self) -> list[PointResult]:
-        return self.result.comparison.missing
+    def missing(self) -> list[Point]:
+        return self.report.missing
 
     @property
     def first_divergence(self) -> dict | None:
         """{"name", "layer"} of the first failing point in model order, or None."""
-        return self.result.comparison.first_divergence
+        return self.report.first_divergence
 
     @property
     def culprit(self) -> dict | None:
-        """The point teacher forcing blames ({"name", "layer", "local_ratio", ...}), or None."""
-        return self.result.culprit
+        """The point teacher forcing blames, as the report document has it ({"name", "layer",
+        "local_ratio", ...}), or None."""
+        return self.report.culprit.to_json() if self.report.culprit else None
 
     @property
     def diagnosis(self) -> list | None:
-        """The ranked defect hypotheses ({"hypothesis", "point", "params", "residual_ratio",
-        "reference_ratio", "explains", ...}, best first), or None when the diagnosis did not run."""
-        return self.result.diagnosis
+        """The ranked defect hypotheses as the report document has them ({"hypothesis", "point",
+        "params", "residual_ratio", "reference_ratio", "explains", ...}, best first), or None when
+        the diagnosis did not run."""
+        return None if self.report.diagnosis is None else [d.to_json() for d in self.report.diagnosis]
 
     @property
     def phases(self) -> list:
-        """A served run's phases (reports.results.Phase: prefill chunk or decode step, each
-        judged on its own rows); empty for a prefill-only run."""
+        """A served run's phases (judge.results.Phase: prefill chunk or decode step, each judged
+        on its own rows); empty for a prefill-only run."""
         return self.report.phases
 
-    def point(self, name: str) -> PointResult:
+    def point(self, name: str) -> Point:
         for p in self.points:
             if p.name == name:
                 return p
         raise KeyError(f"case {self.case!r} has no point {name!r}")
 
     # -- reports
-    @cached_property
-    def report(self) -> Report:
-        """The typed report (the one every renderer takes)."""
-        return Report.from_result(self.result)
-
     def to_json(self) -> dict:
         """The JSON report document (the schema of `corruptcheck compare --json`)."""
         return self.report.to_json()
@@ -216,23 +213,23 @@ class CheckResult:
     # -- messages
     def summary(self) -> str:
         """One line: verdict and counts, the first divergence and the culprit."""
-        comp = self.result.comparison
-        skipped = sum(p.verdict in ("skipped", "not-exercised") for p in self.points)
+        compared = self.report.summary.compared
+        skipped = sum(p.verdict in (Verdict.SKIPPED, Verdict.NOT_EXERCISED) for p in self.points)
         head = f"corruptcheck: engine {self.engine!r} on case {self.case!r} at {self.precision}: "
-        if self.verdict == "crash":
+        if self.verdict == Verdict.CRASH:
             from corruptcheck.reports.render import crash_text
 
             return head + (f"CRASH: the engine's process died: {crash_text(self.crash)} "
-                           f"({comp.compared} compared, {len(self.failed)} failed on what it delivered)")
-        if self.verdict == "error":
+                           f"({compared} compared, {len(self.failed)} failed on what it delivered)")
+        if self.verdict == Verdict.ERROR:
             return (head + f"nothing compared: the engine captured none of the case's points "
                            f"({len(self.missing)} required points missing)")
-        counts = f"{comp.compared} compared, {len(self.failed)} failed, {len(self.missing)} missing, {skipped} skipped"
+        counts = f"{compared} compared, {len(self.failed)} failed, {len(self.missing)} missing, {skipped} skipped"
         if self.passed:
             return head + f"PASS ({counts})"
-        if self.verdict == "incomplete":
+        if self.verdict == Verdict.INCOMPLETE:
             return head + f"INCOMPLETE ({counts}): no compared point fails, but required points are missing"
-        culprit = self.culprit["name"] if self.culprit else _no_culprit(self.result.teacher_forcing)
+        culprit = self.report.culprit.name if self.report.culprit else _no_culprit(self.report.teacher_forcing)
         return head + f"FAIL ({counts}); first divergence {self.first_divergence['name']}; culprit {culprit}"
 
     def explain(self, name: str) -> str:
@@ -240,23 +237,24 @@ class CheckResult:
         worst token, and what teacher forcing says about it."""
         p = self.point(name)
         lines = [f"{p.name}: {p.verdict.upper()} (engine {self.engine!r}, case {self.case!r}, "
-                 f"{self.result.tolerance_precision} tolerances)"]
+                 f"{self.report.tolerance_precision} tolerances)"]
         if p.verdict in NOT_JUDGED:
             return "\n".join(lines + [f"  not judged: {p.verdict}: {p.reason}"])
-        seq_lens = self.result.case.seq_lens
+        seq_lens = self.report.case_spec["seq_lens"]
         lines += _index_lines(p, seq_lens) if p.kind == "index" else _float_lines(p, seq_lens)
-        lines.append(_teacher_forcing_line(p, self.culprit, self.result.teacher_forcing))
+        lines.append(_teacher_forcing_line(p, self.report.culprit, self.report.teacher_forcing))
         return "\n".join(lines)
 
     def message(self) -> str:
         """The summary, then the first divergent point and the culprit explained, then the
         list of failing points (what `assert_ok()` raises with)."""
         lines = [self.summary()]
-        if self.verdict == "fail":
+        if self.verdict == Verdict.FAIL:
             first = self.first_divergence["name"]
             lines.append(self.explain(first))
-            if self.culprit and self.culprit["name"] != first:
-                lines.append(self.explain(self.culprit["name"]))
+            culprit = self.report.culprit
+            if culprit and culprit.name != first:
+                lines.append(self.explain(culprit.name))
             lines.append(f"failing points ({len(self.failed)}): {_names(self.failed)}")
             lines += diagnosis_lines(self.report.diagnosis)
         if self.missing:
@@ -268,11 +266,11 @@ class CheckResult:
         compared, and `MissingPoints` when required points are missing (a missing point is never
         a pass; `allow_missing=True` accepts them, e.g. while an adapter is being written — an
         engine that cannot expose a point declares it skipped instead). Returns self otherwise."""
-        if self.verdict == "crash":
+        if self.verdict == Verdict.CRASH:
             raise EngineCrash(self.message(), self.crash)
-        if self.verdict == "fail":
+        if self.verdict == Verdict.FAIL:
             raise CorruptionDetected(self.message())
-        if self.verdict == "error":
+        if self.verdict == Verdict.ERROR:
             raise NothingCompared(self.message())
         if self.missing and not allow_missing:
             raise MissingPoints(self.message())
@@ -303,7 +301,7 @@ def _token(t, seq_lens) -> str:
     return f"token {t}"
 
 
-def _float_lines(p: PointResult, seq_lens) -> list[str]:
+def _float_lines(p: Point, seq_lens) -> list[str]:
     m, t = p.metrics or {}, p.tolerance or {}
     rel, band = t.get("value"), t.get("norm_ratio_band")
     rl2, nr = m.get("rel_l2"), m.get("norm_ratio")
@@ -331,7 +329,7 @@ def _float_lines(p: PointResult, seq_lens) -> list[str]:
     ]
 
 
-def _index_lines(p: PointResult, seq_lens) -> list[str]:
+def _index_lines(p: Point, seq_lens) -> list[str]:
     m, t = p.metrics or {}, p.tolerance or {}
     return [
         f"  metric: {m.get('genuine')} token(s) choose differently beyond a near-tie > tolerance 0 "
@@ -347,10 +345,10 @@ def _no_culprit(teacher_forcing: str) -> str:
     return "none (no sub-block exceeds its local tolerance on its own input: accumulated drift)"
 
 
-def _teacher_forcing_line(p: PointResult, culprit: dict | None, teacher_forcing: str) -> str:
+def _teacher_forcing_line(p: Point, culprit: Culprit | None, teacher_forcing: str) -> str:
     loc = p.local or {}
     role, ratio = loc.get("role"), _g(loc.get("ratio"))
-    blamed = culprit["name"] if culprit else _no_culprit(teacher_forcing)
+    blamed = culprit.name if culprit else _no_culprit(teacher_forcing)
     if role == "culprit":
         local = f"; local check: {loc['reason']}" if loc.get("reason") else ""
         return (f"  teacher forcing: CULPRIT: fed the engine's own input, this sub-block alone is {ratio}x its "

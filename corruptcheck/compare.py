@@ -1,13 +1,18 @@
 """compare: the reference (float64, from the golden when valid) against an engine on a case,
-every point diffed with precision-aware tolerances, then localized by teacher forcing."""
+every point diffed with precision-aware tolerances, then localized by teacher forcing.
+
+The result is the typed Report (judge/results.py: what every renderer, the API, the plugin,
+the gate and the store take). `CompareResult` adds to it only the Case object it was judged on,
+because a report holds a case by name and spec, not its tokens and weights (a served run's
+decoded tokens, a llama.cpp run's rounded weights)."""
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from corruptcheck.cases import Case
-from corruptcheck.judge.differ import Comparison, PointResult, compare_points
+from corruptcheck.judge.differ import Comparison, compare_points
 from corruptcheck.engines import Capture, get_engine
 from corruptcheck.engines.child import ChildLimits
 from corruptcheck.engines.child_engine import PROCESSES, ChildEngine, wants_child
@@ -16,12 +21,14 @@ from corruptcheck.judge.diagnose import diagnose as diagnose_run
 from corruptcheck.judge.localize import attach, teacher_force
 from corruptcheck.judge.noise import measure
 from corruptcheck.judge.phases import (MIN_MEASURED_TOKENS, fail_by_phase, first_failing_phase, judge_phases, label_key,
-                                 pairs_by_phase, phase_label, phase_rows)
+                                       pairs_by_phase, phase_rows)
+from corruptcheck.judge.results import Point, Report
 from corruptcheck.points import capture_points
 from corruptcheck.reference import REFERENCE_VERSION, Precision
 from corruptcheck.judge.reference_data import (ReferenceData, golden_noise, noise_for, reference_for,  # noqa: F401
                                                reference_run)
 from corruptcheck.schedule import check_prompts, decoded_case, prompt_case
+from corruptcheck.verdicts import Verdict
 
 TEACHER_FORCING = ("on-fail", "always", "never")
 DIAGNOSE = ("on-fail", "always", "never")
@@ -75,26 +82,10 @@ DEFAULTS = RunSettings()
 
 @dataclass
 class CompareResult:
+    """A judged compare: its report, and the Case it was judged on (the case, its weights as the
+    engine read them, or for a served run the tokens the engine decoded)."""
+    report: Report
     case: Case
-    engine: str
-    precision: str
-    comparison: Comparison
-    coverage: dict
-    reference: dict
-    engine_meta: dict
-    timings: dict
-    tolerance_precision: str = ""
-    noise_source: str = ""
-    culprit: dict | None = None
-    teacher_forcing: str = "not run"
-    extra: dict = field(default_factory=dict)
-    served: dict | None = None  # a scheduled run: schedule, phases, greedy choices (schedule.py, phases.py)
-    crash: dict | None = None  # the engine's process died: kind, detail, phase, what it delivered
-    diagnosis: list | None = None  # ranked defect hypotheses (judge/diagnose.py); None: not run
-
-    @property
-    def verdict(self) -> str:
-        return "crash" if self.crash else self.comparison.verdict
 
 
 def compare(case: Case, engine_name: str, precision: str, use_golden: bool = True,
@@ -127,21 +118,22 @@ def compare(case: Case, engine_name: str, precision: str, use_golden: bool = Tru
     t0 = time.perf_counter()
     try:
         if schedule is not None:
-            res, engine_points, noise = _compare_served(case, engine_name, engine, precision, schedule, teacher_forcing,
-                                                        engine_options)
+            res, comp, engine_points, noise = _compare_served(case, engine_name, engine, precision, schedule,
+                                                              teacher_forcing, engine_options)
         else:
-            res, engine_points, noise = _compare_prefill(case, engine_name, engine, precision, use_golden,
-                                                         teacher_forcing, engine_options)
+            res, comp, engine_points, noise = _compare_prefill(case, engine_name, engine, precision, use_golden,
+                                                               teacher_forcing, engine_options)
     except EngineCrashed as exc:
         res, engine_points = _compare_crashed(case, engine_name, exc, precision, schedule, t0), None
     finally:
         if isinstance(engine, ChildEngine):
             engine.close()
+    rep = res.report
     if note:
-        res.engine_meta["schedule_note"] = note
-    if engine_points is not None and (diagnose == "always" or (diagnose == "on-fail" and res.verdict == "fail"
-                                                                and res.teacher_forcing == "run")):
-        _diagnose(res, engine_points, noise, diagnose == "always", hypotheses)
+        rep.engine_info["schedule_note"] = note
+    if engine_points is not None and (diagnose == "always" or (diagnose == "on-fail" and rep.verdict == Verdict.FAIL
+                                                                and rep.teacher_forcing == "run")):
+        _diagnose(res, comp, engine_points, noise, diagnose == "always", hypotheses)
     return res
 
 
@@ -166,40 +158,44 @@ def _compare_crashed(case: Case, engine_name: str, exc: EngineCrashed, precision
         coverage, report_case = ref.coverage, dcase
         tokens = dcase.num_tokens
     else:
-        comp = Comparison([PointResult(s.name, "missing" if s.required else "skipped", s.layer, s.kind, reason=why)
-                           for s in specs], tol_prec)
+        comp = Comparison([Point(s.name, Verdict.MISSING if s.required else Verdict.SKIPPED, s.layer, s.kind,
+                                 reason=why) for s in specs], tol_prec)
         coverage, report_case, tokens = {}, case, 0
     for p in comp.points:
-        if p.verdict == "missing":
+        if p.verdict == Verdict.MISSING:
             p.reason = why
     t2 = time.perf_counter()
     n_seq = len(schedule.prompt_lens) if schedule is not None else len(case.seq_lens)
     crash = {**exc.crash, "delivered": {"sequences": len(partial["sequences"]) if partial else 0, "of": n_seq,
                                         "tokens": tokens, "points_judged": comp.compared}}
     process = {k: crash[k] for k in ("pid", "wall_s", "peak_rss_mib") if k in crash}
-    return CompareResult(
-        case=report_case, engine=engine_name, precision=tol_prec, comparison=comp, coverage=coverage,
+    return CompareResult(Report.judged(
+        comp, case=report_case, engine=engine_name, coverage=coverage,
         reference={"version": REFERENCE_VERSION, "precision": "float64",
                    "source": ref.source if partial else "not run (nothing delivered)", "golden_digest": None},
-        engine_meta={"process": {"mode": "child", **process}},
+        engine_info={"process": {"mode": "child", **process}},
         timings={"engine_s": t1 - t0, "reference_s": 0.0, "noise_s": 0.0, "diff_s": t2 - t1, "localize_s": 0.0},
-        tolerance_precision=tol_prec, noise_source=(noise_source or "float64: floor tolerance") if partial else "none",
-        crash=crash,
-    )
-def _diagnose(res: CompareResult, engine_points: dict, noise, always: bool, hypotheses) -> None:
-    """Rank the hypotheses on the failing sub-blocks (judge/diagnose.py) into `res.diagnosis`;
-    with `always`, teacher forcing is run first where it was not (to find those sub-blocks)."""
+        noise_model=(noise_source or "float64: floor tolerance") if partial else "none", crash=crash,
+    ), report_case)
+
+
+def _diagnose(res: CompareResult, comp: Comparison, engine_points: dict, noise, always: bool, hypotheses) -> None:
+    """Rank the hypotheses on the failing sub-blocks (judge/diagnose.py) into the report's
+    diagnosis; with `always`, teacher forcing is run first where it was not (to find those
+    sub-blocks)."""
     t0 = time.perf_counter()
-    if res.teacher_forcing != "run":
-        res.culprit = attach(res.comparison, teacher_force(res.case, engine_points, res.precision, noise))
-        res.teacher_forcing = "run"
-    res.diagnosis = diagnose_run(res.case, engine_points, res.precision, noise, res.comparison, hypotheses, always)
-    res.timings["diagnose_s"] = time.perf_counter() - t0
+    rep = res.report
+    if rep.teacher_forcing != "run":
+        rep.culprit = attach(comp, teacher_force(res.case, engine_points, comp.precision, noise))
+        rep.teacher_forcing = "run"
+    rep.diagnosis = diagnose_run(res.case, engine_points, comp.precision, noise, comp, hypotheses, always)
+    rep.timings["diagnose_s"] = time.perf_counter() - t0
 
 
 def _compare_prefill(case: Case, engine_name: str, engine, precision, use_golden: bool, teacher_forcing: str,
                      engine_options: dict) -> tuple:
-    """(the result, the engine's points, the noise model): the last two for the diagnosis."""
+    """(the result, the comparison, the engine's points, the noise model): the last three for the
+    diagnosis."""
     # the engine first, then the reference: a real engine's memory is freed before the float64
     # reference of a wide case is loaded, so the peak is the larger of the two, not their sum
     t0 = time.perf_counter()
@@ -221,20 +217,20 @@ def _compare_prefill(case: Case, engine_name: str, engine, precision, use_golden
                           cap.meta.get("capture", {}).get("skipped"))
     t4 = time.perf_counter()
     culprit, tf = None, "not run"
-    if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == "fail"):
+    if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == Verdict.FAIL):
         culprit = attach(comp, teacher_force(case, cap.points, tol_prec, noise), judge=teacher_forcing == "always")
         tf = "run"
     t5 = time.perf_counter()
-    return CompareResult(
-        case=case, engine=engine_name, precision=tol_prec, comparison=comp, coverage=ref.coverage,
+    return CompareResult(Report.judged(
+        comp, case=case, engine=engine_name, coverage=ref.coverage,
         reference={"version": REFERENCE_VERSION, "precision": "float64", "source": ref.source,
                    "golden_digest": ref.digest},
-        engine_meta=cap.meta,
+        engine_info=cap.meta,
         timings={"engine_s": t1 - t0, "reference_s": t2 - t1 if not isinstance(engine, ChildEngine) else t_ref,
                  "noise_s": t3 - t2, "diff_s": t4 - t3, "localize_s": t5 - t4,
                  **({"reference_overlapped_engine": True} if isinstance(engine, ChildEngine) else {})},
-        tolerance_precision=tol_prec, noise_source=noise_source, culprit=culprit, teacher_forcing=tf,
-    ), cap.points, noise
+        noise_model=noise_source, culprit=culprit, teacher_forcing=tf,
+    ), case), comp, cap.points, noise
 
 
 SCHEDULES = ("case", "prefill-only")
@@ -267,7 +263,8 @@ def resolve_schedule(case: Case, engine, choice: str):
 
 def _compare_served(case: Case, engine_name: str, engine, precision, schedule, teacher_forcing: str,
                     engine_options: dict) -> tuple:
-    """(result, engine points, noise) as _compare_prefill. The engine serves the schedule's prompts and decodes greedily; the reference runs on the
+    """(result, comparison, engine points, noise) as _compare_prefill. The engine serves the
+    schedule's prompts and decodes greedily; the reference runs on the
     tokens it fed (the decoded case, float64, computed now: no golden covers the engine's own
     tokens); every point is judged on the whole run and per phase."""
     if not getattr(engine, "serves", False):
@@ -299,23 +296,23 @@ def _compare_served(case: Case, engine_name: str, engine, precision, schedule, t
     fail_by_phase(comp, phase_failures)
     t4 = time.perf_counter()
     culprit, tf = None, "not run"
-    if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == "fail"):
+    if teacher_forcing == "always" or (teacher_forcing == "on-fail" and comp.verdict == Verdict.FAIL):
         culprit, tf = _localize_served(dcase, cap.points, tol_prec, noise, comp, phases, rows_by_phase)
     t5 = time.perf_counter()
-    served_doc = {"schedule": schedule.to_dict(), "batching": served.get("batching"),
-                  "phases": phases, "pairs_by_phase": pairs_by_phase(phases),
-                  "greedy": greedy_choices(ref.points.get("logits"), served["sequences"], schedule,
-                                 ((noise or {}).get("free", {}).get("logits") or {}).get("token_rel"))}
+    greedy = greedy_choices(ref.points.get("logits"), served["sequences"], schedule,
+                            ((noise or {}).get("free", {}).get("logits") or {}).get("token_rel"))
     meta = {k: v for k, v in cap.meta.items() if k != "served"}
-    return CompareResult(
-        case=dcase, engine=engine_name, precision=tol_prec, comparison=comp, coverage=ref.coverage,
+    return CompareResult(Report.judged(
+        comp, case=dcase, engine=engine_name, coverage=ref.coverage,
         reference={"version": REFERENCE_VERSION, "precision": "float64", "source": ref.source, "golden_digest": None},
-        engine_meta=meta,
+        engine_info=meta,
         timings={"engine_s": t1 - t0, "reference_s": t2 - t1, "noise_s": t3 - t2, "diff_s": t4 - t3,
                  "localize_s": t5 - t4},
-        tolerance_precision=tol_prec, noise_source=noise_source, culprit=culprit, teacher_forcing=tf,
-        served=served_doc,
-    ), cap.points, noise
+        noise_model=noise_source, culprit=culprit, teacher_forcing=tf,
+        # a served run (schedule.py): the schedule, verdicts by phase, the engine's greedy choices
+        schedule=schedule.to_dict(), phases=phases, pairs_by_phase=pairs_by_phase(phases), greedy=greedy,
+        batching=served.get("batching"),
+    ), dcase), comp, cap.points, noise
 
 
 def _localize_served(dcase: Case, engine_points: dict, precision: str, noise, comp, phases: list, rows_by_phase: dict):
@@ -325,11 +322,10 @@ def _localize_served(dcase: Case, engine_points: dict, precision: str, noise, co
     whole run is localized."""
     first = first_failing_phase(phases)
     if first is not None:
-        culprit = attach(comp, teacher_force(dcase, engine_points, precision, noise,
-                                             rows=rows_by_phase[phase_label(first)],
-                                             group=label_key(phase_label(first))))
+        culprit = attach(comp, teacher_force(dcase, engine_points, precision, noise, rows=rows_by_phase[first.label],
+                                             group=label_key(first.label)))
         if culprit is not None:
-            culprit["phase"] = {k: first[k] for k in ("phase", "step", "chunk")}
+            culprit.phase = first.where
             return culprit, "run"
     return attach(comp, teacher_force(dcase, engine_points, precision, noise)), "run"
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from corruptcheck.storage.atomic import atomic_write
 from corruptcheck.cases import Case, get_case
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
-from corruptcheck.reports.results import Report
+from corruptcheck.judge.results import Report
 from corruptcheck.schedule import Schedule
 from corruptcheck.judge.tolerance import FLOOR
+from corruptcheck.verdicts import Verdict
 
 DEFAULT_KEYS = {"teacher_forcing", "allowed_missing"}
 PRECISIONS = tuple(FLOOR)  # every precision an engine may declare has tolerances
@@ -212,7 +213,7 @@ def coverage_problems(cov: dict, required: dict) -> list[str]:
 @dataclass
 class RunOutcome:
     run: GateRun
-    verdict: str  # pass | fail | error | crash (the engine's process died; its report is written)
+    verdict: Verdict  # pass | fail | error | crash (the engine's process died; its report is written)
     reasons: list
     report: Report | None = None  # None: the compare itself could not run
 
@@ -222,34 +223,35 @@ class RunOutcome:
         return {"run": self.run.id, "case": self.run.case.name, "precision": self.run.precision,
                 "batch_size": self.run.batch_size, "schedule": sched.to_dict() if isinstance(sched, Schedule) else sched,
                 "phases": [{"phase": p.phase, "step": p.step, "chunk": p.chunk, "verdict": p.verdict,
-                            "worst_ratio": p.worst_ratio} for p in (rep.phases if rep else []) if p.verdict == "fail"],
+                            "worst_ratio": p.worst_ratio}
+                           for p in (rep.phases if rep else []) if p.verdict == Verdict.FAIL],
                 "verdict": self.verdict, "reasons": self.reasons,
                 "first_divergence": rep.first_divergence if rep else None,
                 "culprit": rep.culprit.to_json() if rep and rep.culprit else None,
                 "worst_ratio": rep.summary.worst_ratio if rep else None,
-                "missing": [p.name for p in (rep.points if rep else []) if p.verdict == "missing"],
+                "missing": [p.name for p in (rep.points if rep else []) if p.verdict == Verdict.MISSING],
                 **({"crash": rep.crash} if rep and rep.crash else {})}
 
 
 def judge(run: GateRun, rep: Report, policy: GatePolicy) -> RunOutcome:
     reasons = []
-    if rep.verdict == "crash":  # never judged by the policy: whatever it delivered, the run did not complete
+    if rep.verdict == Verdict.CRASH:  # never judged by the policy: whatever it delivered, the run did not complete
         from corruptcheck.errors import crash_line
 
-        return RunOutcome(run, "crash", [f"engine {crash_line(rep.crash or {})}"], rep)
+        return RunOutcome(run, Verdict.CRASH, [f"engine {crash_line(rep.crash or {})}"], rep)
     # incomplete = nothing failed but points are missing: the policy's allowed_missing judges those
-    verdict = "pass" if rep.verdict == "incomplete" else rep.verdict
-    if verdict == "error":
+    verdict = Verdict.PASS if rep.verdict == Verdict.INCOMPLETE else rep.verdict
+    if verdict == Verdict.ERROR:
         why = (f"unknown point name(s): {', '.join(rep.unknown_names[:5])}" if rep.unknown_names
                else "nothing was compared")
-        return RunOutcome(run, "error", [why], rep)
-    if verdict == "fail":
+        return RunOutcome(run, Verdict.ERROR, [why], rep)
+    if verdict == Verdict.FAIL:
         name = rep.culprit.name if rep.culprit else (rep.first_divergence or {}).get("name")
         reasons.append(f"corruption at {name}" + (" (teacher-forcing culprit)" if rep.culprit else ""))
-    missing = [p.name for p in rep.points if p.verdict == "missing"]
+    missing = [p.name for p in rep.points if p.verdict == Verdict.MISSING]
     disallowed = [m for m in missing if not any(fnmatch.fnmatchcase(m, pat) for pat in policy.allowed_missing)]
     if disallowed:
-        verdict = "fail"
+        verdict = Verdict.FAIL
         reasons.append(f"{len(disallowed)} required point(s) missing: {', '.join(disallowed[:4])}"
                        + (" ..." if len(disallowed) > 4 else ""))
     served = {"decode_pairs": rep.summary.pairs_by_phase.get("decode", 0)}
@@ -258,7 +260,7 @@ def judge(run: GateRun, rep: Report, policy: GatePolicy) -> RunOutcome:
     if note and run.schedule != "prefill-only":
         reasons.append(f"not served: {note}")
     if cov:
-        verdict = "fail"
+        verdict = Verdict.FAIL
         reasons.append("coverage not met: " + "; ".join(cov))
     return RunOutcome(run, verdict, reasons, rep)
 
@@ -284,9 +286,9 @@ def run_gate(engine_name: str, policy: GatePolicy, out_dir: Path, progress=None,
                           engine_timeout=st.engine_timeout, engine_memory=st.engine_memory,
                           **dict(engine_options or {}), **({"batch": True} if run.batch_size > 1 else {}))
         except (BadInput, EngineUnavailable, EngineFailed) as exc:
-            outcomes.append(RunOutcome(run, "error", [str(exc)]))
+            outcomes.append(RunOutcome(run, Verdict.ERROR, [str(exc)]))
             continue
-        rep = Report.from_result(res)
+        rep = res.report
         rep.gate = {"policy": policy.name, "run": run.id, "batch_size": run.batch_size}
         write_json(rep.to_json(), str(out_dir / f"{run.id}.json"))
         write_junit(rep, str(out_dir / f"{run.id}.xml"))
@@ -298,7 +300,7 @@ def run_gate(engine_name: str, policy: GatePolicy, out_dir: Path, progress=None,
 def overall(outcomes: list[RunOutcome]) -> str:
     """error > crash > fail > pass: a suite with a crashed run is never a pass (exit 2)."""
     verdicts = {o.verdict for o in outcomes}
-    return next((v for v in ("error", "crash", "fail") if v in verdicts), "pass")
+    return next((v for v in (Verdict.ERROR, Verdict.CRASH, Verdict.FAIL) if v in verdicts), Verdict.PASS)
 
 
 def write_summary(engine_name: str, policy: GatePolicy, outcomes: list[RunOutcome], out_dir: Path) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from corruptcheck.verdicts import NOT_JUDGED as _NOT_JUDGED  # light: no torch
+from corruptcheck.verdicts import NOT_JUDGED as _NOT_JUDGED, Verdict  # light: no torch
 
 MARKER = "corruptcheck"
 VERDICT_ITEM = "verdict"  # corruptcheck[CASE::verdict]; no capture point has this name
@@ -353,11 +353,11 @@ class PointItem(_CaseItem):
         self.user_properties.append(("corruptcheck_verdict", p.verdict))
         if p.ratio is not None:
             self.user_properties.append(("error_over_tolerance", f"{p.ratio:.4g}"))
-        if res.verdict == "crash" and p.verdict == "missing":  # not delivered: the crash, not a skip
+        if res.verdict == Verdict.CRASH and p.verdict == Verdict.MISSING:  # not delivered: the crash, not a skip
             _raise_crash(res)
         if p.verdict in _NOT_JUDGED:
             pytest.skip(f"{p.verdict}: {p.reason}")
-        if p.verdict == "fail":
+        if p.verdict == Verdict.FAIL:
             from corruptcheck.api import CorruptionDetected
 
             raise CorruptionDetected(f"{res.explain(p.name)}\n{res.summary()}")
@@ -371,24 +371,23 @@ class PhaseItem(_CaseItem):
     def runtest(self):
         res = self._result()
         self.user_properties.append(("corruptcheck_phase", self.point))
-        phase = next((p for p in res.phases if phase_item_name((p.phase, p.chunk if p.phase == "prefill" else p.step))
-                      == self.point), None)
-        if phase is None and res.verdict == "crash":
+        phase = next((p for p in res.phases if phase_item_name(p.label) == self.point), None)
+        if phase is None and res.verdict == Verdict.CRASH:
             _raise_crash(res)
         if phase is None:
-            note = (res.result.engine_meta or {}).get("schedule_note")
+            note = (res.report.engine_info or {}).get("schedule_note")
             pytest.skip(f"not served: {note}" if note else "not served: the run has no such phase")
         self.user_properties.append(("corruptcheck_verdict", phase.verdict))
         if phase.worst_ratio is not None:
             self.user_properties.append(("error_over_tolerance", f"{phase.worst_ratio:.4g}"))
-        if phase.verdict == "fail":
+        if phase.verdict == Verdict.FAIL:
             from corruptcheck.api import CorruptionDetected
 
             first = (phase.first_divergence or {}).get("name") or phase.worst_point
             raise CorruptionDetected(f"{self.point} fails: {phase.failed_points or 'some'} point(s) over their "
                                      f"tolerance on this phase's {phase.tokens} token(s), first {first}, worst "
                                      f"{phase.worst_point} at err/tol {phase.worst_ratio:.3g}\n{res.summary()}")
-        if phase.verdict != "pass":
+        if phase.verdict != Verdict.PASS:
             pytest.skip(f"{phase.verdict}: nothing judged on this phase's rows")
 
 

@@ -70,7 +70,7 @@ def test_clean_engine_by_name_passes():
     assert verdicts == {"pass", "skipped"}  # hf exposes no MTP / q / kv points: skipped, never passed
     assert res.point("layers.1.attn.out").verdict == "pass"
     assert res.to_json()["verdict"] == "pass"
-    assert res.summary().endswith(f"PASS ({res.result.comparison.compared} compared, 0 failed, 0 missing, "
+    assert res.summary().endswith(f"PASS ({res.report.summary.compared} compared, 0 failed, 0 missing, "
                                   f"{sum(p.verdict == 'skipped' for p in res.points)} skipped)")
 
 

@@ -17,7 +17,6 @@ from corruptcheck.release.check import check, select_units
 from corruptcheck.storage.dump import write_dump
 from corruptcheck.errors import BadInput
 from corruptcheck.release.writer import write_release_checkpoint
-from corruptcheck.reports.results import Report
 
 CASE = "tiny-release"
 FAULT_LAYER = 2
@@ -54,7 +53,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clean_local(setup):
-    return Report.from_result(check(setup["ckpt"], setup["clean"])).to_json()
+    return check(setup["ckpt"], setup["clean"]).to_json()
 
 
 def _points(doc):
@@ -79,7 +78,7 @@ def test_clean_dump_passes_every_unit(clean_local):
 
 
 def test_fault_in_one_layer_is_the_culprit_and_the_others_pass(setup):
-    doc = Report.from_result(check(setup["ckpt"], setup["fault"])).to_json()
+    doc = check(setup["ckpt"], setup["fault"]).to_json()
     assert doc["verdict"] == "fail"
     assert doc["culprit"]["name"] == f"layers.{FAULT_LAYER}.moe.out"
     assert doc["culprit"]["local_norm_ratio"] == pytest.approx(FAULT_SCALE, rel=1e-4)
@@ -94,7 +93,7 @@ def test_layers_selects_units_and_skips_the_rest(setup):
     for bad in ("9", "x", "1-x"):
         with pytest.raises(BadInput):
             select_units(get_case(CASE).config, bad)
-    doc = Report.from_result(check(setup["ckpt"], setup["fault"], layers="0,1")).to_json()
+    doc = check(setup["ckpt"], setup["fault"], layers="0,1").to_json()
     assert doc["verdict"] == "pass"
     assert {u["unit"] for u in doc["engine_info"]["check"]["units"]} == {"layers.0", "layers.1"}
     skipped = [p for p in doc["points"] if p["name"].startswith("layers.2.")]
@@ -124,7 +123,7 @@ def cluster():
 
 
 def test_ray_gives_the_same_verdicts_and_numbers(setup, clean_local, cluster):
-    doc = Report.from_result(check(setup["ckpt"], setup["clean"], ray="auto")).to_json()
+    doc = check(setup["ckpt"], setup["clean"], ray="auto").to_json()
     assert doc["verdict"] == "pass"
     assert _points(doc) == _points(clean_local)
     info = doc["engine_info"]["check"]
@@ -157,7 +156,7 @@ def test_killed_worker_is_retried(setup, cluster):
     killer = threading.Thread(target=_kill_first_worker, args=(seen, stop))
     killer.start()
     try:
-        doc = Report.from_result(check(setup["ckpt"], setup["fault"], ray="auto")).to_json()
+        doc = check(setup["ckpt"], setup["fault"], ray="auto").to_json()
     finally:
         stop.set()
         killer.join()
@@ -181,7 +180,7 @@ def test_corrupt_shard_leaves_its_units_unchecked_never_passed(setup, cluster, t
     n = struct.unpack("<Q", raw[:8])[0]
     raw[8 + n + json.loads(raw[8:8 + n])[name]["data_offsets"][0]] = 0xFF  # E8M0 NaN
     shard.write_bytes(bytes(raw))
-    doc = Report.from_result(check(d, setup["clean"], ray="auto")).to_json()
+    doc = check(d, setup["clean"], ray="auto").to_json()
     assert doc["verdict"] == "incomplete"
     units = {u["unit"]: u for u in doc["engine_info"]["check"]["units"]}
     assert units["layers.1"]["verdict"] == "unchecked" and "scale NaN" in units["layers.1"]["error"]
@@ -224,5 +223,5 @@ def test_dump_split_over_ranks_checks_like_one_file(setup, clean_local, tmp_path
             rank0[name] = t
     split = write_dump({}, get_case(CASE), tmp_path / "split", engine={"name": "reference", "version": "test"},
                        precision="float32", layout=layout, shards=[rank0, rank1])
-    doc = Report.from_result(check(setup["ckpt"], split)).to_json()
+    doc = check(setup["ckpt"], split).to_json()
     assert doc["verdict"] == "pass" and _points(doc) == _points(clean_local)

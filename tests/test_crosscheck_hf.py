@@ -14,7 +14,7 @@ BOUND = 1e-5
 
 
 def _assert_agrees(res, bound=BOUND):
-    comp = res.comparison
+    comp = res.report
     assert comp.verdict == "pass", [(p.name, p.reason) for p in comp.failed]
     assert not comp.missing, [p.name for p in comp.missing]
     floats = [p for p in comp.points if p.kind == "float" and p.verdict in ("pass", "not-exercised")]
@@ -61,6 +61,6 @@ def test_wide_slices_float32_agree(name):
     _assert_agrees(res)
     if name == "pro-slice":
         assert case.config.hidden_size == 7168
-        assert res.comparison.points[0].name == "embed"
-    cov = res.coverage
+        assert res.report.points[0].name == "embed"
+    cov = res.report.coverage
     assert cov["indexer_pruning_fraction"] > 0 and cov["clamp_hits"] > 0 and cov["tokens_beyond_window"] > 0

@@ -17,7 +17,7 @@ from corruptcheck.engines.base import Capture, Engine
 from corruptcheck.faults import FaultyEngine, get_fault
 from corruptcheck.judge.diagnose import CLEAR, explains
 from corruptcheck.judge.hypotheses import HYPOTHESES, hypotheses_for
-from corruptcheck.reports.results import Report
+from corruptcheck.judge.results import Report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,34 +51,34 @@ def test_explains_rule():
 
 
 def test_hf_fault_named_first_within_noise_and_not_claimed_when_left_out(tiny, no_clamp_capture):
-    res = compare(tiny, "hf", "float32", engine=Fixed(no_clamp_capture))
-    assert res.verdict == "fail" and res.culprit["name"] == "layers.0.moe.out"
-    best = res.diagnosis[0]
-    assert best["hypothesis"] == "shared-expert-no-clamp" and best["explains"]
-    assert best["point"] == "layers.0.moe.out" and best["sub_block"] == "layers.0.ffn"
-    assert best["residual_ratio"] <= 1.0 < best["reference_ratio"]
-    assert abs(best["params"]["m"] - 1.0) <= 0.1  # the whole clamp dropped
-    assert sum(d["explains"] for d in res.diagnosis) == 1
-    ev = best["evidence"]  # the tokens that fail are the tokens the missing clamp changes
+    rep = compare(tiny, "hf", "float32", engine=Fixed(no_clamp_capture)).report
+    assert rep.verdict == "fail" and rep.culprit.name == "layers.0.moe.out"
+    best = rep.diagnosis[0]
+    assert best.hypothesis == "shared-expert-no-clamp" and best.explains and rep.explained is best
+    assert best.point == "layers.0.moe.out" and best.sub_block == "layers.0.ffn"
+    assert best.residual_ratio <= 1.0 < best.reference_ratio
+    assert abs(best.params["m"] - 1.0) <= 0.1  # the whole clamp dropped
+    assert sum(d.explains for d in rep.diagnosis) == 1
+    ev = best.evidence  # the tokens that fail are the tokens the missing clamp changes
     assert ev["failing"] > 0 and ev["failing_explained"] == ev["failing"] == ev["failing_and_changed"]
 
     left = compare(tiny, "hf", "float32", engine=Fixed(no_clamp_capture),
-                   hypotheses=hypotheses_for(without=("shared-expert-no-clamp",)))
-    assert left.diagnosis and not any(d["explains"] for d in left.diagnosis)
-    assert all(d["hypothesis"] != "shared-expert-no-clamp" for d in left.diagnosis)
-    assert left.diagnosis[0]["residual_ratio"] > 1.0
+                   hypotheses=hypotheses_for(without=("shared-expert-no-clamp",))).report
+    assert left.diagnosis and not any(d.explains for d in left.diagnosis)
+    assert all(d.hypothesis != "shared-expert-no-clamp" for d in left.diagnosis)
+    assert left.diagnosis[0].residual_ratio > 1.0
 
 
 def test_fitted_magnitude_recovers_the_defect_size(tiny):
     """The softmax scale error at half size: m fitted near 0.5, the factor near its value."""
     fault = get_fault("yarn-mscale-softmax").at(0.5)
-    res = compare(tiny, "reference", "float32", engine=FaultyEngine(get_engine("reference"), fault),
-                  hypotheses=hypotheses_for(["yarn-mscale-softmax", "window-off-by-one", "hca-causal-off-by-one"]))
-    best = res.diagnosis[0]
-    assert best["hypothesis"] == "yarn-mscale-softmax" and best["explains"], res.diagnosis
-    assert abs(best["params"]["m"] - 0.5) <= 0.1
+    hyps = hypotheses_for(["yarn-mscale-softmax", "window-off-by-one", "hca-causal-off-by-one"])
+    rep = compare(tiny, "reference", "float32", engine=FaultyEngine(get_engine("reference"), fault), hypotheses=hyps).report
+    best = rep.diagnosis[0]
+    assert best.hypothesis == "yarn-mscale-softmax" and best.explains, rep.diagnosis
+    assert abs(best.params["m"] - 0.5) <= 0.1
     full = HYPOTHESES["yarn-mscale-softmax"].params(1.0, tiny.config)["softmax_scale_factor"]
-    assert math.isclose(best["params"]["softmax_scale_factor"], 1 + 0.5 * (full - 1), rel_tol=0.05)
+    assert math.isclose(best.params["softmax_scale_factor"], 1 + 0.5 * (full - 1), rel_tol=0.05)
 
 
 def _corrupt_engine(points, factor):

@@ -48,9 +48,9 @@ def test_renamed_key_is_missing_never_pass(hf_dump, tmp_path, tiny):
     assert next(p for p in doc["points"] if p["name"] == "layers.2.attn.out")["verdict"] == "missing"
     del points["layers.2.attn.outx"]
     d = write_dump(points, tiny, tmp_path / "M", engine=manifest["engine"], precision="bfloat16")
-    res = compare(tiny, "dump", None, path=d)
-    p = next(p for p in res.comparison.points if p.name == "layers.2.attn.out")
-    assert p.verdict == "missing" and res.comparison.missing == [p]
+    rep = compare(tiny, "dump", None, path=d).report
+    p = next(p for p in rep.points if p.name == "layers.2.attn.out")
+    assert p.verdict == "missing" and rep.missing == [p]
 
 
 @pytest.mark.parametrize("damage,needle", [
@@ -135,9 +135,9 @@ def test_tp2_shards_and_partial_sums_merge_and_pass(tiny, tmp_path, tiny_hf32):
     assert sum(1 for spec in layout.values() if spec["merge"] == "sum") == 2 * tiny.config.num_layers
     assert torch.allclose(merged["layers.1.attn.out"].double(), pts["layers.1.attn.out"].double(), atol=1e-5)
     assert torch.equal(merged["layers.2.attn_hc.in"], pts["layers.2.attn_hc.in"])
-    res = compare(tiny, "dump", None, path=d)
-    assert res.verdict == "pass", [(p.name, p.reason) for p in res.comparison.failed]
-    assert res.comparison.compared == 81
+    rep = compare(tiny, "dump", None, path=d).report
+    assert rep.verdict == "pass", [(p.name, p.reason) for p in rep.failed]
+    assert rep.summary.compared == 81
 
 
 def _write_sglang(root, points, tiny, ranks=1, extra=None):
@@ -170,9 +170,9 @@ def test_sglang_dump_imports_and_compares(tiny, tmp_path, tiny_hf32):
     points, meta = load_sglang_dump(root.parent, tiny)
     assert meta["precision"] == "float32" and "layers.1.attn.out" in points and "embed" in points
     assert not meta["ignored_names"]
-    res = compare(tiny, "dump", None, path=str(root), format="sglang")
-    assert res.verdict == "pass", [(p.name, p.reason) for p in res.comparison.failed]
-    assert res.comparison.compared == 81
+    rep = compare(tiny, "dump", None, path=str(root), format="sglang").report
+    assert rep.verdict == "pass", [(p.name, p.reason) for p in rep.failed]
+    assert rep.summary.compared == 81
     r = _cc("compare", "--engine", "dump", "--format", "sglang", "--path", str(root), "--case", "tiny", "--quiet")
     assert r.returncode == 0, r.stderr
 
@@ -206,8 +206,8 @@ def test_sglang_refuses_pickled_objects(tiny, tmp_path):
 
 def test_hf_batch_of_two_equals_one_at_a_time(tiny):
     """Benign: the case's two sequences as one right-padded batch pass like one at a time."""
-    res = compare(tiny, "hf", "float32", batch=True)
-    assert res.verdict == "pass" and res.engine_meta["batch"] == "right-padded"
+    rep = compare(tiny, "hf", "float32", batch=True).report
+    assert rep.verdict == "pass" and rep.engine_info["batch"] == "right-padded"
 
 
 def test_reference_dump_with_shared_tensors_round_trips(tmp_path, tiny):

@@ -75,30 +75,32 @@ def test_cli_segv_in_prefill_is_a_crash_verdict_with_reports_history_and_no_orph
     ("exit0@decode", "exit", "status 0 without finishing", "decode (sequence 1, step 1)"),
 ])
 def test_mid_run_crash_kinds_judge_what_was_delivered(spec, kind, needle, phase):
-    res = compare(get_case("tiny"), "hf", "float32", schedule=SMALL, crash=spec)
-    c = res.crash
-    assert res.verdict == "crash" and c["kind"] == kind and needle in c["detail"] and c["phase"] == phase, c
-    assert c["delivered"] == {"sequences": 1, "of": 2, "tokens": 22, "points_judged": res.comparison.compared}
-    assert res.comparison.compared > 0 and not res.comparison.failed
+    rep = compare(get_case("tiny"), "hf", "float32", schedule=SMALL, crash=spec).report
+    c = rep.crash
+    assert rep.verdict == "crash" and c["kind"] == kind and needle in c["detail"] and c["phase"] == phase, c
+    assert c["delivered"] == {"sequences": 1, "of": 2, "tokens": 22, "points_judged": rep.summary.compared}
+    assert rep.summary.compared > 0 and not rep.failed
     assert _group_gone(c["pid"])
 
 
 def test_hang_is_killed_after_engine_timeout_with_its_phase():
     t0 = time.monotonic()
-    res = compare(get_case("tiny"), "hf", "float32", schedule="prefill-only", crash="hang@load", engine_timeout=2)
-    c = res.crash
-    assert res.verdict == "crash" and c["kind"] == "timeout" and c["phase"] == "load", c
+    rep = compare(get_case("tiny"), "hf", "float32", schedule="prefill-only", crash="hang@load",
+                  engine_timeout=2).report
+    c = rep.crash
+    assert rep.verdict == "crash" and c["kind"] == "timeout" and c["phase"] == "load", c
     assert "no progress for 2 s" in c["detail"] and c["exit_code"] == -signal.SIGKILL
-    assert res.comparison.compared == 0 and res.comparison.missing  # nothing delivered: every point missing
-    assert all(p.reason.startswith("not delivered: the engine crashed (timeout)") for p in res.comparison.missing)
+    assert rep.summary.compared == 0 and rep.missing  # nothing delivered: every point missing
+    assert all(p.reason.startswith("not delivered: the engine crashed (timeout)") for p in rep.missing)
     assert 2 <= c["wall_s"] < 60 and time.monotonic() - t0 < 90
     assert _group_gone(c["pid"])
 
 
 def test_memory_growth_past_engine_memory_is_oom():
-    res = compare(get_case("tiny"), "hf", "float32", schedule="prefill-only", crash="oom@load", engine_memory=0.8)
-    c = res.crash
-    assert res.verdict == "crash" and c["kind"] == "oom" and "over the --engine-memory bound 0.8 GiB" in c["detail"]
+    rep = compare(get_case("tiny"), "hf", "float32", schedule="prefill-only", crash="oom@load",
+                  engine_memory=0.8).report
+    c = rep.crash
+    assert rep.verdict == "crash" and c["kind"] == "oom" and "over the --engine-memory bound 0.8 GiB" in c["detail"]
     assert 0.8 * 1024 < c["peak_rss_mib"] < 2 * 0.8 * 1024
     assert _group_gone(c["pid"])
 

@@ -132,10 +132,10 @@ def test_teacher_forcing_and_golden_stay_honest(transformers):
     """compare runs the reference (golden, teacher forcing) outside the fault: the faulty
     engine fails and the very next honest compare passes."""
     case = get_case("tiny")
-    res = compare(case, "hf", "float32", engine=FaultyEngine(get_engine("hf"), get_fault("window-off-by-one")))
-    assert res.verdict == "fail" and res.culprit["name"] == "layers.0.attn.core"
-    assert res.engine_meta["fault"] == "window-off-by-one" and res.engine_meta["fault_fired"] > 0
-    assert compare(case, "hf", "float32").verdict == "pass"
+    rep = compare(case, "hf", "float32", engine=FaultyEngine(get_engine("hf"), get_fault("window-off-by-one"))).report
+    assert rep.verdict == "fail" and rep.culprit.name == "layers.0.attn.core"
+    assert rep.engine_info["fault"] == "window-off-by-one" and rep.engine_info["fault_fired"] > 0
+    assert compare(case, "hf", "float32").report.verdict == "pass"
 
 
 def test_hf_and_reference_reenact_the_same_fault(tiny_clean, tiny_faulty):

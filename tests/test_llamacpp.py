@@ -319,11 +319,11 @@ def test_q8_0_activations_round_as_ggml_x86():
 def mini_f32():
     from corruptcheck.compare import compare
 
-    return compare(MINI, "llamacpp", None, teacher_forcing="always", **F32)
+    return compare(MINI, "llamacpp", None, teacher_forcing="always", **F32).report
 
 
-def _points(res):
-    return {p.name: p for p in res.comparison.points}
+def _points(rep):
+    return {p.name: p for p in rep.points}
 
 
 @pytest.mark.engine
@@ -331,15 +331,15 @@ def _points(res):
 def test_f32_llama_cpp_passes_inside_float32(mini_f32):
     """F32 weights, F32 cache, flash attention off (the default): float32, and every point
     inside the float32 tolerance (measured worst err/tol 0.53 free, 0.66 teacher-forced)."""
-    res = mini_f32
-    pts = _points(res)
-    assert res.precision == "ggml-float32"
-    assert res.engine_meta["settings"]["flash_attn_resolved"] == "off"
-    assert res.comparison.verdict == "pass", res.comparison.first_divergence
-    assert res.comparison.compared >= 60  # every required point and the finer ones llama.cpp names
-    assert res.comparison.missing == []
-    worst = max(p.ratio for p in res.comparison.points if p.ratio is not None)
-    worst_local = max(p.local["ratio"] for p in res.comparison.points if p.local and p.local.get("ratio") is not None)
+    rep = mini_f32
+    pts = _points(rep)
+    assert rep.precision == "ggml-float32"
+    assert rep.engine_info["settings"]["flash_attn_resolved"] == "off"
+    assert rep.verdict == "pass", rep.first_divergence
+    assert rep.summary.compared >= 60  # every required point and the finer ones llama.cpp names
+    assert rep.missing == []
+    worst = max(p.ratio for p in rep.points if p.ratio is not None)
+    worst_local = max(p.local["ratio"] for p in rep.points if p.local and p.local.get("ratio") is not None)
     assert worst < 0.8 and worst_local < 0.9, (worst, worst_local)
     for name in ("layers.1.attn.indexer_topk", "layers.1.attn.q", "layers.1.attn.kv", "layers.2.attn.core",
                  "layers.1.moe.router_logits", "layers.0.attn_hc.comb", "logits"):
@@ -349,8 +349,8 @@ def test_f32_llama_cpp_passes_inside_float32(mini_f32):
     # the attention errors are float32-sized (measured 1.24e-6, 1.40e-6, 1.23e-6)
     for name in ("layers.0.attn.q", "layers.0.attn.kv", "layers.0.attn.core", "layers.1.attn.core"):
         assert pts[name].metrics["rel_l2"] < 3e-6, (name, pts[name].metrics["rel_l2"])
-    assert res.engine_meta["version"].startswith("llama-cpp-python 0.3.36")
-    assert res.engine_meta["loaded"]["n_layer"] == 3
+    assert rep.engine_info["version"].startswith("llama-cpp-python 0.3.36")
+    assert rep.engine_info["loaded"]["n_layer"] == 3
 
 
 @pytest.mark.engine
@@ -363,12 +363,13 @@ def test_q8_0_llama_cpp_passes_inside_ggml_q8_0(mini_f32):
     from corruptcheck.compare import compare
 
     res = compare(MINI, "llamacpp", None, teacher_forcing="never", weights="q8_0", kv_type="f32")
-    assert res.precision == "ggml-q8_0" and res.case.name == "llamacpp-mini+q8_0"
-    assert res.comparison.verdict == "pass", res.comparison.first_divergence
-    assert res.comparison.compared >= 60 and res.comparison.missing == []
-    worst = max(p.ratio for p in res.comparison.points if p.ratio is not None)
+    rep = res.report
+    assert rep.precision == "ggml-q8_0" and res.case.name == "llamacpp-mini+q8_0"
+    assert rep.verdict == "pass", rep.first_divergence
+    assert rep.summary.compared >= 60 and rep.missing == []
+    worst = max(p.ratio for p in rep.points if p.ratio is not None)
     assert worst < 0.8, worst
-    q8 = _points(res)["layers.0.attn.q"].metrics["rel_l2"]
+    q8 = _points(rep)["layers.0.attn.q"].metrics["rel_l2"]
     f32 = _points(mini_f32)["layers.0.attn.q"].metrics["rel_l2"]
     assert q8 > 300 * f32, (q8, f32)
 
@@ -403,12 +404,12 @@ def test_worker_watched_by_the_supervisor(limits, kind):
 
     from corruptcheck.compare import compare
 
-    res = compare(MINI, "llamacpp", None, schedule="prefill-only", **F32, **limits)
-    assert res.crash is not None and res.crash["kind"] == kind, res.crash
-    assert res.crash["phase"] in ("start", "load", "prefill"), res.crash
-    assert res.comparison.compared == 0 and len(res.comparison.missing) > 0
+    rep = compare(MINI, "llamacpp", None, schedule="prefill-only", **F32, **limits).report
+    assert rep.crash is not None and rep.crash["kind"] == kind, rep.crash
+    assert rep.crash["phase"] in ("start", "load", "prefill"), rep.crash
+    assert rep.summary.compared == 0 and len(rep.missing) > 0
     with pytest.raises(ProcessLookupError):
-        os.kill(res.crash["pid"], 0)
+        os.kill(rep.crash["pid"], 0)
 
 
 @pytest.fixture(scope="module")
@@ -499,14 +500,14 @@ def test_rope_excess_is_ggml_angle_formation(mini_runs):
 def test_served_schedule_is_judged_per_phase():
     from corruptcheck.compare import compare
 
-    res = compare(MINI, "llamacpp", None, schedule=MINI_SCHEDULE, **F32)
-    assert res.comparison.verdict == "pass", res.comparison.first_divergence
-    phases = res.served["phases"]
-    kinds = {p["phase"] for p in phases}
+    rep = compare(MINI, "llamacpp", None, schedule=MINI_SCHEDULE, **F32).report
+    assert rep.verdict == "pass", rep.first_divergence
+    phases = rep.phases
+    kinds = {p.phase for p in phases}
     assert {"prefill", "decode"} <= kinds
-    assert all(p["verdict"] in ("pass", "not-exercised") for p in phases)
-    assert "several sequences" in res.served["batching"]
-    assert not res.served["batching"].endswith(" 0 calls with several sequences in one ubatch")
+    assert all(p.verdict in ("pass", "not-exercised") for p in phases)
+    assert "several sequences" in rep.batching
+    assert not rep.batching.endswith(" 0 calls with several sequences in one ubatch")
 
 
 @pytest.mark.engine

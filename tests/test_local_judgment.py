@@ -102,13 +102,13 @@ def test_always_judges_a_local_excess_the_free_tolerance_lets_through(tiny):
     """An 8% error made in layers.3's MoE sits under that point's free-running tolerance
     (drift-sized: err/tol 0.34) but is 4x its local one: `on-fail` passes it, `always` fails the
     compare there and names it the culprit."""
-    missed = compare(tiny, "hf", "bfloat16", teacher_forcing="on-fail", patches=[_mix(3, 0.08)])
+    missed = compare(tiny, "hf", "bfloat16", teacher_forcing="on-fail", patches=[_mix(3, 0.08)]).report
     assert missed.verdict == "pass"
-    caught = compare(tiny, "hf", "bfloat16", teacher_forcing="always", patches=[_mix(3, 0.08)])
-    assert caught.verdict == "fail" and caught.culprit["name"] == "layers.3.moe.out"
-    p = next(x for x in caught.comparison.points if x.name == "layers.3.moe.out")
+    caught = compare(tiny, "hf", "bfloat16", teacher_forcing="always", patches=[_mix(3, 0.08)]).report
+    assert caught.verdict == "fail" and caught.culprit.name == "layers.3.moe.out"
+    p = next(x for x in caught.points if x.name == "layers.3.moe.out")
     assert p.verdict == "fail" and p.reason.startswith("teacher-forced") and p.ratio > 3
-    assert caught.comparison.first_divergence["name"] == "layers.3.moe.out"
+    assert caught.first_divergence["name"] == "layers.3.moe.out"
 
 
 @pytest.mark.usefixtures("transformers")
@@ -119,9 +119,9 @@ def test_a_one_token_error_fails_per_token_when_teacher_forced(tiny):
         t = t.clone()
         t[..., 11, :] *= 1.08
         return t
-    res = compare(tiny, "hf", "bfloat16", teacher_forcing="always",
-                  patches=[OutputPatch("model.layers.2.mlp", one_token, label="one token")])
-    p = next(x for x in res.comparison.points if x.name == "layers.2.moe.out")
+    rep = compare(tiny, "hf", "bfloat16", teacher_forcing="always",
+                  patches=[OutputPatch("model.layers.2.mlp", one_token, label="one token")]).report
+    p = next(x for x in rep.points if x.name == "layers.2.moe.out")
     assert p.local["verdict"] == "fail" and "token 11" in p.local["reason"], p.local
     assert p.local["rel_l2"] < p.local["tolerance"]["value"]  # the whole point alone would pass
-    assert res.culprit["name"] == "layers.2.moe.out"
+    assert rep.culprit.name == "layers.2.moe.out"

@@ -11,44 +11,43 @@ from corruptcheck.compare import compare
 from corruptcheck.engines.hf import OutputPatch
 from corruptcheck.reports.html import render
 from corruptcheck.reports.render import junit_xml
-from corruptcheck.reports.results import Report
 from fault_engines import scale_attn_out
 
 
-def _point(res, name):
-    return next(p for p in res.comparison.points if p.name == name)
+def _point(rep, name):
+    return next(p for p in rep.points if p.name == name)
 
 
-def _max_ratio(res):
-    return max(p.ratio for p in res.comparison.points if p.ratio is not None)
+def _max_ratio(rep):
+    return max(p.ratio for p in rep.points if p.ratio is not None)
 
 
 @pytest.mark.usefixtures("transformers")
 def test_bf16_engine_is_no_false_alarm_on_tiny(tiny):
-    res = compare(tiny, "hf", "bfloat16", teacher_forcing="always")
-    assert res.verdict == "pass", [(p.name, p.reason) for p in res.comparison.failed]
-    assert _max_ratio(res) < 0.5
-    assert res.culprit is None
+    rep = compare(tiny, "hf", "bfloat16", teacher_forcing="always").report
+    assert rep.verdict == "pass", [(p.name, p.reason) for p in rep.failed]
+    assert _max_ratio(rep) < 0.5
+    assert rep.culprit is None
     # teacher forcing on an honest engine: every sub-block is within its local tolerance
-    locals_ = [p.local for p in res.comparison.points if p.local and p.local.get("ratio") is not None]
+    locals_ = [p.local for p in rep.points if p.local and p.local.get("ratio") is not None]
     assert locals_ and max(l["ratio"] for l in locals_) < 1
 
 
 def test_reference_bf16_variants_pass_in_both_directions(tiny):
     """The reference's own bf16 run (one of the noise variants) passes; a float32 run judged
     at bfloat16 passes too (more precise than declared is fine)."""
-    assert compare(tiny, "reference", "bfloat16").verdict == "pass"
+    assert compare(tiny, "reference", "bfloat16").report.verdict == "pass"
 
 
 @pytest.mark.usefixtures("transformers")
 @pytest.mark.parametrize("precision,factor", [("float32", 1.01), ("bfloat16", 1.05)])
 def test_scale_error_is_caught_and_localized(tiny, precision, factor):
-    res = compare(tiny, "hf", precision, patches=[scale_attn_out(1, factor)])
-    assert res.verdict == "fail"
-    p = _point(res, "layers.1.attn.out")
+    rep = compare(tiny, "hf", precision, patches=[scale_attn_out(1, factor)]).report
+    assert rep.verdict == "fail"
+    p = _point(rep, "layers.1.attn.out")
     assert p.verdict == "fail"
-    assert res.comparison.first_divergence["name"] == "layers.1.attn.out"
-    assert res.culprit["name"] == "layers.1.attn.out"
+    assert rep.first_divergence["name"] == "layers.1.attn.out"
+    assert rep.culprit.name == "layers.1.attn.out"
     assert p.local["role"] == "culprit"
     # cosine alone would have passed this scale error
     assert p.metrics["cosine"] > 0.99
@@ -57,19 +56,18 @@ def test_scale_error_is_caught_and_localized(tiny, precision, factor):
 
 @pytest.mark.usefixtures("transformers")
 def test_later_layers_inherit_drift(tiny):
-    res = compare(tiny, "hf", "float32", patches=[scale_attn_out(1, 1.01)])
-    later = [p for p in res.comparison.failed if p.layer is not None and p.layer >= 2]
+    rep = compare(tiny, "hf", "float32", patches=[scale_attn_out(1, 1.01)]).report
+    later = [p for p in rep.failed if p.layer is not None and p.layer >= 2]
     assert later, "a 1% error must drift past the fp32 tolerance downstream"
     roles = {p.local["role"] for p in later}
     assert roles == {"inherited"}
-    culprit_block = [p for p in res.comparison.failed if p.local["role"].startswith("culprit")]
+    culprit_block = [p for p in rep.failed if p.local["role"].startswith("culprit")]
     assert all(p.layer == 1 for p in culprit_block)
 
 
 @pytest.mark.usefixtures("transformers")
 def test_reports_for_a_failing_run(tiny, tmp_path):
-    res = compare(tiny, "hf", "float32", patches=[scale_attn_out(2, 1.01)])
-    rep = Report.from_result(res)
+    rep = compare(tiny, "hf", "float32", patches=[scale_attn_out(2, 1.01)]).report
     doc = rep.to_json()
     json.dumps(doc, allow_nan=False)
     # schema 1 fields are still there
@@ -99,18 +97,17 @@ def test_not_compared_is_error(tiny, monkeypatch):
         def run(self, case, precision, **_):
             return Capture({}, self.name, precision)
 
-    res = compare(tiny, "empty", "float32", engine=Empty())
-    assert res.verdict == "error"
+    assert compare(tiny, "empty", "float32", engine=Empty()).report.verdict == "error"
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("transformers")
 @pytest.mark.parametrize("name", ["flash-slice", "pro-slice"])
 def test_bf16_no_false_alarm_on_wide_slices(name):
-    res = compare(get_case(name), "hf", "bfloat16")
-    assert res.verdict == "pass", [(p.name, p.reason) for p in res.comparison.failed]
-    assert _max_ratio(res) < 0.5
-    topk = [p for p in res.comparison.points if p.name.endswith("indexer_topk")]
+    rep = compare(get_case(name), "hf", "bfloat16").report
+    assert rep.verdict == "pass", [(p.name, p.reason) for p in rep.failed]
+    assert _max_ratio(rep) < 0.5
+    topk = [p for p in rep.points if p.name.endswith("indexer_topk")]
     assert all(p.metrics["genuine"] == 0 for p in topk)
 
 
@@ -128,7 +125,7 @@ def test_pro_slice_last_1024_channels_corrupted(precision):
         return t
 
     patch = OutputPatch("model.layers.0.ffn_hc", drop_tail, index=2, label="zero channels 6144: of ffn_hc.collapsed")
-    res = compare(case, "hf", precision, patches=[patch])
-    assert res.verdict == "fail"
-    assert res.comparison.first_divergence["name"] == "layers.0.ffn_hc.collapsed"
-    assert res.culprit["name"] == "layers.0.ffn_hc.collapsed"
+    rep = compare(case, "hf", precision, patches=[patch]).report
+    assert rep.verdict == "fail"
+    assert rep.first_divergence["name"] == "layers.0.ffn_hc.collapsed"
+    assert rep.culprit.name == "layers.0.ffn_hc.collapsed"

@@ -10,7 +10,8 @@ from conftest import fuzz_settings
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from corruptcheck.judge.differ import PointResult, Comparison, compare_float, compare_index, compare_points
+from corruptcheck.judge.differ import Comparison, compare_float, compare_index, compare_points
+from corruptcheck.judge.results import Point
 from corruptcheck.judge.localize import attach
 from corruptcheck.judge.metrics import float_metrics, set_disagreements
 from corruptcheck.points import PointSpec
@@ -262,9 +263,9 @@ def test_attach_on_any_verdict_pattern(data):
     fails; every failing point gets a role; nothing raises on missing or odd local results."""
     names = ["embed"] + [f"layers.{i}.{p}" for i in range(3) for p in ("attn_hc.in", "attn.out", "ffn_hc.in", "moe.out", "out")]
     verdicts = ["pass", "fail", "missing", "not-exercised", "skipped"]
-    points = [PointResult(n, data.draw(st.sampled_from(verdicts)), None if n == "embed" else int(n.split(".")[1]),
-                          "float", {"rel_l2": data.draw(st.none() | st.floats(0, 10))},
-                          ratio=data.draw(st.none() | st.floats(0, 10) | st.just(math.inf))) for n in names]
+    points = [Point(n, data.draw(st.sampled_from(verdicts)), None if n == "embed" else int(n.split(".")[1]),
+                    "float", {"rel_l2": data.draw(st.none() | st.floats(0, 10))},
+                    ratio=data.draw(st.none() | st.floats(0, 10) | st.just(math.inf))) for n in names]
     local = {}
     for n in names:
         choice = data.draw(st.sampled_from(["absent", "pass", "fail", "unavailable", "not-exercised"]))
@@ -277,13 +278,13 @@ def test_attach_on_any_verdict_pattern(data):
     if points[0].verdict in ("pass", "fail") and "embed" not in effective:
         effective["embed"] = {"verdict": points[0].verdict}
     first = next((p for p in points if effective.get(p.name, {}).get("verdict") == "fail"), None)
-    assert (culprit or {}).get("name") == (first.name if first else None)
+    assert (culprit.name if culprit else None) == (first.name if first else None)
     for p in points:
         if p.verdict == "fail":
             assert p.local and p.local.get("role")
             assert (p.local["role"] == "culprit") == (first is not None and p.name == first.name)
     if culprit is not None:
-        assert culprit["local_ratio"] is None or math.isfinite(culprit["local_ratio"])
+        assert culprit.local_ratio is None or math.isfinite(culprit.local_ratio)
 
 
 @FAST

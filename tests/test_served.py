@@ -47,48 +47,48 @@ def served_hf(tiny):
 
 
 def test_hf_serves_the_schedule_and_passes(served_hf, tiny):
-    r = served_hf
-    assert r.verdict == "pass" and r.comparison.compared == 81
-    phases = r.served["phases"]
-    assert [(p["phase"], p["chunk"]) for p in phases][:4] == [("prefill", 0), ("prefill", 1), ("prefill", 2),
-                                                              ("prefill", 3)]
-    assert [p["step"] for p in phases if p["phase"] == "decode"] == list(range(1, 17))
-    assert all(p["verdict"] == "pass" and p["worst_ratio"] < 1 for p in phases)
-    pairs = r.served["pairs_by_phase"]
+    r = served_hf.report
+    assert r.verdict == "pass" and r.summary.compared == 81
+    phases = r.phases
+    assert [(p.phase, p.chunk) for p in phases][:4] == [("prefill", 0), ("prefill", 1), ("prefill", 2), ("prefill", 3)]
+    assert [p.step for p in phases if p.phase == "decode"] == list(range(1, 17))
+    assert all(p.verdict == "pass" and p.worst_ratio < 1 for p in phases)
+    pairs = r.summary.pairs_by_phase
     assert pairs["prefill"] > 5000 and pairs["decode"] > 3000
-    g = r.served["greedy"]
+    g = r.greedy
     assert g["steps"] == 48 and g["agree"] + g["near_ties"] == 48 and not g["disagreements"]
-    assert [len(s) for s in r.case.sequences()] == [n + 16 for n in tiny.schedule.prompt_lens]
+    # the case the run was judged on holds the engine's own decoded tokens
+    assert [len(s) for s in served_hf.case.sequences()] == [n + 16 for n in tiny.schedule.prompt_lens]
 
 
 @pytest.mark.parametrize("engine,precision", [("reference", "bfloat16"), ("reference", "fp8-serving"),
                                               ("hf", "bfloat16")])
 def test_honest_served_runs_have_no_false_alarm(tiny, engine, precision):
-    r = compare(tiny, engine, precision, schedule="case")
-    assert r.verdict == "pass", [p.name for p in r.comparison.failed]
-    assert all(p["verdict"] == "pass" for p in r.served["phases"]), summarize(r.served["phases"])
-    assert not r.served["greedy"]["disagreements"]
+    r = compare(tiny, engine, precision, schedule="case").report
+    assert r.verdict == "pass", [p.name for p in r.failed]
+    assert all(p.verdict == "pass" for p in r.phases), summarize(r.phases)
+    assert not r.greedy["disagreements"]
 
 
 @pytest.mark.parametrize("name", sorted(faults_for("hf", served=True)))
 def test_serving_fault_is_silent_prefill_only_and_caught_served(tiny, name):
     fault = faults_for("hf", served=True)[name]
     engine = FaultyEngine(get_engine("hf"), fault)
-    before = compare(tiny, "hf", "float32", engine=engine, schedule="prefill-only")
+    before = compare(tiny, "hf", "float32", engine=engine, schedule="prefill-only").report
     assert before.verdict == "pass" and engine.state.fired == 0  # today's compare cannot see it
-    after = compare(tiny, "hf", "float32", engine=engine, schedule="case")
+    after = compare(tiny, "hf", "float32", engine=engine, schedule="case").report
     assert engine.state.fired > 0 and after.verdict == "fail"
-    first = after.comparison.first_divergence["name"]
+    first = after.first_divergence["name"]
     assert first.split(".", 2)[-1] in fault.points, first
-    assert (after.culprit or {}).get("name", "").split(".", 2)[-1] in fault.points
-    failing = [p for p in after.served["phases"] if p["verdict"] == "fail"]
+    assert (after.culprit.name if after.culprit else "").split(".", 2)[-1] in fault.points
+    failing = [p for p in after.phases if p.verdict == "fail"]
     assert failing
     if name in ("stale-indexer-rows", "decode-kernel-scale"):  # decode only: every prefill chunk passes
-        assert {p["phase"] for p in failing} == {"decode"}
+        assert {p.phase for p in failing} == {"decode"}
     else:  # carried state across chunks: from a later prefill chunk on, never the first
-        assert failing[0]["phase"] == "prefill" and failing[0]["chunk"] >= 1
+        assert failing[0].phase == "prefill" and failing[0].chunk >= 1
     # teacher forcing ran within the first failing phase and says so
-    assert after.culprit["phase"] == {k: failing[0][k] for k in ("phase", "step", "chunk")}
+    assert after.culprit.phase == {"phase": failing[0].phase, "step": failing[0].step, "chunk": failing[0].chunk}
 
 
 def test_cli_default_schedule_json_and_prefill_only(tmp_path):
@@ -123,13 +123,15 @@ def test_an_engine_that_cannot_serve_says_what_was_not_checked(tmp_path, tiny):
 def test_a_point_failing_only_in_a_phase_fails_the_run():
     """A decode-only error diluted among the prefill rows passes the whole run; its phase
     verdict decides (phases.fail_by_phase), and the reason says both."""
-    from corruptcheck.judge.differ import Comparison, PointResult
+    from corruptcheck.judge.differ import Comparison
     from corruptcheck.judge.phases import fail_by_phase
+    from corruptcheck.judge.results import Phase, Point
 
-    comp = Comparison([PointResult("layers.1.attn.out", "pass", 1, "float", ratio=0.6),
-                       PointResult("layers.1.out", "pass", 1, "float", ratio=0.3)], "fp8-serving")
+    comp = Comparison([Point("layers.1.attn.out", "pass", 1, "float", ratio=0.6),
+                       Point("layers.1.out", "pass", 1, "float", ratio=0.3)], "fp8-serving")
     assert comp.verdict == "pass"
-    fail_by_phase(comp, {"layers.1.attn.out": {"ratio": 8.41, "phase": {"phase": "decode", "step": 1, "chunk": None}}})
+    decode_1 = Phase("decode", 1, None, 3, "fail", 8.41, "layers.1.attn.out", 30, None)
+    fail_by_phase(comp, {"layers.1.attn.out": {"ratio": 8.41, "phase": decode_1}})
     assert comp.verdict == "fail" and comp.first_divergence["name"] == "layers.1.attn.out"
     p = comp.points[0]
     assert p.ratio == 8.41 and p.reason == ("within tolerance over the whole run (err/tol 0.6) but fails in "

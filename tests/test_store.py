@@ -14,7 +14,6 @@ import pytest
 from corruptcheck.history import store
 from corruptcheck.compare import compare
 from corruptcheck.errors import BadInput
-from corruptcheck.reports.results import Report
 from corruptcheck.reports.timeline_html import version_key
 
 
@@ -25,7 +24,7 @@ def _cc(*args):
 @pytest.fixture(scope="module")
 def report(tiny):
     """A real compare report (reference engine, float32) to record and vary."""
-    return Report.from_result(compare(tiny, "reference", "float32")).to_json()
+    return compare(tiny, "reference", "float32").report.to_json()
 
 
 def _release(doc: dict, version: str, fail_point: str | None = None) -> dict:

@@ -24,43 +24,43 @@ CASE = "flash-engine"
 def shipped():
     from corruptcheck.compare import compare
 
-    return compare(get_case(CASE), "vllm", None)
+    return compare(get_case(CASE), "vllm", None).report
 
 
 @pytest.fixture(scope="module")
 def corrected():
     from corruptcheck.compare import compare
 
-    return compare(get_case(CASE), "vllm", None, teacher_forcing="always", fix="routed-swiglu-clamp")
+    return compare(get_case(CASE), "vllm", None, teacher_forcing="always", fix="routed-swiglu-clamp").report
 
 
-def _points(res):
-    return {p.name: p for p in res.comparison.points}
+def _points(rep):
+    return {p.name: p for p in rep.points}
 
 
 @needs_vllm
 def test_shipped_vllm_fails_at_the_routed_experts(shipped):
     pts = _points(shipped)
-    assert shipped.comparison.verdict == "fail"
+    assert shipped.verdict == "fail"
     assert shipped.precision == "fp8-serving"
-    assert shipped.engine_meta["version"] == "0.32.0"
-    assert "tile-scheduler-keys" in shipped.engine_meta["workarounds"]
-    assert shipped.engine_meta["fixes"] == []
+    assert shipped.engine_info["version"] == "0.32.0"
+    assert "tile-scheduler-keys" in shipped.engine_info["workarounds"]
+    assert shipped.engine_info["fixes"] == []
     # attention (FP8 KV cache, FP8 indexer) is inside the serving profile; the first failing
     # point, and the culprit by teacher forcing, is the first MoE output
     assert pts["layers.0.attn.out"].verdict == "pass"
-    assert shipped.comparison.first_divergence["name"] == "layers.0.moe.out"
-    assert shipped.culprit["name"] == "layers.0.moe.out"
+    assert shipped.first_divergence["name"] == "layers.0.moe.out"
+    assert shipped.culprit.name == "layers.0.moe.out"
     assert pts["layers.0.moe.out"].ratio > 1
-    assert shipped.culprit["local_ratio"] > 2  # measured 2.37: vLLM 4.4e-2 vs local tolerance 1.8e-2
+    assert shipped.culprit.local_ratio > 2  # measured 2.37: vLLM 4.4e-2 vs local tolerance 1.8e-2
 
 
 @needs_vllm
 def test_corrected_vllm_passes_inside_the_profile(corrected):
     pts = _points(corrected)
     compared = [p for p in pts.values() if p.verdict in ("pass", "fail")]
-    assert corrected.comparison.verdict == "pass", [(p.name, p.ratio) for p in compared if p.verdict == "fail"]
-    assert corrected.engine_meta["fixes"] == ["routed-swiglu-clamp"]
+    assert corrected.verdict == "pass", [(p.name, p.ratio) for p in compared if p.verdict == "fail"]
+    assert corrected.engine_info["fixes"] == ["routed-swiglu-clamp"]
     assert len(compared) >= 50
     assert max(p.ratio for p in compared if p.ratio is not None) < 1.0
     assert pts["layers.1.attn.indexer_topk"].verdict == "pass"
@@ -141,35 +141,36 @@ def served_corrected():
 
 
 def _served_common(res):
-    cap = res.engine_meta["capture"]
+    rep = res.report
+    cap = rep.engine_info["capture"]
     assert cap["tokens_missing"] == 0 and cap["extra_rows"] == 0 and cap["duplicate_rows"] == 0
     assert [len(s) for s in res.case.sequences()] == [316, 216, 166]
-    assert "with several sequences" in res.served["batching"]
-    pairs = res.served["pairs_by_phase"]
+    assert "with several sequences" in rep.batching
+    pairs = rep.summary.pairs_by_phase
     assert pairs["prefill"] > 20000 and pairs["decode"] > 2000
-    decode = [p for p in res.served["phases"] if p["phase"] == "decode"]
-    assert [p["step"] for p in decode] == list(range(1, 17)) and all(p["tokens"] == 3 for p in decode)
-    assert not res.served["greedy"]["disagreements"]
+    decode = [p for p in rep.phases if p.phase == "decode"]
+    assert [p.step for p in decode] == list(range(1, 17)) and all(p.tokens == 3 for p in decode)
+    assert not rep.greedy["disagreements"]
 
 
 @needs_vllm
 def test_served_vllm_as_shipped_fails_at_the_same_culprit_in_prefill(served_shipped):
     """As shipped: the same verdict and culprit as the prefill-only compare; by phase, the
     prefill chunks fail there and the decode steps stay within their per-token bound."""
-    res = served_shipped
-    _served_common(res)
-    assert res.verdict == "fail" and res.culprit["name"] == "layers.0.moe.out"
-    prefill = [p for p in res.served["phases"] if p["phase"] == "prefill"]
-    assert all(p["verdict"] == "fail" and p["first_divergence"]["name"] == "layers.0.moe.out" for p in prefill)
+    _served_common(served_shipped)
+    rep = served_shipped.report
+    assert rep.verdict == "fail" and rep.culprit.name == "layers.0.moe.out"
+    prefill = [p for p in rep.phases if p.phase == "prefill"]
+    assert all(p.verdict == "fail" and p.first_divergence["name"] == "layers.0.moe.out" for p in prefill)
 
 
 @needs_vllm
 def test_served_vllm_corrected_passes_every_phase(served_corrected):
-    res = served_corrected
-    _served_common(res)
-    assert res.verdict == "pass", [p.name for p in res.comparison.failed]
-    assert all(p["verdict"] == "pass" for p in res.served["phases"]), [
-        (p["phase"], p["chunk"], p["step"], p["first_divergence"]) for p in res.served["phases"]]
+    _served_common(served_corrected)
+    rep = served_corrected.report
+    assert rep.verdict == "pass", [p.name for p in rep.failed]
+    assert all(p.verdict == "pass" for p in rep.phases), [
+        (p.phase, p.chunk, p.step, p.first_divergence) for p in rep.phases]
 
 
 # faults only a served model shows, re-enacted in vLLM's own CPU code (faults/serving.py,
@@ -214,17 +215,17 @@ def test_vllm_serving_fault_is_silent_prefill_only_and_caught_served(name):
     engine = FaultyEngine(get_engine("vllm"), fault)
     engine.run(prompt_case(case, schedule), None, fix="routed-swiglu-clamp")  # today's prefill-only run
     assert engine.state.fired == 0  # never fires: the prefill-only compare is the honest one
-    res = compare(case, "vllm", None, engine=engine, schedule=schedule, fix="routed-swiglu-clamp")
-    assert engine.state.fired > 0 and res.verdict == "fail"
-    first = res.comparison.first_divergence["name"]
+    rep = compare(case, "vllm", None, engine=engine, schedule=schedule, fix="routed-swiglu-clamp").report
+    assert engine.state.fired > 0 and rep.verdict == "fail"
+    first = rep.first_divergence["name"]
     assert first.split(".", 2)[-1] in fault.points, first
-    assert res.culprit["name"].split(".", 2)[-1] in fault.points, res.culprit
-    failing = [p for p in res.served["phases"] if p["verdict"] == "fail"]
+    assert rep.culprit.name.split(".", 2)[-1] in fault.points, rep.culprit
+    failing = [p for p in rep.phases if p.verdict == "fail"]
     if name in ("decode-kernel-scale", "decode-batch-row-scale"):  # decode only: every prefill chunk passes
-        assert {p["phase"] for p in failing} == {"decode"}
+        assert {p.phase for p in failing} == {"decode"}
     else:  # carried state across chunks: from a later prefill chunk on
-        assert failing[0]["phase"] == "prefill" and failing[0]["chunk"] >= 1
-    assert res.culprit["phase"] == {k: failing[0][k] for k in ("phase", "step", "chunk")}
+        assert failing[0].phase == "prefill" and failing[0].chunk >= 1
+    assert rep.culprit.phase == failing[0].where
     if name == "decode-batch-row-scale":  # batch 1 decode stays exactly unchanged
         from corruptcheck.schedule import Schedule
 

@@ -229,7 +229,6 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
     incomplete (required points missing), 2 error or crash (the engine's process died: its
     report says how and in which phase, and judges what it delivered)."""
     from corruptcheck.compare import compare
-    from corruptcheck.reports.results import Report
 
     check_outputs(json_path, junit_path, html_path)  # refuse them before the engine runs
     if record_path:
@@ -252,7 +251,7 @@ def compare_cmd(engine_name, case_name, precision, dump_path, dump_format, batch
         fail(str(exc))
     except (BadInput, EngineUnavailable, ValueError) as exc:
         fail(str(exc))
-    emit_report(Report.from_result(res), quiet, json_path, junit_path, html_path, record_path, "compare")
+    emit_report(res.report, quiet, json_path, junit_path, html_path, record_path, "compare")
 
 
 def _record_crash(path, engine_name, case_name, precision, reason: str) -> None:
@@ -278,6 +277,7 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path, engine
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from corruptcheck import gate
+    from corruptcheck.reports.render import VERDICT_STYLE
 
     if show_policy:
         click.echo(gate.default_policy_text())
@@ -324,14 +324,13 @@ def gate_cmd(engine_name, policy_path, out_dir, show_policy, record_path, engine
     table = Table(title=f"gate · engine={engine_name} · policy={policy.name}", title_justify="left")
     for col in ("run", "verdict", "worst err/tol", "culprit / first divergence", "reasons"):
         table.add_column(col, no_wrap=col != "reasons")
-    styles = {"pass": "green", "fail": "bold red", "error": "bold red", "crash": "bold magenta"}
     for o in summary["runs"]:
         wr = o["worst_ratio"] or {}
         where = (o["culprit"] or o["first_divergence"] or {}).get("name", "")
-        table.add_row(o["run"], f"[{styles[o['verdict']]}]{o['verdict']}[/]",
+        table.add_row(o["run"], f"[{VERDICT_STYLE[o['verdict']]}]{o['verdict']}[/]",
                       "-" if wr.get("ratio") is None else f"{wr['ratio']:.3g}", where, "; ".join(o["reasons"]))
     console.print(table)
-    console.print(f"[{styles[summary['verdict']]}]{summary['verdict'].upper()}[/] — reports in {out}/ "
+    console.print(f"[{VERDICT_STYLE[summary['verdict']]}]{summary['verdict'].upper()}[/] — reports in {out}/ "
                   f"(summary.json, <run>.json/.xml/.html)")
     sys.exit(EXIT_CODES.get(summary["verdict"], 2))
 

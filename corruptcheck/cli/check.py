@@ -52,9 +52,7 @@ class _Bar:
         self.task = self.progress.add_task("", total=total)
 
     def finished(self, res) -> None:
-        verdict = "unchecked" if res.error else (
-            "fail" if any(p.verdict == "fail" for p in res.points.values()) else "pass")
-        self.progress.update(self.task, advance=1, description=f"{res.unit}: {verdict} ({res.seconds:.1f} s)")
+        self.progress.update(self.task, advance=1, description=f"{res.unit}: {res.verdict} ({res.seconds:.1f} s)")
 
 
 @click.command("check")
@@ -74,7 +72,6 @@ def check(checkpoint_dir, dump_dir, layers, ray_address, json_path, junit_path, 
     """Check an engine dump against a release checkpoint, unit by unit (embedding, each layer,
     head, MTP), teacher-forced, without a full forward. Exit 0 pass, 1 fail or incomplete, 2 error."""
     from corruptcheck.release.check import check as run_check
-    from corruptcheck.reports.results import Report
 
     check_outputs(json_path, junit_path, html_path)
     if record_path:
@@ -82,7 +79,7 @@ def check(checkpoint_dir, dump_dir, layers, ray_address, json_path, junit_path, 
     try:
         bar = _Bar(quiet)
         with bar.progress:
-            res = run_check(checkpoint_dir, dump_dir, layers, ray_address, progress=bar)
+            rep = run_check(checkpoint_dir, dump_dir, layers, ray_address, progress=bar)
     except BadInput as exc:
         fail(str(exc))
-    emit_report(Report.from_result(res), quiet, json_path, junit_path, html_path, record_path, "check")
+    emit_report(rep, quiet, json_path, junit_path, html_path, record_path, "check")

@@ -7,8 +7,8 @@ import sys
 import click
 from rich.console import Console
 
-from corruptcheck.reports.results import Report
-from corruptcheck.verdicts import EXIT_CODES  # noqa: F401 (the exit code of a verdict; re-exported)
+from corruptcheck.judge.results import Report
+from corruptcheck.verdicts import EXIT_CODES, Verdict
 
 # --engine-process / --engine-timeout / --engine-memory: compare and gate take them alike
 ENGINE_PROCESS_HELP = ("where the engine runs: auto (a supervised child process for vllm, sglang, trtllm and "
@@ -95,7 +95,7 @@ def emit_report(rep: Report, quiet: bool, json_path, junit_path, html_path, reco
         record(record_path, lambda store: store.record_report(record_path, rep.to_json(), kind))
     if rep.unknown_names:
         fail(f"engine produced unknown point name(s): {', '.join(rep.unknown_names[:5])}")
-    if rep.verdict == "error":
+    if rep.verdict == Verdict.ERROR:
         fail("nothing was compared")
     if rep.crash:
         from corruptcheck.reports.render import crash_text

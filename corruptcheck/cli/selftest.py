@@ -13,6 +13,7 @@ from rich.table import Table
 from corruptcheck.finite import fmt_number
 from corruptcheck.cli.common import check_outputs, check_store, fail, record, write_outputs as _write
 from corruptcheck.errors import BadInput, EngineFailed, EngineUnavailable
+from corruptcheck.verdicts import EXIT_CODES, SelftestStatus
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -45,8 +46,8 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
-_STATUS = {"detected": "green", "missed": "bold red", "not exercised": "cyan", "error": "bold red",
-           "pass": "green", "flagged": "bold red"}
+_STATUS = {SelftestStatus.DETECTED: "green", SelftestStatus.MISSED: "bold red", SelftestStatus.NOT_EXERCISED: "cyan",
+           SelftestStatus.ERROR: "bold red", SelftestStatus.PASS: "green", SelftestStatus.FLAGGED: "bold red"}
 
 
 def _progress_line(row) -> str:
@@ -54,10 +55,10 @@ def _progress_line(row) -> str:
 
     if isinstance(row, FaultRow):
         what = f"{row.fault} @ {row.case} {row.precision}"
-        if row.status == "not exercised":
+        if row.status == SelftestStatus.NOT_EXERCISED:
             return f"  {what}: not exercised"
         loc = "" if row.localized is None else (" localized" if row.localized else f" culprit {row.culprit}")
-        return f"  {what}: {row.status}{loc if row.status == 'detected' else ''} ({row.seconds:.1f} s)"
+        return f"  {what}: {row.status}{loc if row.status == SelftestStatus.DETECTED else ''} ({row.seconds:.1f} s)"
     return f"  benign {row.variant} @ {row.case} {row.precision}: {row.status} ({row.seconds:.1f} s)"
 
 
@@ -184,7 +185,7 @@ def sweep(engine_name, hidden, fault_name, precision, json_path):
         rows = run_sweep(engine_name, sizes, fault, precision, progress=lambda r: click.echo(r.line(fault)))
     doc = to_json(rows, engine_name, fault, precision)
     _write(((json_path, lambda p: write_json(doc, p)),))
-    sys.exit({"pass": 0, "fail": 1}.get(doc["verdict"], 2))
+    sys.exit(EXIT_CODES.get(doc["verdict"], 2))
 
 
 def _step_line(fam, step) -> str:

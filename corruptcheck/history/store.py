@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from corruptcheck.errors import BadInput, crash_line
+from corruptcheck.verdicts import Verdict
 
 SCHEMA_VERSION = 2
 MIGRATIONS = {
@@ -152,7 +153,7 @@ def row_of_report(doc: dict, kind: str) -> tuple[dict, list]:
     info = doc.get("engine_info") or {}
     # a failing point without a finite ratio (NaN/Inf parity, nothing comparable) is infinitely over
     ranked = [p["ratio"] if p.get("ratio") is not None else float("inf") for p in doc.get("points", [])
-              if p.get("ratio") is not None or p.get("verdict") == "fail"]
+              if p.get("ratio") is not None or p.get("verdict") == Verdict.FAIL]
     culprit = doc.get("culprit") or {}
     row = {
         "kind": kind, "engine": doc["engine"], "engine_version": info.get("version"),
@@ -184,10 +185,10 @@ def crash_row(kind: str, engine: str, engine_version: str | None, case: str, pre
               reason: str, workarounds=()) -> tuple[dict, list]:
     """A run that did not produce a report (the engine crashed, or refused to start)."""
     doc = {"kind": kind, "engine": engine, "engine_version": engine_version, "case": case,
-           "precision": precision, "verdict": "crash", "reason": reason, "at": time.time()}
+           "precision": precision, "verdict": Verdict.CRASH, "reason": reason, "at": time.time()}
     return {"kind": kind, "engine": engine, "engine_version": engine_version, "engine_settings": None,
             "workarounds": _canonical(list(workarounds)), "case_name": case, "case_version": None,
-            "golden_digest": None, "precision": precision, "verdict": "crash", "first_divergence": None,
+            "golden_digest": None, "precision": precision, "verdict": Verdict.CRASH, "first_divergence": None,
             "culprit": None, "worst_ratio": None, "coverage": None, "timings": None, "reason": reason,
             "report": _canonical(doc)}, []
 
@@ -321,6 +322,6 @@ def record_selftest(path, doc: dict) -> tuple[str, bool]:
     row = {"kind": "selftest", "engine": doc["engine"], "engine_version": installed_version(doc["engine"]),
            "engine_settings": None, "workarounds": "[]", "case_name": ",".join(doc.get("cases") or []),
            "case_version": None, "golden_digest": None, "precision": ",".join(doc.get("precisions") or []),
-           "verdict": "pass" if doc.get("ok") else "fail", "first_divergence": None, "culprit": None,
+           "verdict": Verdict.PASS if doc.get("ok") else Verdict.FAIL, "first_divergence": None, "culprit": None,
            "worst_ratio": None, "coverage": None, "timings": None, "reason": None, "report": _canonical(doc)}
     return record(path, row, points)

@@ -25,10 +25,12 @@ from corruptcheck.cases import Case
 from corruptcheck.judge.differ import judge_point
 from corruptcheck.judge.hypotheses import Hypothesis, hypotheses_for
 from corruptcheck.judge.localize import forced_run, local_noise_sets
+from corruptcheck.judge.results import Diagnosis
 from corruptcheck.judge.teacher_forcing import sub_blocks
 from corruptcheck.judge.tolerance import float_tolerance
 from corruptcheck.points import MTP, block, capture_points, sub_block_of
 from corruptcheck.storage.lazy_points import shape_of
+from corruptcheck.verdicts import Verdict
 
 MAX_SUB_BLOCKS = 2  # the culprit's sub-block and, when it is unexplained, the next failing one
 CLEAR = 2.0  # "clearly better": by this factor in error / tolerance
@@ -51,7 +53,7 @@ def failing_sub_blocks(comp, always: bool = False) -> list[str]:
     out: list[str] = []
     for p in comp.points:
         lr = p.local or {}
-        if lr.get("verdict") == "fail" and not lr.get("alias"):
+        if lr.get("verdict") == Verdict.FAIL and not lr.get("alias"):
             sb = sub_block_of(p.name)
             if sb not in out:
                 out.append(sb)
@@ -128,11 +130,11 @@ class _SubBlock:
         return best
 
 
-def diagnose(case: Case, engine: dict, precision: str, noise, comp, hypotheses=None, always: bool = False) -> list:
-    """The diagnosis of a localized comparison: a list of entries, best first
-    ({"hypothesis", "point", "sub_block", "params", "residual_ratio", "reference_ratio",
-    "explains", and on the best "evidence"}); the culprit's sub-block first, then the next
-    failing one. Empty when no sub-block fails locally (and not `always`)."""
+def diagnose(case: Case, engine: dict, precision: str, noise, comp, hypotheses=None,
+             always: bool = False) -> list[Diagnosis]:
+    """The diagnosis of a localized comparison: its Diagnosis entries, best first (the best with
+    its per-token evidence); the culprit's sub-block first, then the next failing one. Empty
+    when no sub-block fails locally (and not `always`)."""
     hyps = hypotheses if hypotheses is not None else hypotheses_for()
     by_key = {_key(part, layer): (part, layer, inp) for part, layer, inp in sub_blocks(case.config)}
     out: list = []
@@ -149,18 +151,16 @@ def diagnose(case: Case, engine: dict, precision: str, noise, comp, hypotheses=N
         for i, (h, b) in enumerate(screened):
             fitted = i < FITTED and b[1] < ref_ratio  # worth refining: better than no defect at all
             m, r, loc = sb.fit(h, b) if fitted else b
-            ranked.append(({"hypothesis": h.name, "point": point, "sub_block": key,
-                            "params": {**h.params(m, case.config), **({} if fitted else {"fitted": False})},
-                            "residual_ratio": _finite(r), "reference_ratio": _finite(ref_ratio),
-                            "explains": False}, r, loc))
+            params = {**h.params(m, case.config), **({} if fitted else {"fitted": False})}
+            ranked.append((Diagnosis(h.name, point, params, _finite(r), _finite(ref_ratio), False, key), r, loc))
         ranked.sort(key=lambda e: e[1])
         if ranked:
             best, r, loc = ranked[0]
             runner = ranked[1][1] if len(ranked) > 1 else math.inf
-            best["explains"] = explains(r, ref_ratio, runner)
-            best["evidence"] = evidence(point, engine, ref_loc, loc, precision, ln)
+            best.explains = explains(r, ref_ratio, runner)
+            best.evidence = evidence(point, engine, ref_loc, loc, precision, ln)
         out.extend(e for e, _, _ in ranked)
-        if any(e["explains"] for e in out):
+        if any(e.explains for e in out):
             break  # the culprit's sub-block is explained: the next one is not needed
     return out
 

@@ -13,10 +13,12 @@ import torch
 
 from corruptcheck.cases import Case
 from corruptcheck.judge.differ import Comparison, judge_point
+from corruptcheck.judge.results import Culprit
 from corruptcheck.finite import finite_or_none
 from corruptcheck.judge.teacher_forcing import choice_dependent, experts_point, local_points, sub_blocks
 from corruptcheck.judge.phases import larger_noise, per_token_bound, phase_local_noise
 from corruptcheck.points import capture_points, parse, point, sub_block_of
+from corruptcheck.verdicts import Verdict
 
 
 def prev_out(cfg, name: str) -> str | None:
@@ -101,7 +103,7 @@ def _rows_of(points: dict, rows: dict) -> dict:
     return {n: t[rows[n]] for n, t in points.items() if n in rows and t.dim() and t.shape[0] > int(rows[n].max())}
 
 
-def attach(comp: Comparison, local: dict, judge: bool = False) -> dict | None:
+def attach(comp: Comparison, local: dict, judge: bool = False) -> Culprit | None:
     """Put local results on the points, mark roles, and return the culprit (or None).
 
     `judge` (teacher forcing `always` on a one-forward compare): a point within its free
@@ -112,24 +114,24 @@ def attach(comp: Comparison, local: dict, judge: bool = False) -> dict | None:
         _fail_local_excess(comp, local)
     culprit = None
     for p in comp.points:
-        if p.name == "embed" and p.verdict in ("pass", "fail"):  # no input: local == global
+        if p.name == "embed" and p.verdict in (Verdict.PASS, Verdict.FAIL):  # no input: local == global
             local.setdefault("embed", {"verdict": p.verdict, "ratio": p.ratio, "tolerance": p.tolerance,
                                        "rel_l2": p.metrics.get("rel_l2"), "norm_ratio": p.metrics.get("norm_ratio")})
         lr = local.get(p.name)
         if lr is None:
             continue
         p.local = dict(lr)
-        if culprit is None and lr.get("verdict") == "fail":
+        if culprit is None and lr.get("verdict") == Verdict.FAIL:
             culprit = p
     culprit_sub = sub_block_of(culprit.name) if culprit else None
     for p in comp.points:
-        if p.verdict != "fail":
+        if p.verdict != Verdict.FAIL:
             continue
         lr = p.local or {}
-        if lr.get("verdict") == "fail":
+        if lr.get("verdict") == Verdict.FAIL:
             role = "culprit" if p is culprit else (
                 "culprit sub-block" if sub_block_of(p.name) == culprit_sub else "local excess")
-        elif lr.get("verdict") in ("pass", "not-exercised"):
+        elif lr.get("verdict") in (Verdict.PASS, Verdict.NOT_EXERCISED):
             role = "inherited"
         else:
             role = "unknown (no teacher-forced result)"
@@ -137,16 +139,15 @@ def attach(comp: Comparison, local: dict, judge: bool = False) -> dict | None:
     if culprit is None:
         return None
     lr = culprit.local
-    return {"name": culprit.name, "layer": culprit.layer, "local_ratio": finite_or_none(lr.get("ratio")),
-            "local_rel_l2": lr.get("rel_l2"), "local_norm_ratio": lr.get("norm_ratio"),
-            "reason": lr.get("reason", "")}
+    return Culprit(culprit.name, culprit.layer, finite_or_none(lr.get("ratio")), lr.get("rel_l2"), lr.get("norm_ratio"),
+                   lr.get("reason", ""))
 
 
 def _fail_local_excess(comp: Comparison, local: dict) -> None:
     for p in comp.points:
         lr = local.get(p.name)
-        if p.verdict in ("pass", "not-exercised") and lr is not None and lr.get("verdict") == "fail":
-            p.verdict, p.ratio = "fail", lr.get("ratio")
+        if p.verdict in (Verdict.PASS, Verdict.NOT_EXERCISED) and lr is not None and lr.get("verdict") == Verdict.FAIL:
+            p.verdict, p.ratio = Verdict.FAIL, lr.get("ratio")
             p.reason = f"teacher-forced: {lr.get('reason') or 'beyond the local tolerance'} (free-running within tolerance)"
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from corruptcheck.judge.differ import compare_points
-from corruptcheck.finite import finite_or_none
+from corruptcheck.judge.results import Phase
 from corruptcheck.points import MTP, layer_of
 from corruptcheck.reference.model import ENTRY_POINTS
+from corruptcheck.verdicts import JUDGED, Verdict
 
 PHASE_ORDER = ("prefill", "decode")
 MIN_MEASURED_TOKENS = 32  # phases at least this large are judged on their own measured noise
@@ -115,20 +116,16 @@ def per_token_bound(entries: dict) -> dict:
             for name, n in entries.items()}
 
 
-def first_failing_phase(phases: list[dict]) -> dict | None:
-    return next((p for p in phases if p["verdict"] == "fail"), None)
-
-
-def phase_label(entry: dict) -> tuple:
-    return (entry["phase"], entry["step"] if entry["phase"] == "decode" else entry["chunk"])
+def first_failing_phase(phases: list[Phase]) -> Phase | None:
+    return next((p for p in phases if p.verdict == Verdict.FAIL), None)
 
 
 def judge_phases(specs, ref: dict, engine: dict, rows_by_phase: dict, cfg, seq_lens, precision: str,
-                 coverage: dict, noise: dict | None, skips: dict | None) -> tuple[list[dict], dict]:
-    """One entry per phase label, in phase order: verdict, worst err/tol, first divergence (with
+                 coverage: dict, noise: dict | None, skips: dict | None) -> tuple[list[Phase], dict]:
+    """One Phase per phase label, in phase order: verdict, worst err/tol, first divergence (with
     the sequence = batch slot of its worst token), compared (point, token) pairs; and, per point
     that fails in some phase, {"ratio": its worst err/tol over the failing phases, "phase": the
-    first failing phase's entry} (`fail_by_phase` folds it into the whole-run verdict)."""
+    first failing Phase} (`fail_by_phase` folds it into the whole-run verdict)."""
     out, failures = [], {}
     for lab, rows_of in rows_by_phase.items():
         sub_ref = {n: ref[n][rows] for n, rows in rows_of.items()}
@@ -137,25 +134,23 @@ def judge_phases(specs, ref: dict, engine: dict, rows_by_phase: dict, cfg, seq_l
         tokens = len(rows_of["embed"]) if "embed" in rows_of else 0
         comp = compare_points([s for s in specs if s.name in sub_eng], sub_ref, sub_eng, precision, coverage,
                               phase_noise(noise, lab, tokens), skips)
-        judged = [p for p in comp.points if p.verdict in ("pass", "fail", "not-exercised")]
+        judged = [p for p in comp.points if p.verdict in JUDGED]
         worst = max((p for p in judged if p.ratio is not None), key=lambda p: p.ratio, default=None)
         first = comp.failed[0] if comp.failed else None
-        entry = {"phase": lab[0], "step": lab[1] if lab[0] == "decode" else None,
-                 "chunk": lab[1] if lab[0] == "prefill" else None,
-                 "tokens": tokens,
-                 "verdict": "fail" if comp.failed else "pass",
-                 "worst_ratio": finite_or_none(worst.ratio) if worst else None,
-                 "worst_point": worst.name if worst else None,
-                 "pairs": sum(len(rows_of[p.name]) for p in judged),
-                 "first_divergence": None}
+        first_divergence = None
         if first is not None:
             tok = first.metrics.get("worst_token", first.metrics.get("first_genuine_token"))
             rows = rows_of[first.name].tolist()
             row = rows[tok] if isinstance(tok, int) and 0 <= tok < len(rows) else None
-            entry["first_divergence"] = {"name": first.name, "layer": first.layer, "reason": first.reason,
-                                         "sequence": None if row is None else _sequence_of(
-                                             _token_row(cfg, first.name, row, seq_lens), seq_lens)}
-            entry["failed_points"] = len(comp.failed)
+            first_divergence = {"name": first.name, "layer": first.layer, "reason": first.reason,
+                                "sequence": None if row is None else _sequence_of(
+                                    _token_row(cfg, first.name, row, seq_lens), seq_lens)}
+        entry = Phase(phase=lab[0], step=lab[1] if lab[0] == "decode" else None,
+                      chunk=lab[1] if lab[0] == "prefill" else None, tokens=tokens,
+                      verdict=Verdict.FAIL if comp.failed else Verdict.PASS,
+                      worst_ratio=worst.finite_ratio if worst else None, worst_point=worst.name if worst else None,
+                      pairs=sum(len(rows_of[p.name]) for p in judged), first_divergence=first_divergence,
+                      failed_points=len(comp.failed) if first is not None else None)
         for p in comp.failed:
             f = failures.setdefault(p.name, {"ratio": p.ratio, "phase": entry})
             f["ratio"] = max(f["ratio"], p.ratio)
@@ -164,7 +159,8 @@ def judge_phases(specs, ref: dict, engine: dict, rows_by_phase: dict, cfg, seq_l
 
 
 def phase_words(phase: dict | None) -> str:
-    """'decode step 3' / 'prefill chunk 1' for a phase entry (or '')."""
+    """'decode step 3' / 'prefill chunk 1' for a phase's {"phase", "step", "chunk"} (Phase.where;
+    a culprit's phase), or ''."""
     if not phase:
         return ""
     return f"decode step {phase['step']}" if phase["phase"] == "decode" else f"prefill chunk {phase['chunk']}"
@@ -176,12 +172,12 @@ def fail_by_phase(comp, failures: dict) -> None:
     named. Never the other way round: a phase pass does not clear a whole-run failure."""
     for p in comp.points:
         f = failures.get(p.name)
-        if f is None or p.verdict == "fail":
+        if f is None or p.verdict == Verdict.FAIL:
             continue
         whole = f"err/tol {p.ratio:.3g}" if p.ratio is not None else p.verdict
-        p.reason = (f"within tolerance over the whole run ({whole}) but fails in {phase_words(f['phase'])} "
+        p.reason = (f"within tolerance over the whole run ({whole}) but fails in {phase_words(f['phase'].where)} "
                     f"(err/tol {f['ratio']:.3g})")
-        p.verdict, p.ratio = "fail", f["ratio"]
+        p.verdict, p.ratio = Verdict.FAIL, f["ratio"]
 
 
 def _token_row(cfg, name: str, row: int, seq_lens) -> int:
@@ -195,32 +191,32 @@ def _token_row(cfg, name: str, row: int, seq_lens) -> int:
     return row
 
 
-def pairs_by_phase(phases: list[dict]) -> dict:
+def pairs_by_phase(phases: list[Phase]) -> dict:
     out = {k: 0 for k in PHASE_ORDER}
     for p in phases:
-        out[p["phase"]] += p["pairs"]
+        out[p.phase] += p.pairs
     return out
 
 
-def summarize(phases: list[dict]) -> list[str]:
+def summarize(phases: list[Phase]) -> list[str]:
     """One line per phase kind, e.g. 'decode steps 1-16: FAIL from step 5 (first divergence
     layers.1.attn.out, sequence 2); worst err/tol 4.1'."""
     lines = []
     for kind in PHASE_ORDER:
-        ps = [p for p in phases if p["phase"] == kind]
+        ps = [p for p in phases if p.phase == kind]
         if not ps:
             continue
         key = "chunk" if kind == "prefill" else "step"
-        what = f"{kind} {'chunks' if kind == 'prefill' else 'steps'} {ps[0][key]}-{ps[-1][key]}"
-        ratios = [p["worst_ratio"] for p in ps if p["worst_ratio"] is not None]
+        what = f"{kind} {'chunks' if kind == 'prefill' else 'steps'} {ps[0].label[1]}-{ps[-1].label[1]}"
+        ratios = [p.worst_ratio for p in ps if p.worst_ratio is not None]
         worst = f"worst err/tol {max(ratios):.3g}" if ratios else "worst err/tol -"
-        failing = [p for p in ps if p["verdict"] == "fail"]
+        failing = [p for p in ps if p.verdict == Verdict.FAIL]
         if failing:
-            f = failing[0]["first_divergence"] or {}
+            f = failing[0].first_divergence or {}
             seq = f" in sequence {f['sequence']}" if f.get("sequence") is not None else ""
             only = "only " if len(failing) < len(ps) else ""
-            lines.append(f"{what}: FAIL {only}at {len(failing)} of {len(ps)}, from {key} {failing[0][key]} "
+            lines.append(f"{what}: FAIL {only}at {len(failing)} of {len(ps)}, from {key} {failing[0].label[1]} "
                          f"(first divergence {f.get('name')}{seq}); {worst}")
         else:
-            lines.append(f"{what}: pass ({sum(p['pairs'] for p in ps)} point-token pairs); {worst}")
+            lines.append(f"{what}: pass ({sum(p.pairs for p in ps)} point-token pairs); {worst}")
     return lines

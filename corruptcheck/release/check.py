@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from corruptcheck.cases import Case
 from corruptcheck.judge.coverage import exercised, summarize
-from corruptcheck.judge.differ import Comparison, PointResult, layer_key
+from corruptcheck.judge.differ import Comparison, layer_key
+from corruptcheck.judge.results import Point, Report
 from corruptcheck.storage.dump import load_dump, read_manifest
 from corruptcheck.errors import BadInput
 from corruptcheck.release.unit_check import UnitResult, check_unit, needed_points, unit_of, units
@@ -26,6 +27,7 @@ from corruptcheck.judge.localize import attach, prev_out
 from corruptcheck.points import block, capture_points
 from corruptcheck.reference import REFERENCE_VERSION, ModelConfig
 from corruptcheck.release.reader import ReleaseCheckpoint
+from corruptcheck.verdicts import Verdict
 
 
 @dataclass
@@ -124,30 +126,31 @@ def assemble(cfg: ModelConfig, engine_names, results: dict, selected: list[str],
         res = results.get(unit)
         if unit not in selected:
             if spec.name in engine_names:
-                out.append(PointResult(spec.name, "skipped", spec.layer, spec.kind, reason="unit not selected (--layers)"))
+                out.append(Point(spec.name, Verdict.SKIPPED, spec.layer, spec.kind, reason="unit not selected (--layers)"))
             continue
         if res is not None and res.error:
-            out.append(PointResult(spec.name, "unchecked", spec.layer, spec.kind, reason=f"{unit} unchecked: {res.error}"))
+            out.append(Point(spec.name, Verdict.UNCHECKED, spec.layer, spec.kind, reason=f"{unit} unchecked: {res.error}"))
             continue
         prev = prev_out(cfg, spec.name)
         p = judged.get(spec.name) or (judged.get(prev) if prev else None)
         if p is not None:
-            p = PointResult(spec.name, p.verdict, spec.layer, spec.kind, p.metrics, p.tolerance,
-                            p.reason if p.name == spec.name else f"the same tensor as {prev}", p.ratio)
-            if p.verdict == "pass" and spec.layer is not None and not exercised(coverage, layer_key(spec), spec.mechanism):
-                p.verdict, p.reason = "not-exercised", f"the case did not exercise {spec.mechanism} here"
+            p = Point(spec.name, p.verdict, spec.layer, spec.kind, p.metrics, p.tolerance, p.ratio,
+                      p.reason if p.name == spec.name else f"the same tensor as {prev}")
+            if (p.verdict == Verdict.PASS and spec.layer is not None
+                    and not exercised(coverage, layer_key(spec), spec.mechanism)):
+                p.verdict, p.reason = Verdict.NOT_EXERCISED, f"the case did not exercise {spec.mechanism} here"
             p.local = {"verdict": p.verdict, "ratio": p.ratio, "tolerance": p.tolerance, "reason": p.reason,
                        "rel_l2": p.metrics.get("rel_l2"), "norm_ratio": p.metrics.get("norm_ratio")}
             out.append(p)
         elif spec.name not in engine_names:
-            out.append(PointResult(spec.name, "missing" if spec.required else "skipped", spec.layer, spec.kind,
-                                   reason="engine did not capture this point" if spec.required else
-                                   "finer point the engine does not expose"))
+            out.append(Point(spec.name, Verdict.MISSING if spec.required else Verdict.SKIPPED, spec.layer, spec.kind,
+                             reason="engine did not capture this point" if spec.required else
+                             "finer point the engine does not expose"))
         elif res is not None and res.notes:
-            out.append(PointResult(spec.name, "unchecked", spec.layer, spec.kind, reason="; ".join(res.notes)))
+            out.append(Point(spec.name, Verdict.UNCHECKED, spec.layer, spec.kind, reason="; ".join(res.notes)))
         else:
-            out.append(PointResult(spec.name, "skipped", spec.layer, spec.kind,
-                                   reason="no teacher-forced sub-block computes this point"))
+            out.append(Point(spec.name, Verdict.SKIPPED, spec.layer, spec.kind,
+                             reason="no teacher-forced sub-block computes this point"))
     # a name no capture point has and no checked unit's reference recorded is bad input (as in
     # compare); names of units not selected or not run are not looked at
     known = {s.name for s in capture_points(cfg)} | {n for r in results.values() for n in r.produced}
@@ -156,10 +159,10 @@ def assemble(cfg: ModelConfig, engine_names, results: dict, selected: list[str],
     return Comparison(out, precision, unknown), coverage
 
 
-def check(checkpoint: str, dump: str, layers: str | None = None, ray: str | None = None, progress=None):
-    """The check of `dump` against `checkpoint` as a compare.CompareResult. `ray`: None (this
-    process), "auto" or a cluster address; `progress`: started(n) / finished(unit result)."""
-    from corruptcheck.compare import CompareResult
+def check(checkpoint: str, dump: str, layers: str | None = None, ray: str | None = None, progress=None) -> Report:
+    """The report of `dump` checked against `checkpoint` (the compare report's schema). `ray`:
+    None (this process), "auto" or a cluster address; `progress`: started(n) / finished(unit
+    result)."""
 
     t0 = time.perf_counter()
     ckpt = ReleaseCheckpoint(checkpoint)
@@ -187,15 +190,14 @@ def check(checkpoint: str, dump: str, layers: str | None = None, ray: str | None
     meta = {**(manifest.get("engine") or {}), "check": {
         "checkpoint": str(ckpt.root), "expert_dtype": ckpt.release_config.get("expert_dtype"),
         "runner": f"ray ({ray})" if ray else "local (one process)", "cluster": cluster, "units": units_doc}}
-    return CompareResult(
-        case=case, engine=(manifest.get("engine") or {}).get("name", "dump"), precision=precision, comparison=comp,
-        coverage=coverage, reference={"version": REFERENCE_VERSION, "precision": "float64",
-                                      "source": f"release checkpoint {ckpt.root} (teacher-forced per unit)",
-                                      "golden_digest": None},
-        engine_meta=meta, timings={"open_s": t1 - t0, "units_s": t2 - t1, "unit_s_sum": sum(u["seconds"] for u in units_doc)},
-        tolerance_precision=precision,
-        noise_source=("float64: floor tolerance (exact engine)" if precision == "float64" else
-                      f"measured per unit: honest {precision} runs of each sub-block on the engine's own inputs"),
+    return Report.judged(
+        comp, case=case, engine=(manifest.get("engine") or {}).get("name", "dump"), coverage=coverage,
+        reference={"version": REFERENCE_VERSION, "precision": "float64",
+                   "source": f"release checkpoint {ckpt.root} (teacher-forced per unit)", "golden_digest": None},
+        engine_info=meta,
+        timings={"open_s": t1 - t0, "units_s": t2 - t1, "unit_s_sum": sum(u["seconds"] for u in units_doc)},
+        noise_model=("float64: floor tolerance (exact engine)" if precision == "float64" else
+                     f"measured per unit: honest {precision} runs of each sub-block on the engine's own inputs"),
         culprit=culprit, teacher_forcing="per unit (every point is judged on the engine's own inputs)",
     )
 
@@ -211,8 +213,7 @@ class _Silent:
 
 
 def _unit_doc(r: UnitResult, job: Job) -> dict:
-    failed = sorted(n for n, p in r.points.items() if p.verdict == "fail")
-    return {"unit": r.unit, "verdict": "unchecked" if r.error else ("fail" if failed else "pass"),
+    return {"unit": r.unit, "verdict": r.verdict,
             "error": r.error, "notes": r.notes, "attempts": r.attempts, "seconds": r.seconds, "peak_rss": r.peak_rss,
             "weight_bytes": r.weight_bytes, "memory_requested": job.memory, "worker": r.worker,
-            "points_judged": len(r.points), "failed": failed[:10]}
+            "points_judged": len(r.points), "failed": r.failed[:10]}

@@ -27,12 +27,13 @@ from corruptcheck.points import MTP, block, capture_points, layer_of
 from corruptcheck.reference import ModelConfig
 from corruptcheck.reference.model import run_part
 from corruptcheck.release.reader import ReleaseCheckpoint
+from corruptcheck.verdicts import Verdict
 
 
 @dataclass
 class UnitResult:
     unit: str
-    points: dict = field(default_factory=dict)  # name -> differ.PointResult (local judgement)
+    points: dict = field(default_factory=dict)  # name -> results.Point (local judgement)
     coverage: dict | None = None  # the layer's coverage entry (coverage.layer_coverage)
     notes: list = field(default_factory=list)  # sub-blocks that could not run, and why
     produced: list = field(default_factory=list)  # every name the reference recorded (finer data included)
@@ -42,6 +43,16 @@ class UnitResult:
     worker: str = ""
     error: str | None = None  # set: the unit could not be checked (never a pass)
     attempts: int = 1
+
+    @property
+    def failed(self) -> list[str]:
+        """The names of its failing points, sorted."""
+        return sorted(n for n, p in self.points.items() if p.verdict == Verdict.FAIL)
+
+    @property
+    def verdict(self) -> Verdict:
+        """unchecked (the unit could not run), fail (a point fails) or pass."""
+        return Verdict.UNCHECKED if self.error else (Verdict.FAIL if self.failed else Verdict.PASS)
 
 
 def units(cfg: ModelConfig) -> list[str]:

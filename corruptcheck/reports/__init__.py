@@ -1,1 +1,1 @@
-"""Reports: the typed result of a compare and its renderers (terminal, JSON, JUnit, HTML, self-test and timeline pages)."""
+"""Reports: the renderers of a run's typed result (judge/results.py): terminal, JSON, JUnit, HTML and timeline pages."""

@@ -10,11 +10,12 @@ from corruptcheck.judge.coverage import coverage_sentence
 from corruptcheck.finite import fmt_number
 from corruptcheck.judge.phases import phase_words
 from corruptcheck.reports.render import diagnosis_lines
-from corruptcheck.reports.results import Report
+from corruptcheck.judge.results import Report
+from corruptcheck.verdicts import JUDGED, NOT_COMPARED, Verdict
 
-_COLOR = {"pass": "#2e7d32", "fail": "#c62828", "not-exercised": "#00838f", "missing": "#f9a825",
-          "skipped": "#9e9e9e", "error": "#c62828", "incomplete": "#f9a825", "unchecked": "#f9a825",
-          "crash": "#6a1b9a"}
+_COLOR = {Verdict.PASS: "#2e7d32", Verdict.FAIL: "#c62828", Verdict.NOT_EXERCISED: "#00838f",
+          Verdict.MISSING: "#f9a825", Verdict.SKIPPED: "#9e9e9e", Verdict.ERROR: "#c62828",
+          Verdict.INCOMPLETE: "#f9a825", Verdict.UNCHECKED: "#f9a825", Verdict.CRASH: "#6a1b9a"}
 LO = -3.0  # log10 of the lowest error/tolerance drawn; the top follows the worst point
 
 
@@ -42,7 +43,7 @@ class _Axes:
     def __init__(self, pts: list):
         self.pw, self.ph = self.w - self.left - self.right, self.h - self.top - self.bottom
         self.step = self.pw / max(len(pts), 1)
-        finite = [p.ratio for p in pts if p.ratio and math.isfinite(p.ratio)]
+        finite = [p.finite_ratio for p in pts if p.finite_ratio]
         self.hi = float(min(8, max(1, math.ceil(math.log10(max(finite))) if finite else 1)))
 
     def x(self, i: float) -> float:
@@ -54,7 +55,7 @@ class _Axes:
 
 
 def _plot(rep: Report) -> str:
-    pts = [p for p in rep.points if p.verdict in ("pass", "fail", "not-exercised", "missing", "unchecked")]
+    pts = [p for p in rep.points if p.verdict in JUDGED + NOT_COMPARED]
     if not pts:
         return "<p>No point was compared.</p>"
     ax = _Axes(pts)
@@ -106,12 +107,13 @@ def _ring(x: float, y: float, r, color: str, width) -> str:
 def _marks(p, x: float, ax: _Axes, culprit, first) -> list:
     """One point's marks: a dot (float) or square (discrete), its teacher-forced ring, the
     culprit / first-divergence highlight; a triangle on the axis when missing."""
-    tip = f"{p.name}: {p.verdict}, err/tol {_fmt(p.ratio)}" + (f" — {p.reason}" if p.reason else "")
-    if p.verdict in ("missing", "unchecked"):  # not compared: a triangle on the axis
+    tip = f"{p.name}: {p.verdict}, err/tol {_fmt(p.finite_ratio)}" + (f" — {p.reason}" if p.reason else "")
+    if p.verdict in NOT_COMPARED:  # not compared: a triangle on the axis
         y = ax.top + ax.ph - 4
-        return [f'<path d="M{x:.1f},{y - 7:.1f} l5,9 l-10,0 z" fill="{_COLOR["missing"]}"><title>{_esc(tip)}</title></path>']
-    y = ax.y(p.ratio)
-    loc = p.local or {}
+        return [f'<path d="M{x:.1f},{y - 7:.1f} l5,9 l-10,0 z" fill="{_COLOR[Verdict.MISSING]}">'
+                f'<title>{_esc(tip)}</title></path>']
+    y = ax.y(p.finite_ratio)
+    loc = p.finite_local or {}
     if p.kind == "index":  # discrete choices: squares
         out = [f'<rect x="{x - 3.6:.1f}" y="{y - 3.6:.1f}" width="7.2" height="7.2" fill="{_COLOR[p.verdict]}">'
                f'<title>{_esc(tip)}</title></rect>']
@@ -134,7 +136,7 @@ def _marks(p, x: float, ax: _Axes, culprit, first) -> list:
 
 def _legend(ax: _Axes) -> list:
     lx, ly = ax.left, ax.h - 22
-    items = [("pass", "pass"), ("fail", "fail"), ("not-exercised", "not exercised"), ("missing", "missing")]
+    items = [(v, v.replace("-", " ")) for v in (Verdict.PASS, Verdict.FAIL, Verdict.NOT_EXERCISED, Verdict.MISSING)]
     out = [f'<circle cx="{lx + i * 120 + 6}" cy="{ly}" r="4" fill="{_COLOR[k]}"/>'
            f'<text x="{lx + i * 120 + 14}" y="{ly + 4}" fill="#333">{label}</text>' for i, (k, label) in enumerate(items)]
     out.append(f'<circle cx="{lx + 486}" cy="{ly}" r="4" fill="none" stroke="#555"/>'
@@ -190,12 +192,12 @@ def _diagnosis(rep: Report) -> str:
 def _headline(rep: Report) -> str:
     """The sentence under the verdict: the culprit, else the first divergence, else why not a pass."""
     s, culprit, first = rep.summary, rep.culprit, rep.first_divergence
-    if rep.verdict == "crash":
+    if rep.verdict == Verdict.CRASH:
         c, d = rep.crash or {}, (rep.crash or {}).get("delivered") or {}
         return (f'The engine crashed (<b>{_esc(c.get("kind"))}</b>) in {_esc(c.get("phase"))}: {_esc(c.get("detail"))}. '
                 f'It delivered {d.get("sequences", 0)} of {d.get("of", "?")} sequence(s) before it died; '
                 f'{s.compared} point(s) judged on those, {s.failed} failed, {s.missing} missing — not a pass.')
-    if rep.verdict == "fail" and culprit:
+    if rep.verdict == Verdict.FAIL and culprit:
         within = phase_words(culprit.phase)
         headline = (f'Culprit: <code>{_esc(culprit.name)}</code> — its own error is '
                     f'{_fmt(culprit.local_ratio)}× the local tolerance when fed the engine\'s own input'
@@ -203,14 +205,14 @@ def _headline(rep: Report) -> str:
         if first and first["name"] != culprit.name:
             headline += f' The first point over tolerance was <code>{_esc(first["name"])}</code>.'
         return headline
-    if rep.verdict == "fail":
+    if rep.verdict == Verdict.FAIL:
         return (f'First divergence: <code>{_esc(first["name"])}</code>. '
                 + ("No sub-block exceeds its local tolerance: accumulated drift." if rep.teacher_forcing == "run"
                    else "Teacher forcing was not run."))
-    if rep.verdict == "incomplete":
+    if rep.verdict == Verdict.INCOMPLETE:
         return (f'Incomplete: no compared point fails, but {s.missing} required point(s) are missing '
                 f'— not a pass.')
-    if rep.verdict == "pass":
+    if rep.verdict == Verdict.PASS:
         wr = s.worst_ratio or {}
         return f'All {s.compared} compared points within tolerance; worst error/tolerance {_fmt(wr.get("ratio"))} at <code>{_esc(wr.get("name"))}</code>.'
     return "Nothing was compared."
@@ -218,11 +220,12 @@ def _headline(rep: Report) -> str:
 
 def _by_severity(points: list) -> list:
     """Failing points first, worst first; the rest in model order."""
-    return sorted(points, key=lambda p: (p.verdict != "fail", -(p.ratio or 0) if p.verdict == "fail" else 0))
+    return sorted(points, key=lambda p: (p.verdict != Verdict.FAIL,
+                                         -(p.finite_ratio or 0) if p.verdict == Verdict.FAIL else 0))
 
 
 def _point_row(p) -> str:
-    m, t, loc = p.metrics or {}, p.tolerance or {}, p.local or {}
+    m, t, loc = p.metrics or {}, p.tolerance or {}, p.finite_local or {}
     if p.kind == "index" and m:
         err = f'{m.get("genuine")} genuine / {m.get("tie_explained")} near-tie'
         tol = f'tie margin {_fmt(t.get("tie_margin_rel"))}'
@@ -232,7 +235,7 @@ def _point_row(p) -> str:
     role = loc.get("role") or (f'local {_fmt(loc.get("ratio"))}' if loc.get("ratio") is not None else "")
     return (f'<tr class="{_esc(p.verdict)}"><td><code>{_esc(p.name)}</code></td>'
             f'<td><span class="badge" style="background:{_COLOR[p.verdict]}">{_esc(p.verdict)}</span></td>'
-            f'<td class="n">{_fmt(p.ratio)}</td><td class="n">{err}</td><td class="n">{tol}</td>'
+            f'<td class="n">{_fmt(p.finite_ratio)}</td><td class="n">{err}</td><td class="n">{tol}</td>'
             f'<td class="n">{_fmt(m.get("norm_ratio"), ".5f") if "norm_ratio" in m else "–"}</td>'
             f'<td>{_esc(role)}</td><td>{_esc(p.reason)}</td></tr>')
 

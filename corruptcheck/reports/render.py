@@ -13,11 +13,13 @@ from rich.table import Table
 from corruptcheck.storage.atomic import atomic_write
 from corruptcheck.judge.coverage import coverage_sentence
 from corruptcheck.judge.phases import phase_words, summarize
-from corruptcheck.reports.results import Report
+from corruptcheck.judge.results import Report
+from corruptcheck.verdicts import Verdict
 
-_STYLE = {"pass": "green", "fail": "bold red", "missing": "yellow", "not-exercised": "cyan",
-          "skipped": "dim", "error": "bold red", "incomplete": "bold yellow", "unchecked": "yellow",
-          "crash": "bold magenta"}
+# the terminal style of each verdict (the gate's table too)
+VERDICT_STYLE = {Verdict.PASS: "green", Verdict.FAIL: "bold red", Verdict.MISSING: "yellow",
+                 Verdict.NOT_EXERCISED: "cyan", Verdict.SKIPPED: "dim", Verdict.ERROR: "bold red",
+                 Verdict.INCOMPLETE: "bold yellow", Verdict.UNCHECKED: "yellow", Verdict.CRASH: "bold magenta"}
 
 
 def write_json(doc: dict, path: str) -> None:
@@ -54,18 +56,19 @@ def _points_table(rep: Report) -> Table:
     for col, just in (("point", "left"), ("verdict", "left"), ("err/tol", "right"), ("rel_l2", "right"),
                       ("tolerance", "right"), ("norm_ratio", "right"), ("local", "right"), ("note", "left")):
         table.add_column(col, justify=just, no_wrap=col != "note")
-    points = [p for p in rep.points if p.verdict != "skipped"]
-    if rep.verdict == "fail":  # worst first
-        points.sort(key=lambda p: -(p.ratio if p.ratio is not None else (math.inf if p.verdict == "fail" else -1)))
+    points = [p for p in rep.points if p.verdict != Verdict.SKIPPED]
+    if rep.verdict == Verdict.FAIL:  # worst first
+        points.sort(key=lambda p: -(p.finite_ratio if p.finite_ratio is not None else
+                                    (math.inf if p.verdict == Verdict.FAIL else -1)))
     for p in points:
-        table.add_row(p.name, f"[{_STYLE[p.verdict]}]{p.verdict}[/]", _ratio_cell(p.ratio), *_point_cells(p),
+        table.add_row(p.name, f"[{VERDICT_STYLE[p.verdict]}]{p.verdict}[/]", _ratio_cell(p.finite_ratio), *_point_cells(p),
                       p.reason)
     return table
 
 
 def _point_cells(p) -> tuple:
     """rel_l2, tolerance, norm_ratio and local cells of a point's row."""
-    m, t, loc = p.metrics or {}, p.tolerance or {}, p.local or {}
+    m, t, loc = p.metrics or {}, p.tolerance or {}, p.finite_local or {}
     if p.kind == "index" and m:
         rel, tol, nr = f"{m['genuine']} genuine", f"tie {t.get('tie_margin_rel', 0):.1e}", f"{m['tie_explained']} ties"
     else:
@@ -75,7 +78,7 @@ def _point_cells(p) -> tuple:
 
 
 def _print_skipped(rep: Report, console: Console) -> None:
-    skipped = [p for p in rep.points if p.verdict == "skipped"]
+    skipped = [p for p in rep.points if p.verdict == Verdict.SKIPPED]
     if skipped:
         groups: dict = {}
         for p in skipped:
@@ -98,7 +101,7 @@ def _print_schedule(rep: Report, console: Console) -> None:
         console.print(f"schedule: prompts {'+'.join(map(str, sched['prompt_lens']))}, prefill chunk "
                       f"{sched['chunk'] or 'whole prompt'}, {sched['decode_steps']} greedy decode steps; "
                       f"{rep.batching or ''}")
-        for line in summarize([p.to_json() for p in rep.phases]):
+        for line in summarize(rep.phases):
             console.print(("[bold red]" if ": FAIL" in line else "[green]") + escape(line) + "[/]")
         _print_greedy(rep.greedy or {}, console)
     elif rep.schedule == "prefill-only":
@@ -120,7 +123,7 @@ def _print_greedy(g: dict, console: Console) -> None:
 
 def _print_verdict(rep: Report, console: Console) -> None:
     s = rep.summary
-    line = (f"[{_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]: {s.compared} compared, {s.failed} failed, "
+    line = (f"[{VERDICT_STYLE[rep.verdict]}]{rep.verdict.upper()}[/]: {s.compared} compared, {s.failed} failed, "
             f"{s.missing} missing, {s.skipped} skipped, {s.not_exercised} not exercised")
     if s.worst_ratio:
         line += f"; worst err/tol {_fmt(s.worst_ratio['ratio'], '.3g')} at {s.worst_ratio['name']}"
@@ -135,7 +138,7 @@ def _print_verdict(rep: Report, console: Console) -> None:
         within = f" within {where}" if where else ""
         console.print(f"[bold red]culprit[/] (teacher forcing{within}): {c.name} — the sub-block's own error is "
                       f"{_fmt(c.local_ratio, '.3g')}x its local tolerance ({c.reason})")
-    elif rep.verdict == "fail" and rep.teacher_forcing == "run":
+    elif rep.verdict == Verdict.FAIL and rep.teacher_forcing == "run":
         console.print("teacher forcing: no sub-block exceeds its local tolerance on its own input; the failure is "
                       "accumulated drift", style="yellow")
     for i, line in enumerate(diagnosis_lines(rep.diagnosis)):
@@ -197,12 +200,12 @@ def junit_xml(rep: Report) -> str:
                      f"message={quoteattr('engine crashed: ' + crash_text(rep.crash))}>{_xml_text(detail)}</error>\n  </testcase>")
     for p in rep.points:
         attrs = f'classname={quoteattr(suite)} name={quoteattr(p.name)}'
-        if p.verdict == "pass":
+        if p.verdict == Verdict.PASS:
             cases.append(f"  <testcase {attrs}/>")
             continue
-        if p.verdict == "fail":
+        if p.verdict == Verdict.FAIL:
             failures += 1
-            loc = p.local or {}
+            loc = p.finite_local or {}
             msg = f"{p.reason}" + (f"; teacher forcing: {loc['role']}" if loc.get("role") else "")
             detail = json.dumps({"metrics": p.metrics, "tolerance": p.tolerance, "local": loc},
                                 default=str, indent=1)

@@ -12,6 +12,8 @@ import json
 import math
 import re
 
+from corruptcheck.verdicts import Verdict
+
 _W, _H, _PAD = 720, 220, 44
 
 
@@ -34,7 +36,7 @@ def layer_worst(points: dict) -> dict:
     out: dict = {}
     for name, p in points.items():
         label = "mtp" if name.startswith("mtp.") else (f"L{p['layer']}" if p["layer"] is not None else "io")
-        r = p["ratio"] if p["verdict"] != "fail" or p["ratio"] is not None else math.inf
+        r = p["ratio"] if p["verdict"] != Verdict.FAIL or p["ratio"] is not None else math.inf
         if r is None:
             out.setdefault(label, None)
             continue
@@ -84,9 +86,9 @@ def _chart(rows: list[dict]) -> str:
     for x, r in zip(xs, rows):
         label = html.escape(r["engine_version"] or "?")
         parts.append(f'<text x="{x:.1f}" y="{_H - 12}" font-size="11" text-anchor="middle">{label}</text>')
-        if r["verdict"] == "crash" or r["worst_ratio"] is None:
+        if r["verdict"] == Verdict.CRASH or r["worst_ratio"] is None:
             parts.append(f'<text x="{x:.1f}" y="{_PAD - 8}" font-size="11" text-anchor="middle" fill="#555">'
-                         f'{"crash" if r["verdict"] == "crash" else "no ratio"}</text>')
+                         f'{Verdict.CRASH if r["verdict"] == Verdict.CRASH else "no ratio"}</text>')
             continue
         y = _y(r["worst_ratio"] if math.isfinite(r["worst_ratio"]) else hi, lo, hi)
         pts.append(f"{x:.1f},{y:.1f}")
@@ -117,7 +119,7 @@ def render(engine: str, case: str, rows: list[dict], points: dict) -> str:
     for r in rows:
         need = ", ".join(r["workarounds"]) or "—"
         worst_txt = "" if r["worst_ratio"] is None else f"{r['worst_ratio']:.3g}"
-        found = html.escape(r["first_divergence"] or ("—" if r["verdict"] != "crash" else (r["reason"] or "")))
+        found = html.escape(r["first_divergence"] or ("—" if r["verdict"] != Verdict.CRASH else (r["reason"] or "")))
         body.append(
             f'<tr><td>{html.escape(r["engine_version"] or "?")}</td>'
             f'<td class="v {r["verdict"]}">{r["verdict"]}</td>'

@@ -30,8 +30,10 @@ from corruptcheck.engines import Engine, get_engine
 from corruptcheck.errors import BadInput
 from corruptcheck.faults import Fault, FaultyEngine, faults_for
 from corruptcheck.finite import finite_or_none
+from corruptcheck.judge.results import Report
 from corruptcheck.selftest.html import render_html, write_html
 from corruptcheck.selftest.variant_engine import VariantEngine, partnered
+from corruptcheck.verdicts import SelftestStatus, Verdict
 
 SELFTEST_SCHEMA = 1
 PRECISIONS = ("float32", "bfloat16")
@@ -61,7 +63,7 @@ class FaultRow:
     klass: str
     case: str
     precision: str
-    status: str  # detected | missed | not exercised | error
+    status: SelftestStatus  # detected | missed | not exercised | error
     fired: int = 0
     where: str | None = None
     layers: list = field(default_factory=list)  # where the fault fired
@@ -80,7 +82,7 @@ class FaultRow:
 
     @property
     def exercised(self) -> bool:
-        return self.status in ("detected", "missed")
+        return self.status in (SelftestStatus.DETECTED, SelftestStatus.MISSED)
 
 
 @dataclass
@@ -88,7 +90,7 @@ class BenignRow:
     variant: str
     case: str
     precision: str
-    status: str  # pass | flagged | error
+    status: SelftestStatus  # pass | flagged | error
     verdict: str | None = None
     worst: str | None = None
     worst_ratio: float | None = None
@@ -99,7 +101,7 @@ class BenignRow:
 
 def _exposed(points: dict, name: str) -> bool:
     p = points.get(name)
-    return p is not None and p.verdict not in ("skipped", "missing")
+    return p is not None and p.verdict not in (Verdict.SKIPPED, Verdict.MISSING)
 
 
 def expected_point(fault: Fault, where: str | None, points: dict) -> str | None:
@@ -130,7 +132,7 @@ def _timed_compare(row, case: Case, engine: str, precision: str, runner: Engine,
         return compare(case, engine, precision, engine=runner, teacher_forcing=teacher_forcing, diagnose=diagnose,
                        hypotheses=hypotheses, **ENGINE_OPTIONS.get(engine, {}))
     except Exception as exc:
-        row.status, row.note = "error", f"{type(exc).__name__}: {exc}"
+        row.status, row.note = SelftestStatus.ERROR, f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
         return None
     finally:
@@ -152,7 +154,7 @@ def fault_run(case: Case, engine: str, fault: Fault, precision: str, inner: Engi
     """(row, the compare's result or None): `fault` (at its magnitude) around `inner` (default:
     the registered engine), compared (with `teacher_forcing`, and `diagnose` with `hypotheses`)
     and judged as a self-test row."""
-    row = FaultRow(fault.name, fault.klass, case.name, precision, "not exercised")
+    row = FaultRow(fault.name, fault.klass, case.name, precision, SelftestStatus.NOT_EXERCISED)
     if fault.triggered(case.config, case.seq_lens, engine) is False:
         row.note = f"trigger never fires here: {fault.trigger}"
         return row, None
@@ -160,46 +162,44 @@ def fault_run(case: Case, engine: str, fault: Fault, precision: str, inner: Engi
     res = _timed_compare(row, case, engine, precision, faulty, teacher_forcing, diagnose, hypotheses)
     if res is None:
         return row, None
-    st = faulty.state
-    _record_run(row, res, st)
+    st, rep = faulty.state, res.report
+    _record_run(row, rep, st)
     if st.fired == 0:
         row.note = f"did not fire on this case ({fault.trigger})"
-        if res.verdict == "fail":
+        if rep.verdict == Verdict.FAIL:
             row.note += "; compare failed anyway: first " + str(row.first)
         return row, res
-    comp = res.comparison
-    points = {p.name: p for p in comp.points}
+    points = {p.name: p for p in rep.points}
     row.expected = expected_point(fault, st.where, points)
-    row.status = "detected" if res.verdict == "fail" else "missed"
+    row.status = SelftestStatus.DETECTED if rep.verdict == Verdict.FAIL else SelftestStatus.MISSED
     _judge_localization(row, fault, st)
     if row.expected:
-        _measure_effect(row, fault, st, [p.name for p in comp.points], points)
+        _measure_effect(row, fault, st, [p.name for p in rep.points], points)
     else:
         row.note = "the engine exposes none of the fault's strike points"
-    if row.status == "missed":
-        worst = _worst(comp.points)
+    if row.status == SelftestStatus.MISSED:
+        worst = _worst(rep.points)
         if worst is not None:
             row.note = f"worst err/tol {worst.ratio:.3g} at {worst.name}"
     return row, res
 
 
-def _record_run(row: FaultRow, res, st) -> None:
+def _record_run(row: FaultRow, rep: Report, st) -> None:
     """Where the fault fired, the compare's verdict, first failing point and culprit."""
     row.fired, row.where, row.layers = st.fired, st.where, list(st.layers)
-    comp = res.comparison
-    row.verdict = res.verdict
-    row.first = comp.first_divergence["name"] if comp.first_divergence else None
-    row.culprit = res.culprit["name"] if res.culprit else None
-    row.culprit_local_ratio = finite_or_none(res.culprit.get("local_ratio")) if res.culprit else None
+    row.verdict = rep.verdict
+    row.first = rep.first_divergence["name"] if rep.first_divergence else None
+    row.culprit = rep.culprit.name if rep.culprit else None
+    row.culprit_local_ratio = rep.culprit.local_ratio if rep.culprit else None
 
 
 def _judge_localization(row: FaultRow, fault: Fault, st) -> None:
     """Localized: detected, with the culprit at the expected point or a documented equivalent."""
     accepted = fault.accepted(row.expected, st.where, st.layers) if row.expected else []
-    row.localized = row.status == "detected" and row.culprit is not None and row.culprit in accepted
+    row.localized = row.status == SelftestStatus.DETECTED and row.culprit is not None and row.culprit in accepted
     if row.localized and row.culprit != row.expected:
         row.note = f"culprit {row.culprit}: an equivalent strike point ({fault.name} fired at {', '.join(st.layers)})"
-    elif row.status == "detected" and not row.localized:
+    elif row.status == SelftestStatus.DETECTED and not row.localized:
         row.note = (f"first failing point {row.first}, culprit {row.culprit}" if row.culprit else
                     f"first failing point {row.first}; no culprit: every failing point is within its local "
                     f"(teacher-forced) tolerance")
@@ -233,20 +233,20 @@ def run_benign(case: Case, engine: str, variant: Benign, teacher_forcing: str = 
 
 def benign_run(case: Case, engine: str, variant: Benign, teacher_forcing: str = "on-fail", diagnose: str = "never"):
     """(row, the compare's result or None) of an honest variant."""
-    row = BenignRow(variant.name, case.name, variant.precision, "pass")
+    row = BenignRow(variant.name, case.name, variant.precision, SelftestStatus.PASS)
     res = _timed_compare(row, case, engine, variant.precision, VariantEngine(get_engine(engine), variant),
                          teacher_forcing, diagnose)
     if res is None:
         return row, None
-    comp = res.comparison
-    row.verdict = res.verdict
-    row.status = "flagged" if res.verdict != "pass" else "pass"
-    worst = _worst(comp.points)
+    rep = res.report
+    row.verdict = rep.verdict
+    row.status = SelftestStatus.FLAGGED if rep.verdict != Verdict.PASS else SelftestStatus.PASS
+    worst = _worst(rep.points)
     if worst is not None:
         row.worst, row.worst_ratio = worst.name, worst.ratio
-    if comp.first_divergence:
-        row.first = comp.first_divergence["name"]
-        row.note = "; ".join(f"{p.name}: {p.reason}" for p in comp.failed[:3])
+    if rep.first_divergence:
+        row.first = rep.first_divergence["name"]
+        row.note = "; ".join(f"{p.name}: {p.reason}" for p in rep.failed[:3])
     return row, res
 
 
@@ -286,29 +286,30 @@ class SelftestResult:
         def block(prec):
             rows = [r for r in self.faults if r.precision == prec]
             ex = [r for r in rows if r.exercised]
-            det = [r for r in ex if r.status == "detected"]
+            det = [r for r in ex if r.status == SelftestStatus.DETECTED]
             loc = [r for r in ex if r.localized]
             exact = [r for r in loc if r.culprit == r.expected]
             return {"runs": len(rows), "exercised": len(ex),
-                    "not_exercised": sum(r.status == "not exercised" for r in rows),
-                    "errors": sum(r.status == "error" for r in rows), "detected": len(det),
+                    "not_exercised": sum(r.status == SelftestStatus.NOT_EXERCISED for r in rows),
+                    "errors": sum(r.status == SelftestStatus.ERROR for r in rows), "detected": len(det),
                     "recall": len(det) / len(ex) if ex else None, "localized": len(loc),
                     "localized_at_expected": len(exact),
                     "localization_accuracy": len(loc) / len(ex) if ex else None,
                     "localization_target_met": (len(loc) / len(ex) >= LOCALIZATION_TARGET) if ex else None,
-                    "missed": [f"{r.fault}@{r.case}" for r in ex if r.status == "missed"],
+                    "missed": [f"{r.fault}@{r.case}" for r in ex if r.status == SelftestStatus.MISSED],
                     "mislocalized": [f"{r.fault}@{r.case}: culprit {r.culprit}, expected {r.expected}"
                                      for r in det if not r.localized]}
         out = {p: block(p) for p in self.precisions}
         effects = self.bf16_effects()
         if "bfloat16" in out:
-            out["bfloat16"]["below_floor_misses"] = [e for e in effects if e["status"] == "missed"
+            out["bfloat16"]["below_floor_misses"] = [e for e in effects if e["status"] == SelftestStatus.MISSED
                                                      and (e["effect_over_noise"] or 0) <= BF16_FLOOR_RATIO]
-            out["bfloat16"]["above_floor_misses"] = [e for e in effects if e["status"] == "missed"
+            out["bfloat16"]["above_floor_misses"] = [e for e in effects if e["status"] == SelftestStatus.MISSED
                                                      and (e["effect_over_noise"] or 0) > BF16_FLOOR_RATIO]
-        out["benign"] = {"runs": len(self.benign), "false_positives": sum(r.status == "flagged" for r in self.benign),
-                         "errors": sum(r.status == "error" for r in self.benign),
-                         "flagged": [f"{r.variant}@{r.case}: {r.note}" for r in self.benign if r.status == "flagged"]}
+        flagged = [r for r in self.benign if r.status == SelftestStatus.FLAGGED]
+        out["benign"] = {"runs": len(self.benign), "false_positives": len(flagged),
+                         "errors": sum(r.status == SelftestStatus.ERROR for r in self.benign),
+                         "flagged": [f"{r.variant}@{r.case}: {r.note}" for r in flagged]}
         return out
 
     @property
@@ -317,9 +318,9 @@ class SelftestResult:
         flagged and nothing crashed."""
         # a miss counts everywhere but bfloat16 (float32, or an engine's own profile such as
         # vLLM's fp8-serving); bf16 misses below the noise floor are expected
-        missed32 = any(r.precision != "bfloat16" and r.status == "missed" for r in self.faults)
-        errors = any(r.status == "error" for r in self.faults) or any(r.status == "error" for r in self.benign)
-        flagged = any(r.status == "flagged" for r in self.benign)
+        missed32 = any(r.precision != "bfloat16" and r.status == SelftestStatus.MISSED for r in self.faults)
+        errors = any(r.status == SelftestStatus.ERROR for r in [*self.faults, *self.benign])
+        flagged = any(r.status == SelftestStatus.FLAGGED for r in self.benign)
         return not (missed32 or errors or flagged)
 
     def to_json(self) -> dict:

@@ -38,6 +38,7 @@ from corruptcheck.finite import finite_or_none
 from corruptcheck.judge.metrics import float_metrics
 from corruptcheck.selftest.runner import (ENGINE_OPTIONS, ENGINE_PRECISIONS, PRECISIONS, _effect_point, _exposed, _worst,
                                    fault_run, resolve, run_benign)
+from corruptcheck.verdicts import SelftestStatus, Verdict
 
 SENSITIVITY_SCHEMA = 1
 M_LO = 1e-4  # the bisection's lower end
@@ -138,9 +139,9 @@ def _step(case: Case, engine: str, fault: Fault, precision: str, m: float, rec: 
     strike point the self-test accepts, at every layer where it fired."""
     t0 = time.perf_counter()
     row, res = fault_run(case, engine, fault.at(m), precision, inner=rec, teacher_forcing=teacher_forcing)
-    step = Step(m, row.verdict, row.verdict == "fail", bool(row.localized), row.culprit, None, None, None, None)
+    step = Step(m, row.verdict, row.verdict == Verdict.FAIL, bool(row.localized), row.culprit, None, None, None, None)
     if res is not None:
-        points = {p.name: p for p in res.comparison.points}
+        points = {p.name: p for p in res.report.points}
         order = list(points)
         for cand in fault.accepted(row.expected, row.where, row.layers) if row.expected else []:
             ep = _effect_point(cand, order, points) if _exposed(points, cand) else None
@@ -148,7 +149,7 @@ def _step(case: Case, engine: str, fault: Fault, precision: str, m: float, rec: 
                 step.strikes[ep] = (float_metrics(rec.points[ep], clean[ep])["rel_l2"], points[ep].ratio)
             if step.localized and cand == row.culprit:
                 step.caught_at = ep
-        worst = _worst(res.comparison.points)
+        worst = _worst(res.report.points)
         if worst is not None:
             step.worst_ratio, step.worst_point = worst.ratio, worst.name
     step.seconds = time.perf_counter() - t0
@@ -163,7 +164,7 @@ def measure_family(case: Case, engine: str, fault: Fault, precision: str, rec: _
 
     def run(m):
         step, row = _step(case, engine, fault, precision, m, rec, clean, teacher_forcing)
-        if row.status in ("not exercised", "error"):  # nothing to judge: no step
+        if row.status in (SelftestStatus.NOT_EXERCISED, SelftestStatus.ERROR):  # nothing to judge: no step
             fam.note, step = row.note or row.status, None
         else:
             fam.steps.append(step)
@@ -211,7 +212,7 @@ def measure_family(case: Case, engine: str, fault: Fault, precision: str, rec: _
 def _honest(case: Case, engine: str, precision: str, clean_res, teacher_forcing: str = "on-fail") -> list[Honest]:
     """The clean run and every benign variant of the engine judged at `precision` (a variant
     that is the clean engine itself is the clean run, not run twice)."""
-    worst = _worst(clean_res.comparison.points)
+    worst = _worst(clean_res.report.points)
     clean = Honest("clean", worst.ratio if worst else None, worst.name if worst else None, "the engine itself")
     out = []
     for v in benign_for(engine).values():
@@ -221,7 +222,7 @@ def _honest(case: Case, engine: str, precision: str, clean_res, teacher_forcing:
             clean.variant = v.name
             continue
         row = run_benign(case, engine, v, teacher_forcing)
-        out.append(Honest(v.name, row.worst_ratio, row.worst, row.note if row.status != "pass" else ""))
+        out.append(Honest(v.name, row.worst_ratio, row.worst, row.note if row.status != SelftestStatus.PASS else ""))
     return [clean, *out]
 
 
@@ -247,8 +248,8 @@ def run_sensitivity(engine: str, case: str, precision: str = "float32", faults=N
     clean_res = compare(case_obj, engine, precision, engine=rec, teacher_forcing=teacher_forcing,
                         **ENGINE_OPTIONS.get(engine, {}))
     clean = rec.points
-    noise = {p.name: finite_or_none(p.metrics.get("rel_l2")) for p in clean_res.comparison.points if p.kind == "float"}
-    res = SensitivityResult(engine, case_obj.name, clean_res.precision, steps, teacher_forcing=teacher_forcing)
+    noise = {p.name: finite_or_none(p.metrics.get("rel_l2")) for p in clean_res.report.points if p.kind == "float"}
+    res = SensitivityResult(engine, case_obj.name, clean_res.report.precision, steps, teacher_forcing=teacher_forcing)
     for fault in fault_objs:
         res.families.append(measure_family(case_obj, engine, fault, precision, rec, clean, noise, steps, progress,
                                            teacher_forcing))

@@ -19,6 +19,7 @@ from corruptcheck.compare import compare
 from corruptcheck.engines import get_engine
 from corruptcheck.errors import BadInput
 from corruptcheck.faults import Fault, FaultyEngine
+from corruptcheck.verdicts import Verdict
 
 SWEEP_SEED = 20260427
 SWEEP_TOKENS = 160  # > window (128); 40 CSA entries > index_topk (16): the indexer prunes; 1 HCA entry
@@ -51,7 +52,7 @@ def parse_hidden(text: str) -> list[int]:
 @dataclass
 class SweepRow:
     hidden: int
-    verdict: str
+    verdict: Verdict
     first: str | None
     culprit: str | None
     culprit_local_ratio: float | None
@@ -62,8 +63,8 @@ class SweepRow:
     seconds: float
 
     def line(self, fault: Fault | None) -> str:
-        head = f"hidden {self.hidden:>6}  {self.verdict.upper() if self.verdict == 'fail' else self.verdict:<5}"
-        if self.verdict == "fail":
+        head = f"hidden {self.hidden:>6}  {self.verdict.upper() if self.verdict == Verdict.FAIL else self.verdict:<5}"
+        if self.verdict == Verdict.FAIL:
             loc = f" (local err/tol {self.culprit_local_ratio:.3g})" if self.culprit_local_ratio is not None else ""
             body = f"first divergence {self.first}, culprit {self.culprit or 'not localized'}{loc}"
         else:
@@ -82,15 +83,14 @@ def run_size(hidden: int, engine: str, fault: Fault | None = None, precision: st
     if fault is not None:
         eng = FaultyEngine(eng, fault)
     t0 = time.perf_counter()
-    res = compare(case, engine, precision, engine=eng)
-    comp = res.comparison
-    ranked = [p for p in comp.points if p.ratio is not None]
+    rep = compare(case, engine, precision, engine=eng).report
+    ranked = [p for p in rep.points if p.ratio is not None]
     worst = max(ranked, key=lambda p: p.ratio, default=None)
     state = getattr(eng, "state", None)
     return SweepRow(
-        hidden=hidden, verdict=res.verdict, first=comp.first_divergence["name"] if comp.first_divergence else None,
-        culprit=res.culprit["name"] if res.culprit else None,
-        culprit_local_ratio=res.culprit.get("local_ratio") if res.culprit else None,
+        hidden=hidden, verdict=rep.verdict, first=rep.first_divergence["name"] if rep.first_divergence else None,
+        culprit=rep.culprit.name if rep.culprit else None,
+        culprit_local_ratio=rep.culprit.local_ratio if rep.culprit else None,
         worst=worst.name if worst else None, worst_ratio=worst.ratio if worst else None,
         fault_fired=state.fired if state else None, fault_where=state.where if state else None,
         seconds=time.perf_counter() - t0)
@@ -111,6 +111,7 @@ def run_sweep(engine: str, hiddens=DEFAULT_HIDDEN, fault: Fault | None = None, p
 
 def to_json(rows, engine: str, fault: Fault | None, precision: str) -> dict:
     verdicts = {r.verdict for r in rows}
-    verdict = "fail" if "fail" in verdicts else ("error" if verdicts - {"pass"} else "pass")
+    verdict = (Verdict.FAIL if Verdict.FAIL in verdicts else
+               Verdict.ERROR if verdicts - {Verdict.PASS} else Verdict.PASS)
     return {"engine": engine, "fault": fault.name if fault else None, "precision": precision, "verdict": verdict,
             "sizes": [asdict(r) for r in rows]}
