@@ -383,13 +383,14 @@ def test_mxfp4_llama_cpp_passes_inside_ggml_q8_0(mini_f32):
     from corruptcheck.compare import compare
 
     res = compare(MINI, "llamacpp", None, teacher_forcing="never", weights="mxfp4", kv_type="f32")
-    assert res.precision == "ggml-q8_0" and res.case.name == "llamacpp-mini+mxfp4"
-    assert res.engine_meta["gguf"]["types"].get("MXFP4") == 3 * 3  # gate / up / down of 3 layers
-    assert res.comparison.verdict == "pass", res.comparison.first_divergence
-    assert res.comparison.compared >= 60 and res.comparison.missing == []
-    worst = max(p.ratio for p in res.comparison.points if p.ratio is not None)
+    rep = res.report
+    assert rep.precision == "ggml-q8_0" and res.case.name == "llamacpp-mini+mxfp4"
+    assert rep.engine_info["gguf"]["types"].get("MXFP4") == 3 * 3  # gate / up / down of 3 layers
+    assert rep.verdict == "pass", rep.first_divergence
+    assert rep.summary.compared >= 60 and rep.missing == []
+    worst = max(p.ratio for p in rep.points if p.ratio is not None)
     assert worst < 0.8, worst
-    mx = _points(res)["layers.1.moe.out"].metrics["rel_l2"]
+    mx = _points(rep)["layers.1.moe.out"].metrics["rel_l2"]
     f32 = _points(mini_f32)["layers.1.moe.out"].metrics["rel_l2"]
     assert mx > 100 * f32, (mx, f32)
 
