@@ -337,7 +337,7 @@ class VerdictItem(_CaseItem):
 
     def runtest(self):
         res = self._result()
-        self.user_properties.append(("corruptcheck_verdict", res.verdict))
+        self.user_properties.append(("corruptcheck_verdict", str(res.verdict)))  # plain str: xdist sends it
         res.assert_ok()
 
 
@@ -350,7 +350,7 @@ class PointItem(_CaseItem):
             p = res.point(self.point)
         except KeyError:
             pytest.skip("not in this case's reference (the case has no such point)")
-        self.user_properties.append(("corruptcheck_verdict", p.verdict))
+        self.user_properties.append(("corruptcheck_verdict", str(p.verdict)))
         if p.ratio is not None:
             self.user_properties.append(("error_over_tolerance", f"{p.ratio:.4g}"))
         if res.verdict == Verdict.CRASH and p.verdict == Verdict.MISSING:  # not delivered: the crash, not a skip
@@ -377,7 +377,7 @@ class PhaseItem(_CaseItem):
         if phase is None:
             note = (res.report.engine_info or {}).get("schedule_note")
             pytest.skip(f"not served: {note}" if note else "not served: the run has no such phase")
-        self.user_properties.append(("corruptcheck_verdict", phase.verdict))
+        self.user_properties.append(("corruptcheck_verdict", str(phase.verdict)))
         if phase.worst_ratio is not None:
             self.user_properties.append(("error_over_tolerance", f"{phase.worst_ratio:.4g}"))
         if phase.verdict == Verdict.FAIL:
