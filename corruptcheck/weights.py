@@ -141,7 +141,7 @@ def fp8_exact(params: dict) -> dict:
     return params
 
 
-def q8_0_exact(params: dict) -> dict:
+def q8_0_exact(params: dict, experts: bool = True) -> dict:
     """Every FP8-class linear (`is_fp8_linear`, the routed experts included) replaced by the
     value a Q8_0 GGUF holds for it (ggml's reference quantizer: blocks of 32 along the input
     dim, fp16 scale amax / 127, round half away from zero; `quant.q8_0_sim`), as llama.cpp's
@@ -151,7 +151,7 @@ def q8_0_exact(params: dict) -> dict:
 
     for name in list(params):
         t = params[name]
-        if t.is_floating_point() and is_fp8_linear(name, t):
+        if t.is_floating_point() and is_fp8_linear(name, t) and (experts or not is_routed_expert(name)):
             params[name] = q8_0_sim(t.float(), ties_away=True).to(t.dtype)
     return params
 
@@ -162,12 +162,15 @@ def mxfp4_gguf_exact(params: dict) -> dict:
     x one E8M0 scale per 32 inputs), which the converter repacks bit for bit into ggml's
     `block_mxfp4` (`repack_mxfp4_blocks`: only bits move); every other FP8-class linear Q8_0
     (`q8_0_exact`). In place; returns `params`."""
+    return q8_0_exact(mxfp4_experts(params), experts=False)
+
+
+def mxfp4_experts(params: dict) -> dict:
+    """The routed experts replaced by their release MXFP4 value (e2m1 x one E8M0 scale per 32
+    columns). In place; returns `params`."""
     for name in list(params):
         if params[name].is_floating_point() and is_routed_expert(name):
             params[name] = mxfp4_dequantize(*mxfp4_quantize(params[name])).to(params[name].dtype)
-    experts = {n: params.pop(n) for n in list(params) if is_routed_expert(n)}
-    q8_0_exact(params)
-    params.update(experts)
     return params
 
 
@@ -180,10 +183,7 @@ def release_exact(params: dict) -> dict:
     columns), every other FP8 linear e4m3 x 128x128 E8M0 block scales; each replaced in place
     by its exact value, so a release-format checkpoint holds the reference's very numbers
     (e2m1 values times powers of two are bf16-representable too)."""
-    for name in list(params):
-        if params[name].is_floating_point() and is_routed_expert(name):
-            params[name] = mxfp4_dequantize(*mxfp4_quantize(params[name]))
-    return fp8_exact(params)
+    return fp8_exact(mxfp4_experts(params))
 
 
 def _generate(cfg: ModelConfig, b: _Builder) -> dict:

@@ -353,6 +353,21 @@ def test_f32_llama_cpp_passes_inside_float32(mini_f32):
     assert rep.engine_info["loaded"]["n_layer"] == 3
 
 
+def _quantized_run_passes(weights: str):
+    """The quantized GGUF of `mini` judged as ggml-q8_0 against `mini+<weights>`: every point
+    compared, none missing, every one inside (worst err/tol < 0.8). Returns the report."""
+    from corruptcheck.compare import compare
+
+    res = compare(MINI, "llamacpp", None, teacher_forcing="never", weights=weights, kv_type="f32")
+    rep = res.report
+    assert rep.precision == "ggml-q8_0" and res.case.name == f"llamacpp-mini+{weights}"
+    assert rep.verdict == "pass", rep.first_divergence
+    assert rep.summary.compared >= 60 and rep.missing == []
+    worst = max(p.ratio for p in rep.points if p.ratio is not None)
+    assert worst < 0.8, worst
+    return rep
+
+
 @pytest.mark.engine
 @needs_llamacpp
 def test_q8_0_llama_cpp_passes_inside_ggml_q8_0(mini_f32):
@@ -360,15 +375,7 @@ def test_q8_0_llama_cpp_passes_inside_ggml_q8_0(mini_f32):
     judged as ggml-q8_0 against the float64 reference of the weights the GGUF holds. Every point
     inside (flash-slice measured: worst err/tol 0.344), and the activations' Q8_0 rounding is
     real: attn.q is three orders of magnitude further from float64 than the F32 run's."""
-    from corruptcheck.compare import compare
-
-    res = compare(MINI, "llamacpp", None, teacher_forcing="never", weights="q8_0", kv_type="f32")
-    rep = res.report
-    assert rep.precision == "ggml-q8_0" and res.case.name == "llamacpp-mini+q8_0"
-    assert rep.verdict == "pass", rep.first_divergence
-    assert rep.summary.compared >= 60 and rep.missing == []
-    worst = max(p.ratio for p in rep.points if p.ratio is not None)
-    assert worst < 0.8, worst
+    rep = _quantized_run_passes("q8_0")
     q8 = _points(rep)["layers.0.attn.q"].metrics["rel_l2"]
     f32 = _points(mini_f32)["layers.0.attn.q"].metrics["rel_l2"]
     assert q8 > 300 * f32, (q8, f32)
@@ -380,16 +387,8 @@ def test_mxfp4_llama_cpp_passes_inside_ggml_q8_0(mini_f32):
     """MXFP4 experts (the release's values, repacked), Q8_0 for the other FP8-class linears:
     judged as ggml-q8_0 (MXFP4's vec_dot_type is Q8_0) against the float64 reference of the
     GGUF's weights. Every point inside, and the MoE output carries the Q8_0 input rounding."""
-    from corruptcheck.compare import compare
-
-    res = compare(MINI, "llamacpp", None, teacher_forcing="never", weights="mxfp4", kv_type="f32")
-    rep = res.report
-    assert rep.precision == "ggml-q8_0" and res.case.name == "llamacpp-mini+mxfp4"
+    rep = _quantized_run_passes("mxfp4")
     assert rep.engine_info["gguf"]["types"].get("MXFP4") == 3 * 3  # gate / up / down of 3 layers
-    assert rep.verdict == "pass", rep.first_divergence
-    assert rep.summary.compared >= 60 and rep.missing == []
-    worst = max(p.ratio for p in rep.points if p.ratio is not None)
-    assert worst < 0.8, worst
     mx = _points(rep)["layers.1.moe.out"].metrics["rel_l2"]
     f32 = _points(mini_f32)["layers.1.moe.out"].metrics["rel_l2"]
     assert mx > 100 * f32, (mx, f32)
